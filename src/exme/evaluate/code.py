@@ -50,6 +50,7 @@ def score_code(
         bar.close()
     passed = [r.passed for r in results]
     items = [
-        {"completion": c, "status": r.status, "seconds": round(r.seconds, 3)} for c, r in zip(completions, results)
+        {"completion": c, "status": r.status, "seconds": round(r.seconds, 3), "output": r.output[-500:]}
+        for c, r in zip(completions, results)
     ]
     return {"pass@1": sum(passed) / len(passed) if passed else float("nan")}, items
