@@ -252,19 +252,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _load_model_and_tokenizer(model_dir: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import torch
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
 
     if not (model_dir / "config.json").is_file():
         raise ExmeError(f"{model_dir}: not a model folder (no config.json); pass a Hugging Face model directory")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir)
     except Exception as err:  # noqa: BLE001 - any failure here means the folder lacks a usable tokenizer
         raise ExmeError(f"{model_dir}: cannot load its tokenizer ({type(err).__name__}); save the tokenizer beside the weights") from None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model, tokenizer
 
 
 def _check_device(device: str) -> None:
@@ -295,7 +291,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     a mistake costs seconds, not a run. Each checkpoint holds the weights (safetensors), config,
     generation config and tokenizer; ``trainer_state.json`` keeps the loss log.
     """
-    from transformers import Trainer, TrainingArguments, set_seed
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
     model_dir, output = Path(config.model), Path(config.output)
     if not model_dir.is_dir():
@@ -308,8 +305,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if output.resolve() == model_dir.resolve() or model_dir.resolve() in output.resolve().parents:
         raise ExmeError(f"{output}: the output must not be inside the model folder {model_dir}")
 
-    set_seed(config.seed)
-    model, tokenizer = _load_model_and_tokenizer(model_dir)
+    tokenizer = _load_tokenizer(model_dir)
     examples = [record_to_example(rec, tokenizer, f"{config.data}:{line}") for line, rec in records]
     encoded = [e for e in (encode_example(x, tokenizer, config.max_length) for x in examples) if e is not None]
     if not encoded:
@@ -318,6 +314,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if pad_id is None:
         raise ExmeError(f"{model_dir}: the tokenizer has neither a pad nor an EOS token; set pad_token in tokenizer_config.json")
 
+    set_seed(config.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for old in existing:  # only reached with force=True
         shutil.rmtree(old)
     output.mkdir(parents=True, exist_ok=True)
