@@ -1,0 +1,243 @@
+"""One model in memory whose weights are rewritten in place for every candidate.
+
+Searching α and β means evaluating dozens of merged models. Writing each to disk and loading it
+again costs seconds to minutes per candidate on a real model; rewriting the parameters of one
+resident model costs one pass over memory. :class:`LiveModel` loads the base and the kept
+checkpoints once and applies any candidate θ = θ_b + Σ cᵢ·(θᵢ − θ_b) in place.
+
+Precision: the base and the checkpoints are kept exactly as stored (their own dtype, on the
+model's device), and each candidate is computed in float32 and cast once to the model's dtype.
+Keeping θᵢ rather than a precomputed Δᵢ costs no accuracy (θᵢ − θ_b is recomputed exactly in
+float32) and half the memory of float32 task vectors for bf16 models. On a CPU the pass runs in
+chunks that stay in cache, so the float32 temporaries never touch main memory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from exme.errors import ExmeError
+
+_CHUNK = 1 << 16  # float32 elements per chunk on CPU: 256 KiB, a few of them fit in L2
+
+
+class _Weights:
+    """Read tensors of a HF model folder (single file or sharded safetensors, or a torch .bin)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        self._bin: dict[str, torch.Tensor] | None = None
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.path / f for name, f in weight_map.items()}
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as f:
+                self.files = {name: single for name in f.keys()}
+        elif (self.path / "pytorch_model.bin").is_file():
+            self._bin = torch.load(self.path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            self.files = {name: self.path / "pytorch_model.bin" for name in self._bin}
+        else:
+            raise ExmeError(f"{self.path}: no model.safetensors, sharded index or pytorch_model.bin found")
+        self.names = sorted(self.files)
+
+    def read_all(self, names: Sequence[str], device: str) -> dict[str, torch.Tensor]:
+        if self._bin is not None:
+            return {n: self._bin[n].to(device) for n in names}
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for n in file_names:
+                    out[n] = f.get_tensor(n).to(device)
+        return out
+
+
+class LiveModel:
+    """A ``transformers`` causal LM plus the base and checkpoint weights to rewrite it with.
+
+    ``targets`` maps every (deduplicated) parameter of the model to the tensor name it is stored
+    under: a tied ``lm_head`` is the same parameter as the embedding, so it is written once.
+    """
+
+    def __init__(self, model: torch.nn.Module, base_path: str | Path):
+        self.model = model
+        self.base_path = Path(base_path)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        base = _Weights(self.base_path)
+        # named_parameters() yields a tied parameter once, under its first name.
+        self.targets: dict[str, torch.nn.Parameter] = dict(model.named_parameters())
+        missing = [n for n in self.targets if n not in base.files]
+        if missing:
+            raise ExmeError(
+                f"{self.base_path}: tensor {missing[0]} of the model is not in the checkpoint "
+                f"({len(missing)} missing); is this the model's own folder?"
+            )
+        self.base = base.read_all(list(self.targets), "cpu" if self.device.type == "cpu" else str(self.device))
+        self._check_shapes(self.base, self.base_path)
+        self.models: list[dict[str, torch.Tensor]] = []
+        self.model_paths: list[Path] = []
+        self.current: tuple[Any, ...] | None = ("base",)
+
+    @classmethod
+    def load(cls, base: str | Path, *, dtype: str = "auto", device: str = "cpu") -> "LiveModel":
+        """Load the base model once with ``from_pretrained`` (in ``dtype`` on ``device``)."""
+        from transformers import AutoModelForCausalLM
+
+        torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+        except Exception as err:
+            raise ExmeError(f"{base}: transformers cannot load this model ({err})") from None
+        model.to(device).eval()
+        return cls(model, base)
+
+    def _check_shapes(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        for name, p in self.targets.items():
+            t = tensors[name]
+            if tuple(t.shape) != tuple(p.shape):
+                raise ExmeError(
+                    f"{path}: tensor {name} has shape {tuple(t.shape)} but the model expects {tuple(p.shape)}; "
+                    "all checkpoints must share the base architecture and vocabulary"
+                )
+            if not t.dtype.is_floating_point:
+                raise ExmeError(f"{path}: tensor {name} has dtype {t.dtype}; expected floating point weights")
+
+    # ------------------------------------------------------------------ inputs
+    def set_models(self, paths: Sequence[str | Path]) -> None:
+        """Hold the checkpoints θ₁..θ_K (the ones kept after ranking); replaces any held before."""
+        self.models, self.model_paths = [], []
+        for path in paths:
+            w = _Weights(Path(path))
+            missing = [n for n in self.targets if n not in w.files]
+            if missing:
+                raise ExmeError(
+                    f"{path}: tensor {missing[0]} of the base is missing from this checkpoint "
+                    f"({len(missing)} missing); checkpoints must have the base's tensors"
+                )
+            tensors = w.read_all(list(self.targets), "cpu" if self.device.type == "cpu" else str(self.device))
+            self._check_shapes(tensors, Path(path))
+            self.models.append(tensors)
+            self.model_paths.append(Path(path))
+        self.current = None
+
+    # ------------------------------------------------------------------ candidates
+    @torch.no_grad()
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Copy a checkpoint's weights exactly into the model (to score an SFT checkpoint as it is)."""
+        path = Path(path)
+        if path in self.model_paths:
+            src = self.models[self.model_paths.index(path)]
+        else:
+            w = _Weights(path)
+            missing = [n for n in self.targets if n not in w.files]
+            if missing:
+                raise ExmeError(f"{path}: tensor {missing[0]} of the base is missing from this checkpoint")
+            src = w.read_all(list(self.targets), "cpu")
+            self._check_shapes(src, path)
+        for name, p in self.targets.items():
+            p.copy_(src[name])
+        self.current = ("checkpoint", str(path))
+
+    @torch.no_grad()
+    def apply_base(self) -> None:
+        """Put the base weights back (cast to the model's dtype)."""
+        for name, p in self.targets.items():
+            p.copy_(self.base[name])
+        self.current = ("base",)
+
+    @torch.no_grad()
+    def apply(self, coeffs: Sequence[float]) -> None:
+        """Write θ_b + Σ cᵢ·(θᵢ − θ_b) into the parameters: float32 arithmetic, one cast per element.
+
+        One pass per tensor; on a CPU in cache-sized chunks (the float32 intermediates never
+        leave the cache), on an accelerator as whole-tensor operations.
+        """
+        coeffs = [float(c) for c in coeffs]
+        if len(coeffs) != len(self.models):
+            raise ExmeError(f"{len(coeffs)} coefficients given for {len(self.models)} held checkpoints")
+        chunk = _CHUNK if self.device.type == "cpu" else None
+        bufs: dict[str, torch.Tensor] = {}
+        for name, p in self.targets.items():
+            models = [m[name] for m in self.models]
+            _combine_into(p.data, self.base[name], models, coeffs, chunk, bufs)
+        self.current = ("coeffs", tuple(coeffs))
+
+    @torch.no_grad()
+    def apply_method(self, method: str, *, seed: int = 0, **params: Any) -> None:
+        """Write a merge method's result (``exme.merge.methods.<method>``) tensor by tensor.
+
+        For TIES and DARE baselines, whose per-tensor work (top-k masks, random drops) is not a
+        linear combination. DARE masks come from ``tensor_generator(seed, name)``, the same
+        generator the merge engine uses, so a baseline can be written to disk identically.
+        """
+        from exme.merge import methods
+
+        fn = getattr(methods, method, None)
+        if fn is None:
+            raise ExmeError(f"unknown merge method {method!r}")
+        sig = inspect.signature(fn).parameters
+        for name, p in self.targets.items():
+            kwargs = dict(params)
+            if "generator" in sig:
+                kwargs["generator"] = methods.tensor_generator(seed, name, self.device)
+            if "out_dtype" in sig:
+                kwargs["out_dtype"] = p.dtype
+            models = [m[name] for m in self.models]
+            if "base" in sig:
+                out = fn(self.base[name], models, **kwargs)
+            else:
+                out = fn(models, **kwargs)
+            p.copy_(out)
+        self.current = (method, tuple(sorted(params.items())), seed)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The live weights by checkpoint tensor name (views, not copies)."""
+        return {name: p.data for name, p in self.targets.items()}
+
+
+def _combine_into(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    coeffs: Sequence[float],
+    chunk: int | None,
+    bufs: dict[str, torch.Tensor],
+) -> None:
+    """out ← cast(b + Σ cᵢ·(mᵢ − b)), all arithmetic in float32, in order i = 1..K."""
+    o, b = out.view(-1), base.reshape(-1)
+    ms = [m.reshape(-1) for m in models]
+    n = o.numel()
+    step = n if chunk is None else chunk
+    size = min(step, n)
+    if chunk is None:
+        b32 = torch.empty(size, dtype=torch.float32, device=o.device)
+        acc, d = torch.empty_like(b32), torch.empty_like(b32)
+    else:
+        if "b32" not in bufs:
+            bufs.update({k: torch.empty(chunk, dtype=torch.float32) for k in ("b32", "acc", "d")})
+        b32, acc, d = bufs["b32"][:size], bufs["acc"][:size], bufs["d"][:size]
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        k = e - s
+        bb, aa, dd = b32[:k], acc[:k], d[:k]
+        bb.copy_(b[s:e])
+        aa.copy_(bb)
+        for m, c in zip(ms, coeffs):
+            dd.copy_(m[s:e])
+            dd.sub_(bb)
+            aa.add_(dd, alpha=c)
+        o[s:e].copy_(aa)
