@@ -15,54 +15,39 @@ chunks that stay in cache, so the float32 temporaries never touch main memory.
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from exme.errors import ExmeError
+from exme.io import Checkpoint
 
 _CHUNK = 1 << 16  # float32 elements per chunk on CPU: 256 KiB, a few of them fit in L2
 
 
-class _Weights:
-    """Read tensors of a HF model folder (single file or sharded safetensors, or a torch .bin)."""
+def _read(path: Path, names: Sequence[str], shapes: dict[str, tuple[int, ...]], device: str) -> dict[str, torch.Tensor]:
+    """Every tensor of ``names`` from a model folder, after checking names and shapes from the headers.
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
-        single = self.path / "model.safetensors"
-        self._bin: dict[str, torch.Tensor] | None = None
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.path / f for name, f in weight_map.items()}
-        elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as f:
-                self.files = {name: single for name in f.keys()}
-        elif (self.path / "pytorch_model.bin").is_file():
-            self._bin = torch.load(self.path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-            self.files = {name: self.path / "pytorch_model.bin" for name in self._bin}
-        else:
-            raise ExmeError(f"{self.path}: no model.safetensors, sharded index or pytorch_model.bin found")
-        self.names = sorted(self.files)
-
-    def read_all(self, names: Sequence[str], device: str) -> dict[str, torch.Tensor]:
-        if self._bin is not None:
-            return {n: self._bin[n].to(device) for n in names}
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.files[n], []).append(n)
-        out: dict[str, torch.Tensor] = {}
-        for file, file_names in by_file.items():
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for n in file_names:
-                    out[n] = f.get_tensor(n).to(device)
-        return out
+    Checked before anything is read, so a wrong checkpoint fails in milliseconds, naming the tensor.
+    """
+    ckpt = Checkpoint.open(path)
+    missing = [n for n in names if not ckpt.has(n)]
+    if missing:
+        raise ExmeError(
+            f"{path}: tensor {missing[0]} of the model is missing ({len(missing)} missing); "
+            "every checkpoint must hold the base model's tensors"
+        )
+    for n in names:
+        spec = ckpt.spec(n)
+        if tuple(spec.shape) != tuple(shapes[n]):
+            raise ExmeError(
+                f"{path}: tensor {n} has shape {tuple(spec.shape)} but the base model's is {tuple(shapes[n])}; "
+                "all checkpoints must share the base architecture and vocabulary"
+            )
+        if not spec.dtype.is_floating_point:
+            raise ExmeError(f"{path}: tensor {n} has dtype {spec.dtype}; expected floating-point weights")
+    return {n: ckpt.get(n, device) for n in names}
 
 
 class LiveModel:
@@ -77,17 +62,11 @@ class LiveModel:
         self.base_path = Path(base_path)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        base = _Weights(self.base_path)
         # named_parameters() yields a tied parameter once, under its first name.
         self.targets: dict[str, torch.nn.Parameter] = dict(model.named_parameters())
-        missing = [n for n in self.targets if n not in base.files]
-        if missing:
-            raise ExmeError(
-                f"{self.base_path}: tensor {missing[0]} of the model is not in the checkpoint "
-                f"({len(missing)} missing); is this the model's own folder?"
-            )
-        self.base = base.read_all(list(self.targets), "cpu" if self.device.type == "cpu" else str(self.device))
-        self._check_shapes(self.base, self.base_path)
+        self._shapes = {n: tuple(p.shape) for n, p in self.targets.items()}
+        self._store = "cpu" if self.device.type == "cpu" else str(self.device)
+        self.base = _read(self.base_path, list(self.targets), self._shapes, self._store)
         self.models: list[dict[str, torch.Tensor]] = []
         self.model_paths: list[Path] = []
         self.current: tuple[Any, ...] | None = ("base",)
@@ -105,32 +84,12 @@ class LiveModel:
         model.to(device).eval()
         return cls(model, base)
 
-    def _check_shapes(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
-        for name, p in self.targets.items():
-            t = tensors[name]
-            if tuple(t.shape) != tuple(p.shape):
-                raise ExmeError(
-                    f"{path}: tensor {name} has shape {tuple(t.shape)} but the model expects {tuple(p.shape)}; "
-                    "all checkpoints must share the base architecture and vocabulary"
-                )
-            if not t.dtype.is_floating_point:
-                raise ExmeError(f"{path}: tensor {name} has dtype {t.dtype}; expected floating point weights")
-
     # ------------------------------------------------------------------ inputs
     def set_models(self, paths: Sequence[str | Path]) -> None:
         """Hold the checkpoints θ₁..θ_K (the ones kept after ranking); replaces any held before."""
         self.models, self.model_paths = [], []
         for path in paths:
-            w = _Weights(Path(path))
-            missing = [n for n in self.targets if n not in w.files]
-            if missing:
-                raise ExmeError(
-                    f"{path}: tensor {missing[0]} of the base is missing from this checkpoint "
-                    f"({len(missing)} missing); checkpoints must have the base's tensors"
-                )
-            tensors = w.read_all(list(self.targets), "cpu" if self.device.type == "cpu" else str(self.device))
-            self._check_shapes(tensors, Path(path))
-            self.models.append(tensors)
+            self.models.append(_read(Path(path), list(self.targets), self._shapes, self._store))
             self.model_paths.append(Path(path))
         self.current = None
 
@@ -142,12 +101,7 @@ class LiveModel:
         if path in self.model_paths:
             src = self.models[self.model_paths.index(path)]
         else:
-            w = _Weights(path)
-            missing = [n for n in self.targets if n not in w.files]
-            if missing:
-                raise ExmeError(f"{path}: tensor {missing[0]} of the base is missing from this checkpoint")
-            src = w.read_all(list(self.targets), "cpu")
-            self._check_shapes(src, path)
+            src = _read(path, list(self.targets), self._shapes, "cpu")
         for name, p in self.targets.items():
             p.copy_(src[name])
         self.current = ("checkpoint", str(path))
