@@ -257,7 +257,7 @@ def read_records(path: Path, kind: str, *, text_field: str = "text", limit: int 
         missing = [f for f in required if f not in record]
         if missing:
             raise ExmeError(f"{path}:{lineno}: record lacks field(s) {missing} that a {kind!r} task needs")
-        _check_record(record, kind, path, lineno)
+        _check_record(record, kind, f"{path}:{lineno}")
         records.append(record)
         if limit is not None and len(records) >= limit:
             break
@@ -266,7 +266,8 @@ def read_records(path: Path, kind: str, *, text_field: str = "text", limit: int 
     return records
 
 
-def _check_record(record: dict[str, Any], kind: str, path: Path, lineno: int) -> None:
+def _check_record(record: dict[str, Any], kind: str, where: str) -> None:
+    """Kind-specific checks of one record (``where`` names it in messages); ARC-style fields are normalised."""
     if kind == "multiple_choice":
         choices, label = record["choices"], record["label"]
         if isinstance(choices, dict) and "text" in choices:  # ARC's {"text": [...], "label": [...]}
@@ -275,19 +276,19 @@ def _check_record(record: dict[str, Any], kind: str, path: Path, lineno: int) ->
             if isinstance(label, str) and label in letters:
                 record["label"] = label = letters.index(label)
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise ExmeError(f"{path}:{lineno}: 'choices' must be a list of at least two strings")
+            raise ExmeError(f"{where}: 'choices' must be a list of at least two strings")
         if isinstance(label, str) and len(label) == 1 and label.isalpha():
             record["label"] = label = ord(label.upper()) - ord("A")
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-            raise ExmeError(f"{path}:{lineno}: 'label' must be an index into 'choices' (0..{len(choices) - 1}), got {label!r}")
+            raise ExmeError(f"{where}: 'label' must be an index into 'choices' (0..{len(choices) - 1}), got {label!r}")
     elif kind == "gsm8k":
         from exme.evaluate.extract import gsm8k_target
 
         if gsm8k_target(str(record["answer"])) is None:
-            raise ExmeError(f"{path}:{lineno}: 'answer' must end with '#### <number>' (GSM8K format)")
+            raise ExmeError(f"{where}: 'answer' must end with '#### <number>' (GSM8K format)")
     elif kind == "mbpp":
         if not isinstance(record["test_list"], list) or not record["test_list"]:
-            raise ExmeError(f"{path}:{lineno}: 'test_list' must be a non-empty list of assert statements")
+            raise ExmeError(f"{where}: 'test_list' must be a non-empty list of assert statements")
 
 
 def split_indices(n: int, rule: SplitRule, task_name: str) -> tuple[list[int], list[int]]:
@@ -325,6 +326,8 @@ def _load_task(spec: TaskSpec, rule: SplitRule, base_dir: Path) -> Task:
             if missing:
                 raise ExmeError(f"task {spec.name!r}: few-shot example {i} lacks field(s) {missing}")
         fewshot = [dict(r) for r in spec.fewshot]
+        for i, record in enumerate(fewshot):
+            _check_record(record, spec.kind, f"task {spec.name!r} few-shot example {i}")
     if spec.num_fewshot is not None:
         if spec.num_fewshot > len(fewshot):
             raise ExmeError(
