@@ -111,10 +111,17 @@ class StudyStore:
         if url.startswith("sqlite"):
             # Several processes write the same file: wait for the lock instead of failing at once.
             engine_kwargs["connect_args"] = {"timeout": 120}
-        try:
-            self.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-        except Exception as err:  # bad URL, missing driver, unreachable server
-            raise ExmeError(f"cannot open study storage {url!r}: {err}") from None
+        # Workers starting together race to create the schema; the loser retries and finds it made.
+        for attempt in range(5):
+            try:
+                self.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+                break
+            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+            except Exception as err:  # bad URL, missing driver, unreachable server
+                raise ExmeError(f"cannot open study storage {url!r}: {err}") from None
         if url.startswith("sqlite"):
             _fast_sqlite(self.storage.engine)
         self._meta = sa.MetaData()
@@ -134,7 +141,14 @@ class StudyStore:
             sa.Column("pid", sa.Integer, nullable=False),
             sa.Column("heartbeat", sa.Float, nullable=False),
         )
-        self._meta.create_all(self.storage.engine, checkfirst=True)
+        for attempt in range(5):
+            try:
+                self._meta.create_all(self.storage.engine, checkfirst=True)
+                break
+            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         with self.storage.engine.begin() as conn:
             conn.execute(
                 self._workers.insert().values(
