@@ -57,6 +57,21 @@ UNSUPPORTED_MERGEKIT_KEYS = {
 }
 
 
+#: Which methods each parameter affects: setting it for another method is an error, not a no-op.
+_PARAMETER_METHODS: dict[str, tuple[str, ...]] = {
+    "normalize": ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"),
+    "lambda_": ("task_arithmetic", "ties", "dare_linear", "dare_ties"),
+    "t": ("slerp",),
+    "beta": ("exme",),
+    "alpha": ("extrapolate", "exme"),
+    "weight": ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "exme"),
+    "density": ("ties", "dare_linear", "dare_ties"),
+    "majority_sign_method": ("ties", "dare_ties"),
+    "rescale": ("dare_linear", "dare_ties"),
+    "int8_mask": ("task_arithmetic", "ties", "dare_linear", "dare_ties"),
+}
+
+
 def parse_dtype(name: str, what: str = "dtype") -> torch.dtype:
     """``"bfloat16"`` → ``torch.bfloat16``, with a message listing the accepted spellings."""
     key = str(name).removeprefix("torch.").lower()
@@ -115,7 +130,7 @@ class GlobalParameters(_Strict):
     @field_validator("lambda_", "t", "beta", "alpha", "weight", "density", mode="before")
     @classmethod
     def _one_number(cls, v: Any, info: Any) -> Any:
-        return _scalar(v, info.alias or info.field_name)
+        return _scalar(v, "lambda" if info.field_name == "lambda_" else info.field_name)
 
 
 def _check_range(value: float | None, low: float, high: float, what: str, low_open: bool = False) -> None:
@@ -165,6 +180,20 @@ class MergeConfig(_Strict):
         _check_range(p.t, 0.0, 1.0, "parameters.t")
         if p.lambda_ is not None and not math.isfinite(p.lambda_):
             raise ValueError("parameters.lambda must be a finite number")
+        for key, allowed in _PARAMETER_METHODS.items():
+            value = getattr(p, key)
+            if value is not None and method not in allowed and not (key == "rescale" and value is False):
+                name = "lambda" if key == "lambda_" else key
+                raise ValueError(
+                    f"parameters.{name} has no meaning for merge_method {method} (it applies to {', '.join(allowed)}); "
+                    "remove it"
+                )
+        for i, entry in enumerate(self.models):
+            for key in ("weight", "density", "alpha"):
+                if getattr(entry.parameters, key) is not None and method not in _PARAMETER_METHODS[key]:
+                    raise ValueError(
+                        f"models[{i}].parameters.{key} has no meaning for merge_method {method}; remove it"
+                    )
         inputs = self.merge_models
         if method == "slerp":
             if len(inputs) != 1:

@@ -350,7 +350,7 @@ def _progress(enabled: bool):
         TimeRemainingColumn(),
         console=Console(stderr=True),
         disable=not enabled,
-        transient=False,
+        transient=True,  # the bar disappears when done (or failed), leaving one summary or error line
     )
 
 
@@ -378,7 +378,7 @@ def run_merge(
     if out_dtype is not None:
         from exme.merge.config import parse_dtype
 
-        forced = out_dtype if isinstance(out_dtype, torch.dtype) else parse_dtype(out_dtype)
+        forced = out_dtype if isinstance(out_dtype, torch.dtype) else parse_dtype(out_dtype, "output dtype")
         config = config.model_copy(update={"out_dtype": dtype_name(forced)})
     shard_bytes = parse_size(max_shard_size)
     _check_device(device)
