@@ -168,7 +168,7 @@ def ties_reference(base, models, weights, density, method="sum", normalize=True,
     deltas = []
     for m, d in zip(models, density):
         delta = f64(m).ravel() - b
-        k = int(d * delta.size)
+        k = max(1, int(d * delta.size))
         keep = np.zeros(delta.size, bool)
         if d >= 1:
             keep[:] = True
@@ -257,7 +257,7 @@ def test_magnitude_mask_is_exact_topk(n, density, seed):
     g = torch.Generator().manual_seed(seed)
     delta = (torch.randn(n, generator=g) * 100).round() / 100  # many exact ties in magnitude
     mask = M.magnitude_mask(delta, density)
-    k = int(density * n)
+    k = max(1, int(density * n))
     assert int(mask.sum()) == k
     if 0 < k < n:
         mag = delta.abs()

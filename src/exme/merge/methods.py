@@ -12,7 +12,7 @@ users compare with. Deliberate differences (documented in ``docs/merge.md``):
 * arithmetic is float32 even for bf16 inputs (mergekit computes in the input dtype by default);
 * DARE rescales kept entries by ``1/density`` (the DARE paper), where recent mergekit matches the
   L1 norm of the dropped-out delta instead;
-* TIES keeps exactly ``int(density * numel)`` entries, found without sorting the whole tensor;
+* TIES keeps exactly ``max(1, int(density * numel))`` entries (as mergekit), found without sorting the whole tensor;
   among entries whose magnitude ties at the threshold the ones with the lowest flat index are kept.
 
 Notation: θ_b is the base tensor, θ_i the i-th model's tensor, Δ_i = θ_i − θ_b its task vector.
@@ -230,17 +230,19 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask keeping exactly the ``int(density · numel)`` entries of largest |Δ|.
+    """Boolean mask keeping exactly ``max(1, int(density · numel))`` entries of largest |Δ|.
 
     Entries strictly above the threshold are all kept; entries equal to it fill the remaining
     slots in flat-index order, so the count is exact and the result deterministic.
     """
     n = delta.numel()
-    k = int(density * n)
-    if density >= 1.0 or k >= n:
+    if density >= 1.0 or n == 0:
         return torch.ones_like(delta, dtype=torch.bool)
-    if k <= 0:
+    if density <= 0.0:
         return torch.zeros_like(delta, dtype=torch.bool)
+    k = max(1, int(density * n))  # as mergekit: a positive density keeps at least one entry
+    if k >= n:
+        return torch.ones_like(delta, dtype=torch.bool)
     magnitude = delta.abs().reshape(-1)
     threshold = kth_largest(magnitude, k)
     mask = magnitude > threshold
@@ -308,7 +310,7 @@ def ties(
 ) -> torch.Tensor:
     """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
-    Δ'_i = Δ_i ⊙ topk_mask(|Δ_i|, ⌊d_i·n⌋);  s = elect_sign({w_iΔ'_i});
+    Δ'_i = Δ_i ⊙ topk_mask(|Δ_i|, max(1, ⌊d_i·n⌋));  s = elect_sign({w_iΔ'_i});
     θ = θ_b + λ · Σ_i w_iΔ'_i[sgn(w_iΔ'_i)=s] / Σ_i w_i[sgn(w_iΔ'_i)=s]   (normalize, the default).
     """
     ws = _as_list(weights, len(models), "weight")
@@ -337,9 +339,9 @@ def tensor_generator(seed: int, tensor_name: str, device: str | torch.device = "
     Why per tensor: the streaming engine and the live model visit tensors in different orders
     and on different devices; deriving the stream from the name (via SHA-256, stable across
     processes, unlike ``hash``) gives both the same masks for the same seed.
-    Masks are drawn on the CPU generator by :func:`dare_mask` and moved to the device, so a
-    CUDA merge draws exactly the masks a CPU merge does; ``device`` is accepted for callers
-    that want a device generator for their own sampling.
+    :func:`dare_mask` draws on the generator's device; the merge engine always passes a CPU
+    generator (masks are then moved to the tensors' device), so a CUDA merge draws exactly the
+    masks of a CPU merge. A CUDA generator is valid too but gives CUDA's (different) stream.
     """
     digest = hashlib.sha256(f"{int(seed)}\x00{tensor_name}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
