@@ -59,6 +59,28 @@ def test_apply_is_bitwise_the_exme_method(wide_models, dtype):
             assert torch.equal(state[name], expected), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_live_weights_are_bitwise_the_streaming_engine_output(wide_models, dtype, tmp_path):
+    from exme.merge.config import MergeConfig
+    from exme.merge.engine import run_merge
+
+    base, sft1, sft2 = wide_models[dtype]
+    beta, alphas = 0.7, [0.4, 0.9]
+    config = MergeConfig.model_validate({
+        "merge_method": "exme", "base_model": str(base), "dtype": "float32", "out_dtype": str(dtype).removeprefix("torch."),
+        "models": [{"model": str(sft1), "parameters": {"weight": beta, "alpha": alphas[0]}},
+                   {"model": str(sft2), "parameters": {"weight": 1 - beta, "alpha": alphas[1]}}],
+    })
+    written = _tensors(run_merge(config, tmp_path / "merged", progress=False))
+    live = LiveModel.load(base)
+    live.set_models([sft1, sft2])
+    live.apply(exme_coefficients([beta, 1 - beta], alphas))
+    state = live.model.state_dict()
+    assert set(written) == set(live.targets)
+    for name, tensor in written.items():
+        assert tensor.dtype == dtype and torch.equal(state[name], tensor), name
+
+
 def test_switching_back_and_forth_is_exact(tiny_models):
     live = LiveModel.load(tiny_models.base)
     live.set_models([tiny_models.sft1, tiny_models.sft2])

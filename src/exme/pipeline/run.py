@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -484,8 +485,14 @@ class Pipeline:
             "out_dtype": dtype,
         }
         config = MergeConfig.model_validate(spec)
-        out = run_merge(config, self.output / "model", device=self.config.device, force=True,
-                        seed=self.config.seed, progress=self.progress)
+        target = self.output / "model"
+        # Workers on one machine sharing this output folder write it once: the first to claim it.
+        key = json.dumps({"host": socket.gethostname(), "out": str(target.resolve()), "spec": spec}, sort_keys=True)
+        if not self.store.claim(self.study_name("final-model"), key):
+            self.notes.append(f"{target} is written by another worker sharing this run folder")
+            return target
+        out = run_merge(config, target, device=self.config.device, force=True, seed=self.config.seed,
+                        progress=self.progress)
         self.timings["final model"] = time.perf_counter() - t0
         return Path(out)
 

@@ -218,7 +218,7 @@ class StudyStore:
                 pass
         return time.time() - row.heartbeat <= self.grace_s
 
-    def _claim(self, study_name: str, key: str) -> bool:
+    def claim(self, study_name: str, key: str) -> bool:
         """Take the point ``key`` for this worker; ``True`` when this worker must evaluate it."""
         point = hashlib.sha1(key.encode()).hexdigest()
         c = self._claims.c
@@ -274,7 +274,7 @@ class StudyStore:
                 break
             progressed = False
             for p in todo:
-                if not self._claim(study_name, p.key):
+                if not self.claim(study_name, p.key):
                     continue
                 done = self.records(study)  # a dead owner may have finished it just before dying
                 if p.key in done:
