@@ -86,15 +86,15 @@ class _Bars:
         with self.progress:
             yield self
 
-    def stage(self, label: str, total: int) -> Callable[[Point, Record, bool], None]:
-        """A callback for :meth:`StudyStore.evaluate` that advances a new bar."""
+    def stage(self, label: str, total: int, *, show_best: bool = True) -> Callable[[Point, Record, bool], None]:
+        """A callback for :meth:`StudyStore.evaluate` that advances a new bar (with the best dev score so far)."""
         if self.progress is None:
             return lambda point, rec, reused: None
         task = self.progress.add_task(label, total=total, info="")
         best_seen = [-math.inf]
 
         def advance(point: Point, rec: Record, reused: bool) -> None:
-            if rec.limit is None:
+            if rec.limit is None and show_best:
                 best_seen[0] = max(best_seen[0], rec.overall)
             info = f"best {best_seen[0]:.4f}" if best_seen[0] > -math.inf else ""
             self.progress.update(task, advance=1, info=info + (" (resumed)" if reused else ""))
@@ -178,7 +178,7 @@ class Pipeline:
         return self.evaluator.evaluate(self.live.model, self.tokenizer, point.split, limit=point.limit)
 
     def _run_points(self, stage: str, label: str, points: Sequence[Point], setter: Callable[[Point], Callable[[], None]]) -> list[Record]:
-        bar = self._bars.stage(label, len(points))
+        bar = self._bars.stage(label, len(points), show_best=points[0].split == "dev")
 
         def on_result(point: Point, rec: Record, reused: bool) -> None:
             self.reused += int(reused)

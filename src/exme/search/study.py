@@ -230,7 +230,10 @@ class StudyStore:
             pass
         with self.storage.engine.connect() as conn:
             row = conn.execute(sa.select(self._claims).where(c.study == study_name, c.point == point)).first()
-        if row is None or row.owner == self.owner or self._alive(row.owner):
+        if row is not None and row.owner == self.owner:
+            # Claimed by this worker before, but not finished (its evaluation raised): take it again.
+            return True
+        if row is None or self._alive(row.owner):
             return False
         # The owner died: take the claim over, atomically (only one worker's UPDATE matches).
         with self.storage.engine.begin() as conn:
