@@ -11,7 +11,7 @@ import pytest
 
 from exme.cli import main
 from exme.errors import ExmeError
-from exme.report import load_results, render
+from exme.report import load_results, render, save_results
 from exme.report.schema import RankedCheckpoint, RunResults, SplitScores
 
 # The fixture suite's weights (1, 1, 2), normalised by hand.
@@ -154,9 +154,10 @@ def test_every_markdown_table_is_well_formed(tmp_path, make):
         assert len(table) >= 3
 
 
-def test_load_results_round_trips_what_the_pipeline_wrote(tmp_path, results):
-    (tmp_path / "results.json").write_text(results.model_dump_json(indent=2))
-    assert load_results(tmp_path) == results
+def test_save_then_load_results_round_trips_and_leaves_no_temporary_file(tmp_path, results):
+    assert save_results(results, tmp_path / "run") == tmp_path / "run" / "results.json"
+    assert load_results(tmp_path / "run") == results
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["results.json"]
 
 
 @pytest.mark.parametrize(
