@@ -41,6 +41,8 @@ def load_results(run_dir: Path | str) -> RunResults:
         raise ExmeError(f"{path}: file not found; this folder holds no pipeline results (run `exme run` first or check the path)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ExmeError(f"{path}: cannot be read ({err.strerror}); check its permissions") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ExmeError(f"{path}: not valid JSON ({err}); the run may have been interrupted while writing it, re-run the pipeline") from None
     try:
@@ -48,9 +50,10 @@ def load_results(run_dir: Path | str) -> RunResults:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        msg = " ".join(str(first["msg"]).split())
         more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
         raise ExmeError(
-            f"{path}: key '{where}': {first['msg']}{more}; the file does not match this exme version's results schema"
+            f"{path}: key '{where}': {msg}{more}; the file does not match this exme version's results schema"
         ) from None
 
 
@@ -87,6 +90,7 @@ def fmt_param(x: Any) -> str:
 
 
 def fmt_seconds(s: float) -> str:
+    """Stage times: seconds with one decimal, and minutes beside them once they are long."""
     return f"{s:,.1f} s" if s < 120 else f"{s:,.1f} s ({s / 60:.1f} min)"
 
 
@@ -205,9 +209,11 @@ def draw_plots(results: RunResults, plots_dir: Path, weights: dict[str, float]) 
     if beta is not None and beta.trials and (param := _search_param(beta, "beta")) is not None:
         sft = best_sft(results.final, results.ranking)
         top = ranked(results.ranking)[0] if results.ranking else None
-        ref, ref_label = (sft.dev, f"{sft.name} (best SFT)") if sft is not None and sft.dev is not None else (
-            (top.dev, f"{top.name} (best SFT)") if top is not None else (None, "")
-        )
+        ref, ref_label = None, ""
+        if sft is not None and sft.dev is not None:
+            ref, ref_label = sft.dev, f"{sft.name} (best SFT)"
+        elif top is not None:
+            ref, ref_label = top.dev, f"{top.name} (best SFT)"
         out["beta"] = plots.plot_parameter_curve(
             beta, param, plots_dir / "beta.png",
             title="Merge of the two extrapolated checkpoints: dev score vs β",
