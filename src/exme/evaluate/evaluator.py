@@ -160,9 +160,9 @@ class SuiteEvaluator:
                     else:  # the tokenizer merged across the boundary: encode the continuation alone
                         cont = list(tokenizer(cont_text, add_special_tokens=False)["input_ids"])
                     requests.append(Continuation(tuple(ctx), tuple(cont)))
-                    lengths.append(len(cont_text.encode("utf-8")))
+                    lengths.append(len(choice))  # lm-eval's acc_norm: characters of the choice text
                 spans.append((start, len(requests)))
-            prep.update(requests=requests, spans=spans, byte_lengths=lengths)
+            prep.update(requests=requests, spans=spans, choice_lengths=lengths)
         else:
             prep["ids"] = [prompts.encode(tokenizer, t, from_chat_template=c) for t, c in texts]
             if task.kind == "gsm8k":
@@ -212,7 +212,7 @@ class SuiteEvaluator:
         acc, acc_norm, items = [], [], []
         for (start, stop), record in zip(spans, prep["records"][:n]):
             logps = [scored[i][0] for i in range(start, stop)]
-            normed = [lp / max(1, prep["byte_lengths"][i]) for lp, i in zip(logps, range(start, stop))]
+            normed = [lp / max(1, prep["choice_lengths"][i]) for lp, i in zip(logps, range(start, stop))]
             pick = max(range(len(logps)), key=logps.__getitem__)
             pick_norm = max(range(len(normed)), key=normed.__getitem__)
             acc.append(pick == record["label"])
