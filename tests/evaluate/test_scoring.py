@@ -53,7 +53,7 @@ def test_mc_loglik_acc_and_acc_norm_match_float64_computation(tiny_lm, tmp_path)
             direct = [_direct_loglik(model, tok, context, " " + c) for c in record["choices"]]
             assert item["loglik"] == pytest.approx(direct, abs=2e-4)
             acc += max(range(len(direct)), key=direct.__getitem__) == record["label"]
-            normed = [lp / len((" " + c).encode()) for lp, c in zip(direct, record["choices"])]
+            normed = [lp / len(c) for lp, c in zip(direct, record["choices"])]  # lm-eval: characters of the choice
             acc_norm += max(range(len(normed)), key=normed.__getitem__) == record["label"]
         assert scores.tasks["mc"] == pytest.approx(acc / len(records))
         assert scores.details["mc"]["metrics"]["acc_norm"] == pytest.approx(acc_norm / len(records))
