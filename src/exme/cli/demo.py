@@ -50,8 +50,9 @@ def demo_command(
     fresh: bool = typer.Option(False, "--fresh", help="Rebuild everything instead of reusing the cached base and SFT run."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (seconds, not minutes): a smoke run of every stage."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the base model and the SFT run."),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest on a busy machine; try 2+ on an idle one)."),
 ) -> None:
     """Build a small model here, fine-tune it, and run the whole ExMe pipeline on it, ending in a report."""
     from exme.demo.run import run_demo
 
-    run_demo(workdir=workdir, output=output, fresh=fresh, quick=quick, seed=seed)
+    run_demo(workdir=workdir, output=output, fresh=fresh, quick=quick, seed=seed, threads=threads)

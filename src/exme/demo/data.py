@@ -45,8 +45,8 @@ CATEGORIES = {
     "tool": ["hammer", "saw", "drill", "wrench", "shovel", "rake", "axe", "chisel", "file", "ladder"],
 }
 ARTICLE = {c: ("an" if c[0] in "aeiou" else "a") for c in CATEGORIES}
-FUNC_NAMES = ["f", "g", "h", "calc", "step", "move", "shift", "scale"]
-VAR_NAMES = ["x", "n", "a", "v"]
+FUNC_NAMES = ["f", "g", "h", "calc"]
+VAR_NAMES = ["x", "n", "a"]
 OPS = {"plus": "+", "minus": "-", "times": "*"}
 
 
@@ -56,7 +56,7 @@ class DemoSizes:
 
     pretrain_docs: int = 3000
     sft_per_task: int = 600
-    eval_per_task: int = 80  # split into dev and test by the suite's seeded rule
+    eval_per_task: int = 64  # split by the suite's seeded rule: 24 dev, 40 test
 
     @classmethod
     def quick(cls) -> "DemoSizes":
@@ -149,7 +149,7 @@ def _code_spec(rng: random.Random) -> tuple[str, str, str, list[tuple[str, str]]
     """(function name, variable, English description, [(word, k), ...]) of a small function."""
     func, var = rng.choice(FUNC_NAMES), rng.choice(VAR_NAMES)
     steps = [(rng.choice(sorted(OPS)), str(rng.randint(1, 9)))]
-    if rng.random() < 0.3:
+    if rng.random() < 0.25:
         steps.append((rng.choice(["plus", "minus"]), str(rng.randint(1, 9))))
     words = " ".join(f"{w} {k}" for w, k in steps)
     return func, var, f"{var} {words}", steps
@@ -204,8 +204,12 @@ ITEM_MAKERS = {"arith": arith_item, "choice": choice_item, "code": code_item}
 PROMPT_KEY = {"arith": "question", "choice": "question", "code": "text"}
 
 
-def _draw_unique(rng: random.Random, task: str, n: int, taken: set[str]) -> list[dict[str, Any]]:
-    """``n`` items whose prompt text is not in ``taken`` (which grows); bounded so a tiny world cannot hang."""
+def _draw(rng: random.Random, task: str, n: int, taken: set[str], *, distinct: bool) -> list[dict[str, Any]]:
+    """``n`` items whose prompt text is not in ``taken``; with ``distinct`` they also differ from each other.
+
+    Suite items are distinct (each counts once); SFT items only avoid the suite's, so the training
+    mix keeps the world's natural frequencies. The loop is bounded so a tiny world cannot hang.
+    """
     items: list[dict[str, Any]] = []
     tries = 0
     while len(items) < n:
@@ -216,16 +220,17 @@ def _draw_unique(rng: random.Random, task: str, n: int, taken: set[str]) -> list
         key = item[PROMPT_KEY[task]]
         if key in taken:
             continue
-        taken.add(key)
+        if distinct:
+            taken.add(key)
         items.append(item)
     return items
 
 
-def suite_document(tasks: dict[str, str], *, split_seed: int, name: str = "exme-demo") -> dict[str, Any]:
+def suite_document(tasks: dict[str, str], *, split_seed: int, dev_fraction: float = 0.375, name: str = "exme-demo") -> dict[str, Any]:
     """The suite YAML as a dict: three tasks, their prompt formats, and the seeded dev/test rule."""
     return {
         "name": name,
-        "split": {"seed": split_seed, "dev_fraction": 0.5},
+        "split": {"seed": split_seed, "dev_fraction": dev_fraction},
         "tasks": [
             {
                 "name": "arith",
@@ -262,8 +267,8 @@ def write_demo_data(folder: str | Path, *, seed: int = 0, sizes: DemoSizes = Dem
     sft: list[dict[str, str]] = []
     for task in ITEM_MAKERS:
         taken: set[str] = set()
-        eval_items = _draw_unique(rng, task, sizes.eval_per_task, taken)
-        train_items = _draw_unique(rng, task, sizes.sft_per_task, taken)
+        eval_items = _draw(rng, task, sizes.eval_per_task, taken, distinct=True)
+        train_items = _draw(rng, task, sizes.sft_per_task, taken, distinct=False)
         task_paths[task] = folder / "tasks" / f"{task}.jsonl"
         _write_jsonl(task_paths[task], eval_items)
         sft.extend(sft_record(task, item) for item in train_items)

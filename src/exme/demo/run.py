@@ -36,7 +36,7 @@ class DemoSettings:
     sft_steps: int
     sft_save_steps: int
     sft_batch_size: int
-    pipeline: dict[str, Any] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)  # PIPELINE.yaml keys: grids, baselines
 
     @classmethod
     def full(cls, seed: int = 0) -> "DemoSettings":
@@ -47,6 +47,12 @@ class DemoSettings:
             sft_steps=180,
             sft_save_steps=30,
             sft_batch_size=16,
+            pipeline={
+                "alpha": {"grid": [round(0.1 * i, 1) for i in range(11)], "refine": False},
+                "beta": {"grid": [round(0.1 * i, 1) for i in range(11)]},
+                "search": {"mode": "grid"},
+                "baselines": ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"],
+            },
         )
 
     @classmethod
@@ -58,6 +64,11 @@ class DemoSettings:
             sft_steps=12,
             sft_save_steps=4,
             sft_batch_size=8,
+            pipeline={
+                "alpha": {"grid": [0.0, 0.5, 1.0]},
+                "beta": {"grid": [0.0, 0.5, 1.0]},
+                "baselines": ["linear", "ties"],
+            },
         )
 
 
@@ -117,27 +128,154 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def run_demo(*, workdir: Path = Path(".demo"), output: Path = Path("demo_run"), fresh: bool = False, quick: bool = False, seed: int = 0, progress: bool = True) -> Path:
-    """Run every stage; returns the path of ``report.md``."""
+PIPELINE_FILE = "pipeline.yaml"
+
+
+def write_pipeline_yaml(workdir: Path, base: Path, data: DemoData, output: Path, settings: DemoSettings, seed: int) -> Path:
+    """The demo's ``PIPELINE.yaml`` (absolute paths), so ``exme run .demo/pipeline.yaml`` redoes the last stage."""
+    import yaml
+
+    document = {
+        "base": str(base.resolve()),
+        "checkpoints": str((workdir / "sft").resolve()),
+        "suite": str(data.suite.resolve()),
+        "top_k": 2,
+        **settings.pipeline,
+        "device": "cpu",
+        "dtype": "float32",
+        "output": str(output.resolve()),
+        "seed": seed,
+    }
+    path = workdir / PIPELINE_FILE
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def demo_evaluator(suite_path: Path):
+    """The suite evaluator with batch sizes that fit the demo's small items in one batch per task."""
+    from exme.evaluate import SuiteEvaluator, Suite
+
+    return SuiteEvaluator(Suite.from_yaml(suite_path), batch_size=64, mc_batch_size=128, workers=2)
+
+
+def _is_run_folder(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("results.json", "study.db", "report.md"))
+
+
+_SYMBOLS = {"alpha": "α", "alpha_1": "α₁", "alpha_2": "α₂", "beta": "β", "weight_1": "w₁", "lambda": "λ"}
+
+
+def _settings_text(params: dict[str, Any]) -> str:
+    """``checkpoint-150 α=0.3`` rather than ``checkpoint=checkpoint-150, alpha=0.3``: short enough for a table cell."""
+    parts = []
+    for key, value in params.items():
+        if key == "checkpoint":
+            parts.append(str(value))
+        else:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            parts.append(f"{_SYMBOLS.get(key, key)}={shown}")
+    return " ".join(parts)
+
+
+def print_outcome(results: Any, report: Path) -> None:
+    """The final dev/test table and ExMe's test difference against the best SFT and each baseline."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from exme.report.render import comparisons
+    from exme.report.stats import task_weights
+
+    tasks = sorted({t for row in results.final for t in row.test.tasks})
+    table = Table(title="Held-out test split (choices made on dev)")
+    table.add_column("model")
+    table.add_column("settings")
+    table.add_column("dev", justify="right")
+    table.add_column("test", justify="right")
+    for task in tasks:
+        table.add_column(f"test {task}", justify="right")
+    for row in results.final:
+        settings = _settings_text(row.params)
+        table.add_row(
+            row.name, settings, "–" if row.dev is None else f"{row.dev.overall:.3f}", f"{row.test.overall:.3f}",
+            *[f"{row.test.tasks.get(t, float('nan')):.3f}" for t in tasks],
+        )
+    console = Console()
+    console.print(table)
+    weights = task_weights(results.suite, tasks)
+    n_test = sum(next((r.test.n_items for r in results.final if r.kind == "exme"), {}).values())
+    for label, _, diff in comparisons(results, weights):
+        noise = "" if diff.se is None else f" (SE {diff.se:.3f}{', within noise' if diff.within_noise else ''})"
+        verdict = "beat" if diff.diff > 0 else "did not beat"
+        console.print(f"ExMe {verdict} {label}: {diff.a:.3f} vs {diff.b:.3f} on test, {diff.diff:+.3f}{noise}")
+    console.print(f"{n_test} test items in all. Report: [bold]{report}[/]")
+
+
+def run_demo(
+    *,
+    workdir: Path = Path(".demo"),
+    output: Path = Path("demo_run"),
+    fresh: bool = False,
+    quick: bool = False,
+    seed: int = 0,
+    threads: int | None = 1,
+    progress: bool = True,
+) -> Path:
+    """Run every stage and print the final table; returns the path of ``report.md``.
+
+    ``threads`` sets torch's intra-op threads: one is the default because the demo's matrices are
+    small and, on a machine shared with other work, several OpenMP threads spin-waiting on each
+    other can be many times slower than one (``None`` leaves torch's own choice).
+    """
+    import torch
+
+    from exme.pipeline import PipelineConfig, run_pipeline
+
     workdir, output = Path(workdir), Path(output)
     if output.resolve() == workdir.resolve() or workdir.resolve() in output.resolve().parents:
         raise ExmeError(f"--output {output} must not be inside --workdir {workdir}")
+    if output.exists() and any(output.iterdir()) and not _is_run_folder(output):
+        raise ExmeError(f"--output {output} exists and is not an exme run folder; choose another folder or remove it")
+    if threads is not None:
+        if threads < 1:
+            raise ExmeError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     settings = DemoSettings.quick(seed) if quick else DemoSettings.full(seed)
     timings: dict[str, float] = {}
+    started_all = time.perf_counter()
 
     started = time.perf_counter()
     data = prepare_data(workdir, seed, settings.sizes)
     timings["data"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    base_stamp_before = read_stamp(workdir / "base")
     base = prepare_base(workdir, data, settings.base, progress=progress)
     timings["base"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    sft_stamp = workdir / "sft" / "exme_demo_sft.json"
+    sft_before = sft_stamp.read_text() if sft_stamp.is_file() else None
     checkpoints = prepare_sft(workdir, base, data, settings, seed, progress=progress)
     timings["sft"] = time.perf_counter() - started
-    _say(f"timings: {', '.join(f'{k} {v:.1f}s' for k, v in timings.items())}")
-    return workdir / "sft"
+
+    # Recorded evaluations are keyed by the base path and the suite, not by the checkpoints' bytes:
+    # when the base or the SFT run was rebuilt, an old run folder's records must not be read back.
+    rebuilt = read_stamp(base) != base_stamp_before or not sft_stamp.is_file() or sft_stamp.read_text() != sft_before
+    if output.exists() and (fresh or rebuilt) and _is_run_folder(output):
+        shutil.rmtree(output)
+
+    started = time.perf_counter()
+    pipeline_yaml = write_pipeline_yaml(workdir, base, data, output, settings, seed)
+    _say(f"[bold]pipeline[/]: {len(checkpoints)} checkpoints, suite {data.suite} → {output}")
+    config = PipelineConfig.from_yaml(pipeline_yaml)
+    results = run_pipeline(config, progress=progress, evaluator=demo_evaluator(data.suite))
+    timings["pipeline"] = time.perf_counter() - started
+    report = output / "report.md"
+    print_outcome(results, report)
+    timings["total"] = time.perf_counter() - started_all
+    _say(f"timings: {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}")
+    (output / "demo_timings.json").write_text(json.dumps(timings, indent=2))
+    return report
