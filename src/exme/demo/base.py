@@ -44,7 +44,7 @@ class BaseModelSpec(BaseModel):
 
     @classmethod
     def quick(cls) -> "BaseModelSpec":
-        return cls(vocab_size=300, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, steps=30, block_size=64)
+        return cls(vocab_size=300, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, steps=12, warmup_steps=3, block_size=64)
 
     def fingerprint(self, corpus_text: str) -> str:
         """Hash of these settings and the corpus: the cache key of a built base."""

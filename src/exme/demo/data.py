@@ -60,7 +60,7 @@ class DemoSizes:
 
     @classmethod
     def quick(cls) -> "DemoSizes":
-        return cls(pretrain_docs=300, sft_per_task=60, eval_per_task=16)
+        return cls(pretrain_docs=120, sft_per_task=40, eval_per_task=10)
 
 
 @dataclass(frozen=True)

@@ -61,11 +61,11 @@ class DemoSettings:
             sizes=DemoSizes.quick(),
             base=BaseModelSpec.quick().model_copy(update={"seed": seed}),
             sft_learning_rate=3e-3,
-            sft_steps=12,
-            sft_save_steps=4,
+            sft_steps=9,
+            sft_save_steps=3,
             sft_batch_size=8,
             pipeline={
-                "alpha": {"grid": [0.0, 0.5, 1.0]},
+                "alpha": {"grid": [0.0, 1.0]},
                 "beta": {"grid": [0.0, 0.5, 1.0]},
                 "baselines": ["linear", "ties"],
             },
@@ -129,6 +129,7 @@ def _digest(path: Path) -> str:
 
 
 PIPELINE_FILE = "pipeline.yaml"
+WORKDIR_ENTRIES = {"data", "base", "base.tmp", "sft", PIPELINE_FILE}  # what --fresh may delete
 
 
 def write_pipeline_yaml(workdir: Path, base: Path, data: DemoData, output: Path, settings: DemoSettings, seed: int) -> Path:
@@ -240,6 +241,12 @@ def run_demo(
             raise ExmeError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     if fresh and workdir.exists():
+        strangers = sorted(p.name for p in workdir.iterdir() if p.name not in WORKDIR_ENTRIES)
+        if strangers:
+            raise ExmeError(
+                f"--workdir {workdir} holds files the demo did not write ({', '.join(strangers[:3])}); "
+                "refusing to delete it with --fresh; choose an empty or demo-only folder"
+            )
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     settings = DemoSettings.quick(seed) if quick else DemoSettings.full(seed)
