@@ -29,15 +29,15 @@ class BaseModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    vocab_size: int = Field(768, ge=260)
+    vocab_size: int = Field(384, ge=260)
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
     max_positions: int = 256
-    block_size: int = Field(128, description="Tokens per pretraining sequence (documents are packed).")
+    block_size: int = Field(64, description="Tokens per pretraining sequence (documents are packed).")
     batch_size: int = 16
-    steps: int = 300
+    steps: int = 500
     learning_rate: float = 3e-3
     warmup_steps: int = 30
     seed: int = 0
