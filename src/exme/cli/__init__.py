@@ -12,6 +12,7 @@ from exme.cli import merge as _merge  # noqa: F401,E402
 from exme.cli import evaluate as _evaluate  # noqa: F401,E402
 from exme.cli import pipeline as _pipeline  # noqa: F401,E402
 from exme.cli import demo as _demo  # noqa: F401,E402
+from exme.cli import report as _report  # noqa: F401,E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,10 @@ class SplitScores(_Strict):
     overall: float
     tasks: dict[str, float]
     n_items: dict[str, int] = Field(default_factory=dict)
+    # Optional per-item scores (task -> one score per item, in item order). When two models both
+    # have them, the report's noise estimate is paired (same items), which is tighter and more
+    # honest than treating the two accuracies as independent.
+    per_item: dict[str, list[float]] = Field(default_factory=dict)
 
 
 class RankedCheckpoint(_Strict):
@@ -46,6 +50,9 @@ class SearchResult(_Strict):
     """A search over one space (α for one checkpoint, β, a joint space, or a baseline's own)."""
 
     name: str
+    # For an α search: the ranked checkpoint it extrapolates (its dev score is the dashed SFT level
+    # of the α plot). When absent the report matches ``name`` against the ranking.
+    checkpoint: str | None = None
     space: dict[str, Any]
     trials: list[Trial]
     best_params: dict[str, float]

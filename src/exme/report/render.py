@@ -1,0 +1,532 @@
+"""``report.md`` and its figures, made from a run's :class:`RunResults`; and reading ``results.json`` back.
+
+The report is written for a reader who will decide whether to ship the merged model: the outcome on
+the held-out test split comes first, stated plainly whatever it is ("did not beat" when ExMe lost),
+with its noise; then what was run and the evidence of each stage. Every number comes from
+``results.json``, so ``exme report RUN_DIR`` re-renders the same report at any later time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from exme.errors import ExmeError
+from exme.report import plots
+from exme.report.schema import FinalRow, RankedCheckpoint, RunResults, SearchResult, SplitScores
+from exme.report.stats import BINOMIAL, PAIRED, Difference, binomial_se, difference, task_weights
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+_OWN_PLOT = re.compile(r"^(alpha_.+|beta|joint|ranking|final)\.png$")
+
+
+# --------------------------------------------------------------------------- reading results.json
+
+
+def load_results(run_dir: Path | str) -> RunResults:
+    """Read and validate ``RUN_DIR/results.json``; any problem is one :class:`ExmeError` naming the file."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not Path(run_dir).is_dir():
+        raise ExmeError(f"{run_dir}: run folder not found; pass the folder a pipeline run wrote (it holds {RESULTS_FILE})")
+    if not path.is_file():
+        raise ExmeError(f"{path}: file not found; this folder holds no pipeline results (run `exme run` first or check the path)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ExmeError(f"{path}: cannot be read ({err.strerror}); check its permissions") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExmeError(f"{path}: not valid JSON ({err}); the run may have been interrupted while writing it, re-run the pipeline") from None
+    try:
+        return RunResults.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        msg = " ".join(str(first["msg"]).split())
+        more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
+        raise ExmeError(
+            f"{path}: key '{where}': {msg}{more}; the file does not match this exme version's results schema"
+        ) from None
+
+
+def save_results(results: RunResults, run_dir: Path | str) -> Path:
+    """Write ``RUN_DIR/results.json`` atomically (a reader never sees half a file); return its path.
+
+    The pipeline calls this after each stage, so an interrupted run still leaves valid results.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESULTS_FILE
+    _write_atomic(path, results.model_dump_json(indent=2) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- number formatting
+
+
+def fmt_score(x: float | None) -> str:
+    """Scores everywhere in the report: four decimals (one item of 10 000 still shows)."""
+    return "–" if x is None else f"{x:.4f}"
+
+
+def fmt_delta(x: float) -> str:
+    """A signed score difference, with a real minus sign for losses."""
+    return f"{x:+.4f}".replace("-", "−")
+
+
+def fmt_param(x: Any) -> str:
+    """A hyper-parameter value (α, β, density): up to four significant digits."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    return f"{x:.4g}"
+
+
+def fmt_seconds(s: float) -> str:
+    """Stage times: seconds with one decimal, and minutes beside them once they are long."""
+    return f"{s:,.1f} s" if s < 120 else f"{s:,.1f} s ({s / 60:.1f} min)"
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {fmt_param(v)}" for k, v in params.items()) or "–"
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: pipes escaped, no line breaks."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub-flavoured Markdown table; ``align`` has one of ``l``/``r`` per column (default: l then r)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    rule = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "| " + " | ".join(rule) + " |"]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"table row has {len(row)} cells for {len(headers)} columns: {row!r}")
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reading the results
+
+
+def _task_names(results: RunResults) -> list[str]:
+    names: dict[str, None] = {}
+    for row in results.final:
+        names.update(dict.fromkeys(row.test.tasks))
+    for ckpt in results.ranking:
+        names.update(dict.fromkeys(ckpt.dev.tasks))
+    return list(names)
+
+
+def _search_param(search: SearchResult, prefer: str) -> str | None:
+    keys = list(search.best_params) or sorted({k for t in search.trials for k in t.params})
+    if not keys:
+        return None
+    if len(keys) == 1:
+        return keys[0]
+    return next((k for k in keys if k.lower().startswith(prefer)), keys[0])
+
+
+def ranked(ranking: Sequence[RankedCheckpoint]) -> list[RankedCheckpoint]:
+    """Best dev overall first; ties go to the later step (the pipeline's keep rule)."""
+    return sorted(ranking, key=lambda c: (-c.dev.overall, -(c.step if c.step is not None else -1)))
+
+
+def checkpoint_of(search: SearchResult, ranking: Sequence[RankedCheckpoint], index: int) -> RankedCheckpoint | None:
+    """The ranked checkpoint an α search extrapolates: its ``checkpoint`` field, else its name, else the
+    ``index``-th kept checkpoint in rank order."""
+    by_name = {c.name: c for c in ranking}
+    if search.checkpoint is not None and search.checkpoint in by_name:
+        return by_name[search.checkpoint]
+    if search.name in by_name:
+        return by_name[search.name]
+    suffix = [c for c in ranking if re.search(rf"(^|[^A-Za-z0-9]){re.escape(c.name)}$", search.name)]
+    if suffix:
+        return max(suffix, key=lambda c: len(c.name))
+    kept = [c for c in ranked(ranking) if c.kept]
+    return kept[index] if index < len(kept) else None
+
+
+def best_sft(rows: Sequence[FinalRow], ranking: Sequence[RankedCheckpoint]) -> FinalRow | None:
+    """The SFT checkpoint to beat, chosen on **dev** (choosing it on test would flatter the baseline
+    with test noise): the SFT row with the best dev overall, else the one named like the top of the
+    ranking, else the first SFT row."""
+    sfts = [r for r in rows if r.kind == "sft"]
+    if not sfts:
+        return None
+    if all(r.dev is not None for r in sfts):
+        return max(sfts, key=lambda r: r.dev.overall)  # type: ignore[union-attr]
+    top = ranked(ranking)[0].name if ranking else None
+    return next((r for r in sfts if top is not None and top in (r.name, r.params.get("checkpoint"))), sfts[0])
+
+
+def _n_items(scores: Iterable[SplitScores]) -> dict[str, int]:
+    for s in scores:
+        if s.n_items:
+            return dict(s.n_items)
+    return {}
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "search"
+
+
+def draw_plots(results: RunResults, plots_dir: Path, weights: dict[str, float]) -> dict[str, Path]:
+    """Every figure the results have data for; returns ``{key: png path}`` (keys: ``ranking``,
+    ``alpha:<search name>``, ``beta``, ``joint``, ``final``)."""
+    if plots_dir.is_dir():  # a figure from an earlier render that this one would not redraw is stale
+        for old in plots_dir.glob("*.png"):
+            if _OWN_PLOT.match(old.name):
+                old.unlink()
+    colors = plots.task_colors(_task_names(results))
+    out: dict[str, Path] = {}
+    if results.ranking:
+        out["ranking"] = plots.plot_ranking(results.ranking, plots_dir / "ranking.png")
+    for i, search in enumerate(results.alpha_search):
+        param = _search_param(search, "alpha")
+        if param is None or not search.trials:
+            continue
+        ckpt = checkpoint_of(search, results.ranking, i)
+        label = ckpt.name if ckpt is not None else search.name
+        out[f"alpha:{search.name}"] = plots.plot_parameter_curve(
+            search, param, plots_dir / f"alpha_{_slug(label)}.png",
+            title=f"Extrapolation of {label}: dev score vs α", xlabel="α (extrapolation)",
+            colors=colors, reference=ckpt.dev if ckpt is not None else None, reference_label=f"{label} (SFT)",
+        )
+    beta = results.beta_search
+    if beta is not None and beta.trials and (param := _search_param(beta, "beta")) is not None:
+        sft = best_sft(results.final, results.ranking)
+        top = ranked(results.ranking)[0] if results.ranking else None
+        ref, ref_label = None, ""
+        if sft is not None and sft.dev is not None:
+            ref, ref_label = sft.dev, f"{sft.name} (best SFT)"
+        elif top is not None:
+            ref, ref_label = top.dev, f"{top.name} (best SFT)"
+        out["beta"] = plots.plot_parameter_curve(
+            beta, param, plots_dir / "beta.png",
+            title="Merge of the two extrapolated checkpoints: dev score vs β",
+            xlabel="β (weight of θ′₁; θ′₂ gets 1 − β)", colors=colors, reference=ref, reference_label=ref_label,
+        )
+    joint = results.joint_search
+    if joint is not None and joint.trials and any(t.params for t in joint.trials):
+        out["joint"] = plots.plot_joint_search(joint, plots_dir / "joint.png")
+    if results.final:
+        errors = [binomial_se(r.test, weights) for r in results.final]
+        out["final"] = plots.plot_final(results.final, errors, plots_dir / "final.png")
+    return out
+
+
+# --------------------------------------------------------------------------- report sections
+
+
+def _noise_phrase(d: Difference) -> str:
+    if d.se is None:
+        return "no noise estimate: item counts or per-item scores are missing"
+    z = d.z
+    ratio = "" if z is None else f", {abs(z):.1f} SE"
+    verdict = "within noise" if d.within_noise else "larger than the noise (≥ 2 SE)"
+    return f"standard error {fmt_score(d.se)}{ratio}: {verdict}"
+
+
+def _beat(d: Difference) -> str:
+    return "beat" if d.diff > 0 else "did not beat"
+
+
+def _verdict(d: Difference) -> str:
+    return "beat (within noise)" if d.diff > 0 and d.within_noise else _beat(d)
+
+
+def comparisons(results: RunResults, weights: dict[str, float]) -> list[tuple[str, FinalRow, Difference]]:
+    """ExMe's test difference against each reference: the best SFT (chosen on dev) first, then the SFT
+    best on test when it is another one, each EXPO model, each baseline. Empty without an ExMe row."""
+    exme = next((r for r in results.final if r.kind == "exme"), None)
+    if exme is None:
+        return []
+    refs: list[tuple[str, FinalRow]] = []
+    sft = best_sft(results.final, results.ranking)
+    if sft is not None:
+        refs.append((f"best SFT ({sft.name})", sft))
+        # Not a fair reference (picked with test), but a reader should see it when it differs.
+        on_test = max((r for r in results.final if r.kind == "sft"), key=lambda r: r.test.overall)
+        if on_test is not sft and on_test.test.overall > sft.test.overall:
+            refs.append((f"{on_test.name} (best SFT on test)", on_test))
+    refs += [(f"{r.name} (extrapolated only)", r) for r in results.final if r.kind == "expo"]
+    refs += [(f"{r.name} (baseline)", r) for r in results.final if r.kind == "baseline"]
+    return [(label, row, difference(exme.test, row.test, weights)) for label, row in refs]
+
+
+def _noise_note(methods: set[str | None]) -> str:
+    notes = []
+    if PAIRED in methods:
+        notes.append(
+            "*paired*: from per-item test scores of both models on the same items, "
+            "SE = √(Σₜ wₜ² · var(dₜ) / nₜ) with dₜ the per-item differences on task t (sample variance)"
+        )
+    if BINOMIAL in methods:
+        notes.append(
+            "*binomial*: SE = √(Σₜ wₜ² · (pₜ(1 − pₜ) + qₜ(1 − qₜ)) / nₜ) from the two models' task accuracies "
+            "pₜ, qₜ, treating their errors as independent (an over-estimate when both fail on the same items)"
+        )
+    if None in methods:
+        notes.append("no estimate where item counts are missing or scores are not accuracies in [0, 1]")
+    return (
+        "Noise: SE is the standard error of the overall-score difference (wₜ the normalised task weights); "
+        + "; ".join(notes)
+        + ". A difference under 2 SE is within the noise of this test set."
+    )
+
+
+def outcome_section(results: RunResults, weights: dict[str, float]) -> str:
+    """The honest verdict: ExMe vs the best SFT checkpoint (chosen on dev) and vs every baseline, on test."""
+    exme = next((r for r in results.final if r.kind == "exme"), None)
+    if exme is None:
+        return "No ExMe model was evaluated on the test split in this run, so there is no outcome to state."
+    diffs = comparisons(results, weights)
+    n_items = exme.test.n_items
+    items = (
+        f"{sum(n_items.values())} test items ({', '.join(f'{t}: {n}' for t, n in n_items.items())})"
+        if n_items else "an unrecorded number of test items"
+    )
+    parts: list[str] = []
+    sft_rows = [(row, d) for _, row, d in diffs if row.kind == "sft"]
+    if sft_rows:
+        (sft, d), others = sft_rows[0], sft_rows[1:]
+        change = f"a gain of {fmt_delta(d.diff)}" if d.diff > 0 else f"a difference of {fmt_delta(d.diff)}"
+        parts.append(
+            f"**ExMe {_beat(d)} the best SFT checkpoint** ({sft.name}, best on dev) on the test split: "
+            f"{fmt_score(d.a)} vs {fmt_score(d.b)}, {change} ({_noise_phrase(d)}), over {items}."
+        )
+        if d.diff > 0 and d.within_noise:
+            parts.append("This gain is within the noise of the test set: on its own it is not evidence that ExMe is better.")
+        for row, d2 in others:
+            parts.append(
+                f"On test, {row.name} scored higher than the dev-chosen checkpoint "
+                f"({fmt_score(d2.b)} vs {fmt_score(d.b)}); ExMe {_beat(d2)} it ({fmt_delta(d2.diff)})."
+            )
+    else:
+        parts.append(
+            f"ExMe scored {fmt_score(exme.test.overall)} on the test split over {items}; "
+            "no SFT checkpoint was evaluated on test to compare with."
+        )
+    baselines = [(row, d) for _, row, d in diffs if row.kind == "baseline"]
+    if baselines:
+        won = [f"{row.name} ({fmt_delta(d.diff)})" for row, d in baselines if d.diff > 0]
+        lost = [f"{row.name} ({fmt_delta(d.diff)})" for row, d in baselines if d.diff <= 0]
+        clauses = ([f"beat {', '.join(won)}"] if won else []) + ([f"did not beat {', '.join(lost)}"] if lost else [])
+        parts.append(f"Against the baselines on test, ExMe {'; '.join(clauses)}.")
+    text = [" ".join(parts)]
+    if diffs:
+        text.append(md_table(
+            ["ExMe vs", "ExMe test", "Other test", "Difference", "SE", "Difference / SE", "Verdict"],
+            [
+                [label, fmt_score(d.a), fmt_score(d.b), fmt_delta(d.diff), fmt_score(d.se),
+                 "–" if d.z is None else f"{d.z:+.1f}".replace("-", "−"), _verdict(d)]
+                for label, _, d in diffs
+            ],
+            align="lrrrrrl",
+        ))
+        text.append(_noise_note({d.method for _, _, d in diffs}))
+    text.append(
+        "Selection was on the dev split only: the kept checkpoints, α, β and every baseline's settings were "
+        "chosen by dev score; the test split was used once, to score the chosen models."
+    )
+    return "\n\n".join(text)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Safe YAML without anchors: a repeated list is written out again, as the user wrote it."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _inputs_section(results: RunResults) -> str:
+    cfg = results.config
+    lines = []
+    for key, label in (("base", "Base model"), ("checkpoints", "Checkpoints"), ("suite", "Suite"), ("output", "Output")):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = ", ".join(f"`{v}`" for v in value)
+        else:
+            value = f"`{value}`"
+        lines.append(f"- {label}: {value}")
+    if results.final_model:
+        lines.append(f"- Final model written to: `{results.final_model}`")
+    lines.append(f"- exme {results.exme_version}, run created {results.created}")
+    config = yaml.dump(cfg, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True, default_flow_style=None).strip() if cfg else "{}"
+    return "\n".join(lines) + "\n\nConfiguration:\n\n```yaml\n" + config + "\n```"
+
+
+def _suite_section(results: RunResults, weights: dict[str, float]) -> str:
+    suite = results.suite
+    dev_n = _n_items(c.dev for c in results.ranking)
+    test_n = _n_items(r.test for r in results.final)
+    tasks = _task_names(results)
+    head = f"Suite: **{suite.get('name', 'unnamed')}**" + (f" (`{suite['path']}`)" if "path" in suite else "")
+    table = md_table(
+        ["Task", "Weight", "Dev items", "Test items"],
+        [[t, f"{weights.get(t, 0.0):.3f}", dev_n.get(t, "–"), test_n.get(t, "–")] for t in tasks]
+        + [["**total**", f"{sum(weights.values()):.3f}", sum(dev_n.values()) if dev_n else "–", sum(test_n.values()) if test_n else "–"]],
+    )
+    rule = suite.get("split_rule", suite.get("split"))
+    lines = [head, "", table, "", f"Split rule: {rule if rule is not None else 'not recorded'}"
+             + (f" (seed {suite['seed']})" if "seed" in suite else "") + "."]
+    lines.append("Overall score = weighted mean of the task scores with the weights above.")
+    return "\n".join(lines)
+
+
+def _ranking_section(results: RunResults) -> str:
+    tasks = _task_names(results)
+    rows = [
+        [i, c.name, "–" if c.step is None else c.step, fmt_score(c.dev.overall),
+         *[fmt_score(c.dev.tasks.get(t)) for t in tasks], "yes" if c.kept else ""]
+        for i, c in enumerate(ranked(results.ranking), start=1)
+    ]
+    return md_table(["Rank", "Checkpoint", "Step", "Dev overall", *tasks, "Kept"], rows, align="rlrr" + "r" * len(tasks) + "l")
+
+
+def _alpha_section(results: RunResults, images: dict[str, str]) -> str:
+    rows, figs = [], []
+    for i, search in enumerate(results.alpha_search):
+        param = _search_param(search, "alpha")
+        ckpt = checkpoint_of(search, results.ranking, i)
+        label = ckpt.name if ckpt is not None else search.name
+        sft = ckpt.dev.overall if ckpt is not None else None
+        n_pruned = sum(t.pruned for t in search.trials)
+        rows.append([
+            label, fmt_param(search.best_params.get(param)) if param else "–", fmt_score(search.best_dev),
+            fmt_score(sft), fmt_delta(search.best_dev - sft) if sft is not None else "–",
+            f"{len(search.trials)}" + (f" ({n_pruned} pruned)" if n_pruned else ""),
+        ])
+        if f"alpha:{search.name}" in images:
+            figs.append(f"![α curve of {label}]({images[f'alpha:{search.name}']})")
+    table = md_table(["Checkpoint", "Chosen α", "Dev overall at α", "SFT dev overall", "Dev gain", "Trials"], rows)
+    return "\n\n".join([
+        "θ′ = θ_b + (1 + α)·Δ for each kept checkpoint; α chosen by dev overall. In the plots the dashed lines "
+        "are the SFT checkpoint's own dev scores (α = 0) and the dotted line is the chosen α.",
+        table, *figs,
+    ])
+
+
+def _merge_section(results: RunResults, images: dict[str, str]) -> str:
+    out = []
+    beta = results.beta_search
+    if beta is not None:
+        param = _search_param(beta, "beta")
+        value = beta.best_params.get(param) if param else None
+        out.append(
+            f"θ* = β·θ′₁ + (1 − β)·θ′₂ = θ_b + β(1 + α₁)Δ₁ + (1 − β)(1 + α₂)Δ₂. Chosen **β = {fmt_param(value)}** "
+            f"(dev overall {fmt_score(beta.best_dev)}, {len(beta.trials)} trials)."
+        )
+        if "beta" in images:
+            out.append(f"![β curve]({images['beta']})")
+    joint = results.joint_search
+    if joint is not None:
+        out.append(
+            f"Joint search `{joint.name}`: best {_params(joint.best_params)} "
+            f"(dev overall {fmt_score(joint.best_dev)}, {len(joint.trials)} trials)."
+        )
+        if "joint" in images:
+            out.append(f"![joint search]({images['joint']})")
+    return "\n\n".join(out)
+
+
+def _baselines_section(results: RunResults) -> str:
+    rows = [
+        [s.name, _params(s.best_params), fmt_score(s.best_dev), len(s.trials)] for s in results.baseline_search
+    ]
+    return "Each baseline had its own small search on dev, so the comparison is fair.\n\n" + md_table(
+        ["Baseline", "Chosen settings", "Best dev overall", "Trials"], rows, align="llrr"
+    )
+
+
+def _final_section(results: RunResults, images: dict[str, str]) -> str:
+    tasks = _task_names(results)
+    exme_rows = {id(r) for r in results.final if r.kind == "exme"}
+
+    def name(row: FinalRow) -> str:
+        return f"**{row.name}**" if id(row) in exme_rows else row.name
+
+    def table(split: str) -> str:
+        rows = []
+        for r in results.final:
+            s: SplitScores | None = r.test if split == "test" else r.dev
+            rows.append([name(r), r.kind, _params(r.params),
+                         *[fmt_score(s.tasks.get(t) if s else None) for t in tasks], fmt_score(s.overall if s else None)])
+        return md_table(["Model", "Kind", "Settings", *tasks, "Overall"], rows, align="lll" + "r" * (len(tasks) + 1))
+
+    out = ["**Test** (held out; never used for a choice):", table("test"), "**Dev** (used for every choice):", table("dev")]
+    if "final" in images:
+        out.append(f"![final table]({images['final']})")
+    return "\n\n".join(out)
+
+
+def _timings_section(results: RunResults) -> str:
+    total = sum(results.timings.values())
+    rows = [[stage, fmt_seconds(s), f"{100 * s / total:.1f} %" if total > 0 else "–"] for stage, s in results.timings.items()]
+    rows.append(["**total**", fmt_seconds(total), "100.0 %" if total > 0 else "–"])
+    return md_table(["Stage", "Time", "Share"], rows)
+
+
+def report_markdown(results: RunResults, images: dict[str, str]) -> str:
+    """The whole ``report.md`` text; ``images`` maps plot keys to links relative to the report."""
+    weights = task_weights(results.suite, _task_names(results))
+    sections: list[tuple[str, str]] = [("Outcome", outcome_section(results, weights))]
+    sections.append(("What was run", _inputs_section(results) + "\n\n" + _suite_section(results, weights)))
+    if results.ranking:
+        fig = f"\n\n![checkpoint ranking]({images['ranking']})" if "ranking" in images else ""
+        sections.append(("Stage 1 — rank checkpoints on dev", _ranking_section(results) + fig))
+    if results.alpha_search:
+        sections.append(("Stage 2 — extrapolate (α per kept checkpoint)", _alpha_section(results, images)))
+    if results.beta_search is not None or results.joint_search is not None:
+        sections.append(("Stage 3 — merge (β)", _merge_section(results, images)))
+    if results.baseline_search:
+        sections.append(("Baselines", _baselines_section(results)))
+    if results.final:
+        sections.append(("Final table", _final_section(results, images)))
+    if results.timings:
+        sections.append(("Timings", _timings_section(results)))
+    if results.notes:
+        sections.append(("Notes", "\n".join(f"- {n}" for n in results.notes)))
+    body = "\n\n".join(f"## {title}\n\n{text}" for title, text in sections)
+    return f"# ExMe run report\n\n{body}\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write beside the target then rename, so a reader never sees half a report."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def render(results: RunResults, run_dir: Path | str) -> Path:
+    """Write ``RUN_DIR/report.md`` and ``RUN_DIR/plots/*.png`` from ``results``; return the report's path.
+
+    Only figures the results have data for are drawn; images are linked relative to the report so the
+    run folder can be moved or published as it is.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    weights = task_weights(results.suite, _task_names(results))
+    pngs = draw_plots(results, run_dir / PLOTS_DIR, weights)
+    images = {key: p.relative_to(run_dir).as_posix() for key, p in pngs.items()}
+    path = run_dir / REPORT_FILE
+    _write_atomic(path, report_markdown(results, images))
+    return path
