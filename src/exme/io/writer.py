@@ -1,0 +1,314 @@
+"""Writing a merged model: an atomic output folder and a streaming sharded safetensors writer.
+
+Atomic: everything is written into a temporary folder *beside* the target (same filesystem, so
+the final ``rename`` is atomic), every file is fsynced, then the folder is renamed into place. A
+failure at any point removes the temporary folder: there is either a complete output or none.
+
+Streaming: all output names, shapes and dtypes are known before any arithmetic, so each shard's
+safetensors header (with every tensor's byte offsets) is written first and each tensor's bytes go
+straight to their place as soon as the tensor is computed. Memory holds the tensor being written,
+never a whole shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from exme.errors import ExmeError
+from exme.io.checkpoint import SAFE_INDEX, SAFE_SINGLE, TORCH_TO_SAFETENSORS, TensorSpec
+
+#: Files copied from the tokenizer source next to the merged weights when present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+GENERATION_CONFIG = "generation_config.json"
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(size: str | int) -> int:
+    """``"5GB"`` → 5·10⁹ bytes (decimal like transformers; ``GiB`` for binary), ints pass through."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ExmeError(f"max shard size must be positive, got {size}")
+        return size
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _SIZE_UNITS:
+        raise ExmeError(f"cannot read size {size!r}; write it like 5GB, 500MB or 2GiB")
+    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ExmeError(f"max shard size must be positive, got {size!r}")
+    return value
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"`` (the spelling config.json uses)."""
+    return str(dtype).removeprefix("torch.")
+
+
+# ------------------------------------------------------------------------------------- atomic folder
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or folder's metadata and data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_output_target(target: Path, inputs: Iterable[Path], force: bool) -> Path:
+    """Refuse an output that would overwrite data we must not touch; return the resolved target.
+
+    Always refused: the output is an input, lies inside one, or contains one (``--force`` would
+    delete it). Refused unless ``force``: an existing non-empty folder, or an existing file.
+    """
+    target = Path(target).expanduser().resolve()
+    for inp in inputs:
+        inp = Path(inp).expanduser().resolve()
+        if target == inp or inp in target.parents:
+            raise ExmeError(f"output {target} is inside input model {inp}; choose an output folder outside every input")
+        if target in inp.parents:
+            raise ExmeError(f"output {target} contains input model {inp}; choose an output folder that holds no input")
+    if target.exists():
+        if not target.is_dir():
+            raise ExmeError(f"output {target} exists and is a file; choose another output path")
+        if any(target.iterdir()) and not force:
+            raise ExmeError(f"output folder {target} exists and is not empty; pass --force to replace it")
+    if not target.parent.exists():
+        raise ExmeError(f"the parent folder of output {target} does not exist; create it first")
+    return target
+
+
+class AtomicOutputFolder:
+    """A temporary folder beside ``target`` that becomes ``target`` only when everything succeeded.
+
+    Use as a context manager: write files into :attr:`tmp`; on a clean exit every file is fsynced
+    and the folder renamed to ``target`` (an existing target is replaced only when ``force``); on
+    an exception the temporary folder is removed and ``target`` is left exactly as it was.
+    """
+
+    def __init__(self, target: Path, force: bool = False) -> None:
+        self.target = Path(target)
+        self.force = force
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.exme-tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            self._commit()
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    def _commit(self) -> None:
+        assert self.tmp is not None
+        for file in self.tmp.rglob("*"):
+            if file.is_file():
+                fsync_path(file)
+        fsync_path(self.tmp)
+        old: Path | None = None
+        if self.target.exists():
+            if any(self.target.iterdir()) and not self.force:
+                raise ExmeError(f"output folder {self.target} appeared while merging; pass --force to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.exme-old-", dir=self.target.parent))
+            os.rename(self.target, old / "previous")
+        try:
+            os.rename(self.tmp, self.target)
+        except BaseException:
+            if old is not None:  # put the previous output back
+                os.rename(old / "previous", self.target)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        fsync_path(self.target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------- shards
+
+
+@dataclass
+class ShardPlan:
+    """Which tensors go into which file, in write order."""
+
+    files: list[str]
+    tensors: list[list[tuple[str, TensorSpec]]]
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {name: file for file, group in zip(self.files, self.tensors) for name, _ in group}
+
+    @property
+    def total_size(self) -> int:
+        return sum(spec.nbytes for group in self.tensors for _, spec in group)
+
+
+def plan_shards(specs: Sequence[tuple[str, TensorSpec]], max_shard_size: int) -> ShardPlan:
+    """Greedy split in the given order: start a new shard when the next tensor would overflow.
+
+    A tensor larger than ``max_shard_size`` gets a shard of its own (as transformers does).
+    One shard is named ``model.safetensors``; several ``model-0000i-of-0000n.safetensors``.
+    """
+    groups: list[list[tuple[str, TensorSpec]]] = [[]]
+    size = 0
+    for name, spec in specs:
+        if groups[-1] and size + spec.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, spec))
+        size += spec.nbytes
+    n = len(groups)
+    files = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return ShardPlan(files, groups)
+
+
+def _header_bytes(group: Sequence[tuple[str, TensorSpec]], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """The safetensors header of one shard (padded to 8 bytes) and each tensor's data offset."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offsets: dict[str, int] = {}
+    pos = 0
+    for name, spec in group:
+        if spec.dtype not in TORCH_TO_SAFETENSORS:
+            raise ExmeError(f"tensor {name!r} has dtype {spec.dtype}, which safetensors cannot store")
+        header[name] = {"dtype": TORCH_TO_SAFETENSORS[spec.dtype], "shape": list(spec.shape), "data_offsets": [pos, pos + spec.nbytes]}
+        offsets[name] = pos
+        pos += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+@dataclass
+class ShardedSafetensorsWriter:
+    """Writes the tensors of a :class:`ShardPlan` into ``folder``, header first, data streamed.
+
+    Tensors must arrive in plan order (the engine's order); each is checked against its planned
+    shape and dtype. :meth:`close` verifies that every planned tensor was written and writes the
+    index (for more than one shard).
+    """
+
+    folder: Path
+    plan: ShardPlan
+    metadata: dict[str, str] = field(default_factory=lambda: {"format": "pt"})
+
+    def __post_init__(self) -> None:
+        self._order = [(i, name, spec) for i, group in enumerate(self.plan.tensors) for name, spec in group]
+        self._next = 0
+        self._file_index = -1
+        self._fh = None
+
+    def _open_shard(self, index: int) -> None:
+        self._close_shard()
+        header, _ = _header_bytes(self.plan.tensors[index], self.metadata)
+        self._fh = open(self.folder / self.plan.files[index], "wb")
+        self._fh.write(header)
+        self._file_index = index
+
+    def _close_shard(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Stream one tensor's bytes into place (the next one in plan order)."""
+        if self._next >= len(self._order):
+            raise RuntimeError(f"tensor {name!r} written after the plan was complete")
+        shard, planned, spec = self._order[self._next]
+        if name != planned:
+            raise RuntimeError(f"expected tensor {planned!r} next, got {name!r}")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}")
+        if shard != self._file_index:
+            self._open_shard(shard)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if data.numel():
+            self._fh.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the last shard and write ``model.safetensors.index.json`` when sharded."""
+        if self._next != len(self._order):
+            missing = self._order[self._next][1]
+            raise RuntimeError(f"output incomplete: tensor {missing!r} was never written")
+        if self._file_index == -1 and self.plan.files:  # a model with no tensors still gets a valid file
+            self._open_shard(0)
+        self._close_shard()
+        if len(self.plan.files) > 1:
+            index = {"metadata": {"total_size": self.plan.total_size}, "weight_map": self.plan.weight_map}
+            (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        """Close the open file without checks (the folder is about to be removed)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+# ------------------------------------------------------------------------------------- side files
+
+
+def write_config(config: dict, folder: Path, dtype: torch.dtype, updates: dict | None = None) -> None:
+    """``config.json`` of the output: the source config with the output dtype (and ``updates``)."""
+    out = dict(config)
+    out.update(updates or {})
+    out["dtype"] = dtype_name(dtype)  # transformers 5 spelling
+    if "torch_dtype" in out:  # transformers 4.x spelling, kept consistent when the source had it
+        out["torch_dtype"] = dtype_name(dtype)
+    (folder / "config.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+
+
+def copy_side_files(tokenizer_source: Path, generation_source: Path, folder: Path) -> list[str]:
+    """Copy tokenizer files and ``generation_config.json``; return the names copied."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (tokenizer_source / name).is_file():
+            shutil.copy2(tokenizer_source / name, folder / name)
+            copied.append(name)
+    if (generation_source / GENERATION_CONFIG).is_file():
+        shutil.copy2(generation_source / GENERATION_CONFIG, folder / GENERATION_CONFIG)
+        copied.append(GENERATION_CONFIG)
+    return copied

@@ -1,0 +1,486 @@
+"""The streaming merge engine: plan every output tensor, then read → merge → write one at a time.
+
+Two phases, so that every user mistake surfaces before any long work:
+
+1. :func:`plan_merge` opens every input (headers only), checks names, shapes and dtypes across
+   models, decides how tied embeddings and extra vocabulary rows are handled, and fixes every
+   output name, shape and dtype. Nothing is read or written yet.
+2. :func:`run_merge` streams: a reader thread fetches the next tensors of all inputs while the
+   current one is merged (with :mod:`exme.merge.methods`) and a writer thread puts the previous
+   result into its place in the pre-declared shard. Peak memory is a few tensors per input.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime
+import json
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from exme.errors import ExmeError
+from exme.io.checkpoint import Checkpoint, TensorSpec
+from exme.io.writer import (
+    AtomicOutputFolder,
+    ShardedSafetensorsWriter,
+    check_output_target,
+    copy_side_files,
+    dtype_name,
+    parse_size,
+    plan_shards,
+    write_config,
+)
+from exme.merge import methods
+from exme.merge.config import MergeConfig
+
+#: Tensor-name endings of input embeddings and output heads: the tensors whose row count is the
+#: vocabulary size, and which may legitimately differ between checkpoints (added tokens).
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
+
+#: How many tensors (each: one per input) are read ahead of the one being merged.
+READ_AHEAD = 2
+
+
+def _is_vocab_tensor(name: str) -> bool:
+    return name.endswith(EMBEDDING_SUFFIXES) or name.endswith(HEAD_SUFFIXES)
+
+
+def _input_embedding_name(ckpt: Checkpoint) -> str | None:
+    for name in ckpt.names:
+        if name.endswith(EMBEDDING_SUFFIXES):
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class InputModel:
+    """One input of the merge: its role and open checkpoint."""
+
+    label: str  # "base", "model 1", ...
+    checkpoint: Checkpoint
+
+    def describe(self) -> str:
+        return f"{self.label} ({self.checkpoint.path})"
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """How one output tensor is made."""
+
+    name: str
+    out_spec: TensorSpec
+    reads: tuple[str, ...]  # the tensor name to read in each input (differs for tied heads)
+    merge: bool  # False: non-float tensor, copied from the reference input
+    common_rows: int | None = None  # vocabulary tensors: rows present in every input
+    extra_rows_from: int | None = None  # index of the input that supplies rows beyond common_rows
+
+
+@dataclass
+class MergePlan:
+    """Everything decided before the first byte is read: inputs, output tensors, notes for the user."""
+
+    config: MergeConfig
+    inputs: list[InputModel]
+    tasks: list[TensorTask]
+    out_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    config_updates: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    tokenizer_source: Path | None = None
+
+    @property
+    def reference(self) -> InputModel:
+        return self.inputs[0]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.out_spec.nbytes for t in self.tasks)
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+def _open_inputs(config: MergeConfig) -> list[InputModel]:
+    """Input 0 is the base (methods with a base) or the first model (linear); then the models."""
+    inputs: list[InputModel] = []
+    if config.base_model and config.merge_method != "linear":
+        inputs.append(InputModel("base", Checkpoint.open(config.base_model)))
+    for i, entry in enumerate(config.merge_models, start=1):
+        inputs.append(InputModel(f"model {i}", Checkpoint.open(entry.model)))
+    return inputs
+
+
+def _resolve_tokenizer_source(config: MergeConfig, inputs: list[InputModel]) -> tuple[Path, int | None]:
+    """The folder tokenizer files come from and, when it is an input, that input's index."""
+    source = config.tokenizer_source
+    if source is None or source == "base":
+        if source == "base" and not config.base_model:
+            raise ExmeError("tokenizer_source: base needs base_model")
+        folder = Path(config.base_model) if config.base_model else inputs[0].checkpoint.path
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise ExmeError(f"tokenizer_source {source} is not a folder; give base or a model folder")
+    resolved = folder.expanduser().resolve()
+    for i, inp in enumerate(inputs):
+        if inp.checkpoint.path.expanduser().resolve() == resolved:
+            return folder, i
+    return folder, None
+
+
+def plan_merge(config: MergeConfig) -> MergePlan:
+    """Open the inputs and decide every output tensor; raise :class:`ExmeError` on any mismatch."""
+    inputs = _open_inputs(config)
+    ref = inputs[0]
+    others = inputs[1:]
+    out_dtype = config.output_dtype(ref.checkpoint.spec(ref.checkpoint.names[0]).dtype if ref.checkpoint.names else torch.float32)
+    plan = MergePlan(config, inputs, [], out_dtype, config.compute_dtype())
+    tok_folder, tok_index = _resolve_tokenizer_source(config, inputs)
+    plan.tokenizer_source = tok_folder
+
+    ref_names = set(ref.checkpoint.names)
+    ref_embed = _input_embedding_name(ref.checkpoint)
+    # Tied embeddings: an input without an output head uses its input embedding as the head.
+    for inp in others:
+        extra = sorted(set(inp.checkpoint.names) - ref_names)
+        for name in extra:
+            if name.endswith(HEAD_SUFFIXES) and ref_embed is not None:
+                raise ExmeError(
+                    f"{inp.describe()} has a separate output head {name!r} but {ref.describe()} ties it to its "
+                    f"input embeddings; merging would silently drop {inp.label}'s head. Untie the reference "
+                    "(save it with tie_word_embeddings=false) or merge models of the same kind"
+                )
+            raise ExmeError(
+                f"tensor {name!r} is in {inp.describe()} but not in {ref.describe()}; the models are not the "
+                "same architecture"
+            )
+    if ref_embed and not any(n.endswith(HEAD_SUFFIXES) for n in ref_names):
+        plan.notes.append(
+            f"tied embeddings: {ref.label} has no output head tensor (it reuses {ref_embed!r}); the merged "
+            "model keeps the tie, so the head is merged once, through the embeddings"
+        )
+
+    # Tensors are processed in the reference's storage order, so inputs are read sequentially.
+    order = sorted(ref.checkpoint.names, key=lambda n: (str(ref.checkpoint.file_of(n)), n))
+    for name in order:
+        ref_spec = ref.checkpoint.spec(name)
+        reads = [name]
+        specs = [ref_spec]
+        for inp in others:
+            read = name
+            if not inp.checkpoint.has(name):
+                alias = _input_embedding_name(inp.checkpoint)
+                if name.endswith(HEAD_SUFFIXES) and alias is not None and inp.checkpoint.tied_embeddings:
+                    read = alias
+                    note = (
+                        f"tied embeddings: {inp.label} has no {name!r}; its tied input embedding {alias!r} is "
+                        f"used as its output head (the output keeps a separate {name!r})"
+                    )
+                    if note not in plan.notes:
+                        plan.notes.append(note)
+                else:
+                    raise ExmeError(
+                        f"tensor {name!r} is missing in {inp.describe()} (present in {ref.describe()}); "
+                        "the models must have the same tensors"
+                    )
+            reads.append(read)
+            specs.append(inp.checkpoint.spec(read))
+        plan.tasks.append(_plan_tensor(plan, name, tuple(reads), specs, tok_index))
+
+    # Vocabulary size follows the output embedding rows.
+    for task in plan.tasks:
+        if task.name.endswith(EMBEDDING_SUFFIXES) and task.out_spec.shape[0] != ref.checkpoint.spec(task.name).shape[0]:
+            plan.config_updates["vocab_size"] = task.out_spec.shape[0]
+    return plan
+
+
+def _plan_tensor(plan: MergePlan, name: str, reads: tuple[str, ...], specs: list[TensorSpec], tok_index: int | None) -> TensorTask:
+    inputs = plan.inputs
+    ref_spec = specs[0]
+    if not ref_spec.dtype.is_floating_point:
+        for inp, spec in zip(inputs[1:], specs[1:]):
+            if spec != ref_spec:
+                raise ExmeError(f"non-float tensor {name!r} differs between {inputs[0].describe()} and {inp.describe()}")
+        return TensorTask(name, ref_spec, reads, merge=False)
+    for inp, spec in zip(inputs[1:], specs[1:]):
+        if spec.dtype != ref_spec.dtype:
+            raise ExmeError(
+                f"dtype mismatch in tensor {name!r}: {ref_spec.dtype} in {inputs[0].describe()} but {spec.dtype} in "
+                f"{inp.describe()}; convert the checkpoints to one dtype before merging"
+            )
+    shapes = [s.shape for s in specs]
+    if len(set(shapes)) == 1:
+        return TensorTask(name, TensorSpec(ref_spec.shape, plan.out_dtype), reads, merge=True)
+    same_but_rows = len({s[1:] for s in shapes}) == 1 and all(len(s) == 2 for s in shapes)
+    if not (_is_vocab_tensor(name) and same_but_rows):
+        listing = ", ".join(f"{inp.label} {tuple(s)}" for inp, s in zip(inputs, shapes))
+        raise ExmeError(f"shape mismatch in tensor {name!r}: {listing}; the models are not the same architecture")
+    # Extra embedding rows (added tokens): merge the rows every input has; the output vocabulary
+    # follows the tokenizer source; its additional rows are copied from it, never cropped silently.
+    rows = [s[0] for s in shapes]
+    common = min(rows)
+    target_index = tok_index if tok_index is not None else 0
+    target_rows = rows[target_index]
+    merged_desc = f"rows 0..{common - 1} of {name!r} merged from all inputs"
+    if target_rows > common:
+        plan.notes.append(
+            f"extra vocabulary rows: {merged_desc}; rows {common}..{target_rows - 1} copied from "
+            f"{inputs[target_index].label} (the tokenizer source), whose vocabulary the output keeps"
+        )
+    else:
+        plan.notes.append(f"extra vocabulary rows: {merged_desc} (the tokenizer source has {target_rows} rows)")
+    for inp, r in zip(inputs, rows):
+        if r > target_rows:
+            plan.notes.append(
+                f"extra vocabulary rows: rows {target_rows}..{r - 1} of {name!r} in {inp.describe()} are not in the "
+                "output, because the tokenizer source has no such tokens; set tokenizer_source to keep them"
+            )
+    out_spec = TensorSpec((target_rows, *shapes[0][1:]), plan.out_dtype)
+    return TensorTask(
+        name, out_spec, reads, merge=True, common_rows=common, extra_rows_from=target_index if target_rows > common else None
+    )
+
+
+# ------------------------------------------------------------------------------------------ merge one tensor
+
+
+def tensor_merger(config: MergeConfig, out_dtype: torch.dtype, compute_dtype: torch.dtype, seed: int) -> Callable[[str, list[torch.Tensor]], torch.Tensor]:
+    """The per-tensor function of this config: ``(name, [input tensors]) -> merged tensor``.
+
+    Inputs are ordered as in :class:`MergePlan` (base first for methods with a base).
+    """
+    m = config.merge_method
+    weights = [w for w in config.weights() if w is not None] if m != "slerp" and m != "extrapolate" else []
+    kw = {"out_dtype": out_dtype, "compute_dtype": compute_dtype}
+    if m == "linear":
+        normalize = config.normalize()
+        return lambda name, ts: methods.linear(ts, weights, normalize, **kw)
+    if m == "task_arithmetic":
+        lam, normalize = config.lambda_(), config.normalize()
+        return lambda name, ts: methods.task_arithmetic(ts[0], ts[1:], weights, lam, normalize=normalize, **kw)
+    if m == "ties":
+        dens, sign, normalize, lam = config.densities(), config.majority_sign_method(), config.normalize(), config.lambda_()
+        return lambda name, ts: methods.ties(ts[0], ts[1:], weights, dens, sign, normalize, lam, **kw)
+    if m in ("dare_linear", "dare_ties"):
+        dens, rescale, normalize, lam = config.densities(), config.rescale(), config.normalize(), config.lambda_()
+        sign = config.majority_sign_method()
+
+        def dare(name: str, ts: list[torch.Tensor]) -> torch.Tensor:
+            # A CPU generator on every device, so a CUDA merge draws the same masks as a CPU one.
+            gen = methods.tensor_generator(seed, name, "cpu")
+            if m == "dare_linear":
+                return methods.dare_linear(ts[0], ts[1:], weights, dens, gen, rescale, normalize, lam, **kw)
+            return methods.dare_ties(ts[0], ts[1:], weights, dens, gen, rescale, sign, normalize, lam, **kw)
+
+        return dare
+    if m == "slerp":
+        t = float(config.parameters.t)  # validated present
+        return lambda name, ts: methods.slerp(ts[0], ts[1], t, **kw)
+    if m == "extrapolate":
+        alpha = float(config.alphas()[0])
+        return lambda name, ts: methods.extrapolate(ts[1], ts[0], alpha, **kw)
+    if m == "exme":
+        alphas = [float(a) for a in config.alphas()]
+        return lambda name, ts: methods.exme(ts[0], ts[1:], weights, alphas, **kw)
+    raise ExmeError(f"unknown merge_method {m!r}")
+
+
+def _merge_task(task: TensorTask, tensors: list[torch.Tensor], merger: Callable, device: str) -> torch.Tensor:
+    if not task.merge:
+        return tensors[0]
+    tensors = [t.to(device, non_blocking=True) for t in tensors]
+    if task.common_rows is None:
+        return merger(task.name, tensors)
+    rows = task.common_rows
+    merged = merger(task.name, [t[:rows] for t in tensors])
+    if task.extra_rows_from is None:
+        return merged
+    extra = tensors[task.extra_rows_from][rows : task.out_spec.shape[0]].to(merged.dtype)
+    return torch.cat([merged, extra], dim=0)
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def _read_inputs(plan: MergePlan, task: TensorTask) -> list[torch.Tensor]:
+    """Read one output tensor's inputs and refuse NaN/Inf, naming the tensor and the model."""
+    tensors = []
+    for inp, read in zip(plan.inputs, task.reads):
+        tensor = inp.checkpoint.get(read)
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise ExmeError(f"tensor {read!r} in {inp.describe()} contains NaN or Inf; fix or re-export that checkpoint")
+        tensors.append(tensor)
+        if not task.merge:
+            break
+    return tensors
+
+
+def _write_checked(writer: ShardedSafetensorsWriter, task: TensorTask, tensor: torch.Tensor) -> None:
+    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        raise ExmeError(
+            f"the merge produced NaN or Inf in tensor {task.name!r} (inputs are finite); the parameters overflow "
+            f"{dtype_name(tensor.dtype)}: lower weights/alpha or choose a wider --dtype"
+        )
+    writer.write(task.name, tensor)
+
+
+def _progress(enabled: bool):
+    """A rich progress bar over output bytes (and tensors), on stderr; silent when disabled."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[tensors]} tensors"),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=True,  # the bar disappears when done (or failed), leaving one summary or error line
+    )
+
+
+def run_merge(
+    config: MergeConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    out_dtype: str | torch.dtype | None = None,
+    plan_notes: list[str] | None = None,
+) -> Path:
+    """Merge the models of ``config`` into the HF model folder ``out_dir`` and return its path.
+
+    Every check (paths, output location, names, shapes, dtypes, parameters) runs before the first
+    tensor is read. The output appears atomically: on any failure there is no ``out_dir`` (or the
+    previous one, untouched). ``out_dtype`` overrides the config's output dtype (CLI ``--dtype``);
+    ``seed`` drives DARE masks through :func:`exme.merge.methods.tensor_generator`. Notes about
+    tied embeddings and extra vocabulary rows are printed, written to the model card, and appended
+    to ``plan_notes`` when given.
+    """
+    if out_dtype is not None:
+        from exme.merge.config import parse_dtype
+
+        forced = out_dtype if isinstance(out_dtype, torch.dtype) else parse_dtype(out_dtype, "output dtype")
+        config = config.model_copy(update={"out_dtype": dtype_name(forced)})
+    shard_bytes = parse_size(max_shard_size)
+    _check_device(device)
+    target = check_output_target(Path(out_dir), config.input_paths(), force)
+    plan = plan_merge(config)
+    merger = tensor_merger(config, plan.out_dtype, plan.compute_dtype, seed)
+    shards = plan_shards([(t.name, t.out_spec) for t in plan.tasks], shard_bytes)
+
+    with AtomicOutputFolder(target, force=force) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, shards)
+        with (
+            cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="exme-read") as reader,
+            cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="exme-write") as writer_pool,
+            _progress(progress) as bar,
+        ):
+            if progress:
+                for note in plan.notes:
+                    bar.console.print(f"[yellow]note:[/] {note}")
+            job = bar.add_task(config.merge_method, total=plan.output_bytes, tensors=f"0/{len(plan.tasks)}")
+            pending_reads: deque[cf.Future] = deque()
+            pending_write: cf.Future | None = None
+            next_read = 0
+            try:
+                for done, task in enumerate(plan.tasks, start=1):
+                    while next_read < len(plan.tasks) and len(pending_reads) <= READ_AHEAD:
+                        pending_reads.append(reader.submit(_read_inputs, plan, plan.tasks[next_read]))
+                        next_read += 1
+                    tensors = pending_reads.popleft().result()
+                    merged = _merge_task(task, tensors, merger, device)
+                    del tensors
+                    if pending_write is not None:
+                        pending_write.result()
+                    pending_write = writer_pool.submit(_write_checked, writer, task, merged.to("cpu"))
+                    del merged
+                    bar.update(job, advance=task.out_spec.nbytes, tensors=f"{done}/{len(plan.tasks)}")
+                if pending_write is not None:
+                    pending_write.result()
+                writer.close()
+            except BaseException:
+                for fut in pending_reads:
+                    fut.cancel()
+                if pending_write is not None:
+                    pending_write.cancel()
+                writer_pool.shutdown(wait=True)
+                writer.abort()
+                raise
+        tok_source = plan.tokenizer_source or plan.reference.checkpoint.path
+        copied = copy_side_files(tok_source, tok_source, tmp)
+        write_config(plan.reference.checkpoint.config, tmp, plan.out_dtype, plan.config_updates)
+        (tmp / "README.md").write_text(model_card(plan, seed=seed, shards=len(shards.files), copied=copied))
+    if plan_notes is not None:
+        plan_notes.extend(plan.notes)
+    return target
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ExmeError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ExmeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+
+
+# ------------------------------------------------------------------------------------------ model card
+
+
+def model_card(plan: MergePlan, *, seed: int, shards: int, copied: list[str]) -> str:
+    """A README.md that records the method, every parameter and every input of the merge."""
+    from exme import __version__
+
+    config = plan.config
+    params = config.merge_parameters()
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [exme, merge]",
+    ]
+    if config.base_model:
+        lines.append(f"base_model: {json.dumps(str(config.base_model))}")
+    lines += [
+        "---",
+        "",
+        f"# Merged model ({config.merge_method})",
+        "",
+        f"Made with exme {__version__} on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}.",
+        "",
+        "## Inputs",
+        "",
+    ]
+    for inp in plan.inputs:
+        lines.append(f"- {inp.label}: `{inp.checkpoint.path}` ({inp.checkpoint.format}, {len(inp.checkpoint.names)} tensors)")
+    lines += ["", "## Parameters", "", "| parameter | value |", "|---|---|"]
+    for key, value in params.items():
+        lines.append(f"| {key} | {value} |")
+    lines.append(f"| output dtype | {dtype_name(plan.out_dtype)} |")
+    lines.append(f"| arithmetic dtype | {dtype_name(plan.compute_dtype)} |")
+    if config.merge_method.startswith("dare"):
+        lines.append(f"| seed (DARE masks) | {seed} |")
+    lines.append(f"| shards | {shards} |")
+    lines.append(f"| tokenizer and generation config from | `{plan.tokenizer_source}` ({', '.join(copied) or 'none found'}) |")
+    if plan.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in plan.notes]
+    lines += ["", "## Config", "", "```yaml", config.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)

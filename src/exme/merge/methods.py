@@ -1,0 +1,477 @@
+"""Merge methods as pure tensor functions: tensors in, one tensor out, no I/O, no global state.
+
+Every function follows the same numeric contract, so results do not depend on how a model was
+stored: inputs are promoted to ``compute_dtype`` (float32 by default, float64 on request), all
+arithmetic happens there, and the result is cast once to ``out_dtype`` (default: the dtype of the
+first tensor argument). Inputs are never modified in place. Any torch device works; all inputs of
+one call must be on the same device.
+
+Names, parameters and defaults follow mergekit's methods of the same name, because that is what
+users compare with. Deliberate differences (documented in ``docs/merge.md``):
+
+* arithmetic is float32 even for bf16 inputs (mergekit computes in the input dtype by default);
+* DARE rescales kept entries by ``1/density`` (the DARE paper), where recent mergekit matches the
+  L1 norm of the dropped-out delta instead;
+* TIES keeps exactly ``max(1, int(density * numel))`` entries (as mergekit), found without sorting the whole tensor;
+  among entries whose magnitude ties at the threshold the ones with the lowest flat index are kept.
+
+Notation: θ_b is the base tensor, θ_i the i-th model's tensor, Δ_i = θ_i − θ_b its task vector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from exme.errors import ExmeError
+
+SignMethod = Literal["sum", "count"]
+
+#: Entries sampled to estimate the TIES magnitude threshold before the exact selection.
+_THRESHOLD_SAMPLE = 1 << 16
+#: Tensors at most this large get an exact ``kthvalue`` directly (sampling would not pay off).
+_DIRECT_SELECTION_MAX = 1 << 17
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared by the methods
+# --------------------------------------------------------------------------------------------
+
+
+def _as_list(value: float | Sequence[float], n: int, what: str) -> list[float]:
+    """Broadcast one number to ``n`` models, or check that a sequence has one entry per model."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise ExmeError(f"got {len(values)} {what} values for {n} models; give one per model")
+    return values
+
+
+def _check_same_shape(tensors: Sequence[torch.Tensor]) -> None:
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise ExmeError(f"cannot merge tensors of different shapes {sorted(shapes)}")
+
+
+def _check_density(densities: Sequence[float]) -> None:
+    for d in densities:
+        if not (0.0 < d <= 1.0) or math.isnan(d):
+            raise ExmeError(f"density must be in (0, 1], got {d}")
+
+
+def _out(result: torch.Tensor, out_dtype: torch.dtype | None, first: torch.Tensor) -> torch.Tensor:
+    """The single cast at the end of every method."""
+    return result.to(out_dtype or first.dtype)
+
+
+def _task_vector(model: torch.Tensor, base_c: torch.Tensor) -> torch.Tensor:
+    """Δ = θ − θ_b in the compute dtype of ``base_c``; one fused pass, a new tensor."""
+    return torch.sub(model, base_c).to(base_c.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# ExPO and ExMe
+# --------------------------------------------------------------------------------------------
+
+
+def extrapolate(
+    theta: torch.Tensor,
+    base: torch.Tensor,
+    alpha: float,
+    *,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """ExPO: move past the fine-tuned model along its own task vector.
+
+    θ_expo = θ + α(θ − θ_b),  α ≥ 0.
+
+    α = 0 returns θ itself; α > 0 amplifies what fine-tuning changed. ``out_dtype`` defaults to
+    ``theta``'s dtype.
+    """
+    if not alpha >= 0:
+        raise ExmeError(f"alpha must be >= 0 (extrapolation, not interpolation), got {alpha}")
+    _check_same_shape([theta, base])
+    theta_c = theta.to(compute_dtype, copy=True)
+    theta_c.add_(_task_vector(theta, base.to(compute_dtype)), alpha=float(alpha))
+    return _out(theta_c, out_dtype, theta)
+
+
+def exme(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    alphas: Sequence[float] | float,
+    *,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Extrapolation Merging: a convex combination of extrapolated checkpoints.
+
+    θ* = Σ_i w_i · (θ_i + α_i(θ_i − θ_b)) = θ_b + Σ_i w_i (1 + α_i) Δ_i,  Σ w_i = 1, w_i ≥ 0, α_i ≥ 0.
+
+    With two models and ``weights=[β, 1−β]`` this is the paper's
+    θ* = θ_b + β(1+α₁)Δ₁ + (1−β)(1+α₂)Δ₂. ``out_dtype`` defaults to ``base``'s dtype.
+    """
+    if not models:
+        raise ExmeError("exme needs at least one model")
+    ws = _as_list(weights, len(models), "weight")
+    als = _as_list(alphas, len(models), "alpha")
+    if any(not w >= 0 for w in ws) or abs(sum(ws) - 1.0) > 1e-6:
+        raise ExmeError(f"exme weights must be >= 0 and sum to 1 (they are convex), got {ws}")
+    if any(not a >= 0 for a in als):
+        raise ExmeError(f"exme alphas must be >= 0, got {als}")
+    _check_same_shape([base, *models])
+    base_c = base.to(compute_dtype)
+    acc = base.to(compute_dtype, copy=True)
+    for model, w, a in zip(models, ws, als):
+        acc.add_(_task_vector(model, base_c), alpha=w * (1.0 + a))
+    return _out(acc, out_dtype, base)
+
+
+# --------------------------------------------------------------------------------------------
+# linear, task arithmetic
+# --------------------------------------------------------------------------------------------
+
+
+def linear(
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    normalize: bool = True,
+    *,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Weighted average of whole models (model soup).
+
+    θ = Σ_i w_i θ_i / Σ_i w_i   (normalize=True, mergekit's default), else θ = Σ_i w_i θ_i.
+    """
+    if not models:
+        raise ExmeError("linear needs at least one model")
+    ws = _as_list(weights, len(models), "weight")
+    _check_same_shape(models)
+    total = sum(ws)
+    if normalize and abs(total) < 1e-8:
+        raise ExmeError(f"linear weights sum to {total}; with normalize=true they must not sum to 0")
+    scale = 1.0 / total if normalize else 1.0
+    acc = torch.zeros(models[0].shape, dtype=compute_dtype, device=models[0].device)
+    for model, w in zip(models, ws):
+        acc.add_(model.to(compute_dtype), alpha=w * scale)
+    return _out(acc, out_dtype, models[0])
+
+
+def task_arithmetic(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    lambda_: float = 1.0,
+    *,
+    normalize: bool = False,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Task arithmetic: add weighted task vectors to the base.
+
+    θ = θ_b + λ · Σ_i w_i Δ_i / D,  D = Σ_i w_i if normalize (and |D| ≥ 1e-8) else 1.
+
+    Defaults as mergekit's ``task_arithmetic``: normalize off, λ = 1.
+    """
+    ws = _as_list(weights, len(models), "weight")
+    _check_same_shape([base, *models])
+    divisor = sum(ws) if normalize and abs(sum(ws)) >= 1e-8 else 1.0
+    base_c = base.to(compute_dtype)
+    acc = base.to(compute_dtype, copy=True)
+    for model, w in zip(models, ws):
+        acc.add_(_task_vector(model, base_c), alpha=lambda_ * w / divisor)
+    return _out(acc, out_dtype, base)
+
+
+# --------------------------------------------------------------------------------------------
+# TIES: magnitude pruning without a full sort, sign election, disjoint merge
+# --------------------------------------------------------------------------------------------
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th largest entry of a flat tensor (1 ≤ k ≤ numel), without sorting it.
+
+    Why not ``argsort``: a full sort of every tensor is what makes TIES slow. Instead a fixed
+    sample of 65536 entries estimates the (1 − k/n) quantile; a band around the estimate, wide
+    enough to contain the true value with overwhelming probability, is cut out with two
+    comparisons, and ``kthvalue`` runs only on that band. If the band misses (a pathological
+    distribution), the exact ``kthvalue`` on the whole tensor is the fallback, so the answer is
+    always exact.
+    """
+    n = values.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} out of range for {n} values")
+    if n <= _DIRECT_SELECTION_MAX:
+        return torch.kthvalue(values, n - k + 1).values
+    # A deterministic sample: results never depend on global RNG state.
+    gen = torch.Generator(device="cpu").manual_seed(n * 2654435761 % (2**63))
+    idx = torch.randint(0, n, (_THRESHOLD_SAMPLE,), generator=gen).to(values.device)
+    sample = values[idx].sort().values
+    m = sample.numel()
+    q = 1.0 - k / n
+    margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / m) / m) + 2.0 / m
+    lo = sample[max(0, math.floor((q - margin) * m))]
+    hi = sample[min(m - 1, math.ceil((q + margin) * m))]
+    n_above = int((values > hi).sum())
+    need = k - n_above  # how many of the largest band entries reach down to the k-th overall
+    if need >= 1:
+        band = values[(values >= lo) & (values <= hi)]
+        if need <= band.numel():
+            return torch.kthvalue(band, band.numel() - need + 1).values
+    return torch.kthvalue(values, n - k + 1).values
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask keeping exactly ``max(1, int(density · numel))`` entries of largest |Δ|.
+
+    Entries strictly above the threshold are all kept; entries equal to it fill the remaining
+    slots in flat-index order, so the count is exact and the result deterministic.
+    """
+    n = delta.numel()
+    if density >= 1.0 or n == 0:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0.0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    k = max(1, int(density * n))  # as mergekit: a positive density keeps at least one entry
+    if k >= n:
+        return torch.ones_like(delta, dtype=torch.bool)
+    magnitude = delta.abs().reshape(-1)
+    threshold = kth_largest(magnitude, k)
+    mask = magnitude > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        tied = torch.nonzero(magnitude == threshold).reshape(-1)[:missing]
+        mask[tied] = True
+    return mask.reshape(delta.shape)
+
+
+def elect_sign(weighted_deltas: Sequence[torch.Tensor], method: SignMethod = "sum") -> torch.Tensor:
+    """TIES sign election: the majority sign per entry, +1 where the vote is tied at zero.
+
+    ``sum``: sign(Σ_i w_iΔ_i) (the TIES paper, mass-weighted); ``count``: sign(Σ_i sign(w_iΔ_i)).
+    """
+    if method not in ("sum", "count"):
+        raise ExmeError(f"majority_sign_method must be 'sum' or 'count', got {method!r}")
+    vote = torch.zeros_like(weighted_deltas[0])
+    for wd in weighted_deltas:
+        vote.add_(wd if method == "sum" else wd.sign())
+    return torch.where(vote >= 0, 1.0, -1.0).to(vote.dtype)
+
+
+def _sign_consensus_merge(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    ws: list[float],
+    method: SignMethod,
+    normalize: bool,
+    lambda_: float,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Disjoint merge: average the (weighted) task-vector entries that agree with the elected sign.
+
+    θ = θ_b + λ · Σ_i w_iΔ_i·[sgn(w_iΔ_i) = s] / D,  D = Σ_i w_i·[sgn(w_iΔ_i) = s] (0 → 1) if
+    normalize else 1. Zero entries (pruned) never agree with s = ±1, so they add nothing.
+    """
+    for d, w in zip(deltas, ws):
+        d.mul_(w)
+    sign = elect_sign(deltas, method)
+    mixed = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0]) if normalize else None
+    for wd, w in zip(deltas, ws):
+        agree = wd.sign() == sign
+        mixed.add_(torch.where(agree, wd, 0.0))
+        if divisor is not None:
+            divisor.add_(agree.to(compute_dtype), alpha=w)
+    if divisor is not None:
+        divisor[divisor == 0] = 1.0
+        mixed.div_(divisor)
+    return base.to(compute_dtype).add(mixed, alpha=lambda_)
+
+
+def ties(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    density: float | Sequence[float],
+    majority_sign_method: SignMethod = "sum",
+    normalize: bool = True,
+    lambda_: float = 1.0,
+    *,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
+
+    Δ'_i = Δ_i ⊙ topk_mask(|Δ_i|, max(1, ⌊d_i·n⌋));  s = elect_sign({w_iΔ'_i});
+    θ = θ_b + λ · Σ_i w_iΔ'_i[sgn(w_iΔ'_i)=s] / Σ_i w_i[sgn(w_iΔ'_i)=s]   (normalize, the default).
+    """
+    ws = _as_list(weights, len(models), "weight")
+    ds = _as_list(density, len(models), "density")
+    _check_density(ds)
+    _check_same_shape([base, *models])
+    base_c = base.to(compute_dtype)
+    deltas = []
+    for model, d in zip(models, ds):
+        delta = _task_vector(model, base_c)
+        if d < 1.0:
+            delta.mul_(magnitude_mask(delta, d))
+        deltas.append(delta)
+    merged = _sign_consensus_merge(base, deltas, ws, majority_sign_method, normalize, lambda_, compute_dtype)
+    return _out(merged, out_dtype, base)
+
+
+# --------------------------------------------------------------------------------------------
+# DARE: random drop and rescale, seeded per tensor
+# --------------------------------------------------------------------------------------------
+
+
+def tensor_generator(seed: int, tensor_name: str, device: str | torch.device = "cpu") -> torch.Generator:
+    """The RNG for one tensor's DARE masks: a function of (seed, tensor name) only.
+
+    Why per tensor: the streaming engine and the live model visit tensors in different orders
+    and on different devices; deriving the stream from the name (via SHA-256, stable across
+    processes, unlike ``hash``) gives both the same masks for the same seed.
+    :func:`dare_mask` draws on the generator's device; the merge engine always passes a CPU
+    generator (masks are then moved to the tensors' device), so a CUDA merge draws exactly the
+    masks of a CPU merge. A CUDA generator is valid too but gives CUDA's (different) stream.
+    """
+    digest = hashlib.sha256(f"{int(seed)}\x00{tensor_name}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def dare_mask(shape: torch.Size | Sequence[int], density: float, generator: torch.Generator) -> torch.Tensor:
+    """Bernoulli(density) keep-mask drawn from ``generator`` (uniform u < density keeps the entry).
+
+    Drawn on the generator's device; call once per model in model order so masks are reproducible.
+    """
+    u = torch.rand(tuple(shape), generator=generator, device=generator.device, dtype=torch.float32)
+    return u < density
+
+
+def _dare_deltas(
+    base_c: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    ds: list[float],
+    generator: torch.Generator,
+    rescale: bool,
+) -> list[torch.Tensor]:
+    deltas = []
+    for model, d in zip(models, ds):
+        delta = _task_vector(model, base_c)
+        if d < 1.0:
+            keep = dare_mask(delta.shape, d, generator).to(delta.device)
+            delta.mul_(keep)
+            if rescale:
+                delta.div_(d)
+        deltas.append(delta)
+    return deltas
+
+
+def dare_linear(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    density: float | Sequence[float],
+    generator: torch.Generator,
+    rescale: bool = True,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    *,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """DARE (Yu et al. 2024) with a linear combination of the pruned task vectors.
+
+    m_i ~ Bernoulli(d_i);  Δ'_i = m_i ⊙ Δ_i / d_i (rescale) or m_i ⊙ Δ_i;
+    θ = θ_b + λ · Σ_i w_iΔ'_i / D,  D = Σ_i w_i if normalize else 1.
+    Masks come from ``generator`` in model order (see :func:`tensor_generator`).
+    """
+    ws = _as_list(weights, len(models), "weight")
+    ds = _as_list(density, len(models), "density")
+    _check_density(ds)
+    _check_same_shape([base, *models])
+    base_c = base.to(compute_dtype)
+    deltas = _dare_deltas(base_c, models, ds, generator, rescale)
+    divisor = sum(ws) if normalize and abs(sum(ws)) >= 1e-8 else 1.0
+    acc = base.to(compute_dtype, copy=True)
+    for delta, w in zip(deltas, ws):
+        acc.add_(delta, alpha=lambda_ * w / divisor)
+    return _out(acc, out_dtype, base)
+
+
+def dare_ties(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    density: float | Sequence[float],
+    generator: torch.Generator,
+    rescale: bool = True,
+    majority_sign_method: SignMethod = "sum",
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    *,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """DARE pruning followed by TIES sign election and disjoint merge.
+
+    Δ'_i as in :func:`dare_linear`; then the disjoint merge of :func:`ties` on {w_iΔ'_i}.
+    mergekit's defaults: rescale on, normalize off.
+    """
+    ws = _as_list(weights, len(models), "weight")
+    ds = _as_list(density, len(models), "density")
+    _check_density(ds)
+    _check_same_shape([base, *models])
+    base_c = base.to(compute_dtype)
+    deltas = _dare_deltas(base_c, models, ds, generator, rescale)
+    merged = _sign_consensus_merge(base, deltas, ws, majority_sign_method, normalize, lambda_, compute_dtype)
+    return _out(merged, out_dtype, base)
+
+
+# --------------------------------------------------------------------------------------------
+# SLERP
+# --------------------------------------------------------------------------------------------
+
+
+def slerp(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: float,
+    *,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Spherical interpolation between two whole tensors (flattened), as mergekit's ``slerp``.
+
+    cos Ω = ⟨a/‖a‖, b/‖b‖⟩;  θ = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b.
+    Falls back to lerp (1−t)a + t·b when |cos Ω| > ``dot_threshold`` (nearly parallel; the
+    sine ratio is ill-conditioned there). A tensor with norm ≤ ``eps`` is used unnormalised
+    for the angle, as mergekit does. ``t=0`` gives ``a`` (mergekit: the base model).
+    """
+    if not 0.0 <= t <= 1.0:
+        raise ExmeError(f"slerp t must be in [0, 1], got {t}")
+    _check_same_shape([a, b])
+    a_c = a.to(compute_dtype)
+    b_c = b.to(compute_dtype)
+    na = torch.linalg.vector_norm(a_c)
+    nb = torch.linalg.vector_norm(b_c)
+    a_dir = a_c / na if na > eps else a_c
+    b_dir = b_c / nb if nb > eps else b_c
+    dot = float((a_dir * b_dir).sum())
+    if abs(dot) > dot_threshold:
+        return _out(torch.lerp(a_c, b_c, float(t)), out_dtype, a)
+    omega = math.acos(max(-1.0, min(1.0, dot)))
+    sin_omega = math.sin(omega)
+    s_a = math.sin((1.0 - t) * omega) / sin_omega
+    s_b = math.sin(t * omega) / sin_omega
+    return _out(a_c * s_a + b_c * s_b, out_dtype, a)
