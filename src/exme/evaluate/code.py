@@ -1,0 +1,56 @@
+"""Code tasks (HumanEval and MBPP formats): build each program from a completion and run it with its tests."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from exme.evaluate.sandbox import SandboxLimits, run_programs
+from exme.evaluate.suite import Task
+
+_FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def strip_fence(completion: str) -> str:
+    """The code inside the first Markdown code fence, or the completion unchanged when it has none."""
+    match = _FENCE.search(completion)
+    return match.group(1) if match else completion
+
+
+def humaneval_program(record: dict[str, Any], completion: str) -> str:
+    """Prompt + completion + tests + ``check(entry_point)``, as HumanEval's own harness runs it.
+
+    A completion that restates the whole function (chat models often do) is run without the prompt.
+    """
+    code = strip_fence(completion)
+    entry = record["entry_point"]
+    body = code if re.search(rf"^def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE) else record["prompt"] + code
+    return f"{body}\n\n{record['test']}\n\ncheck({entry})\n"
+
+
+def mbpp_program(record: dict[str, Any], completion: str) -> str:
+    """Setup code + completion + the record's asserts."""
+    setup = record.get("test_setup_code") or ""
+    tests = "\n".join(record["test_list"])
+    return f"{setup}\n{strip_fence(completion)}\n\n{tests}\n"
+
+
+def score_code(
+    task: Task,
+    records: list[dict[str, Any]],
+    completions: list[str],
+    *,
+    workers: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """pass@1 with greedy decoding: the share of programs that exit cleanly within the time limit."""
+    build = humaneval_program if task.kind == "humaneval" else mbpp_program
+    programs = [build(r, c) for r, c in zip(records, completions)]
+    results = run_programs(programs, SandboxLimits(timeout=task.spec.timeout), workers=workers, progress=progress)
+    passed = [r.passed for r in results]
+    items = [
+        {"completion": c, "status": r.status, "seconds": round(r.seconds, 3), "output": r.output[-500:]}
+        for c, r in zip(completions, results)
+    ]
+    return {"pass@1": sum(passed) / len(passed) if passed else float("nan")}, items

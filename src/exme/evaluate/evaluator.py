@@ -1,0 +1,272 @@
+"""Evaluators: score a live model on a split. The suite evaluator runs the built-in task kinds.
+
+The model is whatever object the caller holds; its weights may change between calls (a search
+writes candidates into it in place), so only tokenization and prompt text are cached, keyed by
+task, split and tokenizer, which is what makes the dozens of evaluations of one run cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Protocol, runtime_checkable
+
+from exme.errors import ExmeError
+from exme.evaluate import prompts
+from exme.evaluate.extract import (
+    extract_final_number,
+    gsm8k_target,
+    normalize_text,
+    numbers_equal,
+)
+from exme.evaluate.lm import Continuation, continuation_logprobs, greedy_generate, token_nll
+from exme.evaluate.scores import Scores
+from exme.evaluate.suite import SPLITS, Suite, Task
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Anything that scores a live model on ``"dev"`` or ``"test"``."""
+
+    def evaluate(self, model, tokenizer, split: str, limit: int | None = None) -> Scores: ...
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ExmeError(f"split {split!r} is not one of {list(SPLITS)}")
+    return split
+
+
+class _Progress:
+    """One rich progress display per evaluate call, one bar per task; a no-op when disabled
+    (a search calls evaluate many times and wants quiet)."""
+
+    def __init__(self, enabled: bool):
+        self.display = None
+        if enabled:
+            from rich.progress import Progress
+
+            self.display = Progress(transient=True)
+            self.display.start()
+
+    def bar(self, total: int, label: str):
+        """A callback advancing a new bar of ``total`` steps (``None`` when disabled)."""
+        if self.display is None or not total:
+            return None
+        task = self.display.add_task(label, total=total)
+        return lambda n: self.display.advance(task, n)
+
+    def close(self) -> None:
+        if self.display is not None:
+            self.display.stop()
+
+
+class SuiteEvaluator:
+    """Scores a model on every task of a :class:`Suite`.
+
+    Options: ``batch_size`` (generation rows per batch), ``mc_batch_size`` (scored sequences per
+    forward pass), ``workers`` (parallel sandboxed programs for code tasks), ``keep_items``
+    (per-item records in ``Scores.details``), ``progress`` (rich bars).
+    """
+
+    def __init__(
+        self,
+        suite: Suite,
+        *,
+        batch_size: int = 16,
+        mc_batch_size: int = 32,
+        workers: int = 2,
+        keep_items: bool = False,
+        progress: bool = False,
+    ):
+        self.suite = suite
+        self.batch_size = batch_size
+        self.mc_batch_size = mc_batch_size
+        self.workers = workers
+        self.keep_items = keep_items
+        self.progress = progress
+        self._cache: dict[tuple[str, str], Any] = {}
+        self._cache_tokenizer = None
+
+    def describe(self) -> dict[str, Any]:
+        """Suite name, tasks, weights, split rule and item counts, as recorded in results."""
+        return self.suite.describe()
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return self.suite.counts()
+
+    @property
+    def split_rule(self) -> dict[str, Any]:
+        return self.suite.split_rule
+
+    def evaluate(self, model, tokenizer, split: str, limit: int | None = None) -> Scores:
+        """Score ``model`` on ``split``; ``limit`` keeps the first ``limit`` items of each task's split."""
+        check_split(split)
+        if limit is not None and limit <= 0:
+            raise ExmeError(f"limit must be a positive number of items, got {limit}")
+        if tokenizer is not self._cache_tokenizer:
+            self._cache.clear()
+            self._cache_tokenizer = tokenizer
+        # Build every prompt first so a template error surfaces before any model work.
+        prepared = [(task, self._prepared(task, split, tokenizer)) for task in self.suite.tasks]
+        was_training = getattr(model, "training", False)
+        if was_training:
+            model.eval()
+        tasks: dict[str, float] = {}
+        n_items: dict[str, int] = {}
+        details: dict[str, dict[str, Any]] = {}
+        progress = _Progress(self.progress)
+        try:
+            for task, prep in prepared:
+                n = len(prep["records"]) if limit is None else min(limit, len(prep["records"]))
+                metrics, items = self._score(task, prep, n, model, tokenizer, progress)
+                tasks[task.name] = metrics[task.spec.metric]
+                n_items[task.name] = n
+                details[task.name] = {"kind": task.kind, "metric": task.spec.metric, "metrics": metrics}
+                if self.keep_items:
+                    details[task.name]["items"] = items
+        finally:
+            progress.close()
+            if was_training:
+                model.train()
+        weights = {t.name: t.spec.weight for t in self.suite.tasks}
+        return Scores.from_tasks(tasks, split=split, n_items=n_items, weights=weights, details=details)
+
+    # -- preparation (cached: depends on the tokenizer and the data, never on the weights) --
+
+    def _prepared(self, task: Task, split: str, tokenizer) -> dict[str, Any]:
+        key = (task.name, split)
+        if key not in self._cache:
+            self._cache[key] = self._prepare(task, task.records(split), tokenizer)
+        return self._cache[key]
+
+    def _prepare(self, task: Task, records: list[dict[str, Any]], tokenizer) -> dict[str, Any]:
+        if task.kind == "perplexity":
+            docs = [list(tokenizer(str(r[task.spec.text_field]), add_special_tokens=True)["input_ids"]) for r in records]
+            n_bytes = [len(str(r[task.spec.text_field]).encode("utf-8")) for r in records]
+            return {"records": records, "docs": docs, "bytes": n_bytes}
+        texts = [prompts.prompt_text(task, r, tokenizer) for r in records]
+        prep: dict[str, Any] = {"records": records, "texts": [t for t, _ in texts]}
+        if task.kind == "multiple_choice":
+            requests, spans, lengths = [], [], []
+            for (text, chat), record in zip(texts, records):
+                ctx = prompts.encode(tokenizer, text, from_chat_template=chat)
+                start = len(requests)
+                for choice in record["choices"]:
+                    cont_text = " " + choice if not chat else choice
+                    whole = prompts.encode(tokenizer, text + cont_text, from_chat_template=chat)
+                    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+                        cont = whole[len(ctx) :]
+                    else:  # the tokenizer merged across the boundary: encode the continuation alone
+                        cont = list(tokenizer(cont_text, add_special_tokens=False)["input_ids"])
+                    requests.append(Continuation(tuple(ctx), tuple(cont)))
+                    lengths.append(len(choice))  # lm-eval's acc_norm: characters of the choice text
+                spans.append((start, len(requests)))
+            prep.update(requests=requests, spans=spans, choice_lengths=lengths)
+        else:
+            prep["ids"] = [prompts.encode(tokenizer, t, from_chat_template=c) for t, c in texts]
+            if task.kind == "gsm8k":
+                prep["targets"] = [gsm8k_target(str(r["answer"])) for r in records]
+            elif task.kind == "generate":
+                prep["regex"] = re.compile(task.spec.regex) if task.spec.regex else None
+        return prep
+
+    # -- scoring (runs the model every time) --
+
+    def _score(self, task: Task, prep: dict[str, Any], n: int, model, tokenizer, progress: _Progress):
+        if task.kind == "multiple_choice":
+            return self._score_mc(task, prep, n, model, tokenizer, progress)
+        if task.kind == "perplexity":
+            return self._score_perplexity(task, prep, n, model, tokenizer, progress)
+        completions = greedy_generate(
+            model,
+            tokenizer,
+            prep["ids"][:n],
+            max_new_tokens=task.spec.max_new_tokens,
+            stop=prompts.stop_strings(task),
+            batch_size=self.batch_size,
+            progress=progress.bar(n, f"{task.name}: generating"),
+        )
+        records = prep["records"][:n]
+        if task.kind == "gsm8k":
+            preds = [extract_final_number(c) for c in completions]
+            correct = [numbers_equal(p, t) for p, t in zip(preds, prep["targets"][:n])]
+            items = [{"completion": c, "prediction": p, "correct": ok} for c, p, ok in zip(completions, preds, correct)]
+            return {"exact_match": _mean(correct)}, items
+        if task.kind == "generate":
+            return _score_generate(prep["regex"], completions, records)
+        from exme.evaluate.code import score_code
+
+        return score_code(task, records, completions, workers=self.workers, progress=progress.bar(n, f"{task.name}: running tests"))
+
+    def _score_mc(self, task, prep, n, model, tokenizer, progress: _Progress):
+        spans = prep["spans"][:n]
+        end = spans[-1][1] if spans else 0
+        scored = continuation_logprobs(
+            model,
+            prep["requests"][:end],
+            batch_size=self.mc_batch_size,
+            pad_id=_pad_id(tokenizer),
+            progress=progress.bar(end, f"{task.name}: scoring choices"),
+        )
+        acc, acc_norm, items = [], [], []
+        for (start, stop), record in zip(spans, prep["records"][:n]):
+            logps = [scored[i][0] for i in range(start, stop)]
+            normed = [lp / max(1, prep["choice_lengths"][i]) for lp, i in zip(logps, range(start, stop))]
+            pick = max(range(len(logps)), key=logps.__getitem__)
+            pick_norm = max(range(len(normed)), key=normed.__getitem__)
+            acc.append(pick == record["label"])
+            acc_norm.append(pick_norm == record["label"])
+            items.append({"loglik": logps, "prediction": pick, "prediction_norm": pick_norm, "label": record["label"]})
+        return {"acc": _mean(acc), "acc_norm": _mean(acc_norm)}, items
+
+    def _score_perplexity(self, task, prep, n, model, tokenizer, progress: _Progress):
+        per_doc = token_nll(
+            model,
+            prep["docs"][:n],
+            batch_size=self.mc_batch_size,
+            pad_id=_pad_id(tokenizer),
+            progress=progress.bar(n, f"{task.name}: perplexity"),
+        )
+        total_nll = sum(nll for nll, _ in per_doc)
+        total_tokens = sum(k for _, k in per_doc)
+        total_bytes = sum(prep["bytes"][:n])
+        if total_tokens == 0:
+            raise ExmeError(f"task {task.name!r}: the documents have no tokens to predict (each needs 2 or more)")
+        mean_nll = total_nll / total_tokens
+        metrics = {
+            "neg_log_perplexity": -mean_nll,
+            "perplexity": math.exp(mean_nll),
+            "bits_per_byte": total_nll / math.log(2) / max(1, total_bytes),
+            "tokens": float(total_tokens),
+        }
+        items = [{"nll": nll, "tokens": k} for nll, k in per_doc]
+        return metrics, items
+
+
+def _pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(bool(v) for v in values) / len(values)) if values else float("nan")
+
+
+def _score_generate(regex, completions: list[str], records: list[dict[str, Any]]):
+    exact, contains, items = [], [], []
+    for completion, record in zip(completions, records):
+        targets = record["target"] if isinstance(record["target"], list) else [record["target"]]
+        targets = [normalize_text(str(t)) for t in targets]
+        answer = completion
+        if regex is not None:
+            match = regex.search(completion)
+            answer = (match.group(1) if match.groups() else match.group(0)) if match else ""
+        answer = normalize_text(answer)
+        exact.append(answer in targets)
+        contains.append(any(t and t in normalize_text(completion) for t in targets))
+        items.append({"completion": completion, "prediction": answer, "correct": exact[-1]})
+    return {"exact_match": _mean(exact), "contains": _mean(contains)}, items
