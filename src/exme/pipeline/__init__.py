@@ -1,0 +1,17 @@
+"""The ExMe pipeline: rank SFT checkpoints, extrapolate, merge, evaluate on test, write the model and report.
+
+``PipelineConfig.from_yaml(path)`` validates a ``PIPELINE.yaml``; ``run_pipeline(config)`` runs it
+and returns the :class:`~exme.report.schema.RunResults` it wrote to ``<output>/results.json``.
+"""
+
+from exme.pipeline.config import PipelineConfig
+from exme.pipeline.run import BASELINE_SPACES, exme_coefficients, rank_checkpoints, run_pipeline, write_results
+
+__all__ = [
+    "BASELINE_SPACES",
+    "PipelineConfig",
+    "exme_coefficients",
+    "rank_checkpoints",
+    "run_pipeline",
+    "write_results",
+]

@@ -1,0 +1,283 @@
+"""``PIPELINE.yaml``: what one ExMe run needs, validated completely before any model is loaded.
+
+A typo in a key or an impossible value (a negative α, β outside [0, 1], a missing checkpoint folder,
+an output folder inside an input) is found here and reported as one :class:`ExmeError` naming the
+file and the key, so a run never fails an hour in because of its configuration.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from exme.errors import ExmeError
+
+DEFAULT_GRID = [round(0.1 * i, 1) for i in range(11)]
+BASELINE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+RUN_FOLDER_FILES = ("study.db", "results.json", "report.md", "model", "pipeline.yaml")
+
+_STEP = re.compile(r"checkpoint-(\d+)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_grid(values: list[float], what: str) -> list[float]:
+    if not values:
+        raise ValueError(f"{what} grid is empty; give at least one value")
+    for v in values:
+        if not math.isfinite(v):
+            raise ValueError(f"{what} grid holds {v}; every value must be a finite number")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} grid repeats a value: {values}")
+    return sorted(values)
+
+
+class AlphaSpec(_Strict):
+    """α candidates for the extrapolation stage (ExPO: θ + α(θ − θ_b), α ≥ 0)."""
+
+    grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID))
+    refine: bool = False
+    """After the grid, try a finer grid (step/5) around the best α, as ExPO's coarse-to-fine search."""
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        v = _check_grid(v, "alpha")
+        if v[0] < 0:
+            raise ValueError(f"alpha must be >= 0 (extrapolation moves away from the base), got {v[0]}")
+        return v
+
+
+class BetaSpec(_Strict):
+    """β candidates for the merge stage: β·θ'₁ + (1 − β)·θ'₂, β ∈ [0, 1]."""
+
+    grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID))
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        v = _check_grid(v, "beta")
+        if v[0] < 0 or v[-1] > 1:
+            raise ValueError(f"beta values must lie in [0, 1], got {v}")
+        return v
+
+
+class SearchSpec(_Strict):
+    """How candidates are chosen: a grid (α per checkpoint, then β) or a joint TPE search."""
+
+    mode: Literal["grid", "tpe"] = "grid"
+    n_trials: int = Field(40, ge=1, description="trials of the joint TPE search (mode: tpe)")
+    prune: bool = False
+    """Successive halving on grids: score every point on a small dev subset first, keep the best 1/eta."""
+    prune_min_items: int = Field(8, ge=1, description="items per task on the first pruning rung")
+    prune_eta: int = Field(3, ge=2, description="keep the best 1/eta of the points at each rung")
+
+
+class PipelineConfig(_Strict):
+    """One ExMe run: base, SFT checkpoints, evaluation suite, search space, output folder."""
+
+    base: Path
+    checkpoints: str | list[str]
+    suite: str
+    top_k: int = Field(2, ge=1)
+    alpha: AlphaSpec = Field(default_factory=AlphaSpec)
+    beta: BetaSpec = Field(default_factory=BetaSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    baselines: list[Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]] = Field(
+        default_factory=lambda: list(BASELINE_METHODS)
+    )
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    output: Path
+    storage: str | None = None
+    seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"device {v!r} is not one of cpu, cuda, cuda:N, mps")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is not None and "://" not in v:
+            raise ValueError(
+                f"storage {v!r} is not a database URL; use e.g. sqlite:///run/study.db or "
+                "postgresql://user@host/db, or leave it out for <output>/study.db"
+            )
+        return v
+
+    @field_validator("baselines")
+    @classmethod
+    def _baselines(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"baselines repeat a method: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _modes(self) -> "PipelineConfig":
+        if self.search.mode == "grid" and self.top_k > 2:
+            raise ValueError(
+                f"top_k {self.top_k} needs a weight simplex: set search.mode: tpe (grid search merges two checkpoints)"
+            )
+        return self
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "PipelineConfig":
+        """Read, validate and check a ``PIPELINE.yaml``; relative paths are relative to the file.
+
+        ``overrides`` (e.g. ``storage=...``, ``device=...`` from the command line) replace keys of
+        the file when not ``None``.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ExmeError(f"{path}: pipeline file not found; pass the path of a PIPELINE.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ExmeError(f"{path}: not valid YAML ({err}); fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ExmeError(f"{path}: expected a mapping of keys (base, checkpoints, suite, output, ...)")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(raw, root=path.parent, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, root: str | Path = ".", source: str = "pipeline config") -> "PipelineConfig":
+        """Validate a mapping (paths relative to ``root``) and check every path; one error for all problems."""
+        root = Path(root)
+        raw = dict(raw)
+        for key in ("base", "output"):
+            if isinstance(raw.get(key), str) and raw[key]:
+                raw[key] = str(_resolve(root, raw[key]))
+        ck = raw.get("checkpoints")
+        if isinstance(ck, str):
+            raw["checkpoints"] = str(_resolve(root, ck))
+        elif isinstance(ck, list):
+            raw["checkpoints"] = [str(_resolve(root, c)) if isinstance(c, str) else c for c in ck]
+        suite = raw.get("suite")
+        if isinstance(suite, str) and _is_path_spec(suite):
+            raw["suite"] = str(_resolve(root, suite))
+        try:
+            config = cls.model_validate(raw)
+        except ValidationError as err:
+            raise ExmeError(f"{source}: {_format_errors(err)}") from None
+        config.check_paths(source)
+        return config
+
+    def check_paths(self, source: str = "pipeline config") -> None:
+        """Every input exists and looks like a model folder; the output is not inside an input."""
+        _check_model_dir(self.base, "base", source)
+        ckpts = self.checkpoint_paths(source)
+        if self.top_k > len(ckpts):
+            raise ExmeError(
+                f"{source}: top_k is {self.top_k} but only {len(ckpts)} checkpoint(s) were found; lower top_k"
+            )
+        if _is_path_spec(self.suite) and not Path(self.suite).is_file():
+            raise ExmeError(f"{source}: suite file {self.suite} not found; fix the 'suite' key")
+        out = self.output.resolve()
+        for name, inp in [("base", self.base), *[("checkpoint", p) for p in ckpts]]:
+            inp = Path(inp).resolve()
+            if out == inp or inp in out.parents:
+                raise ExmeError(
+                    f"{source}: output {self.output} lies inside the {name} folder {inp}; choose an output outside every input"
+                )
+        if out.exists():
+            if not out.is_dir():
+                raise ExmeError(f"{source}: output {self.output} exists and is not a folder")
+            entries = {p.name for p in out.iterdir()}
+            if entries and not entries & set(RUN_FOLDER_FILES):
+                raise ExmeError(
+                    f"{source}: output {self.output} is a non-empty folder that is not an exme run folder; "
+                    "choose a new or empty output folder"
+                )
+
+    def checkpoint_paths(self, source: str = "pipeline config") -> list[Path]:
+        """The SFT checkpoints in order: listed, globbed, or every ``checkpoint-*`` of a run folder by step."""
+        if isinstance(self.checkpoints, list):
+            paths = [Path(p) for p in self.checkpoints]
+        elif any(ch in self.checkpoints for ch in "*?["):
+            paths = sorted((Path(p) for p in _glob.glob(self.checkpoints)), key=_step_key)
+            if not paths:
+                raise ExmeError(f"{source}: checkpoints glob {self.checkpoints!r} matches nothing")
+        else:
+            folder = Path(self.checkpoints)
+            if not folder.is_dir():
+                raise ExmeError(f"{source}: checkpoints folder {folder} not found; fix the 'checkpoints' key")
+            paths = sorted((p for p in folder.iterdir() if p.is_dir() and _STEP.search(p.name)), key=_step_key)
+            if not paths:
+                raise ExmeError(
+                    f"{source}: {folder} holds no checkpoint-* folders; list the checkpoints or use a glob"
+                )
+        if not paths:
+            raise ExmeError(f"{source}: 'checkpoints' is empty; give at least one checkpoint")
+        if len({p.resolve() for p in paths}) != len(paths):
+            raise ExmeError(f"{source}: 'checkpoints' lists the same folder twice")
+        for p in paths:
+            _check_model_dir(p, "checkpoint", source)
+        return paths
+
+    @property
+    def storage_url(self) -> str:
+        """Where the studies live: ``storage`` or ``sqlite:///<output>/study.db``."""
+        return self.storage or f"sqlite:///{(self.output / 'study.db').resolve()}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The training step in a ``checkpoint-N`` folder name, or ``None``."""
+    m = _STEP.search(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def _step_key(path: Path) -> tuple[int, str]:
+    step = checkpoint_step(path)
+    return (step if step is not None else -1, str(path))
+
+
+def _resolve(root: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def _is_path_spec(suite: str) -> bool:
+    """A suite given as a file (not ``module:function`` nor ``lm-eval:tasks``)."""
+    if suite.startswith("lm-eval:"):
+        return False
+    return suite.endswith((".yaml", ".yml", ".json")) or ":" not in suite
+
+
+def _check_model_dir(path: Path, what: str, source: str) -> None:
+    path = Path(path)
+    if not path.is_dir():
+        raise ExmeError(f"{source}: {what} folder {path} not found")
+    if not (path / "config.json").is_file():
+        raise ExmeError(f"{source}: {what} folder {path} has no config.json; is it a Hugging Face model folder?")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise ExmeError(
+            f"{source}: {what} folder {path} has no weights (model.safetensors, a sharded index or pytorch_model.bin)"
+        )
+
+
+def _format_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}' (check the spelling; see docs/pipeline.md for the keys)")
+        elif e["type"] == "missing":
+            parts.append(f"missing key '{loc}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"'{loc}': {msg}")
+    return "; ".join(parts)

@@ -1,0 +1,472 @@
+"""Evaluations as Optuna trials: resumable, shareable between worker processes, deterministic.
+
+Every evaluation of a candidate (a point of a grid, a TPE suggestion, a checkpoint of the rank stage,
+a row of the final test table) becomes one COMPLETE trial of an Optuna study, with the scores in its
+user attributes and the point's canonical key (``exme_key``). Before evaluating a point, a worker
+looks for a finished trial with the same key and reuses it, so a killed run that starts again repeats
+nothing it had finished.
+
+Several workers (processes, GPUs, machines) can share one study through any Optuna RDB storage URL.
+Grid points are *claimed* before they are evaluated: a claim is a row of the ``exme_claims`` table
+whose primary key is (study, point), so the database itself guarantees that exactly one worker
+wins a point, on SQLite as on PostgreSQL. A worker that dies leaves its claim behind; the claim is
+taken over once its owner is seen to be dead (same host: the process is gone; another host: no
+heartbeat for ``grace_s`` seconds).
+
+TPE suggestions are made with a sampler seeded by the number of finished trials, so the sequence of
+suggestions depends only on the history, and a resumed search makes the same choices as one that was
+never interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import optuna
+import sqlalchemy as sa
+
+from exme.errors import ExmeError
+
+KEY_ATTR = "exme_key"
+OWNER_ATTR = "exme_owner"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One candidate to evaluate: its parameters (numbers or names) and the item limit per task.
+
+    ``limit`` is ``None`` for a full evaluation; a number for a cheap look on a dev subset (pruning).
+    """
+
+    params: dict[str, Any]
+    split: str = "dev"
+    limit: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Canonical text of the point: equal points have equal keys, across processes and runs."""
+        params = {k: _canonical(v) for k, v in sorted(self.params.items())}
+        return json.dumps({"params": params, "split": self.split, "limit": self.limit}, sort_keys=True)
+
+
+@dataclass
+class Record:
+    """A finished evaluation as stored in the study."""
+
+    params: dict[str, Any]
+    split: str
+    limit: int | None
+    overall: float
+    tasks: dict[str, float]
+    n_items: dict[str, int]
+    seconds: float
+    number: int  # the Optuna trial number (-1 for an evaluation just added by this worker)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_items(self) -> int:
+        return int(sum(self.n_items.values()))
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(repr(round(value, 12)))
+    return value
+
+
+def scores_dict(scores: Any) -> dict[str, Any]:
+    """``overall``, ``tasks``, ``n_items`` of an evaluator's scores (an object or a mapping)."""
+    get = scores.get if isinstance(scores, dict) else lambda k, d=None: getattr(scores, k, d)
+    overall = float(get("overall"))
+    tasks = {str(k): float(v) for k, v in (get("tasks") or {}).items()}
+    n_items = {str(k): int(v) for k, v in (get("n_items") or {}).items()}
+    if not math.isfinite(overall):
+        raise ExmeError(f"the evaluator returned a non-finite overall score ({overall}); check the suite")
+    return {"overall": overall, "tasks": tasks, "n_items": n_items}
+
+
+class StudyStore:
+    """Optuna storage for one run plus the claims that make shared grids exactly-once.
+
+    ``url`` is any SQLAlchemy URL Optuna accepts (``sqlite:///run/study.db``, ``postgresql://...``).
+    """
+
+    def __init__(self, url: str, *, grace_s: float = 60.0, heartbeat_s: float = 5.0, poll_s: float = 0.5):
+        self.url = url
+        self.grace_s = grace_s
+        self.poll_s = poll_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        engine_kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            # Several processes write the same file: wait for the lock instead of failing at once.
+            engine_kwargs["connect_args"] = {"timeout": 120}
+        # Workers starting together race to create the schema; the loser retries and finds it made.
+        for attempt in range(5):
+            try:
+                self.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+                break
+            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+            except Exception as err:  # bad URL, missing driver, unreachable server
+                raise ExmeError(f"cannot open study storage {url!r}: {err}") from None
+        if url.startswith("sqlite"):
+            _fast_sqlite(self.storage.engine)
+        self._meta = sa.MetaData()
+        self._claims = sa.Table(
+            "exme_claims",
+            self._meta,
+            sa.Column("study", sa.String(512), primary_key=True),
+            sa.Column("point", sa.String(64), primary_key=True),
+            sa.Column("attempt", sa.Integer, nullable=False),
+            sa.Column("owner", sa.String(128), nullable=False),
+        )
+        self._workers = sa.Table(
+            "exme_workers",
+            self._meta,
+            sa.Column("owner", sa.String(128), primary_key=True),
+            sa.Column("host", sa.String(255), nullable=False),
+            sa.Column("pid", sa.Integer, nullable=False),
+            sa.Column("heartbeat", sa.Float, nullable=False),
+        )
+        for attempt in range(5):
+            try:
+                self._meta.create_all(self.storage.engine, checkfirst=True)
+                break
+            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        with self.storage.engine.begin() as conn:
+            conn.execute(
+                self._workers.insert().values(
+                    owner=self.owner, host=socket.gethostname(), pid=os.getpid(), heartbeat=time.time()
+                )
+            )
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat_loop, args=(heartbeat_s,), daemon=True)
+        self._beat.start()
+
+    # ---------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Stop the heartbeat and remove this worker (its unfinished claims become free at once)."""
+        self._stop.set()
+        self._beat.join(timeout=5)
+        with self.storage.engine.begin() as conn:
+            conn.execute(self._workers.delete().where(self._workers.c.owner == self.owner))
+        self.storage.engine.dispose()
+
+    def __enter__(self) -> "StudyStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _heartbeat_loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                with self.storage.engine.begin() as conn:
+                    conn.execute(
+                        self._workers.update()
+                        .where(self._workers.c.owner == self.owner)
+                        .values(heartbeat=time.time())
+                    )
+            except Exception:  # a transient lock must not kill the worker; the next beat retries
+                pass
+
+    # ---------------------------------------------------------------- studies
+    def study(self, name: str, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+        """Create or load the study ``name`` (maximising the overall dev score)."""
+        return optuna.create_study(
+            storage=self.storage, study_name=name, direction="maximize", load_if_exists=True, sampler=sampler
+        )
+
+    def records(self, study: optuna.Study) -> dict[str, Record]:
+        """Finished evaluations of a study, by point key."""
+        out: dict[str, Record] = {}
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            key = t.user_attrs.get(KEY_ATTR)
+            if key is None or key in out:
+                continue
+            out[key] = _record(t)
+        return out
+
+    # ---------------------------------------------------------------- claims
+    def _alive(self, owner: str) -> bool:
+        with self.storage.engine.connect() as conn:
+            row = conn.execute(sa.select(self._workers).where(self._workers.c.owner == owner)).first()
+        if row is None:
+            return False
+        if row.host == socket.gethostname():
+            try:
+                os.kill(row.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                pass
+        return time.time() - row.heartbeat <= self.grace_s
+
+    def claim(self, study_name: str, key: str) -> bool:
+        """Take the point ``key`` for this worker; ``True`` when this worker must evaluate it."""
+        point = hashlib.sha1(key.encode()).hexdigest()
+        c = self._claims.c
+        try:
+            with self.storage.engine.begin() as conn:
+                conn.execute(self._claims.insert().values(study=study_name, point=point, attempt=0, owner=self.owner))
+            return True
+        except sa.exc.IntegrityError:
+            pass
+        with self.storage.engine.connect() as conn:
+            row = conn.execute(sa.select(self._claims).where(c.study == study_name, c.point == point)).first()
+        if row is not None and row.owner == self.owner:
+            # Claimed by this worker before, but not finished (its evaluation raised): take it again.
+            return True
+        if row is None or self._alive(row.owner):
+            return False
+        # The owner died: take the claim over, atomically (only one worker's UPDATE matches).
+        with self.storage.engine.begin() as conn:
+            res = conn.execute(
+                self._claims.update()
+                .where(c.study == study_name, c.point == point, c.attempt == row.attempt)
+                .values(owner=self.owner, attempt=row.attempt + 1)
+            )
+        return res.rowcount == 1
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(
+        self,
+        study_name: str,
+        points: Sequence[Point],
+        objective: Callable[[Point], Any],
+        *,
+        on_result: Callable[[Point, Record, bool], None] | None = None,
+    ) -> list[Record]:
+        """Evaluate every point exactly once across all workers of the study; results in ``points`` order.
+
+        ``objective(point)`` returns the evaluator's scores. A point already finished (by this run
+        before an interruption, or by another worker) is read back, never evaluated again. While
+        other workers hold the remaining points this waits for them. ``on_result(point, record,
+        reused)`` is called once per point (for progress bars).
+        """
+        study = self.study(study_name)
+        by_key = {p.key: p for p in points}
+        results: dict[str, Record] = {}
+        reported: set[str] = set()
+        while True:
+            for key, rec in self.records(study).items():
+                if key in by_key and key not in results:
+                    results[key] = rec
+            for key in [k for k in results if k not in reported]:
+                reported.add(key)
+                if on_result:
+                    on_result(by_key[key], results[key], True)
+            todo = [p for p in points if p.key not in results]
+            if not todo:
+                break
+            progressed = False
+            for p in todo:
+                if not self.claim(study_name, p.key):
+                    continue
+                done = self.records(study)  # a dead owner may have finished it just before dying
+                if p.key in done:
+                    results[p.key] = done[p.key]
+                    continue
+                rec = self._run(study, p, objective)
+                results[p.key] = rec
+                reported.add(p.key)
+                if on_result:
+                    on_result(p, rec, False)
+                progressed = True
+            if not progressed and any(p.key not in results for p in points):
+                time.sleep(self.poll_s)
+        return [results[p.key] for p in points]
+
+    def _run(self, study: optuna.Study, point: Point, objective: Callable[[Point], Any]) -> Record:
+        t0 = time.perf_counter()
+        scores = scores_dict(objective(point))
+        seconds = time.perf_counter() - t0
+        floats = {k: float(v) for k, v in point.params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        trial = optuna.trial.create_trial(
+            params=floats,
+            distributions={k: optuna.distributions.FloatDistribution(v, v) for k, v in floats.items()},
+            value=scores["overall"],
+            user_attrs={
+                KEY_ATTR: point.key,
+                OWNER_ATTR: self.owner,
+                "params": point.params,
+                "split": point.split,
+                "limit": point.limit,
+                "seconds": seconds,
+                **scores,
+            },
+        )
+        study.add_trial(trial)
+        return Record(
+            params=dict(point.params), split=point.split, limit=point.limit, overall=scores["overall"],
+            tasks=scores["tasks"], n_items=scores["n_items"], seconds=seconds, number=-1,
+        )
+
+    # ---------------------------------------------------------------- TPE
+    def tpe(
+        self,
+        study_name: str,
+        distributions: dict[str, optuna.distributions.BaseDistribution],
+        objective: Callable[[Point], Any],
+        *,
+        n_trials: int,
+        seed: int,
+        to_params: Callable[[dict[str, float]], dict[str, Any]] = dict,
+        on_result: Callable[[Point, Record, bool], None] | None = None,
+    ) -> list[Record]:
+        """Run a TPE search until the study holds ``n_trials`` finished trials; all records in order.
+
+        The sampler is re-seeded from ``seed`` and the number of finished trials before each
+        suggestion, so the search is a pure function of its history: resumed or not, the same
+        inputs give the same suggestions. Trials left RUNNING by dead workers are marked FAIL
+        (TPE ignores them). Several workers may share the study (it may then end with up to one
+        extra trial per worker).
+        """
+        study = self.study(study_name)
+        reported: set[int] = set()
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+            for t in complete:
+                if t.number not in reported:
+                    reported.add(t.number)
+                    if on_result:
+                        rec = _record(t)
+                        on_result(Point(rec.params, rec.split, rec.limit), rec, True)
+            running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+            alive = 0
+            for t in running:
+                owner = t.system_attrs.get(OWNER_ATTR)
+                if owner is not None and owner != self.owner and self._alive(owner):
+                    alive += 1
+                else:
+                    try:
+                        self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        pass
+            if len(complete) >= n_trials:
+                break
+            if len(complete) + alive >= n_trials:
+                time.sleep(self.poll_s)
+                continue
+            study.sampler = optuna.samplers.TPESampler(seed=_mix(seed, len(complete)), multivariate=True)
+            trial = study.ask(distributions)
+            self.storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, self.owner)
+            point = Point(to_params(dict(trial.params)))
+            earlier = self.records(study).get(point.key)
+            t0 = time.perf_counter()
+            if earlier is not None:  # the same suggestion again: reuse, never re-evaluate
+                scores = {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items}
+            else:
+                scores = scores_dict(objective(point))
+            seconds = time.perf_counter() - t0
+            for k, v in {KEY_ATTR: point.key, OWNER_ATTR: self.owner, "params": point.params, "split": point.split,
+                         "limit": None, "seconds": seconds, "reused": earlier is not None, **scores}.items():
+                trial.set_user_attr(k, v)
+            study.tell(trial, scores["overall"])
+            rec = Record(point.params, "dev", None, scores["overall"], scores["tasks"], scores["n_items"], seconds, trial.number)
+            reported.add(trial.number)
+            if on_result:
+                on_result(point, rec, earlier is not None)
+        return [
+            _record(t)
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        ]
+
+
+def _fast_sqlite(engine: sa.engine.Engine) -> None:
+    """WAL journal and ``synchronous=NORMAL``: a commit no longer waits for an fsync.
+
+    Every evaluation is a few commits; with SQLite's defaults each one fsyncs, which costs more
+    than evaluating a small model. In WAL mode a process that dies loses nothing it committed
+    (only an OS crash can lose the last commits), and readers never block the writer, which is
+    what several workers on one file need.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
+        cur = dbapi_connection.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    engine.dispose()  # connections opened before the listener get the pragmas on reconnect
+
+
+def _mix(seed: int, n: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{n}".encode()).digest()[:4], "little")
+
+
+def _record(t: optuna.trial.FrozenTrial) -> Record:
+    ua = t.user_attrs
+    return Record(
+        params=dict(ua.get("params", t.params)),
+        split=ua.get("split", "dev"),
+        limit=ua.get("limit"),
+        overall=float(ua.get("overall", t.value)),
+        tasks=dict(ua.get("tasks", {})),
+        n_items={k: int(v) for k, v in ua.get("n_items", {}).items()},
+        seconds=float(ua.get("seconds", 0.0)),
+        number=t.number,
+        extra={"reused": bool(ua.get("reused", False))},
+    )
+
+
+def successive_halving(
+    store: StudyStore,
+    study_name: str,
+    params: Sequence[dict[str, Any]],
+    objective: Callable[[Point], Any],
+    *,
+    min_items: int,
+    eta: int,
+    on_result: Callable[[Point, Record, bool], None] | None = None,
+) -> tuple[list[Record], list[Record]]:
+    """Score all points on ``min_items`` items per task, keep the best 1/eta, grow the subset by eta, repeat.
+
+    Returns (full evaluations of the survivors, last partial evaluation of each dropped point).
+    The last rung is always a full evaluation (``limit=None``), so the chosen point's score is
+    comparable with unpruned searches. Ties keep the earlier point.
+    """
+    alive = list(params)
+    dropped: list[Record] = []
+    limit: int | None = min_items
+    while True:
+        if len(alive) <= 1:
+            limit = None
+        recs = store.evaluate(study_name, [Point(p, limit=limit) for p in alive], objective, on_result=on_result)
+        if limit is None:
+            return recs, dropped
+        keep = max(1, math.ceil(len(alive) / eta))
+        order = sorted(range(len(alive)), key=lambda i: -recs[i].overall)  # stable: ties keep order
+        kept = sorted(order[:keep])
+        dropped.extend(recs[i] for i in order[keep:])
+        # A subset that already held every item of every task cannot grow: the next rung is full.
+        exhausted = all(n < limit for i in kept for n in recs[i].n_items.values())
+        alive = [alive[i] for i in kept]
+        limit = None if exhausted else limit * eta
+
+
+def best(records: Iterable[Record]) -> Record:
+    """The highest overall score; ties go to the earliest record (deterministic)."""
+    records = list(records)
+    if not records:
+        raise ExmeError("no evaluations to choose from")
+    top = max(r.overall for r in records)
+    return next(r for r in records if r.overall == top)
