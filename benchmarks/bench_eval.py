@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import tempfile
@@ -102,6 +103,26 @@ def time_lm_eval_mc(model, tok, folder: Path, repeats: int, batch: int) -> float
     return best
 
 
+def time_threads(model, tok, threads: list[int], repeats: int = 3) -> dict[int, float]:
+    """Seconds of one forward pass over 16 rows of 96 tokens, best of ``repeats``, per torch thread count."""
+    ids = torch.randint(4, len(tok), (16, 96), generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            best = float("inf")
+            with torch.inference_mode():
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    model(input_ids=ids)
+                    best = min(best, time.perf_counter() - start)
+            out[n] = best
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer items (a smoke run)")
@@ -109,7 +130,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument(
         "--threads", type=int, default=1,
-        help="torch threads (1 by default: on a shared, oversubscribed CPU two spinning threads ran ~10x slower)",
+        help="torch threads (1 by default: on a shared, oversubscribed CPU more threads than free cores can be much slower;"
+        " the run measures this on the ~100M model)",
     )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/_work/bench_eval.json"))
     args = parser.parse_args()
@@ -120,6 +142,7 @@ def main() -> None:
     if args.quick:
         sizes = {"tiny": (16, 16), "100M": (4, 8)}
     rows = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for kind, (n_gen, n_mc) in sizes.items():
             folder = Path(tmp) / kind
@@ -139,6 +162,8 @@ def main() -> None:
                 else:
                     a, b = sb.details["mc"]["items"], s1.details["mc"]["items"]
                     row[task]["max_abs_loglik_diff"] = max(abs(x - y) for i, j in zip(a, b) for x, y in zip(i["loglik"], j["loglik"]))
+            if kind == "100M":
+                row["forward_s_by_threads"] = time_threads(model, tok, [1, 2])
             lm_eval_s = time_lm_eval_mc(model, tok, folder, args.repeats, args.batch)
             if lm_eval_s is not None:
                 row["mc"]["lm_eval_items_per_s"] = n_mc / lm_eval_s
@@ -146,7 +171,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     info = {
         "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_avg_1min_before_after": [load_before[0], os.getloadavg()[0]],
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
@@ -162,8 +189,12 @@ def main() -> None:
         for task in ("gen", "mc"):
             r = row[task]
             peer = f"{r['lm_eval_items_per_s']:.1f}" if "lm_eval_items_per_s" in r else "-"
-            print(f"| {row['model']} | {row['params'] / 1e6:.1f}M | {task} | {r['items']} | {r['batched_items_per_s']:.1f} | "
-                  f"{r['batch1_items_per_s']:.1f} | {r['speedup']:.1f}x | {peer} |")
+            print(f"| {row['model']} | {row['params'] / 1e6:.1f}M | {task} | {r['items']} | {r['batched_items_per_s']:.2f} | "
+                  f"{r['batch1_items_per_s']:.2f} | {r['speedup']:.1f}x | {peer} |")
+    for row in rows:
+        if "forward_s_by_threads" in row:
+            print(f"\n{row['model']} forward (16x96 tokens), seconds by torch threads: {row['forward_s_by_threads']}")
+    print(f"load average (1 min) before/after: {info['load_avg_1min_before_after']} on {info['cpus']} CPUs")
 
 
 if __name__ == "__main__":
