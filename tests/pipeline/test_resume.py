@@ -28,7 +28,7 @@ def _config(path: Path, sft_run, tiny_suite, output: Path, storage: str | None =
 
 
 def _worker(config: Path, log: Path, sft_run, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(WORKER), str(config), str(log), str(sft_run.base), str(sft_run.ckpts[0]), str(sft_run.ckpts[1]), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
