@@ -486,13 +486,18 @@ class Pipeline:
         }
         config = MergeConfig.model_validate(spec)
         target = self.output / "model"
+        marker = self.output / "model.spec.json"  # what model/ holds, so a resumed run need not rewrite it
+        if target.is_dir() and marker.is_file() and json.loads(marker.read_text()) == spec:
+            return target
         # Workers on one machine sharing this output folder write it once: the first to claim it.
         key = json.dumps({"host": socket.gethostname(), "out": str(target.resolve()), "spec": spec}, sort_keys=True)
         if not self.store.claim(self.study_name("final-model"), key):
             self.notes.append(f"{target} is written by another worker sharing this run folder")
             return target
+        marker.unlink(missing_ok=True)
         out = run_merge(config, target, device=self.config.device, force=True, seed=self.config.seed,
                         progress=self.progress)
+        marker.write_text(json.dumps(spec, indent=2))
         self.timings["final model"] = time.perf_counter() - t0
         return Path(out)
 
