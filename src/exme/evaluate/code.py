@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from exme.evaluate.sandbox import SandboxLimits, run_programs
@@ -36,20 +37,20 @@ def mbpp_program(record: dict[str, Any], completion: str) -> str:
 
 
 def score_code(
-    task: Task, records: list[dict[str, Any]], completions: list[str], *, workers: int = 2, progress: bool = False
+    task: Task,
+    records: list[dict[str, Any]],
+    completions: list[str],
+    *,
+    workers: int = 2,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """pass@1 with greedy decoding: the share of programs that exit cleanly within the time limit."""
     build = humaneval_program if task.kind == "humaneval" else mbpp_program
     programs = [build(r, c) for r, c in zip(records, completions)]
-    from exme.evaluate.evaluator import _Progress
-
-    bar = _Progress(progress, len(programs), f"{task.name}: running tests")
-    try:
-        results = run_programs(programs, SandboxLimits(timeout=task.spec.timeout), workers=workers, progress=bar.advance)
-    finally:
-        bar.close()
+    results = run_programs(programs, SandboxLimits(timeout=task.spec.timeout), workers=workers, progress=progress)
     passed = [r.passed for r in results]
     items = [
-        {"completion": c, "status": r.status, "seconds": round(r.seconds, 3)} for c, r in zip(completions, results)
+        {"completion": c, "status": r.status, "seconds": round(r.seconds, 3), "output": r.output[-500:]}
+        for c, r in zip(completions, results)
     ]
     return {"pass@1": sum(passed) / len(passed) if passed else float("nan")}, items

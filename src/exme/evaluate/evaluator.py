@@ -38,24 +38,27 @@ def check_split(split: str) -> str:
 
 
 class _Progress:
-    """A rich progress bar when asked for, a no-op otherwise (a search calls evaluate many times)."""
+    """One rich progress display per evaluate call, one bar per task; a no-op when disabled
+    (a search calls evaluate many times and wants quiet)."""
 
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.bar = None
-        if enabled and total:
+    def __init__(self, enabled: bool):
+        self.display = None
+        if enabled:
             from rich.progress import Progress
 
-            self.bar = Progress(transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(label, total=total)
+            self.display = Progress(transient=True)
+            self.display.start()
 
-    def advance(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
+    def bar(self, total: int, label: str):
+        """A callback advancing a new bar of ``total`` steps (``None`` when disabled)."""
+        if self.display is None or not total:
+            return None
+        task = self.display.add_task(label, total=total)
+        return lambda n: self.display.advance(task, n)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        if self.display is not None:
+            self.display.stop()
 
 
 class SuiteEvaluator:
@@ -112,16 +115,18 @@ class SuiteEvaluator:
         tasks: dict[str, float] = {}
         n_items: dict[str, int] = {}
         details: dict[str, dict[str, Any]] = {}
+        progress = _Progress(self.progress)
         try:
             for task, prep in prepared:
                 n = len(prep["records"]) if limit is None else min(limit, len(prep["records"]))
-                metrics, items = self._score(task, prep, n, model, tokenizer)
+                metrics, items = self._score(task, prep, n, model, tokenizer, progress)
                 tasks[task.name] = metrics[task.spec.metric]
                 n_items[task.name] = n
                 details[task.name] = {"kind": task.kind, "metric": task.spec.metric, "metrics": metrics}
                 if self.keep_items:
                     details[task.name]["items"] = items
         finally:
+            progress.close()
             if was_training:
                 model.train()
         weights = {t.name: t.spec.weight for t in self.suite.tasks}
@@ -155,9 +160,9 @@ class SuiteEvaluator:
                     else:  # the tokenizer merged across the boundary: encode the continuation alone
                         cont = list(tokenizer(cont_text, add_special_tokens=False)["input_ids"])
                     requests.append(Continuation(tuple(ctx), tuple(cont)))
-                    lengths.append(len(cont_text.encode("utf-8")))
+                    lengths.append(len(choice))  # lm-eval's acc_norm: characters of the choice text
                 spans.append((start, len(requests)))
-            prep.update(requests=requests, spans=spans, byte_lengths=lengths)
+            prep.update(requests=requests, spans=spans, choice_lengths=lengths)
         else:
             prep["ids"] = [prompts.encode(tokenizer, t, from_chat_template=c) for t, c in texts]
             if task.kind == "gsm8k":
@@ -168,24 +173,20 @@ class SuiteEvaluator:
 
     # -- scoring (runs the model every time) --
 
-    def _score(self, task: Task, prep: dict[str, Any], n: int, model, tokenizer) -> tuple[dict[str, float], list]:
+    def _score(self, task: Task, prep: dict[str, Any], n: int, model, tokenizer, progress: _Progress):
         if task.kind == "multiple_choice":
-            return self._score_mc(task, prep, n, model, tokenizer)
+            return self._score_mc(task, prep, n, model, tokenizer, progress)
         if task.kind == "perplexity":
-            return self._score_perplexity(task, prep, n, model, tokenizer)
-        bar = _Progress(self.progress, n, f"{task.name}: generating")
-        try:
-            completions = greedy_generate(
-                model,
-                tokenizer,
-                prep["ids"][:n],
-                max_new_tokens=task.spec.max_new_tokens,
-                stop=prompts.stop_strings(task),
-                batch_size=self.batch_size,
-                progress=bar.advance,
-            )
-        finally:
-            bar.close()
+            return self._score_perplexity(task, prep, n, model, tokenizer, progress)
+        completions = greedy_generate(
+            model,
+            tokenizer,
+            prep["ids"][:n],
+            max_new_tokens=task.spec.max_new_tokens,
+            stop=prompts.stop_strings(task),
+            batch_size=self.batch_size,
+            progress=progress.bar(n, f"{task.name}: generating"),
+        )
         records = prep["records"][:n]
         if task.kind == "gsm8k":
             preds = [extract_final_number(c) for c in completions]
@@ -196,26 +197,22 @@ class SuiteEvaluator:
             return _score_generate(prep["regex"], completions, records)
         from exme.evaluate.code import score_code
 
-        return score_code(task, records, completions, workers=self.workers, progress=self.progress)
+        return score_code(task, records, completions, workers=self.workers, progress=progress.bar(n, f"{task.name}: running tests"))
 
-    def _score_mc(self, task, prep, n, model, tokenizer):
+    def _score_mc(self, task, prep, n, model, tokenizer, progress: _Progress):
         spans = prep["spans"][:n]
         end = spans[-1][1] if spans else 0
-        bar = _Progress(self.progress, end, f"{task.name}: scoring choices")
-        try:
-            scored = continuation_logprobs(
-                model,
-                prep["requests"][:end],
-                batch_size=self.mc_batch_size,
-                pad_id=_pad_id(tokenizer),
-                progress=bar.advance,
-            )
-        finally:
-            bar.close()
+        scored = continuation_logprobs(
+            model,
+            prep["requests"][:end],
+            batch_size=self.mc_batch_size,
+            pad_id=_pad_id(tokenizer),
+            progress=progress.bar(end, f"{task.name}: scoring choices"),
+        )
         acc, acc_norm, items = [], [], []
         for (start, stop), record in zip(spans, prep["records"][:n]):
             logps = [scored[i][0] for i in range(start, stop)]
-            normed = [lp / max(1, prep["byte_lengths"][i]) for lp, i in zip(logps, range(start, stop))]
+            normed = [lp / max(1, prep["choice_lengths"][i]) for lp, i in zip(logps, range(start, stop))]
             pick = max(range(len(logps)), key=logps.__getitem__)
             pick_norm = max(range(len(normed)), key=normed.__getitem__)
             acc.append(pick == record["label"])
@@ -223,12 +220,14 @@ class SuiteEvaluator:
             items.append({"loglik": logps, "prediction": pick, "prediction_norm": pick_norm, "label": record["label"]})
         return {"acc": _mean(acc), "acc_norm": _mean(acc_norm)}, items
 
-    def _score_perplexity(self, task, prep, n, model, tokenizer):
-        bar = _Progress(self.progress, n, f"{task.name}: perplexity")
-        try:
-            per_doc = token_nll(model, prep["docs"][:n], batch_size=self.mc_batch_size, pad_id=_pad_id(tokenizer), progress=bar.advance)
-        finally:
-            bar.close()
+    def _score_perplexity(self, task, prep, n, model, tokenizer, progress: _Progress):
+        per_doc = token_nll(
+            model,
+            prep["docs"][:n],
+            batch_size=self.mc_batch_size,
+            pad_id=_pad_id(tokenizer),
+            progress=progress.bar(n, f"{task.name}: perplexity"),
+        )
         total_nll = sum(nll for nll, _ in per_doc)
         total_tokens = sum(k for _, k in per_doc)
         total_bytes = sum(prep["bytes"][:n])

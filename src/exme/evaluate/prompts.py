@@ -95,8 +95,16 @@ def prompt_text(task: Task, record: dict[str, Any], tokenizer) -> tuple[str, boo
 
 
 def stop_strings(task: Task) -> list[str]:
-    """The task's stop strings (its own, else the kind's defaults)."""
-    return list(task.spec.stop) if task.spec.stop is not None else list(DEFAULT_STOP[task.kind])
+    """The task's stop strings (its own, else the kind's defaults).
+
+    Code tasks under a chat template get no default stops: chat models answer with a whole fenced
+    function, which the HumanEval stops (``"\\ndef "``) would cut; their turn ends at EOS instead.
+    """
+    if task.spec.stop is not None:
+        return list(task.spec.stop)
+    if task.spec.chat_template and task.kind in ("humaneval", "mbpp"):
+        return []
+    return list(DEFAULT_STOP[task.kind])
 
 
 def encode(tokenizer, text: str, *, from_chat_template: bool) -> list[int]:

@@ -1,0 +1,87 @@
+"""`exme eval`: an end-to-end run on a tiny local model, and bad input as one line with exit code 2."""
+
+import json
+
+import pytest
+import torch
+
+from exme.cli import main as cli_main
+
+
+def main(argv):
+    """``exme eval ...``; while ``eval`` is the only command, Typer runs it without its name."""
+    import typer.main
+
+    from exme.cli.app import app
+
+    command = typer.main.get_command(app)
+    return cli_main(argv if hasattr(command, "commands") else argv[1:])
+
+from .conftest import write_jsonl, write_suite
+from .test_scoring import GSM, MC_RECORDS
+
+
+@pytest.fixture
+def suite_file(tmp_path):
+    write_jsonl(tmp_path / "mc.jsonl", MC_RECORDS)
+    write_jsonl(tmp_path / "gsm.jsonl", GSM * 2)
+    return write_suite(
+        tmp_path / "suite.yaml",
+        "name: tiny\nsplit: {seed: 4, dev_fraction: 0.5}\ntasks:\n"
+        "  - {name: mc, kind: multiple_choice, data: mc.jsonl, weight: 2}\n"
+        "  - {name: gsm, kind: gsm8k, data: gsm.jsonl, max_new_tokens: 8}\n",
+    )
+
+
+def test_eval_end_to_end_writes_json_matching_library_scores(tiny_lm, suite_file, tmp_path, capsys):
+    from exme.evaluate import load_evaluator
+
+    model, tok, model_dir = tiny_lm
+    out = tmp_path / "scores.json"
+    assert main(["eval", str(model_dir), "--suite", str(suite_file), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "acc_norm" in printed
+    document = json.loads(out.read_text())
+    assert document["suite"]["split"] == {"method": "seeded_permutation", "seed": 4, "dev_fraction": 0.5}
+    assert document["suite"]["n_items"] == {"dev": {"mc": 3, "gsm": 4}, "test": {"mc": 3, "gsm": 4}}
+    evaluator = load_evaluator(suite_file)
+    for split in ("dev", "test"):
+        expected = evaluator.evaluate(model, tok, split)  # the in-memory model is the one on disk
+        got = document["scores"][split]
+        assert got["tasks"] == pytest.approx(expected.tasks)
+        assert got["overall"] == pytest.approx((2 * got["tasks"]["mc"] + got["tasks"]["gsm"]) / 3)
+
+
+def test_eval_single_split_with_limit(tiny_lm, suite_file, tmp_path):
+    _, _, model_dir = tiny_lm
+    out = tmp_path / "dev.json"
+    assert main(["eval", str(model_dir), "--suite", str(suite_file), "--split", "dev", "--limit", "2", "--json", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert list(document["scores"]) == ["dev"]
+    assert document["scores"]["dev"]["n_items"] == {"mc": 2, "gsm": 2}
+
+
+@pytest.mark.parametrize(
+    "suite_text, data, message",
+    [
+        ("tasks:\n  - {name: t, kind: essay, data: d.jsonl}\n", '{"prompt": "p", "target": "t"}\n', "unknown kind 'essay'"),
+        ("tasks:\n  - {name: t, kind: generate, data: d.jsonl}\n", '{"prompt": "p", "target": "t"}\n{"prompt": "q"}\n', "d.jsonl:2: record lacks field"),
+        ("tasks:\n  - {name: t, kind: generate, data: d.jsonl}\n", "", "is empty"),
+        ("tasks:\n  - {name: t, kind: generate, data: d.jsonl, regex: '(['}\n", '{"prompt": "p", "target": "t"}\n', "does not compile"),
+    ],
+)
+def test_bad_suite_exits_2_with_one_line(tiny_lm, tmp_path, capsys, suite_text, data, message):
+    _, _, model_dir = tiny_lm
+    (tmp_path / "d.jsonl").write_text(data)
+    suite = write_suite(tmp_path / "bad.yaml", suite_text)
+    assert main(["eval", str(model_dir), "--suite", str(suite)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("exme: error:") and message in err and "\n" not in err
+    assert "bad.yaml" in err or "d.jsonl" in err
+
+
+def test_bad_model_folder_and_split_exit_2(suite_file, tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--suite", str(suite_file)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--suite", str(suite_file), "--split", "train"]) == 2
+    assert "--split 'train'" in capsys.readouterr().err
