@@ -11,7 +11,7 @@ import pytest
 
 from exme.cli import main
 from exme.errors import ExmeError
-from exme.report import load_results, render
+from exme.report import load_results, render, save_results
 from exme.report.schema import RankedCheckpoint, RunResults, SplitScores
 
 # The fixture suite's weights (1, 1, 2), normalised by hand.
@@ -154,9 +154,10 @@ def test_every_markdown_table_is_well_formed(tmp_path, make):
         assert len(table) >= 3
 
 
-def test_load_results_round_trips_what_the_pipeline_wrote(tmp_path, results):
-    (tmp_path / "results.json").write_text(results.model_dump_json(indent=2))
-    assert load_results(tmp_path) == results
+def test_save_then_load_results_round_trips_and_leaves_no_temporary_file(tmp_path, results):
+    assert save_results(results, tmp_path / "run") == tmp_path / "run" / "results.json"
+    assert load_results(tmp_path / "run") == results
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["results.json"]
 
 
 @pytest.mark.parametrize(
@@ -212,3 +213,23 @@ def test_cli_report_missing_run_folder_is_exit_2(tmp_path, capsys):
 def test_render_leaves_no_temporary_files(tmp_path, results):
     render(results, tmp_path)
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["plots", "report.md"]
+
+
+def test_outcome_without_item_counts_says_it_has_no_noise_estimate(tmp_path, results):
+    for row in results.final:
+        row.test.n_items = {}
+    outcome = _section(render(results, tmp_path).read_text(), "Outcome")
+    assert "no noise estimate" in outcome and "an unrecorded number of test items" in outcome
+    assert _row(f"## Outcome\n{outcome}", "Outcome", "best SFT (SFT-1)")[4:6] == ["–", "–"]
+
+
+def test_alpha_search_is_matched_to_its_checkpoint_by_field_then_name_then_kept_order(results):
+    from exme.report.render import checkpoint_of
+
+    search = results.alpha_search[0].model_copy(update={"checkpoint": None, "name": "alpha/checkpoint-600"})
+    assert checkpoint_of(search, results.ranking, 0).name == "checkpoint-600"
+    search = search.model_copy(update={"checkpoint": "checkpoint-300"})
+    assert checkpoint_of(search, results.ranking, 0).name == "checkpoint-300"
+    anonymous = search.model_copy(update={"checkpoint": None, "name": "first"})
+    assert [checkpoint_of(anonymous, results.ranking, i).name for i in (0, 1)] == ["checkpoint-500", "checkpoint-400"]
+    assert checkpoint_of(anonymous, results.ranking, 2) is None

@@ -146,7 +146,8 @@ def plot_ranking(ranking: Sequence[RankedCheckpoint], path: Path) -> Path:
     ax.bar_label(bars, labels=[f"{v:.4f}" for v in values], fontsize=7, padding=2)
     ax.set_ylabel("dev overall")
     ax.set_title("Checkpoint ranking on dev (kept checkpoints in blue)")
-    ax.tick_params(axis="x", labelrotation=45 if len(names) > 5 else 0, labelsize=8)
+    rotate = len(names) > 5
+    ax.set_xticks(range(len(names)), names, rotation=35 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
     ax.margins(y=0.12)
     ax.legend(
         [Line2D([], [], color=_KEPT_COLOR, lw=8), Line2D([], [], color=_OTHER_COLOR, lw=8)],

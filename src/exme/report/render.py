@@ -41,6 +41,8 @@ def load_results(run_dir: Path | str) -> RunResults:
         raise ExmeError(f"{path}: file not found; this folder holds no pipeline results (run `exme run` first or check the path)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ExmeError(f"{path}: cannot be read ({err.strerror}); check its permissions") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ExmeError(f"{path}: not valid JSON ({err}); the run may have been interrupted while writing it, re-run the pipeline") from None
     try:
@@ -48,10 +50,23 @@ def load_results(run_dir: Path | str) -> RunResults:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        msg = " ".join(str(first["msg"]).split())
         more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
         raise ExmeError(
-            f"{path}: key '{where}': {first['msg']}{more}; the file does not match this exme version's results schema"
+            f"{path}: key '{where}': {msg}{more}; the file does not match this exme version's results schema"
         ) from None
+
+
+def save_results(results: RunResults, run_dir: Path | str) -> Path:
+    """Write ``RUN_DIR/results.json`` atomically (a reader never sees half a file); return its path.
+
+    The pipeline calls this after each stage, so an interrupted run still leaves valid results.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESULTS_FILE
+    _write_atomic(path, results.model_dump_json(indent=2) + "\n")
+    return path
 
 
 # --------------------------------------------------------------------------- number formatting
@@ -75,6 +90,7 @@ def fmt_param(x: Any) -> str:
 
 
 def fmt_seconds(s: float) -> str:
+    """Stage times: seconds with one decimal, and minutes beside them once they are long."""
     return f"{s:,.1f} s" if s < 120 else f"{s:,.1f} s ({s / 60:.1f} min)"
 
 
@@ -193,9 +209,11 @@ def draw_plots(results: RunResults, plots_dir: Path, weights: dict[str, float]) 
     if beta is not None and beta.trials and (param := _search_param(beta, "beta")) is not None:
         sft = best_sft(results.final, results.ranking)
         top = ranked(results.ranking)[0] if results.ranking else None
-        ref, ref_label = (sft.dev, f"{sft.name} (best SFT)") if sft is not None and sft.dev is not None else (
-            (top.dev, f"{top.name} (best SFT)") if top is not None else (None, "")
-        )
+        ref, ref_label = None, ""
+        if sft is not None and sft.dev is not None:
+            ref, ref_label = sft.dev, f"{sft.name} (best SFT)"
+        elif top is not None:
+            ref, ref_label = top.dev, f"{top.name} (best SFT)"
         out["beta"] = plots.plot_parameter_curve(
             beta, param, plots_dir / "beta.png",
             title="Merge of the two extrapolated checkpoints: dev score vs β",
@@ -222,86 +240,34 @@ def _noise_phrase(d: Difference) -> str:
     return f"standard error {fmt_score(d.se)}{ratio}: {verdict}"
 
 
+def _beat(d: Difference) -> str:
+    return "beat" if d.diff > 0 else "did not beat"
+
+
 def _verdict(d: Difference) -> str:
-    if d.diff > 0:
-        return "beat (within noise)" if d.within_noise else "beat"
-    return "did not beat"
+    return "beat (within noise)" if d.diff > 0 and d.within_noise else _beat(d)
 
 
-def outcome_section(results: RunResults, weights: dict[str, float]) -> str:
-    """The honest verdict: ExMe vs the best SFT checkpoint (chosen on dev) and vs every baseline, on test."""
+def comparisons(results: RunResults, weights: dict[str, float]) -> list[tuple[str, FinalRow, Difference]]:
+    """ExMe's test difference against each reference: the best SFT (chosen on dev) first, then the SFT
+    best on test when it is another one, each EXPO model, each baseline. Empty without an ExMe row."""
     exme = next((r for r in results.final if r.kind == "exme"), None)
     if exme is None:
-        return "No ExMe model was evaluated on the test split in this run, so there is no outcome to state."
+        return []
+    refs: list[tuple[str, FinalRow]] = []
     sft = best_sft(results.final, results.ranking)
-    others: list[tuple[str, FinalRow]] = []
-    # The SFT with the best *test* score is not a fair reference (it was picked with test), but when it
-    # differs from the dev-chosen one the reader should see it, so it gets its own row.
-    sft_on_test = max((r for r in results.final if r.kind == "sft"), key=lambda r: r.test.overall, default=None)
     if sft is not None:
-        others.append((f"best SFT ({sft.name})", sft))
-        if sft_on_test is not None and sft_on_test is not sft and sft_on_test.test.overall > sft.test.overall:
-            others.append((f"{sft_on_test.name} (best SFT on test)", sft_on_test))
-    others += [(f"{r.name} (extrapolated only)", r) for r in results.final if r.kind == "expo"]
-    others += [(f"{r.name} (baseline)", r) for r in results.final if r.kind == "baseline"]
-    diffs = [(label, row, difference(exme.test, row.test, weights)) for label, row in others]
+        refs.append((f"best SFT ({sft.name})", sft))
+        # Not a fair reference (picked with test), but a reader should see it when it differs.
+        on_test = max((r for r in results.final if r.kind == "sft"), key=lambda r: r.test.overall)
+        if on_test is not sft and on_test.test.overall > sft.test.overall:
+            refs.append((f"{on_test.name} (best SFT on test)", on_test))
+    refs += [(f"{r.name} (extrapolated only)", r) for r in results.final if r.kind == "expo"]
+    refs += [(f"{r.name} (baseline)", r) for r in results.final if r.kind == "baseline"]
+    return [(label, row, difference(exme.test, row.test, weights)) for label, row in refs]
 
-    n_items = exme.test.n_items
-    n_total = sum(n_items.values())
-    items = (
-        f"{n_total} test items ({', '.join(f'{t}: {n}' for t, n in n_items.items())})"
-        if n_items else "an unrecorded number of test items"
-    )
-    parts: list[str] = []
-    if sft is not None:
-        d = diffs[0][2]
-        if d.diff > 0:
-            parts.append(
-                f"**ExMe beat the best SFT checkpoint** ({sft.name}, best on dev) on the test split: "
-                f"{fmt_score(d.a)} vs {fmt_score(d.b)}, a gain of {fmt_delta(d.diff)} ({_noise_phrase(d)}), "
-                f"over {items}."
-            )
-            if d.within_noise:
-                parts.append("This gain is within the noise of the test set: on its own it is not evidence that ExMe is better.")
-        else:
-            parts.append(
-                f"**ExMe did not beat the best SFT checkpoint** ({sft.name}, best on dev) on the test split: "
-                f"{fmt_score(d.a)} vs {fmt_score(d.b)}, a difference of {fmt_delta(d.diff)} ({_noise_phrase(d)}), "
-                f"over {items}."
-            )
-        if len(diffs) > 1 and diffs[1][1] is sft_on_test and sft_on_test is not sft:
-            d2 = diffs[1][2]
-            parts.append(
-                f"On test, {sft_on_test.name} scored higher than the dev-chosen checkpoint "
-                f"({fmt_score(d2.b)} vs {fmt_score(d.b)}); ExMe {_verdict(d2).split(' (')[0]} it "
-                f"({fmt_delta(d2.diff)})."
-            )
-    else:
-        parts.append(f"ExMe scored {fmt_score(exme.test.overall)} on the test split over {items}; no SFT checkpoint was evaluated on test to compare with.")
-    base_diffs = [(row, d) for _, row, d in diffs if row.kind == "baseline"]
-    if base_diffs:
-        won = [f"{row.name} ({fmt_delta(d.diff)})" for row, d in base_diffs if d.diff > 0]
-        lost = [f"{row.name} ({fmt_delta(d.diff)})" for row, d in base_diffs if d.diff <= 0]
-        sentence = "Against the baselines on test, ExMe "
-        sentence += "; ".join(
-            x for x in (f"beat {', '.join(won)}" if won else "", f"did not beat {', '.join(lost)}" if lost else "") if x
-        )
-        parts.append(sentence + ".")
-    text = [" ".join(parts), ""]
-    if diffs:
-        text.append(
-            md_table(
-                ["ExMe vs", "ExMe test", "Other test", "Difference", "SE", "Difference / SE", "Verdict"],
-                [
-                    [label, fmt_score(d.a), fmt_score(d.b), fmt_delta(d.diff), fmt_score(d.se),
-                     "–" if d.z is None else f"{d.z:+.1f}".replace("-", "−"), _verdict(d)]
-                    for label, _, d in diffs
-                ],
-                align="lrrrrrl",
-            )
-        )
-        text.append("")
-    methods = {d.method for _, _, d in diffs}
+
+def _noise_note(methods: set[str | None]) -> str:
     notes = []
     if PAIRED in methods:
         notes.append(
@@ -315,18 +281,68 @@ def outcome_section(results: RunResults, weights: dict[str, float]) -> str:
         )
     if None in methods:
         notes.append("no estimate where item counts are missing or scores are not accuracies in [0, 1]")
-    if notes:
-        text.append(
-            "Noise: SE is the standard error of the overall-score difference (wₜ the normalised task weights); "
-            + "; ".join(notes)
-            + ". A difference under 2 SE is within the noise of this test set."
+    return (
+        "Noise: SE is the standard error of the overall-score difference (wₜ the normalised task weights); "
+        + "; ".join(notes)
+        + ". A difference under 2 SE is within the noise of this test set."
+    )
+
+
+def outcome_section(results: RunResults, weights: dict[str, float]) -> str:
+    """The honest verdict: ExMe vs the best SFT checkpoint (chosen on dev) and vs every baseline, on test."""
+    exme = next((r for r in results.final if r.kind == "exme"), None)
+    if exme is None:
+        return "No ExMe model was evaluated on the test split in this run, so there is no outcome to state."
+    diffs = comparisons(results, weights)
+    n_items = exme.test.n_items
+    items = (
+        f"{sum(n_items.values())} test items ({', '.join(f'{t}: {n}' for t, n in n_items.items())})"
+        if n_items else "an unrecorded number of test items"
+    )
+    parts: list[str] = []
+    sft_rows = [(row, d) for _, row, d in diffs if row.kind == "sft"]
+    if sft_rows:
+        (sft, d), others = sft_rows[0], sft_rows[1:]
+        change = f"a gain of {fmt_delta(d.diff)}" if d.diff > 0 else f"a difference of {fmt_delta(d.diff)}"
+        parts.append(
+            f"**ExMe {_beat(d)} the best SFT checkpoint** ({sft.name}, best on dev) on the test split: "
+            f"{fmt_score(d.a)} vs {fmt_score(d.b)}, {change} ({_noise_phrase(d)}), over {items}."
         )
-        text.append("")
+        if d.diff > 0 and d.within_noise:
+            parts.append("This gain is within the noise of the test set: on its own it is not evidence that ExMe is better.")
+        for row, d2 in others:
+            parts.append(
+                f"On test, {row.name} scored higher than the dev-chosen checkpoint "
+                f"({fmt_score(d2.b)} vs {fmt_score(d.b)}); ExMe {_beat(d2)} it ({fmt_delta(d2.diff)})."
+            )
+    else:
+        parts.append(
+            f"ExMe scored {fmt_score(exme.test.overall)} on the test split over {items}; "
+            "no SFT checkpoint was evaluated on test to compare with."
+        )
+    baselines = [(row, d) for _, row, d in diffs if row.kind == "baseline"]
+    if baselines:
+        won = [f"{row.name} ({fmt_delta(d.diff)})" for row, d in baselines if d.diff > 0]
+        lost = [f"{row.name} ({fmt_delta(d.diff)})" for row, d in baselines if d.diff <= 0]
+        clauses = ([f"beat {', '.join(won)}"] if won else []) + ([f"did not beat {', '.join(lost)}"] if lost else [])
+        parts.append(f"Against the baselines on test, ExMe {'; '.join(clauses)}.")
+    text = [" ".join(parts)]
+    if diffs:
+        text.append(md_table(
+            ["ExMe vs", "ExMe test", "Other test", "Difference", "SE", "Difference / SE", "Verdict"],
+            [
+                [label, fmt_score(d.a), fmt_score(d.b), fmt_delta(d.diff), fmt_score(d.se),
+                 "–" if d.z is None else f"{d.z:+.1f}".replace("-", "−"), _verdict(d)]
+                for label, _, d in diffs
+            ],
+            align="lrrrrrl",
+        ))
+        text.append(_noise_note({d.method for _, _, d in diffs}))
     text.append(
         "Selection was on the dev split only: the kept checkpoints, α, β and every baseline's settings were "
         "chosen by dev score; the test split was used once, to score the chosen models."
     )
-    return "\n".join(text)
+    return "\n\n".join(text)
 
 
 class _PlainDumper(yaml.SafeDumper):
