@@ -524,11 +524,12 @@ def rank_checkpoints(config: PipelineConfig, *, progress: bool = True, evaluator
 
 
 def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: Any = None,
-                 write_model: bool = True) -> RunResults:
+                 write_model: bool = True, report: bool = True) -> RunResults:
     """Run every stage and write the run folder (``results.json``, ``report.md``, plots, ``model/``).
 
     Safe to call again on the same output after an interruption: finished evaluations are read
-    back from the study, never repeated.
+    back from the study, never repeated. ``write_model=False`` skips the final model and
+    ``report=False`` the report (``exme report`` can render it later from ``results.json``).
     """
     pipe = Pipeline(config, progress=progress, evaluator=evaluator)
     out = Path(config.output)
@@ -552,9 +553,10 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
         results = pipe.results(**parts)
         save_results(results, out)
         (out / "pipeline.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
-        from exme.report import render
+        if report:
+            from exme.report import render
 
-        render(results, out)
+            render(results, out)
         return results
     finally:
         pipe.close()
