@@ -230,9 +230,13 @@ def _combine_into(
         k = e - s
         bb, aa, dd = b32[:k], acc[:k], d[:k]
         bb.copy_(b[s:e])
-        aa.copy_(bb)
-        for m, c in zip(ms, coeffs):
+        if not ms:
+            aa.copy_(bb)
+        for i, (m, c) in enumerate(zip(ms, coeffs)):
             dd.copy_(m[s:e])
             dd.sub_(bb)
-            aa.add_(dd, alpha=c)
+            if i == 0:  # aa = bb + c·dd without first copying bb into aa (same fused multiply-add)
+                torch.add(bb, dd, alpha=c, out=aa)
+            else:
+                aa.add_(dd, alpha=c)
         o[s:e].copy_(aa)
