@@ -6,7 +6,7 @@ memory. This measures both on the same ~550M-parameter bf16 Llama-style models (
 16 layers, intermediate 4096, vocab 32000, untied), alternating them, several repetitions, and
 checks that the two paths give bitwise the same weights.
 
-    python benchmarks/bench_live.py [--models /tmp/exme-bench/models] [--reps 3]
+    python benchmarks/bench_live.py [--models /tmp/exme-bench/models] [--reps 3] [--store float32-deltas]
 
 The models are reused from the merge benchmark's folder when present, else built there once.
 """
@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "_work" / "live")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--switches", type=int, default=5, help="live candidate switches per repetition")
+    ap.add_argument("--store", choices=["checkpoints", "float32-deltas"], default="checkpoints",
+                    help="what the live model holds (see exme.search.live)")
     ap.add_argument("--ties", action="store_true", help="also time one TIES baseline applied live (slow on a CPU)")
     args = ap.parse_args()
 
@@ -96,11 +98,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     rss0 = rss_gib()
-    live = LiveModel.load(base)
+    live = LiveModel.load(base, store=args.store)
     live.set_models([ft1, ft2])
     load_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in live.targets.values())
-    print(f"live model: {n_params / 1e6:.0f}M parameters ({live.dtype}), loaded base + 2 checkpoints in {load_s:.1f} s, "
+    print(f"live model ({args.store}): {n_params / 1e6:.0f}M parameters ({live.dtype}), loaded base + 2 checkpoints in {load_s:.1f} s, "
           f"RSS +{rss_gib() - rss0:.2f} GiB", flush=True)
 
     candidates = [(b, [a1, a2]) for b, a1, a2 in [(0.3, 0.2, 0.5), (0.5, 0.4, 0.1), (0.7, 0.6, 0.9), (0.6, 0.3, 0.5),
@@ -160,6 +162,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
         "params": n_params,
+        "store": args.store,
         "live_load_s": round(load_s, 2),
         "apply_s": {"median": round(med_apply, 3), "min": round(min(apply_s), 3), "max": round(max(apply_s), 3), "n": len(apply_s)},
         "disk_s": {"median": round(med_disk, 2), "min": round(min(disk_s), 2), "max": round(max(disk_s), 2), "n": len(disk_s)},
