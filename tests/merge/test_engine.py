@@ -253,3 +253,37 @@ def test_force_replaces_an_existing_output(tiny_models, tmp_path, merge_helpers)
     run_merge(config, out, progress=False, force=True)
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("task_arithmetic", {"weight": 0.7}),
+        ("ties", {"weight": 0.7, "density": 0.35}),
+        ("exme", {"weight": 0.5, "alpha": 0.4}),
+        ("dare_linear", {"weight": 0.7, "density": 0.5}),
+    ],
+)
+def test_results_do_not_depend_on_the_chunk_size(tiny_models, tmp_path, merge_helpers, method, params):
+    # 97 elements per chunk: every tensor spans many chunks, with boundaries mid-row.
+    config = cfg(method, tiny_models.base, [(tiny_models.sft1, params), (tiny_models.sft2, params)])
+    small = merge_helpers.read_all(run_merge(config, tmp_path / "small", progress=False, chunk_elements=97))
+    whole = merge_helpers.read_all(run_merge(config, tmp_path / "whole", progress=False, chunk_elements=10**9))
+    assert small.keys() == whole.keys()
+    assert all(torch.equal(small[n], whole[n]) for n in small)
+
+
+def test_ties_top_k_across_chunks_equals_the_whole_tensor_top_k(merge_helpers):
+    # Heavy magnitude ties (values on a coarse grid) so the tie quota must carry across chunks.
+    g = torch.Generator().manual_seed(5)
+    base = torch.zeros(5000)
+    models = [(torch.randint(-4, 5, (5000,), generator=g) * 0.25) for _ in range(2)]
+    whole = methods.ties(base, models, [1.0, 0.5], 0.3)
+    selectors = [methods.MagnitudeSelector.from_magnitudes((m - base).abs(), 0.3) for m in models]
+    parts = [
+        methods.ties(base[i : i + 333], [m[i : i + 333] for m in models], [1.0, 0.5], 0.3, selectors=selectors)
+        for i in range(0, 5000, 333)
+    ]
+    assert torch.equal(torch.cat(parts), whole)
+    kept = [(methods.magnitude_mask(m - base, 0.3)).sum().item() for m in models]
+    assert kept == [1500, 1500]

@@ -61,3 +61,14 @@ def synthetic(sft_run):
     from synthetic import SyntheticEvaluator
 
     return SyntheticEvaluator(sft_run.base, sft_run.ckpts[0], sft_run.ckpts[1], P1, P2, W1, W2)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and on a shared machine torch's threads stall each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

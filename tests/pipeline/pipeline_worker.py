@@ -52,7 +52,7 @@ def main() -> None:
     from exme.pipeline import PipelineConfig, run_pipeline
 
     ev = LoggingEvaluator(Path(args.log), args.kill_at, args.sleep, Path(args.base), Path(args.sft1), Path(args.sft2), P1, P2, W1, W2)
-    run_pipeline(PipelineConfig.from_yaml(args.config), evaluator=ev, progress=False, write_model=False)
+    run_pipeline(PipelineConfig.from_yaml(args.config), evaluator=ev, progress=False, write_model=False, report=False)
 
 
 if __name__ == "__main__":

@@ -63,5 +63,7 @@ def test_run_writes_results_report_and_a_model_that_reproduces_its_test_score(tm
         def describe(self):
             return json.loads(json.dumps(results.suite))
 
-    again = run_pipeline(PipelineConfig.from_yaml(config), evaluator=Refuse(), progress=False, write_model=False)
+    model_inode = (run / "model").stat().st_ino
+    again = run_pipeline(PipelineConfig.from_yaml(config), evaluator=Refuse(), progress=False)
     assert [r.test for r in again.final] == [r.test for r in results.final]
+    assert (run / "model").stat().st_ino == model_inode  # the same model is not written twice

@@ -43,10 +43,11 @@ def test_apply_matches_the_float64_formula(tiny_models):
         torch.testing.assert_close(state[name].double(), expected, rtol=0, atol=4 * torch.finfo(torch.float32).eps * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("store", ["checkpoints", "float32-deltas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_apply_is_bitwise_the_exme_method(wide_models, dtype):
+def test_apply_is_bitwise_the_exme_method(wide_models, dtype, store):
     base, sft1, sft2 = wide_models[dtype]
-    live = LiveModel.load(base)
+    live = LiveModel.load(base, store=store)
     assert live.dtype == dtype
     live.set_models([sft1, sft2])
     b, m1, m2 = _tensors(base), _tensors(sft1), _tensors(sft2)
@@ -81,8 +82,9 @@ def test_live_weights_are_bitwise_the_streaming_engine_output(wide_models, dtype
         assert tensor.dtype == dtype and torch.equal(state[name], tensor), name
 
 
-def test_switching_back_and_forth_is_exact(tiny_models):
-    live = LiveModel.load(tiny_models.base)
+@pytest.mark.parametrize("store", ["checkpoints", "float32-deltas"])
+def test_switching_back_and_forth_is_exact(tiny_models, store):
+    live = LiveModel.load(tiny_models.base, store=store)
     live.set_models([tiny_models.sft1, tiny_models.sft2])
     live.apply([0.9, 0.4])
     first = {n: t.clone() for n, t in live.model.state_dict().items()}
@@ -110,8 +112,9 @@ def test_tied_embeddings_are_written_once_and_stay_tied(tmp_path):
     assert torch.equal(emb.detach(), methods.exme(b, [m], [1.0], [0.5]))
 
 
-def test_baselines_apply_per_tensor_like_the_methods(tiny_models):
-    live = LiveModel.load(tiny_models.base)
+@pytest.mark.parametrize("store", ["checkpoints", "float32-deltas"])
+def test_baselines_apply_per_tensor_like_the_methods(tiny_models, store):
+    live = LiveModel.load(tiny_models.base, store=store)
     live.set_models([tiny_models.sft1, tiny_models.sft2])
     b, m1, m2 = _tensors(tiny_models.base), _tensors(tiny_models.sft1), _tensors(tiny_models.sft2)
     live.apply_method("ties", weights=[1.0, 1.0], density=0.5, normalize=True)

@@ -79,8 +79,8 @@ def test_tpe_is_deterministic_for_a_seed(tmp_path, sft_run, tiny_suite):
     runs = []
     for name in ("a", "b"):
         ev = SyntheticEvaluator(sft_run.base, sft_run.ckpts[0], sft_run.ckpts[1], 0.7, 0.9)
-        cfg = _config(tmp_path / name, sft_run, tiny_suite, search={"mode": "tpe", "n_trials": 12}, alpha={"grid": [0.0, 1.0]})
-        runs.append(run_pipeline(cfg, evaluator=ev, progress=False, write_model=False))
+        cfg = _config(tmp_path / name, sft_run, tiny_suite, search={"mode": "tpe", "n_trials": 8}, alpha={"grid": [0.0, 1.0]})
+        runs.append(run_pipeline(cfg, evaluator=ev, progress=False, write_model=False, report=False))
     assert [t.params for t in runs[0].joint_search.trials] == [t.params for t in runs[1].joint_search.trials]
 
 

@@ -145,6 +145,7 @@ class Checkpoint:
         self._bin_specs = bin_specs
         self._bin_loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
+        self._fds: dict[Path, int] = {}
         self.names: list[str] = sorted([*safe_entries, *bin_files])
 
     def __repr__(self) -> str:
@@ -272,26 +273,56 @@ class Checkpoint:
 
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Read one tensor into a fresh tensor on ``device`` (its stored dtype, never cast)."""
+        spec = self.spec(name)
+        return self.get_flat(name, 0, spec.numel).reshape(spec.shape).to(device)
+
+    def get_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of a tensor in flat (row-major) order, as a new CPU tensor.
+
+        Why: the merge engine streams large tensors in chunks; reading only the chunk keeps
+        memory small and avoids allocating a tensor-sized buffer for every input.
+        """
+        spec = self.spec(name)
+        if not 0 <= start <= stop <= spec.numel:
+            raise ValueError(f"range [{start}, {stop}) outside tensor {name!r} of {spec.numel} elements")
         if name in self._safe:
             entry = self._safe[name]
-            out = torch.empty(entry.spec.nbytes, dtype=torch.uint8)
-            with open(entry.file, "rb", buffering=0) as fh:
-                fh.seek(entry.start)
+            size = spec.dtype.itemsize
+            out = torch.empty((stop - start) * size, dtype=torch.uint8)
+            if stop > start:
                 view = memoryview(out.numpy())
+                fd = self._fd(entry.file)
+                offset = entry.start + start * size
                 got = 0
                 while got < len(view):
-                    n = fh.readinto(view[got:])
+                    n = os.preadv(fd, [view[got:]], offset + got)
                     if not n:
                         raise ExmeError(f"{entry.file} ended while reading tensor {name!r}; the file is truncated")
                     got += n
-            tensor = out.view(entry.spec.dtype).reshape(entry.spec.shape) if entry.spec.numel else torch.empty(
-                entry.spec.shape, dtype=entry.spec.dtype
-            )
-            return tensor.to(device)
-        if name in self._bin_files:
-            tensor = self._load_bin(self._bin_files[name])[name]
-            return tensor.to(device=device, copy=True)
-        raise ExmeError(f"tensor {name!r} is not in {self.path}")
+            return out.view(spec.dtype)
+        tensor = self._load_bin(self._bin_files[name])[name]
+        return tensor.reshape(-1)[start:stop].clone()
+
+    def _fd(self, file: Path) -> int:
+        """One read-only descriptor per shard, opened on first use (positional reads share it)."""
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            return fd
+
+    def close(self) -> None:
+        """Close the open shard descriptors (reading again reopens them)."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     @property
     def nbytes(self) -> int:

@@ -238,6 +238,7 @@ class ShardedSafetensorsWriter:
         self._next = 0
         self._file_index = -1
         self._fh = None
+        self._pending = 0
 
     def _open_shard(self, index: int) -> None:
         self._close_shard()
@@ -254,19 +255,41 @@ class ShardedSafetensorsWriter:
             self._fh = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Stream one tensor's bytes into place (the next one in plan order)."""
+        """Stream one whole tensor into place (the next one in plan order)."""
+        spec = self.begin(name)
+        if tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(f"tensor {name!r} has shape {tuple(tensor.shape)}, planned {spec.shape}")
+        self.append(tensor)
+        self.end()
+
+    def begin(self, name: str) -> TensorSpec:
+        """Start the next planned tensor; its bytes follow with :meth:`append`, then :meth:`end`."""
         if self._next >= len(self._order):
             raise RuntimeError(f"tensor {name!r} written after the plan was complete")
         shard, planned, spec = self._order[self._next]
         if name != planned:
             raise RuntimeError(f"expected tensor {planned!r} next, got {name!r}")
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise RuntimeError(f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}")
         if shard != self._file_index:
             self._open_shard(shard)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._pending = spec.nbytes
+        return spec
+
+    def append(self, chunk: torch.Tensor) -> None:
+        """The next elements (flat order) of the tensor begun last, in its planned dtype."""
+        spec = self._order[self._next][2]
+        if chunk.dtype != spec.dtype:
+            raise RuntimeError(f"chunk of {self._order[self._next][1]!r} is {chunk.dtype}, planned {spec.dtype}")
+        data = chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() > self._pending:
+            raise RuntimeError(f"more bytes than planned for tensor {self._order[self._next][1]!r}")
         if data.numel():
             self._fh.write(memoryview(data.numpy()))
+        self._pending -= data.numel()
+
+    def end(self) -> None:
+        """Finish the current tensor; all of its planned bytes must have been appended."""
+        if self._pending:
+            raise RuntimeError(f"tensor {self._order[self._next][1]!r} is missing {self._pending} bytes")
         self._next += 1
 
     def close(self) -> None:

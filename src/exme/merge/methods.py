@@ -196,8 +196,25 @@ def task_arithmetic(
 # --------------------------------------------------------------------------------------------
 
 
+#: Entries per step when scanning a large tensor: temporaries stay small (and are reused by
+#: the allocator) instead of allocating tensor-sized masks.
+SCAN_CHUNK = 1 << 20
+
+
+def _count_greater(values: torch.Tensor, x: torch.Tensor) -> int:
+    return sum(int(torch.count_nonzero(values[i : i + SCAN_CHUNK] > x)) for i in range(0, values.numel(), SCAN_CHUNK))
+
+
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The exact k-th largest entry of a flat tensor (1 ≤ k ≤ numel), without sorting it.
+
+    See :func:`kth_largest_and_count`, which also counts the entries strictly above it.
+    """
+    return kth_largest_and_count(values, k)[0]
+
+
+def kth_largest_and_count(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The exact k-th largest entry of a flat tensor and how many entries are strictly larger.
 
     Why not ``argsort``: a full sort of every tensor is what makes TIES slow. Instead a fixed
     sample of 65536 entries estimates the (1 − k/n) quantile; a band around the estimate, wide
@@ -210,7 +227,8 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     if not 1 <= k <= n:
         raise ValueError(f"k={k} out of range for {n} values")
     if n <= _DIRECT_SELECTION_MAX:
-        return torch.kthvalue(values, n - k + 1).values
+        value = torch.kthvalue(values, n - k + 1).values
+        return value, int(torch.count_nonzero(values > value))
     # A deterministic sample: results never depend on global RNG state.
     gen = torch.Generator(device="cpu").manual_seed(n * 2654435761 % (2**63))
     idx = torch.randint(0, n, (_THRESHOLD_SAMPLE,), generator=gen).to(values.device)
@@ -220,13 +238,63 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / m) / m) + 2.0 / m
     lo = sample[max(0, math.floor((q - margin) * m))]
     hi = sample[min(m - 1, math.ceil((q + margin) * m))]
-    n_above = int((values > hi).sum())
+    n_above = 0
+    band_parts = []
+    for i in range(0, n, SCAN_CHUNK):
+        part = values[i : i + SCAN_CHUNK]
+        n_above += int(torch.count_nonzero(part > hi))
+        band_parts.append(part[(part >= lo) & (part <= hi)])
     need = k - n_above  # how many of the largest band entries reach down to the k-th overall
-    if need >= 1:
-        band = values[(values >= lo) & (values <= hi)]
-        if need <= band.numel():
-            return torch.kthvalue(band, band.numel() - need + 1).values
-    return torch.kthvalue(values, n - k + 1).values
+    band = torch.cat(band_parts)
+    if 1 <= need <= band.numel():
+        value = torch.kthvalue(band, band.numel() - need + 1).values
+        return value, n_above + int(torch.count_nonzero(band > value))
+    value = torch.kthvalue(values, n - k + 1).values
+    return value, _count_greater(values, value)
+
+
+class MagnitudeSelector:
+    """Keeps exactly the k entries of largest magnitude; applicable chunk by chunk in flat order.
+
+    Built once from all magnitudes of a tensor (the threshold is global), then :meth:`mask`
+    is called on consecutive chunks of the same magnitudes (or once on the whole tensor).
+    Entries strictly above the threshold are kept; entries equal to it fill the remaining slots
+    in flat-index order, so the count is exactly k and the result deterministic. Why a stateful
+    object: the streaming engine merges large tensors in small chunks, and the tie quota must
+    carry over from one chunk to the next.
+    """
+
+    def __init__(self, threshold: torch.Tensor | None, ties_to_keep: int) -> None:
+        self.threshold = threshold  # None: keep everything
+        self.ties_left = ties_to_keep
+
+    @classmethod
+    def from_magnitudes(cls, magnitudes: torch.Tensor, density: float) -> MagnitudeSelector:
+        """``magnitudes``: |Δ| of the whole tensor, flat. Keeps max(1, ⌊density·n⌋) (as mergekit)."""
+        n = magnitudes.numel()
+        if density >= 1.0 or n == 0:
+            return cls(None, 0)
+        k = max(1, int(density * n))  # as mergekit: a positive density keeps at least one entry
+        if k >= n:
+            return cls(None, 0)
+        threshold, n_greater = kth_largest_and_count(magnitudes, k)
+        return cls(threshold, k - n_greater)
+
+    def mask(self, magnitudes: torch.Tensor) -> torch.Tensor:
+        """Keep-mask of the next chunk of magnitudes (flat, in order)."""
+        if self.threshold is None:
+            return torch.ones_like(magnitudes, dtype=torch.bool)
+        keep = magnitudes > self.threshold
+        if self.ties_left > 0:
+            tied = magnitudes == self.threshold
+            n_tied = int(torch.count_nonzero(tied))
+            if n_tied <= self.ties_left:
+                keep |= tied
+                self.ties_left -= n_tied
+            else:
+                keep[torch.nonzero(tied).reshape(-1)[: self.ties_left]] = True
+                self.ties_left = 0
+        return keep
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -235,26 +303,12 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     Entries strictly above the threshold are all kept; entries equal to it fill the remaining
     slots in flat-index order, so the count is exact and the result deterministic.
     """
-    n = delta.numel()
-    if density >= 1.0 or n == 0:
-        return torch.ones_like(delta, dtype=torch.bool)
-    if density <= 0.0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    k = max(1, int(density * n))  # as mergekit: a positive density keeps at least one entry
-    if k >= n:
-        return torch.ones_like(delta, dtype=torch.bool)
     magnitude = delta.abs().reshape(-1)
-    threshold = kth_largest(magnitude, k)
-    mask = magnitude > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        tied = torch.nonzero(magnitude == threshold).reshape(-1)[:missing]
-        mask[tied] = True
-    return mask.reshape(delta.shape)
+    return MagnitudeSelector.from_magnitudes(magnitude, density).mask(magnitude).reshape(delta.shape)
 
 
 def elect_sign(weighted_deltas: Sequence[torch.Tensor], method: SignMethod = "sum") -> torch.Tensor:
-    """TIES sign election: the majority sign per entry, +1 where the vote is tied at zero.
+    """TIES sign election: the majority sign per entry (±1.0), +1 where the vote is tied at zero.
 
     ``sum``: sign(Σ_i w_iΔ_i) (the TIES paper, mass-weighted); ``count``: sign(Σ_i sign(w_iΔ_i)).
     """
@@ -263,7 +317,35 @@ def elect_sign(weighted_deltas: Sequence[torch.Tensor], method: SignMethod = "su
     vote = torch.zeros_like(weighted_deltas[0])
     for wd in weighted_deltas:
         vote.add_(wd if method == "sum" else wd.sign())
-    return torch.where(vote >= 0, 1.0, -1.0).to(vote.dtype)
+    return torch.ge(vote, 0).to(vote.dtype).mul_(2).sub_(1)
+
+
+def disjoint_merge(
+    base: torch.Tensor,
+    weighted_deltas: list[torch.Tensor],
+    weights: Sequence[float],
+    majority_sign_method: SignMethod = "sum",
+    normalize: bool = True,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """TIES disjoint merge of weighted (already pruned) task vectors, in their dtype.
+
+    θ = θ_b + λ · Σ_i w_iΔ_i·[sgn(w_iΔ_i) = s] / D,  s = elect_sign({w_iΔ_i}),
+    D = Σ_i w_i·[sgn(w_iΔ_i) = s] (0 → 1) if normalize else 1. Zero (pruned) entries never
+    agree with s = ±1, so they add nothing. ``weighted_deltas`` are consumed (overwritten).
+    """
+    sign = elect_sign(weighted_deltas, majority_sign_method)
+    mixed = torch.zeros_like(weighted_deltas[0])
+    divisor = torch.zeros_like(weighted_deltas[0]) if normalize else None
+    for wd, w in zip(weighted_deltas, weights):
+        agree = wd.sign().eq_(sign)  # 1.0 where the entry has the elected sign, else 0.0
+        mixed.addcmul_(wd, agree)
+        if divisor is not None:
+            divisor.add_(agree, alpha=w)
+    if divisor is not None:
+        divisor.masked_fill_(divisor == 0, 1.0)
+        mixed.div_(divisor)
+    return base.to(mixed.dtype).add(mixed, alpha=lambda_)
 
 
 def _sign_consensus_merge(
@@ -275,25 +357,10 @@ def _sign_consensus_merge(
     lambda_: float,
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Disjoint merge: average the (weighted) task-vector entries that agree with the elected sign.
-
-    θ = θ_b + λ · Σ_i w_iΔ_i·[sgn(w_iΔ_i) = s] / D,  D = Σ_i w_i·[sgn(w_iΔ_i) = s] (0 → 1) if
-    normalize else 1. Zero entries (pruned) never agree with s = ±1, so they add nothing.
-    """
+    """Weight the task vectors in place, then :func:`disjoint_merge`."""
     for d, w in zip(deltas, ws):
         d.mul_(w)
-    sign = elect_sign(deltas, method)
-    mixed = torch.zeros_like(deltas[0])
-    divisor = torch.zeros_like(deltas[0]) if normalize else None
-    for wd, w in zip(deltas, ws):
-        agree = wd.sign() == sign
-        mixed.add_(torch.where(agree, wd, 0.0))
-        if divisor is not None:
-            divisor.add_(agree.to(compute_dtype), alpha=w)
-    if divisor is not None:
-        divisor[divisor == 0] = 1.0
-        mixed.div_(divisor)
-    return base.to(compute_dtype).add(mixed, alpha=lambda_)
+    return disjoint_merge(base.to(compute_dtype), deltas, ws, method, normalize, lambda_)
 
 
 def ties(
@@ -305,6 +372,7 @@ def ties(
     normalize: bool = True,
     lambda_: float = 1.0,
     *,
+    selectors: Sequence[MagnitudeSelector] | None = None,
     out_dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -312,6 +380,10 @@ def ties(
 
     Δ'_i = Δ_i ⊙ topk_mask(|Δ_i|, max(1, ⌊d_i·n⌋));  s = elect_sign({w_iΔ'_i});
     θ = θ_b + λ · Σ_i w_iΔ'_i[sgn(w_iΔ'_i)=s] / Σ_i w_i[sgn(w_iΔ'_i)=s]   (normalize, the default).
+
+    ``selectors`` (one :class:`MagnitudeSelector` per model, built from the whole tensor's |Δ_i|)
+    let a caller apply TIES to consecutive flat chunks of a large tensor with the global top-k;
+    without them the top-k is taken over the tensors given.
     """
     ws = _as_list(weights, len(models), "weight")
     ds = _as_list(density, len(models), "density")
@@ -319,9 +391,11 @@ def ties(
     _check_same_shape([base, *models])
     base_c = base.to(compute_dtype)
     deltas = []
-    for model, d in zip(models, ds):
+    for i, (model, d) in enumerate(zip(models, ds)):
         delta = _task_vector(model, base_c)
-        if d < 1.0:
+        if selectors is not None:
+            delta.mul_(selectors[i].mask(delta.abs().reshape(-1)).reshape(delta.shape))
+        elif d < 1.0:
             delta.mul_(magnitude_mask(delta, d))
         deltas.append(delta)
     merged = _sign_consensus_merge(base, deltas, ws, majority_sign_method, normalize, lambda_, compute_dtype)

@@ -5,7 +5,7 @@ and returns the :class:`~exme.report.schema.RunResults` it wrote to ``<output>/r
 """
 
 from exme.pipeline.config import PipelineConfig
-from exme.pipeline.run import BASELINE_SPACES, exme_coefficients, rank_checkpoints, run_pipeline, write_results
+from exme.pipeline.run import BASELINE_SPACES, exme_coefficients, rank_checkpoints, run_pipeline
 
 __all__ = [
     "BASELINE_SPACES",
@@ -13,5 +13,4 @@ __all__ = [
     "exme_coefficients",
     "rank_checkpoints",
     "run_pipeline",
-    "write_results",
 ]

@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import socket
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,10 +24,9 @@ import yaml
 
 from exme.errors import ExmeError
 from exme.pipeline.config import PipelineConfig, checkpoint_step
+from exme.report import save_results
 from exme.report.schema import FinalRow, RankedCheckpoint, RunResults, SearchResult, SplitScores, Trial
 from exme.search.study import Point, Record, StudyStore, best, successive_halving
-
-RESULTS_FILE = "results.json"
 
 #: Each baseline's own small dev search (one list of values per searched setting).
 BASELINE_SPACES: dict[str, dict[str, list[float]]] = {
@@ -486,13 +483,18 @@ class Pipeline:
         }
         config = MergeConfig.model_validate(spec)
         target = self.output / "model"
+        marker = self.output / "model.spec.json"  # what model/ holds, so a resumed run need not rewrite it
+        if target.is_dir() and marker.is_file() and json.loads(marker.read_text()) == spec:
+            return target
         # Workers on one machine sharing this output folder write it once: the first to claim it.
         key = json.dumps({"host": socket.gethostname(), "out": str(target.resolve()), "spec": spec}, sort_keys=True)
         if not self.store.claim(self.study_name("final-model"), key):
             self.notes.append(f"{target} is written by another worker sharing this run folder")
             return target
+        marker.unlink(missing_ok=True)
         out = run_merge(config, target, device=self.config.device, force=True, seed=self.config.seed,
                         progress=self.progress)
+        marker.write_text(json.dumps(spec, indent=2))
         self.timings["final model"] = time.perf_counter() - t0
         return Path(out)
 
@@ -511,23 +513,6 @@ class Pipeline:
         )
 
 
-def write_results(results: RunResults, run_dir: Path) -> Path:
-    """Write ``results.json`` atomically: a temporary file beside it, fsynced, then renamed over it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RESULTS_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".json", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(results.model_dump_json(indent=2))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def rank_checkpoints(config: PipelineConfig, *, progress: bool = True, evaluator: Any = None) -> list[RankedCheckpoint]:
     """Stage 1 alone (``exme rank``): every checkpoint scored on dev, recorded in the run's study."""
     pipe = Pipeline(config, progress=progress, evaluator=evaluator)
@@ -539,18 +524,19 @@ def rank_checkpoints(config: PipelineConfig, *, progress: bool = True, evaluator
 
 
 def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: Any = None,
-                 write_model: bool = True) -> RunResults:
+                 write_model: bool = True, report: bool = True) -> RunResults:
     """Run every stage and write the run folder (``results.json``, ``report.md``, plots, ``model/``).
 
     Safe to call again on the same output after an interruption: finished evaluations are read
-    back from the study, never repeated.
+    back from the study, never repeated. ``write_model=False`` skips the final model and
+    ``report=False`` the report (``exme report`` can render it later from ``results.json``).
     """
     pipe = Pipeline(config, progress=progress, evaluator=evaluator)
     out = Path(config.output)
     try:
         with pipe._bars.active():
             ranking = pipe.rank()
-            write_results(pipe.results(ranking=ranking), out)
+            save_results(pipe.results(ranking=ranking), out)
             alpha = pipe.extrapolate()
             _, beta_search, joint_search = pipe.merge()
             baseline_search = pipe.baselines()
@@ -559,17 +545,18 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             ranking=ranking, alpha_search=[s.search for s in alpha], beta_search=beta_search,
             joint_search=joint_search, baseline_search=baseline_search, final=final,
         )
-        write_results(pipe.results(**parts), out)
+        save_results(pipe.results(**parts), out)
         if write_model:
             parts["final_model"] = str(pipe.write_final_model())
         if pipe.reused:
             pipe.notes.append(f"{pipe.reused} evaluations were read back from the study (resumed or shared run)")
         results = pipe.results(**parts)
-        write_results(results, out)
+        save_results(results, out)
         (out / "pipeline.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
-        from exme.report import render
+        if report:
+            from exme.report import render
 
-        render(results, out)
+            render(results, out)
         return results
     finally:
         pipe.close()

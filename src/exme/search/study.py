@@ -1,8 +1,8 @@
 """Evaluations as Optuna trials: resumable, shareable between worker processes, deterministic.
 
 Every evaluation of a candidate (a point of a grid, a TPE suggestion, a checkpoint of the rank stage,
-a row of the final test table) becomes one COMPLETE trial of an Optuna study, with the scores in its
-user attributes and the point's canonical key (``exme_key``). Before evaluating a point, a worker
+a row of the final test table) becomes one COMPLETE trial of an Optuna study, with the scores, the parameters and the
+point's canonical key in its user attribute ``exme``. Before evaluating a point, a worker
 looks for a finished trial with the same key and reuses it, so a killed run that starts again repeats
 nothing it had finished.
 
@@ -36,7 +36,7 @@ import sqlalchemy as sa
 
 from exme.errors import ExmeError
 
-KEY_ATTR = "exme_key"
+RESULT_ATTR = "exme"  # one user attribute per trial: key, parameters, split, limit, scores, seconds
 OWNER_ATTR = "exme_owner"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -197,7 +197,7 @@ class StudyStore:
         """Finished evaluations of a study, by point key."""
         out: dict[str, Record] = {}
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            key = t.user_attrs.get(KEY_ATTR)
+            key = t.user_attrs.get(RESULT_ATTR, {}).get("key")
             if key is None or key in out:
                 continue
             out[key] = _record(t)
@@ -302,15 +302,10 @@ class StudyStore:
             params=floats,
             distributions={k: optuna.distributions.FloatDistribution(v, v) for k, v in floats.items()},
             value=scores["overall"],
-            user_attrs={
-                KEY_ATTR: point.key,
-                OWNER_ATTR: self.owner,
-                "params": point.params,
-                "split": point.split,
-                "limit": point.limit,
-                "seconds": seconds,
-                **scores,
-            },
+            user_attrs={RESULT_ATTR: {
+                "key": point.key, "owner": self.owner, "params": point.params, "split": point.split,
+                "limit": point.limit, "seconds": seconds, **scores,
+            }},
         )
         study.add_trial(trial)
         return Record(
@@ -376,9 +371,10 @@ class StudyStore:
             else:
                 scores = scores_dict(objective(point))
             seconds = time.perf_counter() - t0
-            for k, v in {KEY_ATTR: point.key, OWNER_ATTR: self.owner, "params": point.params, "split": point.split,
-                         "limit": None, "seconds": seconds, "reused": earlier is not None, **scores}.items():
-                trial.set_user_attr(k, v)
+            trial.set_user_attr(RESULT_ATTR, {
+                "key": point.key, "owner": self.owner, "params": point.params, "split": point.split,
+                "limit": None, "seconds": seconds, "reused": earlier is not None, **scores,
+            })
             study.tell(trial, scores["overall"])
             rec = Record(point.params, "dev", None, scores["overall"], scores["tasks"], scores["n_items"], seconds, trial.number)
             reported.add(trial.number)
@@ -414,7 +410,7 @@ def _mix(seed: int, n: int) -> int:
 
 
 def _record(t: optuna.trial.FrozenTrial) -> Record:
-    ua = t.user_attrs
+    ua = t.user_attrs.get(RESULT_ATTR, {})
     return Record(
         params=dict(ua.get("params", t.params)),
         split=ua.get("split", "dev"),
