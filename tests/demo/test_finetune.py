@@ -163,3 +163,17 @@ def test_cli_finetune_reports_a_bad_line_in_one_line_with_exit_2(tmp_path, tiny_
     assert code == 2
     assert err.strip().count("\n") == 0
     assert "train.jsonl:2: missing field 'completion'" in err
+
+
+def test_cli_finetune_writes_checkpoints_and_says_where(tmp_path, tiny_models, capsys):
+    from exme.cli import main
+
+    data = _write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"{i}:", "completion": str(i)} for i in range(6)])
+    code = main([
+        "finetune", str(tiny_models.base), str(data), "--output", str(tmp_path / "run"),
+        "--max-steps", "4", "--save-steps", "2", "--batch-size", "3", "--lr", "1e-3",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "2 checkpoints in" in out and "checkpoint-2, checkpoint-4" in out
+    assert list_checkpoints(tmp_path / "run") == [tmp_path / "run" / "checkpoint-2", tmp_path / "run" / "checkpoint-4"]
