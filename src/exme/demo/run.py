@@ -288,6 +288,7 @@ def run_demo(
     timings["pipeline"] = time.perf_counter() - started
     report = output / "report.md"
     print_outcome(results, report)
+    _say(f"Re-run the last stage alone with: exme run {pipeline_yaml}")
     timings["total"] = time.perf_counter() - started_all
     _say(f"timings: {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}")
     (output / "demo_timings.json").write_text(json.dumps(timings, indent=2))
