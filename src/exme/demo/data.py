@@ -1,7 +1,7 @@
 """The demo's seeded world: a pretraining corpus, an SFT mix, and a three-task suite in public formats.
 
 Everything is drawn from one ``random.Random(seed)``, so the same seed writes byte-identical files.
-The world is small on purpose (numbers up to 20, a few dozen words) so a model of a few million
+The world is small on purpose (numbers up to 20, a few dozen words) so a model of about a million
 parameters can learn it on a CPU in minutes, but it has the shape of the real thing:
 
 - the **pretraining corpus** states facts in plain prose ("Ann has 5 apples. She gets 3 more, so
