@@ -207,3 +207,26 @@ def test_scores_weighted_mean():
     scores = Scores.from_tasks({"a": 1.0, "b": 0.0}, split="dev", weights={"a": 3.0})
     assert scores.overall == 0.75
     assert scores.summary() == {"overall": 0.75, "tasks": {"a": 1.0, "b": 0.0}, "n_items": {}}
+
+
+def test_logits_budget_splits_batches_without_changing_results(tiny_lm):
+    from exme.evaluate.lm import Continuation, continuation_logprobs
+
+    model, tok, _ = tiny_lm
+    requests = [
+        Continuation(tuple(tok(f"Context number {i} " * (i % 3 + 1))["input_ids"]), tuple(tok(" choice" * (i % 2 + 1), add_special_tokens=False)["input_ids"]))
+        for i in range(7)
+    ]
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, kwargs_out=None: calls.append(1))
+    try:
+        wide = continuation_logprobs(model, requests, batch_size=32)
+        n_wide = len(calls)
+        narrow = continuation_logprobs(model, requests, batch_size=32, logits_budget=len(tok) * 16)
+    finally:
+        handle.remove()
+    assert n_wide == 1 and len(calls) - n_wide > 1  # the budget forced several smaller batches
+    assert [lp for lp, _ in narrow] == pytest.approx([lp for lp, _ in wide], abs=1e-4)
+    for req, (lp, _) in zip(requests, wide):
+        context = tok.decode(list(req.context), skip_special_tokens=True)
+        assert lp == pytest.approx(_direct_loglik(model, tok, context, tok.decode(list(req.continuation))), abs=2e-4)

@@ -136,3 +136,29 @@ def test_inline_fewshot_records_are_checked(tmp_path):
     )
     with pytest.raises(ExmeError, match="task 'mc' few-shot example 0: 'choices' must be a list of at least two strings"):
         Suite.from_yaml(path)
+
+
+def test_suite_errors_name_the_yaml_line(tmp_path):
+    write_jsonl(tmp_path / "mc.jsonl", _mc(4))
+    text = (
+        "name: s\n"
+        "tasks:\n"
+        "  - name: ok\n"
+        "    kind: multiple_choice\n"
+        "    data: mc.jsonl\n"
+        "  - name: broken\n"
+        "    kind: generate\n"
+        "    data: mc.jsonl\n"
+        "    regex: '(unclosed'\n"
+    )
+    with pytest.raises(ExmeError, match=r"s.yaml:9: task 'broken' key 'regex': regex '\(unclosed' does not compile"):
+        Suite.from_yaml(write_suite(tmp_path / "s.yaml", text))
+    with pytest.raises(ExmeError, match=r"s.yaml:7: task 'broken' key 'kind': unknown kind 'chat'"):
+        Suite.from_yaml(write_suite(tmp_path / "s.yaml", text.replace("kind: generate", "kind: chat")))
+
+
+def test_perplexity_text_file_is_one_document_per_paragraph(tmp_path):
+    (tmp_path / "corpus.txt").write_text("First paragraph\nstill first.\n\n\nSecond one.\n  \nThird.\n\nFourth.\n")
+    suite = Suite.from_yaml(write_suite(tmp_path / "s.yaml", "tasks:\n  - {name: p, kind: perplexity, data: corpus.txt}\n"))
+    docs = sorted(r["text"] for split in ("dev", "test") for r in suite.tasks[0].records(split))
+    assert docs == sorted(["First paragraph\nstill first.", "Second one.", "Third.", "Fourth."])

@@ -7,6 +7,7 @@ under ``torch.inference_mode()``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -136,50 +137,80 @@ class Continuation:
     continuation: tuple[int, ...]
 
 
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def _vocab_size(model) -> int:
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else 32_000
+
+
 def continuation_logprobs(
     model,
     requests: Sequence[Continuation],
     *,
     batch_size: int = 32,
     pad_id: int = 0,
+    logits_budget: int = 2**28,
     progress: Callable[[int], None] | None = None,
 ) -> list[tuple[float, bool]]:
     """For each request: (Σ log p of the continuation tokens, whether each was the greedy argmax).
 
     All requests are scored in right-padded batches sorted by length, so a multiple-choice task
-    with k choices costs ⌈n·k / batch_size⌉ forward passes. Log-softmax is taken in float32 on
-    the continuation positions only. A context longer than the model's window keeps its last tokens.
+    with k choices costs about ⌈n·k / batch_size⌉ forward passes. Only the positions that predict
+    continuation tokens get logits (``logits_to_keep`` where the model supports it), and a batch
+    also stops growing at ``logits_budget`` logit values (2**28 float32 = 1 GiB), so a 128k
+    vocabulary or long perplexity windows do not exhaust memory. Log-softmax is taken in float32.
+    A context longer than the model's window keeps its last tokens.
     """
     if not requests:
         return []
     device = model_device(model)
     window = max_context(model)
-    seqs: list[tuple[list[int], int]] = []  # (input ids, number of continuation tokens)
+    vocab = _vocab_size(model)
+    keep_arg = _accepts(model, "logits_to_keep")
+    seqs: list[tuple[list[int], int]] = []  # (input ids, number of scored continuation tokens)
     for req in requests:
         full = list(req.context) + list(req.continuation)
-        n_cont = len(req.continuation)
         inputs = full[:-1][-window:]
-        seqs.append((inputs, n_cont))
+        seqs.append((inputs, min(len(req.continuation), len(inputs))))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     results: list[tuple[float, bool]] = [(0.0, True)] * len(seqs)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = max(len(seqs[i][0]) for i in chunk)
+    start = 0
+    while start < len(order):
+        chunk = [order[start]]
+        width = len(seqs[order[start]][0])
+        first_needed = width - seqs[order[start]][1]
+        for i in order[start + 1 : start + batch_size]:
+            needed = min(first_needed, len(seqs[i][0]) - seqs[i][1])
+            if (len(chunk) + 1) * (width - needed) * vocab > logits_budget:
+                break
+            chunk.append(i)
+            first_needed = needed
+        start += len(chunk)
+        keep = width - first_needed if keep_arg else width
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, i in enumerate(chunk):
             inputs = seqs[i][0]
             ids[row, : len(inputs)] = torch.tensor(inputs, dtype=torch.long)
             mask[row, : len(inputs)] = 1
+        kwargs = {"logits_to_keep": keep} if keep_arg else {}
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+            offset = width - logits.shape[1]  # logits[:, j] predicts the token after position offset + j
             for row, i in enumerate(chunk):
                 inputs, n_cont = seqs[i]
                 if n_cont == 0:
                     results[i] = (0.0, True)
                     continue
-                targets = torch.tensor(list(requests[i].continuation), dtype=torch.long, device=logits.device)
-                end = len(inputs)
+                cont = list(requests[i].continuation)[-n_cont:]
+                targets = torch.tensor(cont, dtype=torch.long, device=logits.device)
+                end = len(inputs) - offset
                 step_logits = logits[row, end - n_cont : end].float()
                 logp = torch.log_softmax(step_logits, dim=-1)
                 total = logp.gather(-1, targets[:, None]).sum().item()

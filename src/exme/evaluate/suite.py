@@ -188,25 +188,64 @@ class Suite:
         path = Path(path)
         if not path.is_file():
             raise ExmeError(f"suite file {path} does not exist; pass the path of a suite YAML")
+        text = path.read_text(encoding="utf-8")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(text)
+            lines = _yaml_lines(text)
         except yaml.YAMLError as err:
             raise ExmeError(f"suite file {path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ExmeError(f"suite file {path} must be a mapping with a 'tasks' list")
-        return cls.from_dict(raw, base_dir=path.parent, source=path)
+        return cls.from_dict(raw, base_dir=path.parent, source=path, lines=lines)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], *, base_dir: str | Path = ".", source: Path | None = None) -> "Suite":
+    def from_dict(
+        cls,
+        raw: dict[str, Any],
+        *,
+        base_dir: str | Path = ".",
+        source: Path | None = None,
+        lines: dict[tuple, int] | None = None,
+    ) -> "Suite":
         """Validate a suite given as a dict (the parsed YAML) and load its records."""
         where = str(source) if source else "suite"
         try:
             spec = SuiteSpec.model_validate(raw)
         except ValidationError as err:
-            raise ExmeError(f"{where}: {_explain(err, raw)}") from None
+            loc = tuple(err.errors()[0]["loc"])
+            line = _nearest_line(lines or {}, loc)
+            raise ExmeError(f"{where}{f':{line}' if line else ''}: {_explain(err, raw)}") from None
         base_dir = Path(base_dir)
         tasks = [_load_task(t, spec.split, base_dir) for t in spec.tasks]
         return cls(spec, tasks, source)
+
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Line number (1-based) of every key and list item of a YAML document, by its path."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                walk(value, path + (key.value,))
+                lines[path + (key.value,)] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, path + (index,))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int | None:
+    """The line of ``loc`` or of its closest ancestor that has one."""
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
 
 
 def _explain(err: ValidationError, raw: dict[str, Any]) -> str:
