@@ -155,6 +155,9 @@ def machine() -> str:
 
 
 def config_yaml(method: str, paths: dict[str, Path]) -> str:
+    """The merge configs; ``METHOD-f32`` is the same merge with mergekit computing in float32."""
+    if method.endswith("-f32"):
+        return config_yaml(method.removesuffix("-f32"), paths).replace("dtype: bfloat16\n", "dtype: float32\nout_dtype: bfloat16\n")
     if method == "linear":
         models = f"  - model: {paths['ft1']}\n    parameters: {{weight: 0.7}}\n  - model: {paths['ft2']}\n    parameters: {{weight: 0.3}}\n"
         return f"merge_method: linear\nmodels:\n{models}dtype: bfloat16\n"
@@ -190,20 +193,21 @@ def mergekit_cmd(exe: Path, cfg: Path, out: Path) -> list[str]:
 
 
 FLOOR_SCRIPT = """
-import os, sys, time
+import os, sys
 sys.path.insert(0, {src!r})
+import torch
 from exme.io import Checkpoint
+from exme.merge.engine import CHUNK_ELEMENTS
 ckpts = [Checkpoint.open(p) for p in {inputs!r}]
-out = {out!r}
-total = 0
-with open(out, "wb") as fh:
+with open({out!r}, "wb") as fh:
     for name in ckpts[0].names:
-        ts = [c.get(name) for c in ckpts]
-        data = ts[0].reshape(-1).view(__import__("torch").uint8).numpy()
-        fh.write(memoryview(data))
-        total += data.nbytes
-    fh.flush(); os.fsync(fh.fileno())
-os.remove(out)
+        n = ckpts[0].spec(name).numel
+        for start in range(0, n, CHUNK_ELEMENTS):
+            chunks = [c.get_flat(name, start, min(n, start + CHUNK_ELEMENTS)) for c in ckpts]
+            fh.write(memoryview(chunks[0].view(torch.uint8).numpy()))
+    fh.flush()
+    os.fsync(fh.fileno())
+os.remove({out!r})
 """
 
 
@@ -251,6 +255,7 @@ def main() -> None:
     parser.add_argument("--methods", default="task_arithmetic,ties")
     parser.add_argument("--results", type=Path, help="write the section into this RESULTS.md")
     parser.add_argument("--build-only", action="store_true", help="only build the models (and mergekit's venv)")
+    parser.add_argument("--skip-f32", action="store_true", help="skip the extra mergekit float32 runs for agreement")
     args = parser.parse_args()
 
     paths = build_models(args.size)
@@ -289,10 +294,21 @@ def main() -> None:
         run("floor", "read+write", rep)
         loads.append(load_snapshot())
 
-    # Agreement (outputs of the last repetition), plus linear once for each tool.
+    # Agreement (outputs of the last repetition), plus linear once for each tool, plus mergekit
+    # once more per merge with float32 arithmetic (exme always computes in float32).
     for tool in ("exme", "mergekit"):
         run(tool, "linear", 0)
-    agree = {m: agreement(WORK / f"out-exme-{m}", WORK / f"out-mergekit-{m}") for m in [*methods, "linear"]}
+    agree = {}
+    for m in [*methods, "linear"]:
+        agree[f"{m} (mergekit dtype bfloat16)"] = agreement(WORK / f"out-exme-{m}", WORK / f"out-mergekit-{m}")
+    if not args.skip_f32:
+        for m in [*methods, "linear"]:
+            cfgs[f"{m}-f32"] = WORK / f"{m}-f32.yaml"
+            cfgs[f"{m}-f32"].write_text(config_yaml(f"{m}-f32", paths))
+            run("mergekit", f"{m}-f32", 0)
+            agree[f"{m} (mergekit dtype float32, out_dtype bfloat16)"] = agreement(
+                WORK / f"out-exme-{m}", WORK / f"out-mergekit-{m}-f32"
+            )
 
     table = render(args, runs, agree, loads, methods)
     print(table)
@@ -338,7 +354,7 @@ def render(args, runs, agree, loads, methods) -> str:
     fw, fwl, fwh = stat("floor", "read+write", "wall_s")
     lines += [
         "",
-        f"Floor (read the three inputs with exme.io, write and fsync an output of the same size): {fw:.1f} s "
+        f"Floor (a Python process that reads the three inputs with exme.io in the same chunks and writes and fsyncs an output of the same size, no arithmetic): {fw:.1f} s "
         f"({fwl:.1f}–{fwh:.1f}), peak RSS {stat('floor', 'read+write', 'rss_gib')[0]:.2f} GiB. "
         + ", ".join(f"exme {m} = {stat('exme', m, 'wall_s')[0] / fw:.2f}× the floor" for m in methods)
         + ".",

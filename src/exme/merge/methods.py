@@ -128,7 +128,7 @@ def exme(
         raise ExmeError(f"exme alphas must be >= 0, got {als}")
     _check_same_shape([base, *models])
     base_c = base.to(compute_dtype)
-    acc = base.to(compute_dtype, copy=True)
+    acc = base_c.clone()
     for model, w, a in zip(models, ws, als):
         acc.add_(_task_vector(model, base_c), alpha=w * (1.0 + a))
     return _out(acc, out_dtype, base)
@@ -185,7 +185,7 @@ def task_arithmetic(
     _check_same_shape([base, *models])
     divisor = sum(ws) if normalize and abs(sum(ws)) >= 1e-8 else 1.0
     base_c = base.to(compute_dtype)
-    acc = base.to(compute_dtype, copy=True)
+    acc = base_c.clone()
     for model, w in zip(models, ws):
         acc.add_(_task_vector(model, base_c), alpha=lambda_ * w / divisor)
     return _out(acc, out_dtype, base)
@@ -343,7 +343,7 @@ def disjoint_merge(
         if divisor is not None:
             divisor.add_(agree, alpha=w)
     if divisor is not None:
-        divisor.masked_fill_(divisor == 0, 1.0)
+        divisor.add_(divisor == 0)  # 0 → 1 where no entry agrees (mixed is 0 there)
         mixed.div_(divisor)
     return base.to(mixed.dtype).add(mixed, alpha=lambda_)
 
