@@ -33,6 +33,7 @@ def suite_file(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_eval_end_to_end_writes_json_matching_library_scores(tiny_lm, suite_file, tmp_path, capsys):
     from exme.evaluate import load_evaluator
 

@@ -104,3 +104,17 @@ def test_parallel_workers_keep_input_order_and_overlap():
     assert results[1].returncode == 3
     spans = [[float(line.split()[1]) for line in results[i].output.split("\n") if line] for i in (2, 3)]
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]  # the two sleeps ran at the same time
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="the capability-dropping fallback exists only for root")
+def test_root_without_a_readable_interpreter_drops_capabilities(monkeypatch, tmp_path):
+    from exme.evaluate import sandbox
+
+    monkeypatch.setattr(sandbox, "sandbox_python", lambda: (sys.executable, False))
+    forks = run_program("import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\n", LIMITS)
+    assert forks.status == "failed" and "creating processes is disabled" in forks.output  # uid 0 ignores RLIMIT_NPROC
+    caps = run_program("caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0]\nassert int(caps.split()[1], 16) == 0, caps\n", LIMITS)
+    assert caps.passed, caps.output
+    target = tmp_path / "escaped.txt"
+    assert not run_program(f"open({str(target)!r}, 'w').write('x')\n", LIMITS).passed and not target.exists()
+    _then_a_correct_program_passes()

@@ -34,6 +34,10 @@ def load_evaluator(spec: str | Path, **opts: Any) -> Evaluator:
         return LmEvalEvaluator.from_spec(text.removeprefix("lm-eval:"), **opts)
     path = Path(text).expanduser()
     if path.suffix.lower() in (".yaml", ".yml") or path.is_file():
+        allowed = {"batch_size", "mc_batch_size", "workers", "keep_items", "progress"}
+        unknown = sorted(set(opts) - allowed)
+        if unknown:
+            raise ExmeError(f"options {unknown} do not apply to a suite evaluator; use {sorted(allowed)}")
         return SuiteEvaluator(Suite.from_yaml(path), **opts)
     if ":" in text:
         unknown = set(opts) - {"name", "weights"}

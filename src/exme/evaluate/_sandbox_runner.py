@@ -52,7 +52,10 @@ def _drop_privileges(uid: int) -> None:
 
 
 def _drop_capabilities() -> None:
-    """Stay uid 0 but hold no capability: RLIMIT_NPROC then applies (with root's many processes, no fork succeeds)."""
+    """Stay uid 0 but hold no capability: no undoing the namespace, no overriding file permissions.
+
+    (RLIMIT_NPROC still does not bind uid 0 of the initial user namespace, so process creation is
+    blocked at the Python level instead, see ``_block_processes``.)"""
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 38, 24
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
@@ -69,6 +72,24 @@ def _drop_capabilities() -> None:
     data = (Data * 2)()
     if libc.capset(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capset failed: cannot drop capabilities")
+
+
+def _block_processes() -> None:
+    """Best effort where RLIMIT_NPROC cannot hold (uid 0): no fork, exec or spawn from Python."""
+
+    def _no_processes(*args, **kwargs):
+        raise PermissionError("creating processes is disabled in the exme sandbox")
+
+    names = ("fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp", "execv", "execve", "execvp",
+             "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe")
+    for name in names:
+        if hasattr(os, name):
+            setattr(os, name, _no_processes)
+    import _posixsubprocess
+    import subprocess
+
+    _posixsubprocess.fork_exec = _no_processes
+    subprocess.Popen.__init__ = _no_processes
 
 
 def _guard_python(root: str) -> None:
@@ -127,6 +148,7 @@ def main() -> None:
     _drop_privileges(cfg["uid"])
     if cfg.get("drop_capabilities"):
         _drop_capabilities()
+        _block_processes()
     _guard_python(os.getcwd())
     sys.argv = [cfg["program"]]
     sys.stderr.write("")  # keep the stream open before the program can close descriptors

@@ -85,7 +85,13 @@ class LmEvalEvaluator:
     @classmethod
     def from_spec(cls, names: str, **opts: Any) -> "LmEvalEvaluator":
         """From the part after ``lm-eval:`` (comma-separated task names)."""
+        import inspect
+
         tasks = [n.strip() for n in names.split(",") if n.strip()]
+        allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "tasks"}
+        unknown = sorted(set(opts) - allowed)
+        if unknown:
+            raise ExmeError(f"options {unknown} do not apply to lm-eval tasks; use {sorted(allowed)}")
         return cls(tasks, **opts)
 
     # -- tasks and their split (data only: cached across calls) --

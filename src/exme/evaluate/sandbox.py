@@ -10,7 +10,10 @@ Layers, each on its own enough to stop the common accident and together hard to 
 - ``resource`` limits: address space, CPU seconds, file size, processes, open files, no core dumps;
 - a clean environment (no inherited variables, so no tokens or keys), ``python -I``;
 - Python-level guards (sockets disabled, writes outside the folder refused): best effort only, the
-  one layer left when not root and namespaces are unavailable.
+  one layer left for network and files when not root and namespaces are unavailable.
+
+Not root: the limits (``RLIMIT_NPROC`` counts all of the user's processes, so a fork bomb stops
+early), the process-group kill and the Python guards apply; there is no namespace.
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ def sandbox_python() -> tuple[str, bool]:
     Under a dropped uid the interpreter and its standard library must be readable by others; an
     interpreter installed under a private home (``/root/.pyenv``) is not, so a system ``python3``
     is used instead when there is one. Without either, the program keeps uid 0 but loses every
-    capability, so ``RLIMIT_NPROC`` still holds.
+    capability, and process creation is blocked at the Python level (uid 0 of the initial user
+    namespace is exempt from ``RLIMIT_NPROC`` whatever its capabilities).
     """
     if os.getuid() != 0:
         return sys.executable, False
