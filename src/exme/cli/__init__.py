@@ -16,24 +16,19 @@ from exme.cli import report as _report  # noqa: F401,E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; a user mistake (:class:`ExmeError`) becomes one line on stderr and exit code 2."""
+    """Run the CLI; a user mistake (:class:`ExmeError`) becomes one line on stderr and exit code 2.
+
+    Typer runs in standalone mode, so usage errors (unknown option, bad value) are printed by click
+    with exit code 2 as well; only a bug in exme keeps its traceback.
+    """
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="exme")
     except ExmeError as err:
         print(f"exme: error: {err}", file=sys.stderr)
         return 2
-    except SystemExit as exit_:  # typer/click exit with a code
-        return int(exit_.code or 0)
-    except Exception as err:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            return 2
-        if isinstance(err, click.exceptions.Abort):
-            print("exme: aborted", file=sys.stderr)
-            return 130
-        raise
+    except SystemExit as exit_:
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
     return 0
 
 
