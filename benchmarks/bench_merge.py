@@ -219,24 +219,57 @@ def floor_cmd(paths: dict[str, Path], inputs: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------ agreement
 
 
-def agreement(a_dir: Path, b_dir: Path) -> dict[str, float]:
-    """Elementwise agreement of two bf16 models in units of one bf16 step (of the larger magnitude)."""
+def _bf16_step(mag: torch.Tensor) -> torch.Tensor:
+    """One bf16 step at magnitude m: 2^(floor(log2 m) - 7) (smallest normal step for zeros)."""
+    return torch.exp2(torch.floor(torch.log2(mag.clamp_min(2.0**-126))) - 7)
+
+
+def agreement(a_dir: Path, b_dir: Path, base_dir: Path | None = None, ties_density: float | None = None) -> dict[str, float]:
+    """Elementwise agreement of two bf16 models in units of one bf16 step.
+
+    ``within_one_step``: |x − y| ≤ one step at max(|x|, |y|) (strict near zero, where a sum of
+    large operands cancels). ``within_one_operand_step``: ≤ one step at max(|x|, |y|, |θ_b|), the
+    scale at which float32 summation order can differ. With ``ties_density``: the share of the
+    elements differing by more than one operand step that sit in a magnitude tie at a TIES
+    threshold (|Δ_i| equal to model i's k-th largest |Δ_i|), where any top-k may choose either.
+    """
+    from exme.merge.methods import kth_largest
+
     a, b = Checkpoint.open(a_dir), Checkpoint.open(b_dir)
+    base = Checkpoint.open(base_dir) if base_dir else None
+    fts = [Checkpoint.open(MODELS / "ft1"), Checkpoint.open(MODELS / "ft2")] if ties_density else []
     if a.names != b.names:
         raise RuntimeError(f"different tensor names: {set(a.names) ^ set(b.names)}")
-    n = within1 = exact = 0
+    n = within1 = within_op = exact = bad = explained = 0
     worst = 0.0
     for name in a.names:
         x, y = a.get(name).float(), b.get(name).float()
         mag = torch.maximum(x.abs(), y.abs())
-        # one bf16 step at magnitude m: 2^(floor(log2 m) - 7); for zeros use the smallest normal step
-        step = torch.exp2(torch.floor(torch.log2(mag.clamp_min(2.0**-126))) - 7)
-        diff = (x - y).abs() / step
+        diff = (x - y).abs()
+        steps = diff / _bf16_step(mag)
         n += x.numel()
         exact += int((x == y).sum())
-        within1 += int((diff <= 1.0).sum())
-        worst = max(worst, float(diff.max()))
-    return {"elements": n, "equal": exact / n, "within_one_step": within1 / n, "max_steps": worst}
+        within1 += int((steps <= 1.0).sum())
+        worst = max(worst, float(steps.max()))
+        if base is not None:
+            b0 = base.get(name).float()
+            off = diff > _bf16_step(torch.maximum(mag, b0.abs()))
+            within_op += x.numel() - int(off.sum())
+            if fts:
+                tied = torch.zeros_like(off)
+                for ft in fts:
+                    d = (ft.get(name).float() - b0).abs().reshape(-1)
+                    k = max(1, int(ties_density * d.numel()))
+                    if k < d.numel():
+                        tied |= (d == kth_largest(d, k)).reshape(off.shape)
+                bad += int(off.sum())
+                explained += int((off & tied).sum())
+    out = {"elements": n, "equal": exact / n, "within_one_step": within1 / n, "max_steps": worst}
+    if base is not None:
+        out["within_one_operand_step"] = within_op / n
+    if fts:
+        out["mismatch_in_threshold_ties"] = explained / bad if bad else 1.0
+    return out
 
 
 # ------------------------------------------------------------------------------------ main
@@ -255,10 +288,14 @@ def main() -> None:
     parser.add_argument("--methods", default="task_arithmetic,ties")
     parser.add_argument("--results", type=Path, help="write the section into this RESULTS.md")
     parser.add_argument("--build-only", action="store_true", help="only build the models (and mergekit's venv)")
+    parser.add_argument("--agreement-only", action="store_true", help="only compare the outputs of an earlier run")
     parser.add_argument("--skip-f32", action="store_true", help="skip the extra mergekit float32 runs for agreement")
     args = parser.parse_args()
 
     paths = build_models(args.size)
+    if args.agreement_only:
+        print("\n".join(agreement_markdown(agreement_table(args.methods.split(","), paths))))
+        return
     if args.build_only:
         ensure_mergekit()
         return
@@ -298,22 +335,46 @@ def main() -> None:
     # once more per merge with float32 arithmetic (exme always computes in float32).
     for tool in ("exme", "mergekit"):
         run(tool, "linear", 0)
-    agree = {}
-    for m in [*methods, "linear"]:
-        agree[f"{m} (mergekit dtype bfloat16)"] = agreement(WORK / f"out-exme-{m}", WORK / f"out-mergekit-{m}")
     if not args.skip_f32:
         for m in [*methods, "linear"]:
             cfgs[f"{m}-f32"] = WORK / f"{m}-f32.yaml"
             cfgs[f"{m}-f32"].write_text(config_yaml(f"{m}-f32", paths))
             run("mergekit", f"{m}-f32", 0)
-            agree[f"{m} (mergekit dtype float32, out_dtype bfloat16)"] = agreement(
-                WORK / f"out-exme-{m}", WORK / f"out-mergekit-{m}-f32"
-            )
+    agree = agreement_table(methods, paths)
 
     table = render(args, runs, agree, loads, methods)
     print(table)
     if args.results:
         write_section(args.results, table)
+
+
+def agreement_table(methods: list[str], paths: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """exme's outputs against mergekit's (bf16 arithmetic, and float32 where that run exists)."""
+    agree = {}
+    for m in [*methods, "linear"]:
+        for suffix, label in (("", "mergekit dtype bfloat16"), ("-f32", "mergekit dtype float32, out_dtype bfloat16")):
+            theirs = WORK / f"out-mergekit-{m}{suffix}"
+            if theirs.exists():
+                agree[f"{m} ({label})"] = agreement(
+                    WORK / f"out-exme-{m}", theirs,
+                    base_dir=paths["base"] if m != "linear" else None,
+                    ties_density=0.5 if m == "ties" else None,
+                )
+    return agree
+
+
+def agreement_markdown(agree: dict[str, dict[str, float]]) -> list[str]:
+    lines = [
+        "| merge | elements | bitwise equal | within one bf16 step of the result | within one bf16 step of the operands | differing elements in a top-k magnitude tie |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, a in agree.items():
+        op = f"{100 * a['within_one_operand_step']:.4f}%" if "within_one_operand_step" in a else "—"
+        tie = f"{100 * a['mismatch_in_threshold_ties']:.2f}%" if "mismatch_in_threshold_ties" in a else "—"
+        lines.append(
+            f"| {m} | {a['elements']:,} | {100 * a['equal']:.4f}% | {100 * a['within_one_step']:.4f}% (max {a['max_steps']:.0f} steps) | {op} | {tie} |"
+        )
+    return lines
 
 
 def render(args, runs, agree, loads, methods) -> str:
@@ -359,13 +420,13 @@ def render(args, runs, agree, loads, methods) -> str:
         + ", ".join(f"exme {m} = {stat('exme', m, 'wall_s')[0] / fw:.2f}× the floor" for m in methods)
         + ".",
         "",
-        "Output agreement, exme vs mergekit (per element, in units of one bf16 step at the larger magnitude):",
+        "Output agreement, exme vs mergekit, per element. \"Result step\": one bf16 step at max(|exme|, |mergekit|);"
+        " \"operand step\": one bf16 step at max(|exme|, |mergekit|, |θ_base|), the scale at which float32 rounding"
+        " of a sum can differ when large operands cancel. Last column: of the elements that differ by more than an"
+        " operand step, the share whose |Δ_i| equals model i's top-k threshold (a tie that any top-k may break either way).",
         "",
-        "| merge | elements | bitwise equal | within one bf16 step | max difference (steps) |",
-        "|---|---|---|---|---|",
+        *agreement_markdown(agree),
     ]
-    for m, a in agree.items():
-        lines.append(f"| {m} | {a['elements']:,} | {100 * a['equal']:.4f}% | {100 * a['within_one_step']:.4f}% | {a['max_steps']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,7 +44,7 @@ def rewrite_model(src: Path, dst: Path, edit) -> Path:
 
 
 @pytest.fixture
-def merge_helpers():
+def model_files():
     return SimpleNamespace(read_all=read_all, snapshot=snapshot, rewrite_model=rewrite_model)
 
 

@@ -41,9 +41,9 @@ def ta_config(models, **extra):
     return data
 
 
-def assert_refused(run_cli, args, message, out, inputs, merge_helpers):
+def assert_refused(run_cli, args, message, out, inputs, model_files):
     """Run the CLI, check the one-line message and exit code, no output and no temporary folder."""
-    before = {p: merge_helpers.snapshot(p) for p in inputs}
+    before = {p: model_files.snapshot(p) for p in inputs}
     code, stdout, stderr = run_cli(*args)
     assert code == 2, (stdout, stderr)
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -52,70 +52,70 @@ def assert_refused(run_cli, args, message, out, inputs, merge_helpers):
     assert "Traceback" not in stderr
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.exme-*")), "temporary folder left behind"
-    assert before == {p: merge_helpers.snapshot(p) for p in inputs}, "an input was modified"
+    assert before == {p: model_files.snapshot(p) for p in inputs}, "an input was modified"
 
 
-def test_missing_model_folder(models, tmp_path, run_cli, merge_helpers):
+def test_missing_model_folder(models, tmp_path, run_cli, model_files):
     cfg = write_config(tmp_path / "m.yaml", ta_config(models, base_model=str(tmp_path / "no_such_model")))
     out = tmp_path / "out"
-    assert_refused(run_cli, ["merge", cfg, out], "no_such_model does not exist", out, [models.sft1], merge_helpers)
+    assert_refused(run_cli, ["merge", cfg, out], "no_such_model does not exist", out, [models.sft1], model_files)
 
 
-def test_missing_config_file(tmp_path, run_cli, merge_helpers):
+def test_missing_config_file(tmp_path, run_cli, model_files):
     out = tmp_path / "out"
-    assert_refused(run_cli, ["merge", tmp_path / "absent.yaml", out], "config file", out, [], merge_helpers)
+    assert_refused(run_cli, ["merge", tmp_path / "absent.yaml", out], "config file", out, [], model_files)
 
 
-def test_missing_shard_file(models, tmp_path, run_cli, merge_helpers):
+def test_missing_shard_file(models, tmp_path, run_cli, model_files):
     shard = sorted(models.sft1.glob("model-*.safetensors"))[-1]
     shard.unlink()
     cfg = write_config(tmp_path / "m.yaml", ta_config(models))
     out = tmp_path / "out"
-    assert_refused(run_cli, ["merge", cfg, out], f"{shard} is missing", out, [models.base, models.sft1], merge_helpers)
+    assert_refused(run_cli, ["merge", cfg, out], f"{shard} is missing", out, [models.base, models.sft1], model_files)
 
 
-def test_tensor_missing_in_one_model(models, tmp_path, run_cli, merge_helpers):
+def test_tensor_missing_in_one_model(models, tmp_path, run_cli, model_files):
     name = "model.layers.1.mlp.up_proj.weight"
-    damaged = merge_helpers.rewrite_model(models.sft2, tmp_path / "in" / "damaged", lambda ts: {k: v for k, v in ts.items() if k != name})
+    damaged = model_files.rewrite_model(models.sft2, tmp_path / "in" / "damaged", lambda ts: {k: v for k, v in ts.items() if k != name})
     data = ta_config(models)
     data["models"][1]["model"] = str(damaged)
     cfg = write_config(tmp_path / "m.yaml", data)
     out = tmp_path / "out"
-    assert_refused(run_cli, ["merge", cfg, out], f"tensor '{name}' is missing in model 2 ({damaged})", out, [models.base, damaged], merge_helpers)
+    assert_refused(run_cli, ["merge", cfg, out], f"tensor '{name}' is missing in model 2 ({damaged})", out, [models.base, damaged], model_files)
 
 
-def test_shape_mismatch_names_tensor_and_models(models, tmp_path, run_cli, merge_helpers):
+def test_shape_mismatch_names_tensor_and_models(models, tmp_path, run_cli, model_files):
     name = "model.layers.0.self_attn.q_proj.weight"
-    damaged = merge_helpers.rewrite_model(models.sft2, tmp_path / "in" / "damaged", lambda ts: {**ts, name: ts[name][:, :16].contiguous()})
+    damaged = model_files.rewrite_model(models.sft2, tmp_path / "in" / "damaged", lambda ts: {**ts, name: ts[name][:, :16].contiguous()})
     data = ta_config(models)
     data["models"][1]["model"] = str(damaged)
     cfg = write_config(tmp_path / "m.yaml", data)
     out = tmp_path / "out"
-    assert_refused(run_cli, ["merge", cfg, out], f"shape mismatch in tensor '{name}': base (32, 32), model 1 (32, 32), model 2 (32, 16)", out, [damaged], merge_helpers)
+    assert_refused(run_cli, ["merge", cfg, out], f"shape mismatch in tensor '{name}': base (32, 32), model 1 (32, 32), model 2 (32, 16)", out, [damaged], model_files)
 
 
-def test_dtype_mismatch_names_tensor_and_models(models, tmp_path, run_cli, merge_helpers):
-    damaged = merge_helpers.rewrite_model(models.sft2, tmp_path / "in" / "bf16", lambda ts: {k: v.bfloat16() for k, v in ts.items()})
+def test_dtype_mismatch_names_tensor_and_models(models, tmp_path, run_cli, model_files):
+    damaged = model_files.rewrite_model(models.sft2, tmp_path / "in" / "bf16", lambda ts: {k: v.bfloat16() for k, v in ts.items()})
     data = ta_config(models)
     data["models"][1]["model"] = str(damaged)
     cfg = write_config(tmp_path / "m.yaml", data)
     out = tmp_path / "out"
-    assert_refused(run_cli, ["merge", cfg, out], "dtype mismatch in tensor", out, [damaged], merge_helpers)
+    assert_refused(run_cli, ["merge", cfg, out], "dtype mismatch in tensor", out, [damaged], model_files)
     code, _, err = run_cli("merge", cfg, out)
     assert "torch.float32 in base" in err and f"torch.bfloat16 in model 2 ({damaged})" in err
 
 
-def test_truncated_safetensors(models, tmp_path, run_cli, merge_helpers):
+def test_truncated_safetensors(models, tmp_path, run_cli, model_files):
     file = models.sft2 / "model.safetensors"
     file.write_bytes(file.read_bytes()[:-64])
     out = tmp_path / "out"
     assert_refused(
         run_cli, ["extrapolate", "--base", models.base, "--model", models.sft2, "--alpha", "0.5", out],
-        "model.safetensors is truncated", out, [models.base, models.sft2], merge_helpers,
+        "model.safetensors is truncated", out, [models.base, models.sft2], model_files,
     )
 
 
-def test_corrupt_safetensors_header(models, tmp_path, run_cli, merge_helpers):
+def test_corrupt_safetensors_header(models, tmp_path, run_cli, model_files):
     file = models.sft2 / "model.safetensors"
     data = bytearray(file.read_bytes())
     data[8:20] = b"#garbage####"
@@ -123,11 +123,11 @@ def test_corrupt_safetensors_header(models, tmp_path, run_cli, merge_helpers):
     out = tmp_path / "out"
     assert_refused(
         run_cli, ["extrapolate", "--base", models.base, "--model", models.sft2, "--alpha", "0.5", out],
-        "corrupt safetensors header", out, [models.base, models.sft2], merge_helpers,
+        "corrupt safetensors header", out, [models.base, models.sft2], model_files,
     )
 
 
-def test_nan_in_an_input_tensor_late_in_the_stream(models, tmp_path, run_cli, merge_helpers):
+def test_nan_in_an_input_tensor_late_in_the_stream(models, tmp_path, run_cli, model_files):
     # The last tensor in storage order: the merge is well under way (shards written) when it fails.
     name = "model.norm.weight"
 
@@ -136,27 +136,27 @@ def test_nan_in_an_input_tensor_late_in_the_stream(models, tmp_path, run_cli, me
         t[3] = float("nan")
         return {**ts, name: t}
 
-    damaged = merge_helpers.rewrite_model(models.sft2, tmp_path / "in" / "nan", poison)
+    damaged = model_files.rewrite_model(models.sft2, tmp_path / "in" / "nan", poison)
     out = tmp_path / "out"
     assert_refused(
         run_cli, ["extrapolate", "--base", models.base, "--model", damaged, "--alpha", "0.5", out, "--max-shard-size", "5KB"],
-        f"tensor '{name}' in model 1 ({damaged}) contains NaN or Inf", out, [models.base, damaged], merge_helpers,
+        f"tensor '{name}' in model 1 ({damaged}) contains NaN or Inf", out, [models.base, damaged], model_files,
     )
 
 
-def test_inf_produced_by_the_merge(models, tmp_path, run_cli, merge_helpers):
+def test_inf_produced_by_the_merge(models, tmp_path, run_cli, model_files):
     out = tmp_path / "out"
     assert_refused(
         run_cli, ["extrapolate", "--base", models.base, "--model", models.sft1, "--alpha", "1e9", "--dtype", "float16", out],
-        "the merge produced NaN or Inf in tensor", out, [models.base, models.sft1], merge_helpers,
+        "the merge produced NaN or Inf in tensor", out, [models.base, models.sft1], model_files,
     )
 
 
-def test_yaml_syntax_error(tmp_path, run_cli, merge_helpers):
+def test_yaml_syntax_error(tmp_path, run_cli, model_files):
     cfg = tmp_path / "m.yaml"
     cfg.write_text("merge_method: ties\nmodels:\n  - model: a\n   parameters: {weight: 1\n")
     out = tmp_path / "out"
-    assert_refused(run_cli, ["merge", cfg, out], "is not valid YAML at line", out, [], merge_helpers)
+    assert_refused(run_cli, ["merge", cfg, out], "is not valid YAML at line", out, [], model_files)
 
 
 @pytest.mark.parametrize(
@@ -172,12 +172,12 @@ def test_yaml_syntax_error(tmp_path, run_cli, merge_helpers):
         (lambda d: d.pop("base_model"), "merge_method task_arithmetic needs base_model"),
     ],
 )
-def test_config_key_errors(models, tmp_path, run_cli, merge_helpers, edit, message):
+def test_config_key_errors(models, tmp_path, run_cli, model_files, edit, message):
     data = ta_config(models)
     edit(data)
     cfg = write_config(tmp_path / "m.yaml", data)
     out = tmp_path / "out"
-    assert_refused(run_cli, ["merge", cfg, out], message, out, [], merge_helpers)
+    assert_refused(run_cli, ["merge", cfg, out], message, out, [], model_files)
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,7 @@ def test_config_key_errors(models, tmp_path, run_cli, merge_helpers, edit, messa
         ("slerp", {}, {"t": 2.0}, "parameters.t = 2.0 is out of range"),
     ],
 )
-def test_parameter_out_of_range(models, tmp_path, run_cli, merge_helpers, method, model_params, params, message):
+def test_parameter_out_of_range(models, tmp_path, run_cli, model_files, method, model_params, params, message):
     second = dict(model_params)
     if method == "exme" and "weight" in second:
         second["weight"] = 0.3  # 0.9 + 0.3 != 1
@@ -203,32 +203,32 @@ def test_parameter_out_of_range(models, tmp_path, run_cli, merge_helpers, method
         data["parameters"] = params
     cfg = write_config(tmp_path / "m.yaml", data)
     out = tmp_path / "out"
-    assert_refused(run_cli, ["merge", cfg, out], message, out, [], merge_helpers)
+    assert_refused(run_cli, ["merge", cfg, out], message, out, [], model_files)
 
 
-def test_negative_alpha_on_the_shortcut(models, tmp_path, run_cli, merge_helpers):
+def test_negative_alpha_on_the_shortcut(models, tmp_path, run_cli, model_files):
     out = tmp_path / "out"
-    assert_refused(run_cli, ["extrapolate", "--base", models.base, "--model", models.sft1, "--alpha", "-0.2", out], "alpha = -0.2 is out of range", out, [], merge_helpers)
+    assert_refused(run_cli, ["extrapolate", "--base", models.base, "--model", models.sft1, "--alpha", "-0.2", out], "alpha = -0.2 is out of range", out, [], model_files)
 
 
 @pytest.mark.parametrize("where", ["same", "inside"])
-def test_output_inside_an_input_is_always_refused(models, tmp_path, run_cli, merge_helpers, where):
+def test_output_inside_an_input_is_always_refused(models, tmp_path, run_cli, model_files, where):
     out = models.sft1 if where == "same" else models.sft1 / "merged"
-    before = merge_helpers.snapshot(models.sft1)
+    before = model_files.snapshot(models.sft1)
     code, _, err = run_cli("extrapolate", "--base", models.base, "--model", models.sft1, "--alpha", "0.5", out, "--force")
     assert code == 2 and "is inside input model" in err
-    assert merge_helpers.snapshot(models.sft1) == before
+    assert model_files.snapshot(models.sft1) == before
     assert not (models.sft1 / "merged").exists()
 
 
-def test_output_containing_an_input_is_refused_even_with_force(models, tmp_path, run_cli, merge_helpers):
-    before = {p: merge_helpers.snapshot(p) for p in (models.base, models.sft1)}
+def test_output_containing_an_input_is_refused_even_with_force(models, tmp_path, run_cli, model_files):
+    before = {p: model_files.snapshot(p) for p in (models.base, models.sft1)}
     code, _, err = run_cli("extrapolate", "--base", models.base, "--model", models.sft1, "--alpha", "0.5", models.root, "--force")
     assert code == 2 and "contains input model" in err
-    assert before == {p: merge_helpers.snapshot(p) for p in before}
+    assert before == {p: model_files.snapshot(p) for p in before}
 
 
-def test_existing_output_refused_without_force(models, tmp_path, run_cli, merge_helpers):
+def test_existing_output_refused_without_force(models, tmp_path, run_cli, model_files):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -237,13 +237,13 @@ def test_existing_output_refused_without_force(models, tmp_path, run_cli, merge_
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
-def test_bad_device_and_shard_size(models, tmp_path, run_cli, merge_helpers):
+def test_bad_device_and_shard_size(models, tmp_path, run_cli, model_files):
     out = tmp_path / "out"
     base_args = ["extrapolate", "--base", models.base, "--model", models.sft1, "--alpha", "0.5", out]
-    assert_refused(run_cli, [*base_args, "--max-shard-size", "5 parsecs"], "cannot read size '5 parsecs'", out, [], merge_helpers)
+    assert_refused(run_cli, [*base_args, "--max-shard-size", "5 parsecs"], "cannot read size '5 parsecs'", out, [], model_files)
     if not torch.cuda.is_available():
-        assert_refused(run_cli, [*base_args, "--device", "cuda"], "CUDA is not available", out, [], merge_helpers)
-    assert_refused(run_cli, [*base_args, "--dtype", "int4"], "unknown output dtype 'int4'", out, [], merge_helpers)
+        assert_refused(run_cli, [*base_args, "--device", "cuda"], "CUDA is not available", out, [], model_files)
+    assert_refused(run_cli, [*base_args, "--dtype", "int4"], "unknown output dtype 'int4'", out, [], model_files)
 
 
 def test_cli_success_prints_the_output_path(models, tmp_path, run_cli):
