@@ -548,8 +548,10 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
         save_results(pipe.results(**parts), out)
         if write_model:
             parts["final_model"] = str(pipe.write_final_model())
-        if pipe.reused:
-            pipe.notes.append(f"{pipe.reused} evaluations were read back from the study (resumed or shared run)")
+        pipe.notes.append(
+            f"this invocation evaluated {pipe.evaluated} candidates"
+            + (f" and read {pipe.reused} finished evaluations back from the study (resumed or shared run)" if pipe.reused else "")
+        )
         results = pipe.results(**parts)
         save_results(results, out)
         (out / "pipeline.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
