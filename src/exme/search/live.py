@@ -224,7 +224,8 @@ class LiveModel:
         def one(name: str, p: torch.nn.Parameter, bufs: dict[str, torch.Tensor] | None = None) -> None:
             kwargs = dict(params)
             if "generator" in sig:
-                kwargs["generator"] = methods.tensor_generator(seed, name, self.device)
+                # A CPU generator, as the merge engine uses: the same masks on every device.
+                kwargs["generator"] = methods.tensor_generator(seed, name, "cpu")
             if "out_dtype" in sig:
                 kwargs["out_dtype"] = p.dtype
             models = self._model_tensors(name)
