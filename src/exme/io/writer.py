@@ -42,6 +42,9 @@ TOKENIZER_FILES = (
 )
 GENERATION_CONFIG = "generation_config.json"
 
+#: Bytes written between two ``fdatasync`` calls of the shard being written.
+SYNC_EVERY_BYTES = 64 * 2**20
+
 _SIZE_UNITS = {
     "": 1,
     "B": 1,
@@ -239,6 +242,7 @@ class ShardedSafetensorsWriter:
         self._file_index = -1
         self._fh = None
         self._pending = 0
+        self._unsynced = 0
 
     def _open_shard(self, index: int) -> None:
         self._close_shard()
@@ -285,6 +289,13 @@ class ShardedSafetensorsWriter:
         if data.numel():
             self._fh.write(memoryview(data.numpy()))
         self._pending -= data.numel()
+        self._unsynced += data.numel()
+        if self._unsynced >= SYNC_EVERY_BYTES:
+            # Push written data to disk as we go, so the closing fsync does not wait for the
+            # whole shard at once: disk writeback overlaps the merge instead of following it.
+            self._fh.flush()
+            os.fdatasync(self._fh.fileno())
+            self._unsynced = 0
 
     def end(self) -> None:
         """Finish the current tensor; all of its planned bytes must have been appended."""
