@@ -155,3 +155,10 @@ def test_suite_errors_name_the_yaml_line(tmp_path):
         Suite.from_yaml(write_suite(tmp_path / "s.yaml", text))
     with pytest.raises(ExmeError, match=r"s.yaml:7: task 'broken' key 'kind': unknown kind 'chat'"):
         Suite.from_yaml(write_suite(tmp_path / "s.yaml", text.replace("kind: generate", "kind: chat")))
+
+
+def test_perplexity_text_file_is_one_document_per_paragraph(tmp_path):
+    (tmp_path / "corpus.txt").write_text("First paragraph\nstill first.\n\n\nSecond one.\n  \nThird.\n\nFourth.\n")
+    suite = Suite.from_yaml(write_suite(tmp_path / "s.yaml", "tasks:\n  - {name: p, kind: perplexity, data: corpus.txt}\n"))
+    docs = sorted(r["text"] for split in ("dev", "test") for r in suite.tasks[0].records(split))
+    assert docs == sorted(["First paragraph\nstill first.", "Second one.", "Third.", "Fourth."])
