@@ -8,7 +8,7 @@ from exme.testing import char_tokenizer, make_finetuned, make_tiny_model, read_i
 
 def test_char_tokenizer_round_trips_text():
     tok = char_tokenizer()
-    text = "x = 12 * (3 + 4)\nprint(x)"
+    text = "x = 12 * (3 + 4)\n\nprint(x)\r\n"
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1
     assert tok.decode(ids, skip_special_tokens=True) == text

@@ -3,7 +3,7 @@
 ExMe's premise is a base model that already knows things and SFT that teaches it to answer. To
 show that for real without a model hub, the demo trains its own: a byte-level BPE tokenizer on
 its own text (digits kept one per token, so arithmetic is not hidden inside merged tokens), then
-a few-million-parameter Llama for a short causal-LM pass over the corpus. The result is saved as
+a Llama of about a million parameters for a short causal-LM pass over the corpus. The result is saved as
 an ordinary Hugging Face model folder, with a ``exme_demo_base.json`` stamp holding the settings
 that made it, so a later run with the same settings reuses it instead of training again.
 """

@@ -1,11 +1,11 @@
 """The demo's seeded world: a pretraining corpus, an SFT mix, and a three-task suite in public formats.
 
 Everything is drawn from one ``random.Random(seed)``, so the same seed writes byte-identical files.
-The world is small on purpose (numbers up to 20, a few dozen words) so a model of a few million
+The world is small on purpose (numbers up to 20, a few dozen words) so a model of about a million
 parameters can learn it on a CPU in minutes, but it has the shape of the real thing:
 
-- the **pretraining corpus** states facts in plain prose ("Ann has 5 apples. She gets 3 more, so
-  she has 5 + 3 = 8 apples.", "A cat is an animal.", small Python functions with a comment), so
+- the **pretraining corpus** states facts in plain prose ("Ann has 5 apples. She gets 3 more. Now
+  Ann has 5 + 3 = 8 apples.", "A cat is an animal.", small Python functions with a comment), so
   the base model *knows* the world but has never seen a question/answer format;
 - the **SFT mix** teaches the formats the suite asks in (prompt → completion), like instruction
   tuning does;

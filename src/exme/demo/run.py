@@ -83,7 +83,8 @@ def prepare_data(workdir: Path, seed: int, sizes: DemoSizes) -> DemoData:
     return write_demo_data(workdir / "data", seed=seed, sizes=sizes)
 
 
-def prepare_base(workdir: Path, data: DemoData, spec: BaseModelSpec, *, progress: bool = True) -> Path:
+def prepare_base(workdir: Path, data: DemoData, spec: BaseModelSpec, *, progress: bool = True) -> tuple[Path, bool]:
+    """The base model folder, and whether it was (re)built in this call."""
     sft_text = [line for line in data.sft.read_text(encoding="utf-8").splitlines() if line]
     folder, built = build_base(workdir / "base", data.corpus, spec, extra_tokenizer_text=sft_text, progress=progress)
     stamp = read_stamp(folder) or {}
@@ -93,11 +94,15 @@ def prepare_base(workdir: Path, data: DemoData, spec: BaseModelSpec, *, progress
         f"pretraining loss {stamp.get('loss_first', float('nan')):.2f} → {stamp.get('loss_last', float('nan')):.2f}"
         + (f" in {stamp.get('seconds', 0):.0f}s" if built else "")
     )
-    return folder
+    return folder, built
 
 
-def prepare_sft(workdir: Path, base: Path, data: DemoData, settings: DemoSettings, seed: int, *, progress: bool = True) -> list[Path]:
-    """Fine-tune the base unless a finished run with the same settings and base is already there."""
+def prepare_sft(workdir: Path, base: Path, data: DemoData, settings: DemoSettings, seed: int, *, progress: bool = True) -> tuple[list[Path], bool]:
+    """Fine-tune the base unless a finished run with the same settings and base is there; (checkpoints, trained).
+
+    The stamp is removed before training and written only after it finished, so a run killed half
+    way is never taken for a finished one.
+    """
     run_dir = workdir / "sft"
     config = FinetuneConfig(
         model=base, data=data.sft, output=run_dir, learning_rate=settings.sft_learning_rate,
@@ -111,7 +116,8 @@ def prepare_sft(workdir: Path, base: Path, data: DemoData, settings: DemoSetting
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) == key and list_checkpoints(run_dir):
         checkpoints = list_checkpoints(run_dir)
         _say(f"[bold]sft[/]: reused cached run {run_dir} ({len(checkpoints)} checkpoints)")
-        return checkpoints
+        return checkpoints, False
+    stamp_path.unlink(missing_ok=True)
     started = time.perf_counter()
     result = finetune(config)
     stamp_path.write_text(json.dumps(key, indent=2))
@@ -120,7 +126,7 @@ def prepare_sft(workdir: Path, base: Path, data: DemoData, settings: DemoSetting
         f"[bold]sft[/]: {len(result.checkpoints)} checkpoints in {run_dir} "
         f"(loss {first:.2f} → {last:.2f}, {time.perf_counter() - started:.0f}s)"
     )
-    return result.checkpoints
+    return result.checkpoints, True
 
 
 def _digest(path: Path) -> str:
@@ -262,20 +268,16 @@ def run_demo(
     timings["data"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    base_stamp_before = read_stamp(workdir / "base")
-    base = prepare_base(workdir, data, settings.base, progress=progress)
+    base, base_built = prepare_base(workdir, data, settings.base, progress=progress)
     timings["base"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    sft_stamp = workdir / "sft" / "exme_demo_sft.json"
-    sft_before = sft_stamp.read_text() if sft_stamp.is_file() else None
-    checkpoints = prepare_sft(workdir, base, data, settings, seed, progress=progress)
+    checkpoints, sft_trained = prepare_sft(workdir, base, data, settings, seed, progress=progress)
     timings["sft"] = time.perf_counter() - started
 
     # Recorded evaluations are keyed by the base path and the suite, not by the checkpoints' bytes:
     # when the base or the SFT run was rebuilt, an old run folder's records must not be read back.
-    rebuilt = read_stamp(base) != base_stamp_before or not sft_stamp.is_file() or sft_stamp.read_text() != sft_before
-    if output.exists() and (fresh or rebuilt) and _is_run_folder(output):
+    if output.exists() and (fresh or base_built or sft_trained) and _is_run_folder(output):
         shutil.rmtree(output)
 
     started = time.perf_counter()
@@ -286,6 +288,7 @@ def run_demo(
     timings["pipeline"] = time.perf_counter() - started
     report = output / "report.md"
     print_outcome(results, report)
+    _say(f"Re-run the last stage alone with: exme run {pipeline_yaml}")
     timings["total"] = time.perf_counter() - started_all
     _say(f"timings: {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())}")
     (output / "demo_timings.json").write_text(json.dumps(timings, indent=2))
