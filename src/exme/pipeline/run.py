@@ -549,7 +549,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             parts["final_model"] = str(pipe.write_final_model())
         pipe.notes.append(
             f"this invocation evaluated {pipe.evaluated} candidates"
-            + (f" and read {pipe.reused} finished evaluations back from the study (resumed or shared run)" if pipe.reused else "")
+            + (f"; {pipe.reused} finished evaluations were read back from the study (resumed or shared run)" if pipe.reused else "")
         )
         results = pipe.results(**parts)
         save_results(results, out)
