@@ -67,3 +67,4 @@ def test_run_writes_results_report_and_a_model_that_reproduces_its_test_score(tm
     again = run_pipeline(PipelineConfig.from_yaml(config), evaluator=Refuse(), progress=False)
     assert [r.test for r in again.final] == [r.test for r in results.final]
     assert (run / "model").stat().st_ino == model_inode  # the same model is not written twice
+    assert any(n.startswith("this invocation evaluated 0 candidates;") and "read back" in n for n in again.notes)

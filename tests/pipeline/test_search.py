@@ -114,3 +114,28 @@ def test_pruning_keeps_the_optimum_and_records_the_saving(tmp_path, sft_run, tin
     assert "scored 510 items where the full grid needs 1100" in note
     limits = [lim for split, lim in synthetic.calls if split == "dev"]
     assert limits.count(10) == 22 + 11  # two α grids and the β grid start with 10 items
+
+
+def test_three_checkpoints_merge_on_a_weight_simplex_and_the_written_model_matches(tmp_path, sft_run, tiny_suite, synthetic):
+    """top_k 3 with TPE: weights w_i normalised to sum to 1, one α each; run_merge writes that exact model."""
+    import torch
+
+    from exme.io import Checkpoint
+    from exme.search import LiveModel
+
+    cfg = _config(tmp_path, sft_run, tiny_suite, top_k=3, search={"mode": "tpe", "n_trials": 6},
+                  alpha={"grid": [0.0, 0.5]}, baselines=["linear"])
+    res = run_pipeline(cfg, evaluator=synthetic, progress=False, report=False)
+    assert sorted(res.joint_search.best_params) == ["alpha_1", "alpha_2", "alpha_3", "w_1", "w_2", "w_3"]
+    row = next(r for r in res.final if r.kind == "exme")
+    weights = [row.params[f"weight_{i}"] for i in (1, 2, 3)]
+    alphas = [row.params[f"alpha_{i}"] for i in (1, 2, 3)]
+    raw = [res.joint_search.best_params[f"w_{i}"] for i in (1, 2, 3)]
+    assert weights == pytest.approx([w / sum(raw) for w in raw]) and sum(weights) == pytest.approx(1.0)
+    kept = [next(c.path for c in res.ranking if c.name == s.checkpoint) for s in res.alpha_search]
+    live = LiveModel.load(sft_run.base)
+    live.set_models(kept)
+    live.apply(exme_coefficients(weights, alphas))
+    written = Checkpoint.open(res.final_model)
+    assert all(torch.equal(written.get(n), p.detach()) for n, p in live.targets.items())
+    assert row.test.overall == pytest.approx(synthetic.evaluate(live.model, None, "test").overall)

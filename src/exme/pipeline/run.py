@@ -86,15 +86,15 @@ class _Bars:
     def stage(self, label: str, total: int, *, show_best: bool = True) -> Callable[[Point, Record, bool], None]:
         """A callback for :meth:`StudyStore.evaluate` that advances a new bar (with the best dev score so far)."""
         if self.progress is None:
-            return lambda point, rec, reused: None
+            return lambda point, rec, reused, step=1: None
         task = self.progress.add_task(label, total=total, info="")
         best_seen = [-math.inf]
 
-        def advance(point: Point, rec: Record, reused: bool) -> None:
+        def advance(point: Point, rec: Record, reused: bool, step: int = 1) -> None:
             if rec.limit is None and show_best:
                 best_seen[0] = max(best_seen[0], rec.overall)
             info = f"best {best_seen[0]:.4f}" if best_seen[0] > -math.inf else ""
-            self.progress.update(task, advance=1, info=info + (" (resumed)" if reused else ""))
+            self.progress.update(task, advance=step, info=info + (" (resumed)" if reused else ""))
 
         return advance
 
@@ -196,9 +196,8 @@ class Pipeline:
         def on_result(point: Point, rec: Record, reused: bool) -> None:
             self.reused += int(reused)
             key = json.dumps(point.params, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                bar(point, rec, reused)
+            bar(point, rec, reused, 0 if key in seen else 1)  # one step per candidate, the best on every result
+            seen.add(key)
 
         full, dropped = successive_halving(
             self.store, self.study_name(stage), params, lambda p: self._evaluate(setter(p), p),
@@ -548,8 +547,10 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
         save_results(pipe.results(**parts), out)
         if write_model:
             parts["final_model"] = str(pipe.write_final_model())
-        if pipe.reused:
-            pipe.notes.append(f"{pipe.reused} evaluations were read back from the study (resumed or shared run)")
+        pipe.notes.append(
+            f"this invocation evaluated {pipe.evaluated} candidates"
+            + (f"; {pipe.reused} finished evaluations were read back from the study (resumed or shared run)" if pipe.reused else "")
+        )
         results = pipe.results(**parts)
         save_results(results, out)
         (out / "pipeline.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))

@@ -91,8 +91,8 @@ class LiveModel:
         # named_parameters() yields a tied parameter once, under its first name.
         self.targets: dict[str, torch.nn.Parameter] = dict(model.named_parameters())
         self._shapes = {n: tuple(p.shape) for n, p in self.targets.items()}
-        self._store = "cpu" if self.device.type == "cpu" else str(self.device)
-        self.base = _read(self.base_path, list(self.targets), self._shapes, self._store)
+        self._hold_on = "cpu" if self.device.type == "cpu" else str(self.device)  # where θ_b, θᵢ live
+        self.base = _read(self.base_path, list(self.targets), self._shapes, self._hold_on)
         self.models: list[dict[str, torch.Tensor]] = []  # θᵢ as stored, or Δᵢ in float32 (``store``)
         self._checkpoints: list[Checkpoint] = []
         self.model_paths: list[Path] = []
@@ -126,9 +126,9 @@ class LiveModel:
         for path in paths:
             ckpt = _open_checked(Path(path), names, self._shapes)
             if self.store == "checkpoints":
-                self.models.append({n: ckpt.get(n, self._store) for n in names})
+                self.models.append({n: ckpt.get(n, self._hold_on) for n in names})
             else:  # Δ = θ − θ_b exactly as the merge methods compute it (float32 subtraction)
-                self.models.append({n: torch.sub(ckpt.get(n, self._store), self.base[n].float()) for n in names})
+                self.models.append({n: torch.sub(ckpt.get(n, self._hold_on), self.base[n].float()) for n in names})
             self._checkpoints.append(ckpt)
             self.model_paths.append(Path(path))
         self.current = None
@@ -137,7 +137,7 @@ class LiveModel:
         """θᵢ of one tensor for every held checkpoint (read from disk when only Δᵢ are held)."""
         if self.store == "checkpoints":
             return [m[name] for m in self.models]
-        return [ck.get(name, self._store) for ck in self._checkpoints]
+        return [ck.get(name, self._hold_on) for ck in self._checkpoints]
 
     # ------------------------------------------------------------------ candidates
     @torch.no_grad()
@@ -224,7 +224,8 @@ class LiveModel:
         def one(name: str, p: torch.nn.Parameter, bufs: dict[str, torch.Tensor] | None = None) -> None:
             kwargs = dict(params)
             if "generator" in sig:
-                kwargs["generator"] = methods.tensor_generator(seed, name, self.device)
+                # A CPU generator, as the merge engine uses: the same masks on every device.
+                kwargs["generator"] = methods.tensor_generator(seed, name, "cpu")
             if "out_dtype" in sig:
                 kwargs["out_dtype"] = p.dtype
             models = self._model_tensors(name)
