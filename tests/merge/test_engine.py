@@ -287,3 +287,15 @@ def test_ties_top_k_across_chunks_equals_the_whole_tensor_top_k(model_files):
     assert torch.equal(torch.cat(parts), whole)
     kept = [(methods.magnitude_mask(m - base, 0.3)).sum().item() for m in models]
     assert kept == [1500, 1500]
+
+
+def test_output_folder_gets_the_permissions_of_a_plain_mkdir(tiny_models, tmp_path):
+    """The temporary folder is private while it is written; the finished model must not stay so."""
+    import os
+    import stat
+
+    (tmp_path / "plain").mkdir()
+    expected = stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+    config = cfg("linear", tiny_models.base, [(tiny_models.sft1, {"weight": 1.0}), (tiny_models.sft2, {"weight": 1.0})])
+    out = run_merge(config, tmp_path / "out", progress=False)
+    assert stat.S_IMODE(os.stat(out).st_mode) == expected

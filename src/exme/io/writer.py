@@ -115,6 +115,12 @@ def check_output_target(target: Path, inputs: Iterable[Path], force: bool) -> Pa
     return target
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class AtomicOutputFolder:
     """A temporary folder beside ``target`` that becomes ``target`` only when everything succeeded.
 
@@ -150,6 +156,9 @@ class AtomicOutputFolder:
         for file in self.tmp.rglob("*"):
             if file.is_file():
                 fsync_path(file)
+        # mkdtemp makes the folder private (0700); the finished model gets the permissions a plain
+        # mkdir would give it, so the people and jobs that can read the inputs can read the output.
+        os.chmod(self.tmp, 0o777 & ~_current_umask())
         fsync_path(self.tmp)
         old: Path | None = None
         if self.target.exists():
