@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exme.errors import ExmeError
 
@@ -55,8 +55,8 @@ class FinetuneConfig(BaseModel):
     data: Path = Field(description="Training data: JSONL of prompt/completion or chat messages.")
     output: Path = Field(description="Run folder; checkpoints go to output/checkpoint-<step>.")
     learning_rate: float = Field(5e-5, gt=0)
-    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the data (1 when neither it nor max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps, instead of epochs.")
     batch_size: int = Field(8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_length: int = Field(512, gt=1, description="Tokens per example; longer ones are cut at the end.")
@@ -79,6 +79,15 @@ class FinetuneConfig(BaseModel):
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in err.errors())
             raise ExmeError(f"finetune options: {problems}") from None
+
+    @model_validator(mode="after")
+    def _one_length(self) -> FinetuneConfig:
+        """epochs and max_steps both say how long to train; taking one silently would ignore the other."""
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("give epochs or max_steps, not both: they both set the length of the run")
+        if self.epochs is None and self.max_steps is None:
+            self.epochs = 1.0
+        return self
 
     @field_validator("device")
     @classmethod
@@ -322,7 +331,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     args = TrainingArguments(
         output_dir=str(output),
         learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs,
+        num_train_epochs=config.epochs if config.epochs is not None else 1.0,
         max_steps=config.max_steps if config.max_steps is not None else -1,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,

@@ -152,6 +152,9 @@ def test_bad_inputs_fail_before_training(tmp_path, tiny_models):
         FinetuneConfig.from_options(model=tiny_models.base, data=data, output=tmp_path / "o", learning_rate=-1.0)
     with pytest.raises(ExmeError, match="device"):
         FinetuneConfig.from_options(model=tiny_models.base, data=data, output=tmp_path / "o", device="tpu")
+    with pytest.raises(ExmeError, match="give epochs or max_steps, not both"):
+        FinetuneConfig.from_options(model=tiny_models.base, data=data, output=tmp_path / "o", epochs=2.0, max_steps=5)
+    assert FinetuneConfig(model=tiny_models.base, data=data, output=tmp_path / "o").epochs == 1.0
 
 
 def test_cli_finetune_reports_a_bad_line_in_one_line_with_exit_2(tmp_path, tiny_models, capsys):
