@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exme.errors import ExmeError
+from exme.io.jsonl import iter_jsonl
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy (and transformers' losses) skip
 
@@ -118,18 +119,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise ExmeError(f"{path}: training data file not found; pass a JSONL file of prompt/completion records")
-    records: list[tuple[int, dict[str, Any]]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ExmeError(f"{path}:{line_no}: not valid JSON ({err.msg}); fix or remove that line") from None
-            if not isinstance(record, dict):
-                raise ExmeError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            records.append((line_no, record))
+    records = list(iter_jsonl(path))
     if not records:
         raise ExmeError(f"{path}: no training records; the file is empty")
     return records

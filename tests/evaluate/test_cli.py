@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from exme.cli import main as cli_main
 

@@ -7,7 +7,6 @@ and reported as one :class:`ExmeError` naming the file and line, before any mode
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exme.errors import ExmeError
+from exme.io.jsonl import iter_jsonl
 
 Kind = Literal["gsm8k", "generate", "humaneval", "mbpp", "multiple_choice", "perplexity"]
 SPLITS = ("dev", "test")
@@ -274,8 +274,8 @@ def read_records(path: Path, kind: str, *, text_field: str = "text", limit: int 
     """
     if not path.is_file():
         raise ExmeError(f"data file {path} does not exist; paths in a suite are relative to the suite file")
-    text = path.read_text(encoding="utf-8")
     if kind == "perplexity" and path.suffix.lower() not in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
         docs = [block.strip() for block in re.split(r"\n\s*\n", text) if block.strip()]
         if not docs:
             raise ExmeError(f"data file {path} is empty; it needs at least one paragraph of text")
@@ -284,15 +284,7 @@ def read_records(path: Path, kind: str, *, text_field: str = "text", limit: int 
     if kind == "perplexity":
         required = (text_field,)
     records: list[dict[str, Any]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ExmeError(f"{path}:{lineno}: not valid JSON ({err.msg}); write one JSON object per line") from None
-        if not isinstance(record, dict):
-            raise ExmeError(f"{path}:{lineno}: a record must be a JSON object, got {type(record).__name__}")
+    for lineno, record in iter_jsonl(path):
         missing = [f for f in required if f not in record]
         if missing:
             raise ExmeError(f"{path}:{lineno}: record lacks field(s) {missing} that a {kind!r} task needs")
