@@ -9,7 +9,11 @@ What it does, in one run:
 2. Installs mergekit into ``benchmarks/.mergekit-venv`` when it is missing (torch 2.13 CPU first).
 3. Runs exme and mergekit on the same task_arithmetic and TIES (density 0.5) configs,
    alternating tools and repetitions, each under ``/usr/bin/time -v``; also the floor: reading
-   every input tensor and writing (and fsyncing) an output of the same size.
+   every input tensor and writing (and fsyncing) an output of the same size. Before every timed
+   run (outside the timed region) the previous output is deleted and ``sync`` is called, so no
+   run pays for the disk writeback of the run before it. exme fsyncs its output and mergekit
+   does not, so mergekit's output is also ``sync``ed after its timed run and that time reported
+   separately (mergekit + sync: the time to a durable output, comparable with exme's).
 4. Compares the outputs element by element in units of one bf16 step.
 5. Prints a Markdown table and, with ``--results``, writes it to benchmarks/RESULTS.md under
    ``## Merge engine``.
@@ -181,7 +185,22 @@ def timed(cmd: list[str], log: Path) -> dict[str, float]:
     parts = [float(p) for p in wall.split(":")]
     seconds = sum(p * 60**i for i, p in enumerate(reversed(parts)))
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
-    return {"wall_s": seconds, "rss_gib": rss_kb / 2**20}
+    user = float(re.search(r"User time \(seconds\): (\S+)", text).group(1))
+    system = float(re.search(r"System time \(seconds\): (\S+)", text).group(1))
+    return {"wall_s": seconds, "rss_gib": rss_kb / 2**20, "user_s": user, "sys_s": system}
+
+
+def settle() -> None:
+    """Flush every dirty page to disk, so the next timed run starts with no writeback pending."""
+    subprocess.run(["sync"], check=True)
+
+
+def sync_seconds(folder: Path) -> float:
+    """Wall seconds to make every file in ``folder`` durable (``sync FILE...`` fsyncs each one)."""
+    files = [str(f) for f in sorted(folder.rglob("*")) if f.is_file()]
+    start = time.perf_counter()
+    subprocess.run(["sync", *files], check=True)
+    return time.perf_counter() - start
 
 
 def exme_cmd(cfg: Path, out: Path) -> list[str]:
@@ -313,6 +332,8 @@ def main() -> None:
     def run(tool: str, method: str, rep: int) -> None:
         out = WORK / f"out-{tool}-{method}"
         shutil.rmtree(out, ignore_errors=True)
+        (WORK / "floor.bin").unlink(missing_ok=True)
+        settle()  # outside the timed region: the previous run's writeback is not charged to this one
         if tool == "exme":
             cmd = exme_cmd(cfgs[method], out)
         elif tool == "mergekit":
@@ -320,8 +341,16 @@ def main() -> None:
         else:
             cmd = floor_cmd(paths, ["base", "ft1", "ft2"])
         r = timed(cmd, WORK / f"log-{tool}-{method}-{rep}.txt")
+        if tool == "mergekit":  # exme fsyncs inside its run; this is mergekit's equivalent, timed apart
+            r["sync_s"] = sync_seconds(out)
+            r["durable_s"] = r["wall_s"] + r["sync_s"]
         runs.setdefault((tool, method), []).append(r)
-        print(f"rep {rep} {tool:8s} {method:16s} {r['wall_s']:7.1f} s  {r['rss_gib']:5.2f} GiB   ({load_snapshot()})", flush=True)
+        extra = f" + sync {r['sync_s']:.1f} s" if "sync_s" in r else ""
+        print(
+            f"rep {rep} {tool:8s} {method:16s} {r['wall_s']:7.1f} s{extra}  (user {r['user_s']:.1f}, sys {r['sys_s']:.1f})"
+            f"  {r['rss_gib']:5.2f} GiB   ({load_snapshot()})",
+            flush=True,
+        )
 
     for rep in range(args.reps):
         order = ["exme", "mergekit"] if rep % 2 == 0 else ["mergekit", "exme"]
@@ -393,12 +422,15 @@ def render(args, runs, agree, loads, methods) -> str:
         f"vocab {marker['vocab_size']}, untied), fine-tuned = base + N(0, 0.002²) noise; one 5GB shard each; inputs in the page cache.",
         "Both tools: `dtype: bfloat16`, CPU, default options (mergekit: `mergekit-yaml CONFIG OUT --quiet`;"
         " exme: `exme merge CONFIG OUT --quiet`). exme fsyncs its output, mergekit does not.",
+        "Before every timed run (exme, mergekit and the floor), outside the timed region, the previous output is deleted and `sync` is called,"
+        " so no run pays for another's disk writeback. \"mergekit + sync\": mergekit's wall time plus a `sync` of its output files"
+        " run right after it (the time to a durable output, as exme's time includes its fsync).",
         f"Runs alternate between the tools, {args.reps} repetitions; median (min–max) wall time, median peak RSS from `/usr/bin/time -v`.",
         "Load (1/5/15-min load average, memory available) seen between repetitions: " + "; ".join(loads) + ".",
         "Other processes shared the 2 cores during the run, so absolute times are noisy; ratios come from interleaved runs.",
         "",
-        "| merge | exme wall s | mergekit wall s | speed-up | exme peak RSS GiB | mergekit peak RSS GiB | RSS ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| merge | exme wall s | mergekit wall s | speed-up | mergekit + sync s | speed-up (durable) | exme peak RSS GiB | mergekit peak RSS GiB | RSS ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def stat(tool, m, key):
@@ -408,10 +440,21 @@ def render(args, runs, agree, loads, methods) -> str:
     for m in methods:
         ew, ewl, ewh = stat("exme", m, "wall_s")
         mw, mwl, mwh = stat("mergekit", m, "wall_s")
+        dw, dwl, dwh = stat("mergekit", m, "durable_s")
         er, mr = stat("exme", m, "rss_gib")[0], stat("mergekit", m, "rss_gib")[0]
         lines.append(
-            f"| {m} | {ew:.1f} ({ewl:.1f}–{ewh:.1f}) | {mw:.1f} ({mwl:.1f}–{mwh:.1f}) | {mw / ew:.1f}× | {er:.2f} | {mr:.2f} | {er / mr:.2f} |"
+            f"| {m} | {ew:.1f} ({ewl:.1f}–{ewh:.1f}) | {mw:.1f} ({mwl:.1f}–{mwh:.1f}) | {mw / ew:.1f}× "
+            f"| {dw:.1f} ({dwl:.1f}–{dwh:.1f}) | {dw / ew:.1f}× | {er:.2f} | {mr:.2f} | {er / mr:.2f} |"
         )
+    lines += ["", "Per repetition, wall s (user / system s): exme; mergekit (+ sync s):", ""]
+    for m in methods:
+        per = []
+        for i, (e, k) in enumerate(zip(runs[("exme", m)], runs[("mergekit", m)])):
+            per.append(
+                f"rep {i}: exme {e['wall_s']:.1f} ({e['user_s']:.1f} / {e['sys_s']:.1f}); "
+                f"mergekit {k['wall_s']:.1f} ({k['user_s']:.1f} / {k['sys_s']:.1f}) + {k['sync_s']:.1f}"
+            )
+        lines.append(f"- {m}: " + "; ".join(per) + ".")
     fw, fwl, fwh = stat("floor", "read+write", "wall_s")
     lines += [
         "",
