@@ -67,3 +67,6 @@ def test_run_writes_results_report_and_a_model_that_reproduces_its_test_score(tm
     assert [r.test for r in again.final] == [r.test for r in results.final]
     assert (run / "model").stat().st_ino == model_inode  # the same model is not written twice
     assert any(n.startswith("this invocation evaluated 0 candidates;") and "read back" in n for n in again.notes)
+    # The run folder's copy of the configuration is itself a valid PIPELINE.yaml, equal to the one given.
+    copy = PipelineConfig.from_yaml(run / "pipeline.yaml")
+    assert copy.model_dump() == PipelineConfig.from_yaml(config).model_dump()

@@ -131,6 +131,14 @@ class PipelineConfig(_Strict):
             raise ValueError(
                 f"top_k {self.top_k} needs a weight simplex: set search.mode: tpe (grid search merges two checkpoints)"
             )
+        # A setting that the chosen mode would not read is a mistake to report, never to ignore.
+        given = self.search.model_fields_set
+        if self.search.mode == "grid" and "n_trials" in given:
+            raise ValueError("search.n_trials counts TPE trials, but search.mode is grid (every grid point is evaluated); remove n_trials or set mode: tpe")
+        if not self.search.prune and given & {"prune_min_items", "prune_eta"}:
+            raise ValueError("search.prune_min_items and search.prune_eta only apply with search.prune: true")
+        if self.search.mode == "tpe" and "beta" in self.model_fields_set:
+            raise ValueError("beta.grid is not used with search.mode: tpe (the merge weights are searched jointly with α); remove beta or set mode: grid")
         return self
 
     # ------------------------------------------------------------------ loading

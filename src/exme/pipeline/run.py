@@ -553,7 +553,11 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
         )
         results = pipe.results(**parts)
         save_results(results, out)
-        (out / "pipeline.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+        # Only what was given (paths resolved): the file stays a valid PIPELINE.yaml to run again, and
+        # results.json keeps the full configuration with every default.
+        (out / "pipeline.yaml").write_text(
+            yaml.safe_dump(json.loads(config.model_dump_json(exclude_unset=True)), sort_keys=False)
+        )
         if report:
             from exme.report import render
 
