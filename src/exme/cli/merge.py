@@ -55,16 +55,18 @@ def extrapolate_command(
     dtype: Optional[str] = _DTYPE,
     max_shard_size: str = _SHARD,
     force: bool = _FORCE,
-    seed: int = _SEED,
     quiet: bool = _QUIET,
 ) -> None:
-    """ExPO: write θ + α(θ − θ_b), the fine-tuned model pushed further along its own task vector."""
+    """ExPO: write θ + α(θ − θ_b), the fine-tuned model pushed further along its own task vector.
+
+    No --seed: extrapolation draws nothing at random.
+    """
     from exme.merge.config import MergeConfig
     from exme.merge.engine import run_merge
 
     merge_config = MergeConfig.extrapolation(base, model, alpha)
     path = run_merge(
-        merge_config, out, device=device, out_dtype=dtype, max_shard_size=max_shard_size, force=force, seed=seed,
+        merge_config, out, device=device, out_dtype=dtype, max_shard_size=max_shard_size, force=force,
         progress=not quiet,
     )
     _finish(path, quiet)
