@@ -139,3 +139,16 @@ def test_a_checkpoint_of_another_shape_is_refused_by_name(tiny_models, tmp_path)
         live.set_models([tiny_models.sft1, other])
     with pytest.raises(ExmeError, match="2 coefficients given for 0 held checkpoints"):
         LiveModel.load(tiny_models.base).apply([1.0, 1.0])
+
+
+def test_a_candidate_that_overflows_is_refused_and_the_base_restored(tiny_models):
+    from exme.search.live import NonFiniteCandidate
+
+    live = LiveModel.load(tiny_models.base)
+    live.set_models([tiny_models.sft1, tiny_models.sft2])
+    with pytest.raises(NonFiniteCandidate, match=r"candidate θ_b \+ Σ cᵢΔᵢ with c = \[1e\+38, 0.0\]: tensor .* has NaN or Inf in float32"):
+        live.apply([1e38, 0.0])
+    assert isinstance(NonFiniteCandidate("x"), ExmeError)
+    base = _tensors(tiny_models.base)
+    assert all(torch.equal(p, base[n]) for n, p in live.state_dict().items())
+    assert live.current == ("base",)
