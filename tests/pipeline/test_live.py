@@ -141,14 +141,19 @@ def test_a_checkpoint_of_another_shape_is_refused_by_name(tiny_models, tmp_path)
         LiveModel.load(tiny_models.base).apply([1.0, 1.0])
 
 
-def test_a_candidate_that_overflows_is_refused_and_the_base_restored(tiny_models):
+def test_a_candidate_that_overflows_is_refused_and_the_base_restored(tmp_path):
     from exme.search.live import NonFiniteCandidate
+    from exme.testing import make_finetuned, make_tiny_model
 
-    live = LiveModel.load(tiny_models.base)
-    live.set_models([tiny_models.sft1, tiny_models.sft2])
-    with pytest.raises(NonFiniteCandidate, match=r"candidate θ_b \+ Σ cᵢΔᵢ with c = \[1e\+38, 0.0\]: tensor .* has NaN or Inf in float32"):
-        live.apply([1e38, 0.0])
+    base = make_tiny_model(tmp_path / "base", seed=0, dtype=torch.float16)
+    sfts = [make_finetuned(base, tmp_path / f"sft{i}", seed=i, scale=0.05) for i in (1, 2)]
+    live = LiveModel.load(base)
+    live.set_models(sfts)
+    live.apply([1.0, 2.0])  # fine
+    # 1e7·Δ with |Δ| ~ 0.05 is far beyond float16's 65504: the cast gives Inf.
+    with pytest.raises(NonFiniteCandidate, match=r"candidate θ_b \+ Σ cᵢΔᵢ with c = \[10000000.0, 0.0\]: tensor .* has NaN or Inf in float16"):
+        live.apply([1e7, 0.0])
     assert isinstance(NonFiniteCandidate("x"), ExmeError)
-    base = _tensors(tiny_models.base)
-    assert all(torch.equal(p, base[n]) for n, p in live.state_dict().items())
+    expected = _tensors(base)
+    assert all(torch.equal(p, expected[n]) for n, p in live.state_dict().items())
     assert live.current == ("base",)
