@@ -23,10 +23,10 @@ def _copy_with(src, dst, edit):
 
 
 def test_clean_run_passes_and_reports_every_input(tiny_models, tmp_path):
-    report = check_inputs(tiny_models.base, [tiny_models.sft1, tiny_models.sft2], cache_dir=tmp_path, progress=False)
+    report = check_inputs(tiny_models.base, [tiny_models.sft1, tiny_models.sft2], cache_dir=tmp_path / "run", progress=False)
     assert [i.path for i in report.inputs] == [tiny_models.base, tiny_models.sft1, tiny_models.sft2]
     assert report.cached == 0 and report.scanned_bytes > 0
-    assert (tmp_path / "preflight.json").is_file()
+    assert (tmp_path / "run" / "preflight.json").is_file()
 
 
 def test_a_nan_tensor_is_named_with_its_checkpoint(tiny_models, tmp_path):
@@ -40,8 +40,8 @@ def test_a_nan_tensor_is_named_with_its_checkpoint(tiny_models, tmp_path):
 
     bad = _copy_with(tiny_models.sft2, tmp_path / "checkpoint-9", poison)
     with pytest.raises(ExmeError, match=rf"checkpoint {bad}: tensor {name} holds 1 NaN/Inf value\(s\) of \d+; re-export"):
-        check_inputs(tiny_models.base, [tiny_models.sft1, bad], cache_dir=tmp_path, progress=False)
-    assert not (tmp_path / "preflight.json").exists()  # nothing cached from a failed check
+        check_inputs(tiny_models.base, [tiny_models.sft1, bad], cache_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # a failed check leaves nothing behind
 
 
 def test_a_truncated_file_is_named(tiny_models, tmp_path):

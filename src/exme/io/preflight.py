@@ -145,7 +145,7 @@ def check_inputs(
     Raises one :class:`ExmeError` for the first problem: a missing or truncated file, a tensor
     missing or mis-shaped against the base, a dtype mismatch, a bad adapter, a NaN/Inf value.
     ``cache_dir`` (e.g. the run folder) keeps ``preflight.json`` so unchanged files are not rescanned;
-    it is written only when every input is fine, and the folder is not created by this function.
+    it is written (creating ``cache_dir``) only when every input is fine, so a failed check leaves nothing.
     """
     base_ckpt = Checkpoint.open(base)
     report = PreflightReport()
@@ -182,7 +182,8 @@ def check_inputs(
                     + (", or remove this checkpoint from the run" if label != "base" else "")
                 )
             cache[str(Path(source.path).resolve())] = key
-    if cache_file is not None and todo and cache_file.parent.is_dir():
+    if cache_file is not None and todo:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"version": _CACHE_VERSION, "finite": cache}, indent=1))
         os.replace(tmp, cache_file)
