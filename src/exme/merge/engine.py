@@ -413,6 +413,12 @@ def run_merge(
     to ``plan_notes`` when given. ``chunk_elements`` sets the streaming granularity (results do
     not depend on it).
     """
+    if config.output_format == "peft":
+        from exme.merge.peft_output import write_peft_adapter
+
+        if out_dtype is not None:
+            raise ExmeError("--dtype does not apply to --format peft (the adapter's factors are written in float32)")
+        return write_peft_adapter(config, out_dir, force=force, progress=progress)
     if out_dtype is not None:
         from exme.merge.config import parse_dtype
 
