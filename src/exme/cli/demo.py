@@ -55,8 +55,9 @@ def demo_command(
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (seconds, not minutes): a smoke run of every stage."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the base model and the SFT run."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest on a busy machine; try 2+ on an idle one)."),
+    lora: bool = typer.Option(False, "--lora", help="Fine-tune LoRA adapters (PEFT checkpoints) instead of every weight."),
 ) -> None:
     """Build a small model here, fine-tune it, and run the whole ExMe pipeline on it, ending in a report."""
     from exme.demo.run import run_demo
 
-    run_demo(workdir=workdir, output=output, fresh=fresh, quick=quick, seed=seed, threads=threads)
+    run_demo(workdir=workdir, output=output, fresh=fresh, quick=quick, seed=seed, threads=threads, lora=lora)
