@@ -1,0 +1,490 @@
+"""The pipeline's stages as functions: rank → extrapolate → merge → baselines → test (→ confirm), then the
+final model's merge spec.
+
+Each stage takes what it needs (the earlier stages' typed results and the configuration) and returns
+a typed result; none of them touches the study, the progress display or worker claims. They only
+describe *candidates* (which weights to write into the live model) and hand them to an
+:class:`Evaluations` object, which the orchestrator (:mod:`exme.pipeline.run`) implements on top of
+the live model and the Optuna study. That keeps the arithmetic of the method (coefficients, which
+record wins, which α comes next) readable and testable on its own, and lets the orchestrator
+change how evaluations are stored or shown without touching a stage.
+
+To add a stage: write a function here that takes the results it depends on and returns a frozen
+dataclass, and call it from :func:`exme.pipeline.run.run_pipeline`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence, Union
+
+from exme.errors import ExmeError
+from exme.pipeline.config import PipelineConfig, checkpoint_step
+from exme.report.schema import FinalRow, RankedCheckpoint, SearchResult, SplitScores, Trial
+from exme.search.study import Point, Record, best
+
+#: Each baseline's own small dev search (one list of values per searched setting).
+BASELINE_SPACES: dict[str, dict[str, list[float]]] = {
+    "linear": {"weight_1": [0.3, 0.5, 0.7]},
+    "task_arithmetic": {"lambda": [0.3, 0.5, 0.7, 1.0]},
+    "ties": {"density": [0.3, 0.5, 0.7]},
+    "dare_linear": {"density": [0.3, 0.5, 0.7]},
+    "dare_ties": {"density": [0.3, 0.5, 0.7]},
+}
+
+
+def exme_coefficients(weights: Sequence[float], alphas: Sequence[float]) -> list[float]:
+    """cᵢ = wᵢ(1 + αᵢ): θ* = θ_b + Σ cᵢΔᵢ, computed exactly as ``exme.merge.methods.exme`` does."""
+    return [float(w) * (1.0 + float(a)) for w, a in zip(weights, alphas)]
+
+
+# ---------------------------------------------------------------------- candidates
+@dataclass(frozen=True)
+class BaseWeights:
+    """The base model θ_b as it is."""
+
+
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """One SFT checkpoint as it is."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class Combination:
+    """θ_b + Σ cᵢ(θᵢ − θ_b) over ``models`` (extrapolation and ExMe are both this)."""
+
+    models: tuple[Path, ...]
+    coeffs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class MethodMerge:
+    """A merge method's output over ``models`` (baselines: TIES, DARE, linear, task arithmetic)."""
+
+    models: tuple[Path, ...]
+    method: str
+    kwargs: tuple[tuple[str, Any], ...]
+    seed: int
+
+
+Candidate = Union[BaseWeights, CheckpointWeights, Combination, MethodMerge]
+
+
+class Evaluations(Protocol):
+    """What a stage needs from the orchestrator: scores of candidates, recorded and resumable.
+
+    ``stage`` names the study the evaluations are recorded in; ``label`` is for the progress display.
+    """
+
+    def points(self, stage: str, label: str, points: Sequence[Point], candidate: Callable[[Point], Candidate]) -> list[Record]:
+        """Every point scored once (read back when recorded before), in ``points`` order."""
+
+    def grid(self, stage: str, label: str, params: list[dict[str, Any]], candidate: Callable[[Point], Candidate],
+             *, prune: bool) -> tuple[list[Record], list[Record]]:
+        """A grid on the search split: (full records, pruned partial records)."""
+
+    def tpe(self, stage: str, label: str, distributions: dict[str, Any], candidate: Callable[[Point], Candidate],
+            *, n_trials: int, seed: int, to_params: Callable[[dict[str, float]], dict[str, Any]]) -> list[Record]:
+        """A seeded, resumable TPE search of ``n_trials`` on the search split."""
+
+
+# ---------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class RankResult:
+    """Stage 1: the base and every checkpoint on the search split, and the top k kept."""
+
+    ranking: list[RankedCheckpoint]
+    base_dev: Record
+    sft_dev: dict[str, Record]  # by checkpoint name
+    kept: list[Path]
+    kept_names: list[str]
+
+
+@dataclass(frozen=True)
+class AlphaChoice:
+    """One kept checkpoint's α search: its records and the chosen α."""
+
+    name: str
+    search: SearchResult
+    records: list[Record]
+    best: Record
+    saved: int = 0  # grid points not evaluated because the curve had collapsed
+
+
+@dataclass(frozen=True)
+class ExtrapolateResult:
+    """Stage 2: α per kept checkpoint."""
+
+    choices: list[AlphaChoice]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def alphas(self) -> list[float]:
+        return [float(c.best.params["alpha"]) for c in self.choices]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """Stage 3: the ExMe setting (weights and α per kept checkpoint) and the search that chose it."""
+
+    weights: list[float]
+    alphas: list[float]
+    dev: Record
+    beta_search: SearchResult | None = None
+    joint_search: SearchResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def coefficients(self) -> list[float]:
+        return exme_coefficients(self.weights, self.alphas)
+
+
+@dataclass(frozen=True)
+class BaselineChoice:
+    method: str
+    params: dict[str, float]
+    dev: Record
+    search: SearchResult
+
+
+@dataclass(frozen=True)
+class BaselinesResult:
+    """Each baseline's own small search and its chosen setting."""
+
+    choices: list[BaselineChoice]
+
+    @property
+    def searches(self) -> list[SearchResult]:
+        return [c.search for c in self.choices]
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """A model of the final table before it is scored on test: its row and how to write it."""
+
+    row: FinalRow
+    candidate: Candidate
+    dev: Record | None
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """The final table: every chosen model scored on the test split."""
+
+    rows: list[FinalRow]
+    records: list[Record]
+
+
+# ---------------------------------------------------------------------- stage 1: rank
+def rank(ev: Evaluations, checkpoints: Sequence[Path], names: Sequence[str], top_k: int) -> RankResult:
+    """Score the base and every checkpoint on the search split; keep the top k (ties: the later step)."""
+    points = [Point({"model": "base"})] + [
+        Point({"checkpoint": name, "path": str(p.resolve())}) for name, p in zip(names, checkpoints)
+    ]
+
+    def candidate(point: Point) -> Candidate:
+        if "model" in point.params:
+            return BaseWeights()
+        return CheckpointWeights(Path(point.params["path"]))
+
+    records = ev.points("rank", "rank checkpoints", points, candidate)
+    order = sorted(
+        range(len(checkpoints)),
+        key=lambda i: (records[i + 1].overall, _step_or_position(checkpoints[i], i)),
+        reverse=True,
+    )
+    kept = set(order[:top_k])
+    ranking = [
+        RankedCheckpoint(
+            name=names[i], path=str(checkpoints[i]), step=checkpoint_step(checkpoints[i]),
+            dev=split_scores(records[i + 1]), kept=i in kept,
+        )
+        for i in range(len(checkpoints))
+    ]
+    return RankResult(
+        ranking=ranking, base_dev=records[0], sft_dev={names[i]: records[i + 1] for i in range(len(checkpoints))},
+        kept=[checkpoints[i] for i in order[:top_k]], kept_names=[names[i] for i in order[:top_k]],
+    )
+
+
+# ---------------------------------------------------------------------- stage 2: extrapolate
+def extrapolate(ev: Evaluations, ranked: RankResult, config: PipelineConfig) -> ExtrapolateResult:
+    """α per kept checkpoint on the search split (grid, optional successive halving and refinement)."""
+    models = tuple(ranked.kept)
+    k = len(models)
+    grid = config.alpha.grid
+    prune = config.search.prune
+    choices = []
+    for i, name in enumerate(ranked.kept_names):
+        def candidate(point: Point, i: int = i) -> Candidate:
+            coeffs = [0.0] * k
+            coeffs[i] = 1.0 + float(point.params["alpha"])
+            return Combination(models, tuple(coeffs))
+
+        stage = f"alpha/{name}"
+        params = [{"alpha": a} for a in grid]
+        full, dropped = ev.grid(stage, f"α for {name}", params, candidate, prune=prune)
+        if config.alpha.refine and len(grid) > 1:
+            chosen = best(sorted(full, key=lambda r: r.params["alpha"]))
+            extra = [{"alpha": a} for a in refine_grid(grid, chosen.params["alpha"]) if a not in grid]
+            if extra:
+                more, more_dropped = ev.grid(stage, f"α for {name} (refine)", extra, candidate, prune=False)
+                full, dropped = full + more, dropped + more_dropped
+        full = sorted(full, key=lambda r: r.params["alpha"])
+        chosen = best(full)  # ties: the smaller α
+        search = SearchResult(
+            name=f"alpha:{name}", checkpoint=name,
+            space={"alpha": list(grid), "refine": config.alpha.refine, "prune": prune},
+            trials=trials(full, dropped, keys=("alpha",)),
+            best_params={"alpha": chosen.params["alpha"]}, best_dev=chosen.overall,
+        )
+        choices.append(AlphaChoice(name=name, search=search, records=full, best=chosen))
+    return ExtrapolateResult(choices=choices)
+
+
+# ---------------------------------------------------------------------- stage 3: merge
+def merge(ev: Evaluations, ranked: RankResult, extrapolated: ExtrapolateResult, config: PipelineConfig) -> MergeResult:
+    """β on the search split (grid, K = 2) or a joint TPE search over (α₁..α_K, weights)."""
+    k = len(ranked.kept)
+    models = tuple(ranked.kept)
+    alphas = extrapolated.alphas
+    if k == 1:
+        return MergeResult(
+            weights=[1.0], alphas=list(alphas), dev=extrapolated.choices[0].best,
+            notes=["top_k is 1: nothing to merge, ExMe is the extrapolated best checkpoint"],
+        )
+    if config.search.mode == "grid":
+        a1, a2 = alphas
+
+        def candidate(point: Point) -> Candidate:
+            b = float(point.params["beta"])
+            return Combination(models, tuple(exme_coefficients([b, 1.0 - b], [a1, a2])))
+
+        stage = f"beta/alpha_1={a1!r},alpha_2={a2!r}"
+        params = [{"beta": b} for b in config.beta.grid]
+        full, dropped = ev.grid(stage, "β merge", params, candidate, prune=config.search.prune)
+        chosen = best(full)
+        b = float(chosen.params["beta"])
+        search = SearchResult(
+            name="beta", space={"beta": list(config.beta.grid), "alpha_1": a1, "alpha_2": a2},
+            trials=trials(full, dropped, keys=("beta",)), best_params={"beta": b}, best_dev=chosen.overall,
+        )
+        return MergeResult(weights=[b, 1.0 - b], alphas=[a1, a2], dev=chosen, beta_search=search)
+    return _joint(ev, models, config)
+
+
+def joint_weights_alphas(params: dict[str, Any], k: int) -> tuple[list[float], list[float]]:
+    """(weights, alphas) of a joint-search point: β for K = 2, else wᵢ normalised to sum 1."""
+    alphas = [float(params[f"alpha_{i}"]) for i in range(1, k + 1)]
+    if k == 2:
+        b = float(params["beta"])
+        return [b, 1.0 - b], alphas
+    raw = [float(params[f"w_{i}"]) for i in range(1, k + 1)]
+    total = sum(raw)
+    return ([w / total for w in raw] if total > 0 else [1.0 / k] * k), alphas
+
+
+def _joint(ev: Evaluations, models: tuple[Path, ...], config: PipelineConfig) -> MergeResult:
+    import optuna
+
+    k = len(models)
+    lo, hi = config.alpha.grid[0], config.alpha.grid[-1]
+    dists: dict[str, Any] = {}
+    fixed: dict[str, float] = {}
+    for i in range(1, k + 1):
+        if hi > lo:
+            dists[f"alpha_{i}"] = optuna.distributions.FloatDistribution(lo, hi)
+        else:
+            fixed[f"alpha_{i}"] = lo
+    if k == 2:
+        dists["beta"] = optuna.distributions.FloatDistribution(0.0, 1.0)
+    else:
+        for i in range(1, k + 1):
+            dists[f"w_{i}"] = optuna.distributions.FloatDistribution(0.0, 1.0)
+
+    def to_params(raw: dict[str, float]) -> dict[str, float]:
+        return {**fixed, **{key: float(v) for key, v in raw.items()}}
+
+    def candidate(point: Point) -> Candidate:
+        w, a = joint_weights_alphas(point.params, k)
+        return Combination(models, tuple(exme_coefficients(w, a)))
+
+    n = config.search.n_trials
+    records = ev.tpe("joint", "joint TPE", dists, candidate, n_trials=n, seed=config.seed, to_params=to_params)
+    chosen = best(records)
+    w, a = joint_weights_alphas(chosen.params, k)
+    keys = tuple(sorted(chosen.params))
+    search = SearchResult(
+        name="joint", space={"mode": "tpe", "n_trials": n, "alpha": [lo, hi], "params": sorted(dists)},
+        trials=trials(records, [], keys=keys),
+        best_params={key: float(chosen.params[key]) for key in keys}, best_dev=chosen.overall,
+    )
+    return MergeResult(weights=w, alphas=a, dev=chosen, joint_search=search)
+
+
+# ---------------------------------------------------------------------- baselines
+def baseline_space(method: str, k: int) -> dict[str, list[float]]:
+    """The settings a baseline searches over ``k`` kept checkpoints (linear: w₁ only for k = 2)."""
+    space = dict(BASELINE_SPACES[method])
+    if method == "linear" and k != 2:
+        space = {}
+    return space
+
+
+def baseline_kwargs(method: str, params: dict[str, Any], k: int) -> dict[str, Any]:
+    """The merge-method arguments of a baseline setting (weights over the kept checkpoints)."""
+    if method == "linear":
+        w1 = float(params.get("weight_1", 1.0 / k))
+        weights = [w1, 1.0 - w1] if k == 2 else [1.0 / k] * k
+        return {"weights": weights, "normalize": True}
+    if method == "task_arithmetic":
+        return {"weights": [1.0] * k, "lambda_": float(params["lambda"])}
+    if method in ("ties", "dare_ties"):
+        return {"weights": [1.0] * k, "density": float(params["density"]), "normalize": True}
+    if method == "dare_linear":
+        return {"weights": [1.0] * k, "density": float(params["density"]), "normalize": True}
+    raise ExmeError(f"unknown baseline {method!r}")
+
+
+def baseline_candidate(models: tuple[Path, ...], method: str, params: dict[str, Any], seed: int) -> MethodMerge:
+    kwargs = baseline_kwargs(method, params, len(models))
+    return MethodMerge(models, method, tuple(sorted((key, _freeze(v)) for key, v in kwargs.items())), seed)
+
+
+def baselines(ev: Evaluations, ranked: RankResult, config: PipelineConfig) -> BaselinesResult:
+    """Each baseline's own small search on the search split over the same kept checkpoints."""
+    models = tuple(ranked.kept)
+    k = len(models)
+    choices = []
+    for method in config.baselines:
+        space = baseline_space(method, k)
+
+        def candidate(point: Point, method: str = method) -> Candidate:
+            return baseline_candidate(models, method, point.params, config.seed)
+
+        full, _ = ev.grid(f"baseline/{method}", f"baseline {method}", product(space), candidate, prune=False)
+        chosen = best(full)
+        search = SearchResult(
+            name=method, space={key: list(v) for key, v in space.items()},
+            trials=trials(full, [], keys=tuple(space)), best_params=dict(chosen.params), best_dev=chosen.overall,
+        )
+        choices.append(BaselineChoice(method=method, params=dict(chosen.params), dev=chosen, search=search))
+    return BaselinesResult(choices=choices)
+
+
+# ---------------------------------------------------------------------- the chosen models
+def chosen_models(ranked: RankResult, extrapolated: ExtrapolateResult, merged: MergeResult,
+                  baselined: BaselinesResult, seed: int) -> list[Chosen]:
+    """Base, every kept SFT, each EXPO, ExMe and the baselines at their chosen settings."""
+    models = tuple(ranked.kept)
+    k = len(models)
+    out: list[Chosen] = []
+
+    def add(name: str, kind: str, method: str | None, params: dict[str, Any], cand: Candidate, dev: Record | None) -> None:
+        row = FinalRow(name=name, kind=kind, method=method, params=params,
+                       dev=split_scores(dev) if dev else None, test=SplitScores(overall=0.0, tasks={}))
+        out.append(Chosen(row=row, candidate=cand, dev=dev))
+
+    add("base", "base", None, {}, BaseWeights(), ranked.base_dev)
+    for i, (name, path) in enumerate(zip(ranked.kept_names, ranked.kept), start=1):
+        add(f"SFT-{i}", "sft", None, {"checkpoint": name}, CheckpointWeights(path), ranked.sft_dev[name])
+    alphas = extrapolated.alphas
+    for i, (name, choice) in enumerate(zip(ranked.kept_names, extrapolated.choices), start=1):
+        coeffs = [0.0] * k
+        coeffs[i - 1] = 1.0 + alphas[i - 1]
+        add(f"EXPO-{i}", "expo", "extrapolate", {"checkpoint": name, "alpha": alphas[i - 1]},
+            Combination(models, tuple(coeffs)), choice.best)
+    w, a = merged.weights, merged.alphas
+    exme_params: dict[str, Any] = {f"alpha_{i}": a[i - 1] for i in range(1, k + 1)}
+    if k == 2:
+        exme_params["beta"] = w[0]
+    elif k > 2:
+        exme_params.update({f"weight_{i}": w[i - 1] for i in range(1, k + 1)})
+    add("ExMe", "exme", "exme", exme_params, Combination(models, tuple(merged.coefficients)), merged.dev)
+    for choice in baselined.choices:
+        add(choice.method, "baseline", choice.method, dict(choice.params),
+            baseline_candidate(models, choice.method, choice.params, seed), choice.dev)
+    return out
+
+
+def _row_point(row: FinalRow, split: str) -> Point:
+    params = {"row": row.name, **{key: (v if isinstance(v, (int, float, str)) else str(v)) for key, v in row.params.items()}}
+    return Point(params, split=split)
+
+
+# ---------------------------------------------------------------------- test
+def test(ev: Evaluations, chosen: Sequence[Chosen]) -> TestResult:
+    """Every chosen model scored once on the test split."""
+    by_key = {}
+    points = []
+    for c in chosen:
+        point = _row_point(c.row, "test")
+        by_key[point.key] = c.candidate
+        points.append(point)
+    records = ev.points("test", "test split", points, lambda p: by_key[p.key])
+    rows = [c.row.model_copy(update={"test": split_scores(rec)}) for c, rec in zip(chosen, records)]
+    return TestResult(rows=rows, records=records)
+
+
+test.__test__ = False  # type: ignore[attr-defined]  # a stage, not a pytest test
+
+
+# ---------------------------------------------------------------------- final model
+def final_model_spec(ranked: RankResult, merged: MergeResult, config: PipelineConfig, out_dtype: str) -> dict[str, Any]:
+    """The merge config (method ``exme``) of θ*, as ``exme merge`` reads it."""
+    return {
+        "merge_method": "exme",
+        "base_model": str(config.base),
+        "models": [
+            {"model": str(p), "parameters": {"weight": w, "alpha": a}}
+            for p, w, a in zip(ranked.kept, merged.weights, merged.alphas)
+        ],
+        "dtype": "float32",
+        "out_dtype": out_dtype,
+    }
+
+
+# ---------------------------------------------------------------------- helpers
+def split_scores(rec: Record) -> SplitScores:
+    return SplitScores(overall=rec.overall, tasks=dict(rec.tasks), n_items=dict(rec.n_items))
+
+
+def trials(full: Sequence[Record], dropped: Sequence[Record], keys: Sequence[str]) -> list[Trial]:
+    def params(rec: Record) -> dict[str, float]:
+        return {key: float(rec.params[key]) for key in keys if key in rec.params}
+
+    return [Trial(params=params(r), dev=split_scores(r)) for r in full] + [
+        Trial(params=params(r), dev=split_scores(r), pruned=True) for r in dropped
+    ]
+
+
+def refine_grid(grid: Sequence[float], center: float) -> list[float]:
+    """A finer grid (step/5) within one coarse step either side of ``center``, never below 0."""
+    gaps = [b - a for a, b in zip(grid, grid[1:])]
+    step = min(gaps)
+    fine = step / 5
+    out = []
+    for j in range(-4, 5):
+        a = round(center + j * fine, 10)
+        if j != 0 and a >= 0:
+            out.append(a)
+    return out
+
+
+def product(space: dict[str, list[float]]) -> list[dict[str, float]]:
+    points: list[dict[str, float]] = [{}]
+    for key, values in space.items():
+        points = [{**p, key: float(v)} for p in points for v in values]
+    return points
+
+
+def _step_or_position(path: Path, position: int) -> tuple[int, int]:
+    step = checkpoint_step(path)
+    return (step if step is not None else -1, position)
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
