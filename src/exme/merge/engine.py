@@ -39,6 +39,7 @@ from exme.io.writer import (
 )
 from exme.merge import methods
 from exme.merge.config import MergeConfig
+from exme.merge.registry import REGISTRY
 
 #: Tensor-name endings of input embeddings and output heads: the tensors whose row count is the
 #: vocabulary size, and which may legitimately differ between checkpoints (added tokens).
@@ -108,7 +109,7 @@ class MergePlan:
 def _open_inputs(config: MergeConfig) -> list[InputModel]:
     """Input 0 is the base (methods with a base) or the first model (linear); then the models."""
     inputs: list[InputModel] = []
-    if config.base_model and config.merge_method != "linear":
+    if config.base_model and config.method.needs_base:
         inputs.append(InputModel("base", Checkpoint.open(config.base_model)))
     for i, entry in enumerate(config.merge_models, start=1):
         inputs.append(InputModel(f"model {i}", Checkpoint.open(entry.model)))
@@ -249,11 +250,11 @@ def _plan_tensor(plan: MergePlan, name: str, reads: tuple[str, ...], specs: list
 # ------------------------------------------------------------------------------------------ merge one tensor
 
 
-#: Methods whose result at an element depends only on the inputs at that element: they are
-#: streamed in chunks. TIES is streamed in chunks too, after a first pass that fixes each task
-#: vector's global top-k threshold. DARE and SLERP see whole tensors.
-ELEMENTWISE_METHODS = ("linear", "task_arithmetic", "extrapolate", "exme")
-CHUNKED_METHODS = (*ELEMENTWISE_METHODS, "ties")
+#: Methods whose result at an element depends only on the inputs at that element are streamed in
+#: chunks (``MergeMethod.elementwise``). TIES is streamed in chunks too, after a first pass that
+#: fixes each task vector's global top-k threshold. DARE and SLERP see whole tensors.
+ELEMENTWISE_METHODS = tuple(n for n, m in REGISTRY.items() if m.elementwise)
+CHUNKED_METHODS = tuple(n for n, m in REGISTRY.items() if m.elementwise or m.magnitude_pass)
 
 #: Elements per chunk. Why this small: every temporary of a chunk then comes from memory the
 #: allocator reuses, while tensor-sized temporaries cost fresh, zero-filled pages each time
@@ -272,42 +273,18 @@ def tensor_merger(
     Inputs are ordered as in :class:`MergePlan` (base first for methods with a base). For TIES
     the engine passes ``selectors=`` so that chunks of one tensor share its global top-k.
     """
-    m = config.merge_method
-    weights = [w for w in config.weights() if w is not None] if m not in ("slerp", "extrapolate") else []
-    kw = {"out_dtype": out_dtype, "compute_dtype": compute_dtype}
-    if m == "linear":
-        normalize = config.normalize()
-        return lambda name, ts: methods.linear(ts, weights, normalize, **kw)
-    if m == "task_arithmetic":
-        lam, normalize = config.lambda_(), config.normalize()
-        return lambda name, ts: methods.task_arithmetic(ts[0], ts[1:], weights, lam, normalize=normalize, **kw)
-    if m == "ties":
-        dens, sign, normalize, lam = config.densities(), config.majority_sign_method(), config.normalize(), config.lambda_()
-        return lambda name, ts, selectors=None: methods.ties(
-            ts[0], ts[1:], weights, dens, sign, normalize, lam, selectors=selectors, **kw
-        )
-    if m in ("dare_linear", "dare_ties"):
-        dens, rescale, normalize, lam = config.densities(), config.rescale(), config.normalize(), config.lambda_()
-        sign = config.majority_sign_method()
+    method = config.method
+    kwargs = method.kwargs(method.resolve(config))
+    common = {"out_dtype": out_dtype, "compute_dtype": compute_dtype}
+    with_base = method.needs_base
 
-        def dare(name: str, ts: list[torch.Tensor]) -> torch.Tensor:
-            # A CPU generator on every device, so a CUDA merge draws the same masks as a CPU one.
-            gen = methods.tensor_generator(seed, name, "cpu")
-            if m == "dare_linear":
-                return methods.dare_linear(ts[0], ts[1:], weights, dens, gen, rescale, normalize, lam, **kw)
-            return methods.dare_ties(ts[0], ts[1:], weights, dens, gen, rescale, sign, normalize, lam, **kw)
+    def merge(name: str, ts: list[torch.Tensor], selectors=None) -> torch.Tensor:
+        # A CPU generator on every device, so a CUDA merge draws the same masks as a CPU one.
+        generator = methods.tensor_generator(seed, name, "cpu") if method.random else None
+        base, models = (ts[0], ts[1:]) if with_base else (None, ts)
+        return method.merge(base, models, **kwargs, generator=generator, selectors=selectors, **common)
 
-        return dare
-    if m == "slerp":
-        t = float(config.parameters.t)  # validated present
-        return lambda name, ts: methods.slerp(ts[0], ts[1], t, **kw)
-    if m == "extrapolate":
-        alpha = float(config.alphas()[0])
-        return lambda name, ts: methods.extrapolate(ts[1], ts[0], alpha, **kw)
-    if m == "exme":
-        alphas = [float(a) for a in config.alphas()]
-        return lambda name, ts: methods.exme(ts[0], ts[1:], weights, alphas, **kw)
-    raise ExmeError(f"unknown merge_method {m!r}")
+    return merge
 
 
 @dataclass(frozen=True)
@@ -329,6 +306,7 @@ def _schedule(plan: MergePlan, chunk: int) -> list[_Step]:
     """Every read of the merge, in order; the reader thread and the merge loop both follow it."""
     steps: list[_Step] = []
     method = plan.config.merge_method
+    two_pass = plan.config.method.magnitude_pass
     for i, task in enumerate(plan.tasks):
         numel = task.out_spec.numel
         if not task.merge:
@@ -336,7 +314,7 @@ def _schedule(plan: MergePlan, chunk: int) -> list[_Step]:
             continue
         region = _region(task)
         if method in CHUNKED_METHODS:
-            if method == "ties":
+            if two_pass:
                 steps += [_Step(i, "magnitude", s, min(s + chunk, region)) for s in range(0, region, chunk)]
             steps += [_Step(i, "chunk", s, min(s + chunk, region)) for s in range(0, region, chunk)]
         else:
@@ -504,7 +482,7 @@ def _stream(plan: MergePlan, steps: list[_Step], merger: Callable, device: str, 
                     if not bool(torch.isfinite(mag.sum())):
                         _raise_non_finite(plan, task)
             else:
-                if step.kind == "chunk" and plan.config.merge_method == "ties":
+                if step.kind == "chunk" and plan.config.method.magnitude_pass:
                     if selectors is None:  # the magnitude pass of this tensor is complete
                         selectors = [
                             methods.MagnitudeSelector.from_magnitudes(workspace[j][: _region(task)], d)
@@ -673,7 +651,7 @@ def model_card(plan: MergePlan, *, seed: int, shards: int, copied: list[str]) ->
         lines.append(f"| {key} | {value} |")
     lines.append(f"| output dtype | {dtype_name(plan.out_dtype)} |")
     lines.append(f"| arithmetic dtype | {dtype_name(plan.compute_dtype)} |")
-    if config.merge_method.startswith("dare"):
+    if config.method.random:
         lines.append(f"| seed (DARE masks) | {seed} |")
     lines.append(f"| shards | {shards} |")
     lines.append(f"| tokenizer and generation config from | `{plan.tokenizer_source}` ({', '.join(copied) or 'none found'}) |")

@@ -22,7 +22,6 @@ main memory.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -208,28 +207,23 @@ class LiveModel:
 
     @torch.no_grad()
     def apply_method(self, method: str, *, seed: int = 0, **params: Any) -> None:
-        """Write a merge method's result (``exme.merge.methods.<method>``) tensor by tensor.
+        """Write a merge method's result (:mod:`exme.merge.registry`) tensor by tensor.
 
         For TIES and DARE baselines, whose per-tensor work (top-k masks, random drops) is not a
-        linear combination. DARE masks come from ``tensor_generator(seed, name)``, the same
-        generator the merge engine uses, so a baseline can be written to disk identically.
+        linear combination. ``params`` are the method's function kwargs (``registry.baseline_kwargs``
+        gives them for a baseline setting). DARE masks come from ``tensor_generator(seed, name)``,
+        the same generator the merge engine uses, so a baseline can be written to disk identically.
         """
         from exme.merge import methods
+        from exme.merge.registry import get_method
 
-        fn = getattr(methods, method, None)
-        if fn is None:
-            raise ExmeError(f"unknown merge method {method!r}")
-        sig = inspect.signature(fn).parameters
+        spec = get_method(method)
 
         def one(name: str, p: torch.nn.Parameter, bufs: dict[str, torch.Tensor] | None = None) -> None:
-            kwargs = dict(params)
-            if "generator" in sig:
-                # A CPU generator, as the merge engine uses: the same masks on every device.
-                kwargs["generator"] = methods.tensor_generator(seed, name, "cpu")
-            if "out_dtype" in sig:
-                kwargs["out_dtype"] = p.dtype
-            models = self._model_tensors(name)
-            out = fn(self.base[name], models, **kwargs) if "base" in sig else fn(models, **kwargs)
+            # A CPU generator, as the merge engine uses: the same masks on every device.
+            generator = methods.tensor_generator(seed, name, "cpu") if spec.random else None
+            base = self.base[name] if spec.needs_base else None
+            out = spec.merge(base, self._model_tensors(name), **params, generator=generator, out_dtype=p.dtype)
             p.data.copy_(out)
 
         if self.device.type == "cpu":
