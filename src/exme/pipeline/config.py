@@ -100,6 +100,8 @@ class PipelineConfig(_Strict):
     output: Path
     storage: str | None = None
     seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    """torch CPU threads; ``None``: the CPUs not busy with other work (:func:`exme.threads.default_threads`)."""
 
     @field_validator("device")
     @classmethod
