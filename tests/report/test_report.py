@@ -114,8 +114,9 @@ def test_outcome_uses_the_paired_se_when_per_item_scores_are_recorded(tmp_path, 
     exme, sft1 = _final(results, "ExMe"), _final(results, "SFT-1")
     # Per-item 0/1 scores matching the accuracies: ExMe right on a superset of SFT-1's items.
     for row in (exme, sft1):
-        row.test.per_item = {t: [1.0] * round(row.test.tasks[t] * 200) + [0.0] * (200 - round(row.test.tasks[t] * 200))
+        row.test.per_item = {t: dict(enumerate([1.0] * round(row.test.tasks[t] * 200) + [0.0] * (200 - round(row.test.tasks[t] * 200))))
                              for t in W}
+        row.test.per_item = {t: {str(i): v for i, v in items.items()} for t, items in row.test.per_item.items()}
     # Per task the differences are k ones and 200 − k zeros: sample variance k(200 − k) / (200 · 199).
     k = {t: round((exme.test.tasks[t] - sft1.test.tasks[t]) * 200) for t in W}
     se = math.sqrt(sum(W[t] ** 2 * (k[t] * (200 - k[t]) / (200 * 199)) / 200 for t in W))

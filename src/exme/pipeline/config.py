@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob as _glob
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,9 @@ class AlphaSpec(_Strict):
     grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID))
     refine: bool = False
     """After the grid, try a finer grid (step/5) around the best α, as ExPO's coarse-to-fine search."""
+    stop_on_collapse: bool = True
+    """Stop raising α for a checkpoint after a collapsed point that also scored below its best so far:
+    a model pushed further only rambles more (ExPO's known failure), so the larger α are not evaluated."""
 
     @field_validator("grid")
     @classmethod
@@ -82,6 +86,41 @@ class SearchSpec(_Strict):
     prune_eta: int = Field(3, ge=2, description="keep the best 1/eta of the points at each rung")
 
 
+class DevSpec(_Strict):
+    """How dev is divided: ``search`` (every choice reads only it) and ``confirm`` (scored once, after)."""
+
+    confirm_fraction: float = 0.3
+    """Share of each task's dev items held out to confirm the chosen models; 0 turns the split off."""
+
+    @field_validator("confirm_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not (0.0 <= v <= 0.9):
+            raise ValueError(f"must lie in [0, 0.9] (0 turns the confirm split off), got {v}")
+        return v
+
+
+class CollapseSpec(_Strict):
+    """When a generating model counts as collapsed: its share of generations that hit ``max_new_tokens``
+    exceeds the best SFT checkpoint's by more than ``margin`` (on some generative task)."""
+
+    margin: float = Field(0.2, gt=0.0, le=1.0)
+
+
+class StatsSpec(_Strict):
+    """The paired statistics of the comparisons."""
+
+    bootstrap: int = 2000
+    """Paired bootstrap resamples for the 95% intervals (and sign-flip permutations for p-values)."""
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _resamples(cls, v: int) -> int:
+        if v < 100:
+            raise ValueError(f"needs at least 100 resamples for a 95% interval, got {v}")
+        return v
+
+
 class PipelineConfig(_Strict):
     """One ExMe run: base, SFT checkpoints, evaluation suite, search space, output folder."""
 
@@ -92,6 +131,9 @@ class PipelineConfig(_Strict):
     alpha: AlphaSpec = Field(default_factory=AlphaSpec)
     beta: BetaSpec = Field(default_factory=BetaSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
+    dev: DevSpec = Field(default_factory=DevSpec)
+    collapse: CollapseSpec = Field(default_factory=CollapseSpec)
+    stats: StatsSpec = Field(default_factory=StatsSpec)
     baselines: list[Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]] = Field(
         default_factory=lambda: list(BASELINE_METHODS)
     )
@@ -256,8 +298,10 @@ def _step_key(path: Path) -> tuple[int, str]:
 
 
 def _resolve(root: Path, value: str) -> Path:
+    """Absolute and normalised (``a/../b`` → ``b``; symlinks kept): the run folder's copy of the
+    configuration then works from any directory, and the report shows plain paths."""
     p = Path(value).expanduser()
-    return p if p.is_absolute() else root / p
+    return Path(os.path.normpath(os.path.abspath(p if p.is_absolute() else root / p)))
 
 
 def _is_path_spec(suite: str) -> bool:

@@ -10,6 +10,7 @@ only evaluated for the final table.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import socket
@@ -24,12 +25,14 @@ import yaml
 from exme.errors import ExmeError
 from exme.pipeline import stages
 from exme.pipeline.config import PipelineConfig
-from exme.pipeline.stages import BASELINE_SPACES, exme_coefficients
+from exme.pipeline.stages import exme_coefficients
 from exme.report import save_results
-from exme.report.schema import RankedCheckpoint, RunResults
+from exme.report import verdict
+from exme.report.schema import FinalRow, RankedCheckpoint, RunResults
+from exme.report.stats import task_weights
 from exme.search.study import Point, Record, StudyStore, successive_halving
 
-__all__ = ["BASELINE_SPACES", "Runner", "exme_coefficients", "rank_checkpoints", "run_pipeline"]
+__all__ = ["Runner", "exme_coefficients", "rank_checkpoints", "run_pipeline"]
 
 def _version() -> str:
     try:
@@ -41,38 +44,31 @@ def _version() -> str:
 
 
 class _Bars:
-    """Rich progress bars, one per stage; a no-op when progress is off."""
+    """One progress bar per stage (:mod:`exme.progress`: ETA on a terminal, a plain line per finished
+    evaluation elsewhere); a no-op when progress is off."""
 
     def __init__(self, enabled: bool):
-        self.progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from exme.progress import Progress
 
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[info]}"),
-            )
+        self.display = Progress(enabled)
 
     @contextmanager
     def active(self) -> Iterator["_Bars"]:
-        if self.progress is None:
-            yield self
-            return
-        with self.progress:
+        with self.display:
             yield self
 
     def stage(self, label: str, total: int, *, show_best: bool = True) -> Callable[..., None]:
         """A callback for :meth:`StudyStore.evaluate` that advances a new bar (with the best dev score so far)."""
-        if self.progress is None:
+        if not self.display.enabled:
             return lambda point, rec, reused, step=1: None
-        task = self.progress.add_task(label, total=total, info="")
+        bar = self.display.bar(label, total)
         best_seen = [-math.inf]
 
         def advance(point: Point, rec: Record, reused: bool, step: int = 1) -> None:
             if rec.limit is None and show_best:
                 best_seen[0] = max(best_seen[0], rec.overall)
             info = f"best {best_seen[0]:.4f}" if best_seen[0] > -math.inf else ""
-            self.progress.update(task, advance=step, info=info + (" (resumed)" if reused else ""))
+            bar.advance(step, info=info + (" (resumed)" if reused else ""))
 
         return advance
 
@@ -96,8 +92,9 @@ class Runner:
 
             evaluator = load_evaluator(config.suite)
         self.evaluator = evaluator
-        self.fingerprint = _fingerprint(config)
         self.notes: list[str] = []
+        self.dev_split = self._divide_dev()
+        self.fingerprint = _fingerprint(config, self.dev_split)
         self.timings: dict[str, float] = {}
         self.reused = 0
         self.evaluated = 0
@@ -105,6 +102,23 @@ class Runner:
         self._tokenizer: Any = None
         self._store: StudyStore | None = None
         self.bars = _Bars(progress)
+
+    def _divide_dev(self) -> stages.DevSplit | None:
+        """The search/confirm division of dev, checked before any model loads; ``None`` when off."""
+        fraction = self.config.dev.confirm_fraction
+        if fraction == 0:
+            self.notes.append("no confirm split (dev.confirm_fraction: 0): every dev item was used for the searches, "
+                              "so the dev scores of the chosen models are optimistic and nothing confirms them")
+            return None
+        counts = getattr(self.evaluator, "counts", None)
+        takes_items = "items" in inspect.signature(self.evaluator.evaluate).parameters
+        if not callable(counts) or not takes_items:
+            self.notes.append("no confirm split: this evaluator cannot score a chosen subset of dev items "
+                              "(a custom objective), so every dev item was used for the searches")
+            return None
+        split = stages.dev_split(dict(counts()["dev"]), fraction, self.config.seed)
+        stages.check_dev_split(split)
+        return split
 
     # ------------------------------------------------------------------ resources
     @property
@@ -178,6 +192,10 @@ class Runner:
     def _score(self, point: Point, candidate: stages.Candidate) -> Any:
         self.write(candidate)
         self.evaluated += 1
+        if self.dev_split is not None and point.split in ("dev", "confirm"):
+            # "dev" points are scored on the search part only; "confirm" on the held-out part.
+            items = self.dev_split.search if point.split == "dev" else self.dev_split.confirm
+            return self.evaluator.evaluate(self.live.model, self.tokenizer, "dev", limit=point.limit, items=items)
         return self.evaluator.evaluate(self.live.model, self.tokenizer, point.split, limit=point.limit)
 
     # ------------------------------------------------------------------ Evaluations
@@ -267,14 +285,21 @@ class Runner:
         marker.write_text(json.dumps(spec, indent=2))
         return Path(out)
 
-    def results(self, **parts: Any) -> RunResults:
+    def suite(self) -> dict[str, Any]:
+        """What results.json records about the suite (the evaluator's own description when it has one)."""
         describe = getattr(self.evaluator, "describe", None)
-        suite = describe() if callable(describe) else {"spec": self.config.suite}
+        return {"spec": self.config.suite, **(describe() if callable(describe) else {})}
+
+    def results(self, **parts: Any) -> RunResults:
+        from exme.threads import current_threads
+
         return RunResults(
+            threads=current_threads(),
+            dev_split=self.dev_split.describe() if self.dev_split is not None else {"confirm_fraction": 0.0},
             exme_version=_version(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             config=json.loads(self.config.model_dump_json()),
-            suite={"spec": self.config.suite, **suite},
+            suite=self.suite(),
             timings=dict(self.timings),
             notes=list(self.notes),
             **parts,
@@ -314,17 +339,37 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             runner.notes.extend(merged.notes)
             with runner.timed("baselines"):
                 baselined = stages.baselines(runner, ranked, config)
+            chosen = stages.chosen_models(ranked, extrapolated, merged, baselined, config.seed)
             with runner.timed("test"):
-                tested = stages.test(runner, stages.chosen_models(ranked, extrapolated, merged, baselined, config.seed))
+                tested = stages.test(runner, chosen)
+            rows = tested.rows
+            if runner.dev_split is not None:
+                with runner.timed("confirm"):
+                    confirmed = stages.confirm(runner, chosen)
+                rows = [r.model_copy(update={"confirm": stages.split_scores(rec)}) for r, rec in zip(rows, confirmed)]
+        rows = _flag_collapsed(rows, config.collapse.margin)
+        weights = task_weights(runner.suite(), list(rows[0].test.tasks) if rows else [])
+        comparisons = verdict.compare(rows, weights, split="test", n_resamples=config.stats.bootstrap, seed=config.seed)
+        if runner.dev_split is not None:
+            comparisons += verdict.compare(rows, weights, split="confirm", n_resamples=config.stats.bootstrap, seed=config.seed)
+        if rows and not any(c.split == "test" for c in comparisons):
+            runner.notes.append("paired comparisons not available: the evaluator gives no per-item scores, "
+                                "so only the scores' difference (and a binomial noise estimate where it applies) is shown")
         parts: dict[str, Any] = dict(
             ranking=ranked.ranking, alpha_search=[c.search for c in extrapolated.choices],
             beta_search=merged.beta_search, joint_search=merged.joint_search,
-            baseline_search=baselined.searches, final=tested.rows,
+            baseline_search=baselined.searches, final=rows, comparisons=comparisons,
+            collapse={"margin": config.collapse.margin, "stop_on_collapse": config.alpha.stop_on_collapse,
+                      "flagged": [r.name for r in rows if r.collapsed],
+                      "evaluations_saved": sum(c.saved for c in extrapolated.choices)},
         )
         save_results(runner.results(**parts), out)
         if write_model:
             spec = stages.final_model_spec(ranked, merged, config, str(runner.live.dtype).removeprefix("torch."))
             parts["final_model"] = str(runner.write_final_model(spec))
+        paths = {"base": str(config.base), "ExMe": parts.get("final_model")}
+        paths.update({r.name: str(p) for r, p in zip([r for r in rows if r.kind == "sft"], ranked.kept)})
+        parts["recommended"] = verdict.recommend(rows, comparisons, paths)
         runner.notes.append(
             f"this invocation evaluated {runner.evaluated} candidates"
             + (f"; {runner.reused} finished evaluations were read back from the study (resumed or shared run)" if runner.reused else "")
@@ -345,17 +390,23 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
         runner.close()
 
 # ---------------------------------------------------------------------- helpers
-def _fingerprint(config: PipelineConfig) -> str:
-    """What the recorded evaluations depend on: base, suite (and its file's bytes), dtype, seed."""
+def _flag_collapsed(rows: list[FinalRow], margin: float) -> list[FinalRow]:
+    flagged = verdict.collapse_flags(rows, margin)
+    return [r.model_copy(update={"collapsed": True}) if r.name in flagged else r for r in rows]
+
+
+def _fingerprint(config: PipelineConfig, split: stages.DevSplit | None = None) -> str:
+    """What the recorded evaluations depend on: base, suite (and its file's bytes), dtype, seed, and
+    the confirm share of dev (the items a "dev" evaluation scores)."""
     suite = config.suite
     suite_bytes = ""
     if Path(suite).is_file():
         suite_bytes = hashlib.sha256(Path(suite).read_bytes()).hexdigest()
-    text = json.dumps(
-        {"base": str(Path(config.base).resolve()), "suite": suite, "suite_sha": suite_bytes,
-         "dtype": config.dtype, "seed": config.seed},
-        sort_keys=True,
-    )
+    parts: dict[str, Any] = {"base": str(Path(config.base).resolve()), "suite": suite, "suite_sha": suite_bytes,
+                             "dtype": config.dtype, "seed": config.seed}
+    if split is not None:
+        parts["confirm_fraction"] = split.confirm_fraction
+    text = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

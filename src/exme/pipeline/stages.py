@@ -19,20 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, Union
 
-from exme.errors import ExmeError
+from exme.merge.registry import baseline_kwargs, baseline_space
 from exme.pipeline.config import PipelineConfig, checkpoint_step
 from exme.report.schema import FinalRow, RankedCheckpoint, SearchResult, SplitScores, Trial
 from exme.search.study import Point, Record, best
-
-#: Each baseline's own small dev search (one list of values per searched setting).
-BASELINE_SPACES: dict[str, dict[str, list[float]]] = {
-    "linear": {"weight_1": [0.3, 0.5, 0.7]},
-    "task_arithmetic": {"lambda": [0.3, 0.5, 0.7, 1.0]},
-    "ties": {"density": [0.3, 0.5, 0.7]},
-    "dare_linear": {"density": [0.3, 0.5, 0.7]},
-    "dare_ties": {"density": [0.3, 0.5, 0.7]},
-}
-
 
 def exme_coefficients(weights: Sequence[float], alphas: Sequence[float]) -> list[float]:
     """cᵢ = wᵢ(1 + αᵢ): θ* = θ_b + Σ cᵢΔᵢ, computed exactly as ``exme.merge.methods.exme`` does."""
@@ -326,29 +316,6 @@ def _joint(ev: Evaluations, models: tuple[Path, ...], config: PipelineConfig) ->
 
 
 # ---------------------------------------------------------------------- baselines
-def baseline_space(method: str, k: int) -> dict[str, list[float]]:
-    """The settings a baseline searches over ``k`` kept checkpoints (linear: w₁ only for k = 2)."""
-    space = dict(BASELINE_SPACES[method])
-    if method == "linear" and k != 2:
-        space = {}
-    return space
-
-
-def baseline_kwargs(method: str, params: dict[str, Any], k: int) -> dict[str, Any]:
-    """The merge-method arguments of a baseline setting (weights over the kept checkpoints)."""
-    if method == "linear":
-        w1 = float(params.get("weight_1", 1.0 / k))
-        weights = [w1, 1.0 - w1] if k == 2 else [1.0 / k] * k
-        return {"weights": weights, "normalize": True}
-    if method == "task_arithmetic":
-        return {"weights": [1.0] * k, "lambda_": float(params["lambda"])}
-    if method in ("ties", "dare_ties"):
-        return {"weights": [1.0] * k, "density": float(params["density"]), "normalize": True}
-    if method == "dare_linear":
-        return {"weights": [1.0] * k, "density": float(params["density"]), "normalize": True}
-    raise ExmeError(f"unknown baseline {method!r}")
-
-
 def baseline_candidate(models: tuple[Path, ...], method: str, params: dict[str, Any], seed: int) -> MethodMerge:
     kwargs = baseline_kwargs(method, params, len(models))
     return MethodMerge(models, method, tuple(sorted((key, _freeze(v)) for key, v in kwargs.items())), seed)
@@ -415,6 +382,62 @@ def _row_point(row: FinalRow, split: str) -> Point:
     return Point(params, split=split)
 
 
+# ---------------------------------------------------------------------- dev: search and confirm
+MIN_CONFIRM_ITEMS = 10
+
+
+@dataclass(frozen=True)
+class DevSplit:
+    """The division of each task's dev items (ids: positions in the task's dev split) into search and confirm."""
+
+    seed: int
+    confirm_fraction: float
+    search: dict[str, list[int]]
+    confirm: dict[str, list[int]]
+
+    def describe(self) -> dict[str, Any]:
+        """What ``results.json`` keeps, so anyone can check or rebuild the division."""
+        return {
+            "method": "seeded_permutation", "seed": self.seed, "confirm_fraction": self.confirm_fraction,
+            "search": {t: list(v) for t, v in self.search.items()},
+            "confirm": {t: list(v) for t, v in self.confirm.items()},
+        }
+
+
+def dev_split(dev_counts: dict[str, int], fraction: float, seed: int) -> DevSplit:
+    """Per task, a permutation of the dev positions seeded by (seed, task name, "confirm"); the first
+    ``round(n · fraction)`` are confirm, the rest search (each part listed in position order).
+
+    A pure function of the counts, the fraction and the seed: a resumed run divides dev identically.
+    """
+    import zlib
+
+    import numpy as np
+
+    search, confirm = {}, {}
+    for task, n in dev_counts.items():
+        seq = np.random.SeedSequence([seed, zlib.crc32(task.encode("utf-8")), zlib.crc32(b"confirm")])
+        perm = np.random.default_rng(seq).permutation(n).tolist()
+        k = int(round(n * fraction))
+        confirm[task] = sorted(perm[:k])
+        search[task] = sorted(perm[k:])
+    return DevSplit(seed=seed, confirm_fraction=fraction, search=search, confirm=confirm)
+
+
+def check_dev_split(split: DevSplit, source: str = "pipeline config") -> None:
+    """Every task keeps at least :data:`MIN_CONFIRM_ITEMS` confirm items and one search item."""
+    for task, ids in split.confirm.items():
+        if len(ids) < MIN_CONFIRM_ITEMS:
+            n = len(ids) + len(split.search[task])
+            raise ExmeError(
+                f"{source}: dev.confirm_fraction {split.confirm_fraction} leaves task {task!r} {len(ids)} confirm "
+                f"item(s) of its {n} dev items; at least {MIN_CONFIRM_ITEMS} are needed: raise dev.confirm_fraction, "
+                "add dev items, or set dev.confirm_fraction: 0 to turn the confirm split off"
+            )
+        if not split.search[task]:
+            raise ExmeError(f"{source}: dev.confirm_fraction {split.confirm_fraction} leaves task {task!r} no search items; lower it")
+
+
 # ---------------------------------------------------------------------- test
 def test(ev: Evaluations, chosen: Sequence[Chosen]) -> TestResult:
     """Every chosen model scored once on the test split."""
@@ -430,6 +453,17 @@ def test(ev: Evaluations, chosen: Sequence[Chosen]) -> TestResult:
 
 
 test.__test__ = False  # type: ignore[attr-defined]  # a stage, not a pytest test
+
+
+def confirm(ev: Evaluations, chosen: Sequence[Chosen]) -> list[Record]:
+    """Every chosen model scored once on the confirm part of dev (after every choice was made)."""
+    by_key = {}
+    points = []
+    for c in chosen:
+        point = _row_point(c.row, "confirm")
+        by_key[point.key] = c.candidate
+        points.append(point)
+    return ev.points("confirm", "confirm split", points, lambda p: by_key[p.key])
 
 
 # ---------------------------------------------------------------------- final model
@@ -449,7 +483,9 @@ def final_model_spec(ranked: RankResult, merged: MergeResult, config: PipelineCo
 
 # ---------------------------------------------------------------------- helpers
 def split_scores(rec: Record) -> SplitScores:
-    return SplitScores(overall=rec.overall, tasks=dict(rec.tasks), n_items=dict(rec.n_items))
+    return SplitScores(overall=rec.overall, tasks=dict(rec.tasks), n_items=dict(rec.n_items),
+                       per_item={t: dict(v) for t, v in rec.per_item.items()},
+                       generation={t: dict(g) for t, g in rec.generation.items()})
 
 
 def trials(full: Sequence[Record], dropped: Sequence[Record], keys: Sequence[str]) -> list[Trial]:

@@ -73,6 +73,10 @@ class Record:
     seconds: float
     number: int  # the Optuna trial number (-1 for an evaluation just added by this worker)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Each item's score by task and item id (empty when the evaluator cannot give them).
+    per_item: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per generative task: generation statistics (mean tokens, share hitting the limit, ...).
+    generation: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def total_items(self) -> int:
@@ -86,14 +90,21 @@ def _canonical(value: Any) -> Any:
 
 
 def scores_dict(scores: Any) -> dict[str, Any]:
-    """``overall``, ``tasks``, ``n_items`` of an evaluator's scores (an object or a mapping)."""
+    """``overall``, ``tasks``, ``n_items``, ``per_item`` and ``generation`` of an evaluator's scores
+    (an object or a mapping): what a trial stores."""
     get = scores.get if isinstance(scores, dict) else lambda k, d=None: getattr(scores, k, d)
     overall = float(get("overall"))
     tasks = {str(k): float(v) for k, v in (get("tasks") or {}).items()}
     n_items = {str(k): int(v) for k, v in (get("n_items") or {}).items()}
     if not math.isfinite(overall):
         raise ExmeError(f"the evaluator returned a non-finite overall score ({overall}); check the suite")
-    return {"overall": overall, "tasks": tasks, "n_items": n_items}
+    per_item = {str(t): {str(i): float(v) for i, v in items.items()} for t, items in (get("per_item") or {}).items()}
+    details = get("details") or {}
+    generation = {
+        str(t): {str(k): float(v) for k, v in d["generation"].items()}
+        for t, d in details.items() if isinstance(d, dict) and isinstance(d.get("generation"), dict)
+    }
+    return {"overall": overall, "tasks": tasks, "n_items": n_items, "per_item": per_item, "generation": generation}
 
 
 class StudyStore:
@@ -311,6 +322,7 @@ class StudyStore:
         return Record(
             params=dict(point.params), split=point.split, limit=point.limit, overall=scores["overall"],
             tasks=scores["tasks"], n_items=scores["n_items"], seconds=seconds, number=-1,
+            per_item=scores["per_item"], generation=scores["generation"],
         )
 
     # ---------------------------------------------------------------- TPE
@@ -367,7 +379,8 @@ class StudyStore:
             earlier = self.records(study).get(point.key)
             t0 = time.perf_counter()
             if earlier is not None:  # the same suggestion again: reuse, never re-evaluate
-                scores = {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items}
+                scores = {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items,
+                          "per_item": earlier.per_item, "generation": earlier.generation}
             else:
                 scores = scores_dict(objective(point))
             seconds = time.perf_counter() - t0
@@ -376,7 +389,8 @@ class StudyStore:
                 "limit": None, "seconds": seconds, "reused": earlier is not None, **scores,
             })
             study.tell(trial, scores["overall"])
-            rec = Record(point.params, "dev", None, scores["overall"], scores["tasks"], scores["n_items"], seconds, trial.number)
+            rec = Record(point.params, "dev", None, scores["overall"], scores["tasks"], scores["n_items"], seconds,
+                         trial.number, per_item=scores["per_item"], generation=scores["generation"])
             reported.add(trial.number)
             if on_result:
                 on_result(point, rec, earlier is not None)
@@ -421,6 +435,8 @@ def _record(t: optuna.trial.FrozenTrial) -> Record:
         seconds=float(ua.get("seconds", 0.0)),
         number=t.number,
         extra={"reused": bool(ua.get("reused", False))},
+        per_item={t: {i: float(v) for i, v in items.items()} for t, items in ua.get("per_item", {}).items()},
+        generation={t: dict(g) for t, g in ua.get("generation", {}).items()},
     )
 
 
