@@ -27,7 +27,7 @@ class SplitScores(_Strict):
     # tighter and more honest than treating the two accuracies as independent. A list (results of
     # an older version) is read as ids 0, 1, ...
     per_item: dict[str, dict[str, float]] = Field(default_factory=dict)
-    # Per generative task: mean_tokens, hit_max_share, no_stop_share (collapse detection).
+    # Per generative task: mean_new_tokens, hit_limit, no_stop (shares), n (collapse detection).
     generation: dict[str, dict[str, float]] = Field(default_factory=dict)
 
     @field_validator("per_item", mode="before")

@@ -129,7 +129,7 @@ def collapse_flags(rows: Sequence[FinalRow], margin: float, split: str = "test")
         if s is None or row is sft:
             continue
         tasks = [t for t, g in s.generation.items()
-                 if t in ref.generation and g.get("hit_max_share", 0.0) - ref.generation[t].get("hit_max_share", 0.0) > margin]
+                 if t in ref.generation and g.get("hit_limit", 0.0) - ref.generation[t].get("hit_limit", 0.0) > margin]
         if tasks:
             out[row.name] = tasks
     return out
@@ -139,7 +139,7 @@ def is_collapsed(generation: Mapping[str, Mapping[str, float]], reference: Mappi
                  margin: float) -> bool:
     """Whether some task's hit-the-limit share exceeds the reference's by more than ``margin``."""
     return any(
-        g.get("hit_max_share", 0.0) - reference.get(t, {}).get("hit_max_share", 0.0) > margin
+        g.get("hit_limit", 0.0) - reference.get(t, {}).get("hit_limit", 0.0) > margin
         for t, g in generation.items() if t in reference
     )
 
