@@ -19,7 +19,8 @@ from exme.evaluate.extract import (
     normalize_text,
     numbers_equal,
 )
-from exme.evaluate.lm import Continuation, continuation_logprobs, greedy_generate, token_nll
+from exme.evaluate.backends import Backend, as_backend, generation_stats
+from exme.evaluate.lm import Continuation
 from exme.evaluate.scores import Scores
 from exme.evaluate.suite import SPLITS, Suite, Task
 
@@ -103,6 +104,7 @@ class SuiteEvaluator:
                  items: dict[str, list[int]] | None = None) -> Scores:
         """Score ``model`` on ``split``; ``limit`` keeps the first ``limit`` items of each task's split.
 
+        ``model`` is a ``transformers`` module or an evaluation :class:`~exme.evaluate.backends.Backend`.
         ``items`` restricts a task to those item ids (positions in the task's split, in the order
         given) before ``limit`` applies: how a pipeline scores the search and confirm parts of dev.
         Every item's primary score is returned in ``Scores.per_item`` under its id.
@@ -117,6 +119,7 @@ class SuiteEvaluator:
         chosen = {t.name: list(range(len(t.records(split)))) for t in self.suite.tasks}
         chosen.update({name: [int(i) for i in ids] for name, ids in (items or {}).items() if name in chosen})
         prepared = [(task, self._prepared(task, split, tokenizer, chosen[task.name])) for task in self.suite.tasks]
+        engine = as_backend(model, tokenizer, batch_size=self.batch_size, mc_batch_size=self.mc_batch_size)
         was_training = getattr(model, "training", False)
         if was_training:
             model.eval()
@@ -128,11 +131,13 @@ class SuiteEvaluator:
         try:
             for task, prep in prepared:
                 n = len(prep["records"]) if limit is None else min(limit, len(prep["records"]))
-                metrics, scored = self._score(task, prep, n, model, tokenizer, progress)
+                metrics, scored, generation = self._score(task, prep, n, engine, progress)
                 tasks[task.name] = metrics[task.spec.metric]
                 n_items[task.name] = n
                 details[task.name] = {"kind": task.kind, "metric": task.spec.metric, "metrics": metrics}
                 per_item[task.name] = dict(zip(map(str, chosen[task.name][:n]), item_scores(task, scored)))
+                if generation is not None:
+                    details[task.name]["generation"] = generation
                 if self.keep_items:
                     details[task.name]["items"] = scored
         finally:
@@ -186,42 +191,42 @@ class SuiteEvaluator:
 
     # -- scoring (runs the model every time) --
 
-    def _score(self, task: Task, prep: dict[str, Any], n: int, model, tokenizer, progress: _Progress):
+    def _score(self, task: Task, prep: dict[str, Any], n: int, engine: Backend, progress: _Progress):
+        """(metrics, per-item records, generation stats or None) of one task."""
         if task.kind == "multiple_choice":
-            return self._score_mc(task, prep, n, model, tokenizer, progress)
+            return (*self._score_mc(task, prep, n, engine, progress), None)
         if task.kind == "perplexity":
-            return self._score_perplexity(task, prep, n, model, tokenizer, progress)
-        completions = greedy_generate(
-            model,
-            tokenizer,
+            return (*self._score_perplexity(task, prep, n, engine, progress), None)
+        rows = engine.generate(
             prep["ids"][:n],
             max_new_tokens=task.spec.max_new_tokens,
             stop=prompts.stop_strings(task),
-            batch_size=self.batch_size,
             progress=progress.bar(n, f"{task.name}: generating"),
         )
+        generation = generation_stats(rows, task.spec.max_new_tokens)
+        completions = [r.text for r in rows]
         records = prep["records"][:n]
         if task.kind == "gsm8k":
             preds = [extract_final_number(c) for c in completions]
             correct = [numbers_equal(p, t) for p, t in zip(preds, prep["targets"][:n])]
             items = [{"completion": c, "prediction": p, "correct": ok} for c, p, ok in zip(completions, preds, correct)]
-            return {"exact_match": _mean(correct)}, items
-        if task.kind == "generate":
-            return _score_generate(prep["regex"], completions, records)
-        from exme.evaluate.code import score_code
+            metrics = {"exact_match": _mean(correct)}
+        elif task.kind == "generate":
+            metrics, items = _score_generate(prep["regex"], completions, records)
+        else:
+            from exme.evaluate.code import score_code
 
-        return score_code(task, records, completions, workers=self.workers, progress=progress.bar(n, f"{task.name}: running tests"))
+            metrics, items = score_code(
+                task, records, completions, workers=self.workers, progress=progress.bar(n, f"{task.name}: running tests")
+            )
+        for item, row in zip(items, rows):
+            item.update(new_tokens=row.new_tokens, finish=row.finish)
+        return metrics, items, generation
 
-    def _score_mc(self, task, prep, n, model, tokenizer, progress: _Progress):
+    def _score_mc(self, task, prep, n, engine: Backend, progress: _Progress):
         spans = prep["spans"][:n]
         end = spans[-1][1] if spans else 0
-        scored = continuation_logprobs(
-            model,
-            prep["requests"][:end],
-            batch_size=self.mc_batch_size,
-            pad_id=_pad_id(tokenizer),
-            progress=progress.bar(end, f"{task.name}: scoring choices"),
-        )
+        scored = engine.loglikelihood(prep["requests"][:end], progress=progress.bar(end, f"{task.name}: scoring choices"))
         acc, acc_norm, items = [], [], []
         for (start, stop), record in zip(spans, prep["records"][:n]):
             logps = [scored[i][0] for i in range(start, stop)]
@@ -233,14 +238,8 @@ class SuiteEvaluator:
             items.append({"loglik": logps, "prediction": pick, "prediction_norm": pick_norm, "label": record["label"]})
         return {"acc": _mean(acc), "acc_norm": _mean(acc_norm)}, items
 
-    def _score_perplexity(self, task, prep, n, model, tokenizer, progress: _Progress):
-        per_doc = token_nll(
-            model,
-            prep["docs"][:n],
-            batch_size=self.mc_batch_size,
-            pad_id=_pad_id(tokenizer),
-            progress=progress.bar(n, f"{task.name}: perplexity"),
-        )
+    def _score_perplexity(self, task, prep, n, engine: Backend, progress: _Progress):
+        per_doc = engine.token_nll(prep["docs"][:n], progress=progress.bar(n, f"{task.name}: perplexity"))
         total_nll = sum(nll for nll, _ in per_doc)
         total_tokens = sum(k for _, k in per_doc)
         total_bytes = sum(prep["bytes"][:n])
