@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, Union
 
+from exme.errors import ExmeError
 from exme.merge.registry import baseline_kwargs, baseline_space
 from exme.pipeline.config import PipelineConfig, checkpoint_step
 from exme.report.schema import FinalRow, RankedCheckpoint, SearchResult, SplitScores, Trial
