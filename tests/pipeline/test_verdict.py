@@ -185,3 +185,57 @@ def test_cli_bad_confirm_fraction_is_one_line_and_exit_2(tmp_path, sft_run, wide
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dev.confirm_fraction" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+class Collapsing:
+    """The synthetic objective plus a generative task whose generations all hit the token limit once
+    the model is pushed past ``t = threshold`` along Δ₁ or Δ₂ (as an over-extrapolated model rambles)."""
+
+    def __init__(self, synthetic, threshold: float):
+        self.synthetic = synthetic
+        self.threshold = threshold
+        self.calls = 0
+
+    def evaluate(self, model, tokenizer, split, limit=None):
+        import torch
+
+        from exme.evaluate import Scores
+
+        self.calls += 1
+        s = self.synthetic
+        params = dict(model.named_parameters())
+        theta = torch.cat([params[n].detach().double().reshape(-1) if n in params else model.state_dict()[n].double().reshape(-1)
+                           for n in s.names])
+        t = s.gram_inv @ (s.basis.T @ (theta - s.base))
+        hit = 1.0 if float(t.max()) >= self.threshold - 1e-9 else 0.0
+        gen = {"mean_new_tokens": 64.0 if hit else 8.0, "hit_limit": hit, "no_stop": hit, "n": 100}
+        return Scores.from_tasks({"distance": s.score_vector(theta)}, split=split, n_items={"distance": 100},
+                                 details={"distance": {"generation": gen}})
+
+
+def test_alpha_stop_on_collapse_saves_evaluations_and_keeps_the_choice(tmp_path, sft_run, tiny_suite, synthetic):
+    """Optima at α = 0.3 and 0.5; generations collapse from t = 1 + α ≥ 1.6. Each α search stops after
+    α = 0.6 (collapsed and below the best so far): 0.7 … 1.0 are never evaluated, 4 per checkpoint."""
+    base = {"base": str(sft_run.base), "checkpoints": str(sft_run.run), "suite": str(tiny_suite), "baselines": []}
+    stopped_ev, full_ev = Collapsing(synthetic, 1.6), Collapsing(synthetic, 1.6)
+    stopped = run_pipeline(PipelineConfig.from_dict({**base, "output": str(tmp_path / "a")}), evaluator=stopped_ev,
+                           progress=False, write_model=False, report=False)
+    full = run_pipeline(PipelineConfig.from_dict({**base, "output": str(tmp_path / "b"), "alpha": {"stop_on_collapse": False}}),
+                        evaluator=full_ev, progress=False, write_model=False, report=False)
+    assert [[t.params["alpha"] for t in s.trials] for s in stopped.alpha_search] == [[round(0.1 * i, 1) for i in range(7)]] * 2
+    assert stopped.collapse["evaluations_saved"] == 8 and full.collapse["evaluations_saved"] == 0
+    assert full_ev.calls - stopped_ev.calls == 8
+    assert [s.best_params for s in stopped.alpha_search] == [s.best_params for s in full.alpha_search]
+    assert stopped.beta_search.best_params == full.beta_search.best_params
+    assert sum("larger α not evaluated" in n for n in stopped.notes) == 2
+
+
+def test_no_stop_when_the_collapsed_point_is_still_the_best(tmp_path, sft_run, tiny_suite, synthetic):
+    """Collapse from t ≥ 1.3 (checkpoint 1's own optimum): α = 0.3 is collapsed but the best so far, so
+    the search goes on; α = 0.4 is collapsed and worse: stop there."""
+    raw = {"base": str(sft_run.base), "checkpoints": str(sft_run.run), "suite": str(tiny_suite), "baselines": [],
+           "output": str(tmp_path / "c")}
+    res = run_pipeline(PipelineConfig.from_dict(raw), evaluator=Collapsing(synthetic, 1.3), progress=False,
+                       write_model=False, report=False)
+    assert [t.params["alpha"] for t in res.alpha_search[0].trials] == [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert res.alpha_search[0].best_params["alpha"] == pytest.approx(0.3)

@@ -245,6 +245,23 @@ class Runner:
             seed=seed, to_params=to_params, on_result=on_result,
         )
 
+    def sequence(self, stage: str, label: str, params: list[dict[str, Any]],
+                 candidate: Callable[[Point], stages.Candidate], *, stop: Callable[[list[Record]], bool]) -> list[Record]:
+        bar = self.bars.stage(label, len(params))
+        records: list[Record] = []
+        for p in params:
+            point = Point(p)
+
+            def on_result(point: Point, rec: Record, reused: bool) -> None:
+                self.reused += int(reused)
+                bar(point, rec, reused)
+
+            records += self.store.evaluate(self.study_name(stage), [point], lambda q: self._score(q, candidate(q)),
+                                           on_result=on_result)
+            if stop(records):
+                break
+        return records
+
     def _note_pruning(self, stage: str, label: str, params: list[dict[str, Any]], full: list[Record], dropped: list[Record]) -> None:
         """How many items successive halving scored, against scoring every point in full."""
         study = self.store.study(self.study_name(stage))

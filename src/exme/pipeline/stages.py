@@ -81,6 +81,10 @@ class Evaluations(Protocol):
             *, n_trials: int, seed: int, to_params: Callable[[dict[str, float]], dict[str, Any]]) -> list[Record]:
         """A seeded, resumable TPE search of ``n_trials`` on the search split."""
 
+    def sequence(self, stage: str, label: str, params: list[dict[str, Any]], candidate: Callable[[Point], Candidate],
+                 *, stop: Callable[[list[Record]], bool]) -> list[Record]:
+        """Points on the search split one after another, until ``stop(records so far)`` is true."""
+
 
 # ---------------------------------------------------------------------- results
 @dataclass(frozen=True)
@@ -209,6 +213,9 @@ def extrapolate(ev: Evaluations, ranked: RankResult, config: PipelineConfig) -> 
     grid = config.alpha.grid
     prune = config.search.prune
     choices = []
+    notes: list[str] = []
+    # Collapse is judged against the generation of the best SFT checkpoint on the search split.
+    reference = ranked.sft_dev[ranked.kept_names[0]].generation
     for i, name in enumerate(ranked.kept_names):
         def candidate(point: Point, i: int = i) -> Candidate:
             coeffs = [0.0] * k
@@ -217,7 +224,22 @@ def extrapolate(ev: Evaluations, ranked: RankResult, config: PipelineConfig) -> 
 
         stage = f"alpha/{name}"
         params = [{"alpha": a} for a in grid]
-        full, dropped = ev.grid(stage, f"α for {name}", params, candidate, prune=prune)
+        saved = 0
+        if config.alpha.stop_on_collapse and not prune and reference and len(grid) > 1:
+            def stop(records: list[Record]) -> bool:
+                return collapse_stop(records, reference, config.collapse.margin)
+
+            full = ev.sequence(stage, f"α for {name}", params, candidate, stop=stop)
+            dropped = []
+            saved = len(params) - len(full)
+            if saved:
+                notes.append(
+                    f"α for {name}: stopped after α = {full[-1].params['alpha']:g} collapsed (hit-the-limit share over the "
+                    f"best SFT's by more than {config.collapse.margin:g}) and scored below the best so far; "
+                    f"{saved} larger α not evaluated"
+                )
+        else:
+            full, dropped = ev.grid(stage, f"α for {name}", params, candidate, prune=prune)
         if config.alpha.refine and len(grid) > 1:
             chosen = best(sorted(full, key=lambda r: r.params["alpha"]))
             extra = [{"alpha": a} for a in refine_grid(grid, chosen.params["alpha"]) if a not in grid]
@@ -232,8 +254,22 @@ def extrapolate(ev: Evaluations, ranked: RankResult, config: PipelineConfig) -> 
             trials=trials(full, dropped, keys=("alpha",)),
             best_params={"alpha": chosen.params["alpha"]}, best_dev=chosen.overall,
         )
-        choices.append(AlphaChoice(name=name, search=search, records=full, best=chosen))
-    return ExtrapolateResult(choices=choices)
+        choices.append(AlphaChoice(name=name, search=search, records=full, best=chosen, saved=saved))
+    return ExtrapolateResult(choices=choices, notes=notes)
+
+
+def collapse_stop(records: Sequence[Record], reference: dict[str, dict[str, float]], margin: float) -> bool:
+    """Whether an α search should stop after its last record: that point is collapsed (some generative
+    task's hit-the-limit share exceeds the reference's by more than ``margin``) and it scored below the
+    best of the points before it. Larger α push the model further the same way, so they are skipped."""
+    if len(records) < 2:
+        return False
+    last = records[-1]
+    collapsed = any(
+        g.get("hit_limit", 0.0) - reference[t].get("hit_limit", 0.0) > margin
+        for t, g in last.generation.items() if t in reference
+    )
+    return collapsed and last.overall < max(r.overall for r in records[:-1])
 
 
 # ---------------------------------------------------------------------- stage 3: merge
