@@ -218,6 +218,7 @@ def draw_plots(results: RunResults, plots_dir: Path, weights: dict[str, float]) 
             search, param, plots_dir / f"alpha_{_slug(label)}.png",
             title=f"Extrapolation of {label}: dev score vs α", xlabel="α (extrapolation)",
             colors=colors, reference=ckpt.dev if ckpt is not None else None, reference_label=f"{label} (SFT)",
+            collapse_margin=results.collapse.get("margin"),
         )
     beta = results.beta_search
     if beta is not None and beta.trials and (param := _search_param(beta, "beta")) is not None:
