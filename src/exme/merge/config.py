@@ -15,6 +15,10 @@ Accepted keys::
     dtype: float32 | float16 | bfloat16 | float64
     out_dtype: ...
     tokenizer_source: base | PATH
+    output_format: model | peft        (exme only: peft writes one LoRA adapter, see docs/merge.md)
+
+A model path may be a full model folder, a PEFT LoRA adapter folder (read over ``base_model``), or
+mergekit's ``BASE+ADAPTER``.
 """
 
 from __future__ import annotations
@@ -121,6 +125,9 @@ class MergeConfig(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    #: ``model``: a full HF model folder. ``peft``: one PEFT LoRA adapter that is exactly the merge
+    #: (inputs: LoRA adapters of ``base_model``; a method linear in the task vectors).
+    output_format: Literal["model", "peft"] = "model"
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -223,8 +230,13 @@ class MergeConfig(_Strict):
         return torch.float64 if self.dtype is not None and parse_dtype(self.dtype) == torch.float64 else torch.float32
 
     def input_paths(self) -> list[Path]:
+        """Every folder read (``BASE+ADAPTER`` names two), so an output is never placed inside one."""
+        from exme.io.source import split_base_plus_adapter
+
         paths = [Path(self.base_model)] if self.base_model else []
-        paths += [Path(e.model) for e in self.models]
+        for e in self.models:
+            base, adapter = split_base_plus_adapter(e.model)
+            paths += ([base] if base else []) + [adapter]
         return list(dict.fromkeys(paths))
 
     def merge_parameters(self) -> dict[str, Any]:
@@ -281,7 +293,10 @@ class MergeConfig(_Strict):
         )
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if data.get("output_format") == "model":  # the default; mergekit configs do not have the key
+            del data["output_format"]
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def _norm(path: str) -> str:

@@ -315,6 +315,8 @@ def _check_model_dir(path: Path, what: str, source: str) -> None:
     path = Path(path)
     if not path.is_dir():
         raise ExmeError(f"{source}: {what} folder {path} not found")
+    if what != "base" and (path / "adapter_config.json").is_file():
+        return  # a LoRA adapter checkpoint: opened and checked against the base by exme.io.source
     if not (path / "config.json").is_file():
         raise ExmeError(f"{source}: {what} folder {path} has no config.json; is it a Hugging Face model folder?")
     if not any((path / f).is_file() for f in WEIGHT_FILES):
