@@ -239,3 +239,29 @@ def test_no_stop_when_the_collapsed_point_is_still_the_best(tmp_path, sft_run, t
                        write_model=False, report=False)
     assert [t.params["alpha"] for t in res.alpha_search[0].trials] == [0.0, 0.1, 0.2, 0.3, 0.4]
     assert res.alpha_search[0].best_params["alpha"] == pytest.approx(0.3)
+
+
+def test_a_non_finite_candidate_is_scored_as_failed_never_chosen(tmp_path, sft_run, tiny_suite, monkeypatch):
+    """Writing α = 1 for checkpoint 2 overflows (simulated): that point is recorded as failed and
+    flagged, the search goes on and chooses among the others (the optimum α = 0.5 is on the grid)."""
+    from synthetic import SyntheticEvaluator
+
+    from conftest import P1, P2
+    from exme.pipeline import stages
+    from exme.pipeline.run import Runner
+    from exme.search.live import NonFiniteCandidate
+
+    original = Runner.write
+
+    def write(self, candidate):
+        if isinstance(candidate, stages.Combination) and candidate.coeffs == (0.0, 2.0):
+            raise NonFiniteCandidate("checkpoint-20 at α = 1: weights hold Inf")
+        return original(self, candidate)
+
+    monkeypatch.setattr(Runner, "write", write)
+    ev = SyntheticEvaluator(sft_run.base, sft_run.ckpts[0], sft_run.ckpts[1], P1, 2.2)  # true optimum α₂ = 1.2
+    raw = {"base": str(sft_run.base), "checkpoints": str(sft_run.run), "suite": str(tiny_suite), "baselines": [],
+           "output": str(tmp_path / "o"), "alpha": {"grid": [0.0, 0.5, 1.0]}, "beta": {"grid": [0.5]}}
+    res = run_pipeline(PipelineConfig.from_dict(raw), evaluator=ev, progress=False, write_model=False, report=False)
+    assert res.alpha_search[1].best_params["alpha"] == 0.5  # 1.0 would score best, but it failed
+    assert any("could not be scored" in n and "Inf" in n for n in res.notes)

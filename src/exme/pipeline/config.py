@@ -22,7 +22,7 @@ from exme.errors import ExmeError
 DEFAULT_GRID = [round(0.1 * i, 1) for i in range(11)]
 BASELINE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-RUN_FOLDER_FILES = ("study.db", "results.json", "report.md", "model", "model.spec.json", "pipeline.yaml")
+RUN_FOLDER_FILES = ("study.db", "results.json", "report.md", "model", "model.spec.json", "pipeline.yaml", "preflight.json")
 
 _STEP = re.compile(r"checkpoint-(\d+)$")
 

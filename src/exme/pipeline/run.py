@@ -30,7 +30,7 @@ from exme.report import save_results
 from exme.report import verdict
 from exme.report.schema import FinalRow, RankedCheckpoint, RunResults
 from exme.report.stats import task_weights
-from exme.search.study import Point, Record, StudyStore, successive_halving
+from exme.search.study import Point, Record, StudyStore, failed_scores, successive_halving
 
 __all__ = ["Runner", "exme_coefficients", "rank_checkpoints", "run_pipeline"]
 
@@ -153,6 +153,13 @@ class Runner:
                 )
         return self._tokenizer
 
+    def preflight(self) -> None:
+        """Open, align and scan every input once before the first evaluation (cached in the run folder)."""
+        from exme.io.preflight import check_inputs
+
+        report = check_inputs(self.config.base, self.checkpoints, cache_dir=self.output, progress=self.progress)
+        self.notes.extend(report.notes)
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
@@ -190,8 +197,14 @@ class Runner:
             raise TypeError(f"not a candidate: {candidate!r}")
 
     def _score(self, point: Point, candidate: stages.Candidate) -> Any:
-        self.write(candidate)
+        from exme.search.live import NonFiniteCandidate
+
         self.evaluated += 1
+        try:
+            self.write(candidate)
+        except NonFiniteCandidate as err:  # recorded as failed: never chosen, flagged in the report
+            self.notes.append(f"candidate {point.params} could not be scored: {err}")
+            return failed_scores(str(err))
         if self.dev_split is not None and point.split in ("dev", "confirm"):
             # "dev" points are scored on the search part only; "confirm" on the held-out part.
             items = self.dev_split.search if point.split == "dev" else self.dev_split.confirm
@@ -327,6 +340,7 @@ def rank_checkpoints(config: PipelineConfig, *, progress: bool = True, evaluator
     """Stage 1 alone (``exme rank``): every checkpoint scored on dev, recorded in the run's study."""
     runner = Runner(config, progress=progress, evaluator=evaluator)
     try:
+        runner.preflight()
         with runner.bars.active(), runner.timed("rank"):
             return stages.rank(runner, runner.checkpoints, runner.names, config.top_k).ranking
     finally:
@@ -344,6 +358,8 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
     runner = Runner(config, progress=progress, evaluator=evaluator)
     out = Path(config.output)
     try:
+        with runner.timed("preflight"):
+            runner.preflight()
         with runner.bars.active():
             with runner.timed("rank"):
                 ranked = stages.rank(runner, runner.checkpoints, runner.names, config.top_k)

@@ -485,7 +485,7 @@ def test(ev: Evaluations, chosen: Sequence[Chosen]) -> TestResult:
         by_key[point.key] = c.candidate
         points.append(point)
     records = ev.points("test", "test split", points, lambda p: by_key[p.key])
-    rows = [c.row.model_copy(update={"test": split_scores(rec)}) for c, rec in zip(chosen, records)]
+    rows = [c.row.model_copy(update={"test": split_scores(rec), "failed": rec.failed}) for c, rec in zip(chosen, records)]
     return TestResult(rows=rows, records=records)
 
 

@@ -77,6 +77,7 @@ class Record:
     per_item: dict[str, dict[str, float]] = field(default_factory=dict)
     # Per generative task: generation statistics (mean tokens, share hitting the limit, ...).
     generation: dict[str, dict[str, float]] = field(default_factory=dict)
+    failed: str | None = None  # why the candidate could not be scored; never chosen
 
     @property
     def total_items(self) -> int:
@@ -89,10 +90,23 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+#: The value recorded for a candidate that could not be scored (e.g. NaN/Inf weights): finite, so
+#: Optuna and TPE accept it, and far below any real score; :func:`best` never picks such a record.
+FAILED_SCORE = -1e300
+
+
+def failed_scores(reason: str) -> dict[str, Any]:
+    """What an objective returns for a candidate that could not be scored."""
+    return {"overall": FAILED_SCORE, "tasks": {}, "n_items": {}, "failed": reason}
+
+
 def scores_dict(scores: Any) -> dict[str, Any]:
     """``overall``, ``tasks``, ``n_items``, ``per_item`` and ``generation`` of an evaluator's scores
     (an object or a mapping): what a trial stores."""
     get = scores.get if isinstance(scores, dict) else lambda k, d=None: getattr(scores, k, d)
+    if isinstance(scores, dict) and scores.get("failed"):
+        return {"overall": FAILED_SCORE, "tasks": {}, "n_items": {}, "per_item": {}, "generation": {},
+                "failed": str(scores["failed"])}
     overall = float(get("overall"))
     tasks = {str(k): float(v) for k, v in (get("tasks") or {}).items()}
     n_items = {str(k): int(v) for k, v in (get("n_items") or {}).items()}
@@ -322,7 +336,7 @@ class StudyStore:
         return Record(
             params=dict(point.params), split=point.split, limit=point.limit, overall=scores["overall"],
             tasks=scores["tasks"], n_items=scores["n_items"], seconds=seconds, number=-1,
-            per_item=scores["per_item"], generation=scores["generation"],
+            per_item=scores["per_item"], generation=scores["generation"], failed=scores.get("failed"),
         )
 
     # ---------------------------------------------------------------- TPE
@@ -380,7 +394,7 @@ class StudyStore:
             t0 = time.perf_counter()
             if earlier is not None:  # the same suggestion again: reuse, never re-evaluate
                 scores = {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items,
-                          "per_item": earlier.per_item, "generation": earlier.generation}
+                          "per_item": earlier.per_item, "generation": earlier.generation, "failed": earlier.failed}
             else:
                 scores = scores_dict(objective(point))
             seconds = time.perf_counter() - t0
@@ -390,7 +404,8 @@ class StudyStore:
             })
             study.tell(trial, scores["overall"])
             rec = Record(point.params, "dev", None, scores["overall"], scores["tasks"], scores["n_items"], seconds,
-                         trial.number, per_item=scores["per_item"], generation=scores["generation"])
+                         trial.number, per_item=scores["per_item"], generation=scores["generation"],
+                         failed=scores.get("failed"))
             reported.add(trial.number)
             if on_result:
                 on_result(point, rec, earlier is not None)
@@ -437,6 +452,7 @@ def _record(t: optuna.trial.FrozenTrial) -> Record:
         extra={"reused": bool(ua.get("reused", False))},
         per_item={t: {i: float(v) for i, v in items.items()} for t, items in ua.get("per_item", {}).items()},
         generation={t: dict(g) for t, g in ua.get("generation", {}).items()},
+        failed=ua.get("failed"),
     )
 
 
@@ -480,5 +496,9 @@ def best(records: Iterable[Record]) -> Record:
     records = list(records)
     if not records:
         raise ExmeError("no evaluations to choose from")
+    scored = [r for r in records if r.failed is None]
+    if not scored:
+        raise ExmeError(f"every candidate failed ({records[0].failed}); check the inputs and the dtype")
+    records = scored
     top = max(r.overall for r in records)
     return next(r for r in records if r.overall == top)
