@@ -66,6 +66,7 @@ class DemoSettings:
             sft_save_steps=3,
             sft_batch_size=8,
             pipeline={
+                "dev": {"confirm_fraction": 0},  # 4 dev items per task: too few to hold any out
                 "alpha": {"grid": [0.0, 1.0]},
                 "beta": {"grid": [0.0, 0.5, 1.0]},
                 "baselines": ["linear", "ties"],
