@@ -14,10 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 from exme.errors import ExmeError
 from exme.evaluate import prompts
 from exme.evaluate.extract import (
-    extract_final_number,
-    gsm8k_target,
     normalize_text,
-    numbers_equal,
+    score_gsm8k,
 )
 from exme.evaluate.backends import Backend, as_backend, generation_stats
 from exme.evaluate.lm import Continuation
@@ -183,9 +181,7 @@ class SuiteEvaluator:
             prep.update(requests=requests, spans=spans, choice_lengths=lengths)
         else:
             prep["ids"] = [prompts.encode(tokenizer, t, from_chat_template=c) for t, c in texts]
-            if task.kind == "gsm8k":
-                prep["targets"] = [gsm8k_target(str(r["answer"])) for r in records]
-            elif task.kind == "generate":
+            if task.kind == "generate":
                 prep["regex"] = re.compile(task.spec.regex) if task.spec.regex else None
         return prep
 
@@ -207,8 +203,8 @@ class SuiteEvaluator:
         completions = [r.text for r in rows]
         records = prep["records"][:n]
         if task.kind == "gsm8k":
-            preds = [extract_final_number(c) for c in completions]
-            correct = [numbers_equal(p, t) for p, t in zip(preds, prep["targets"][:n])]
+            scored = [score_gsm8k(c, str(r["answer"]), task.spec.answer_filter) for c, r in zip(completions, records)]
+            preds, correct = [p for p, _ in scored], [ok for _, ok in scored]
             items = [{"completion": c, "prediction": p, "correct": ok} for c, p, ok in zip(completions, preds, correct)]
             metrics = {"exact_match": _mean(correct)}
         elif task.kind == "generate":
