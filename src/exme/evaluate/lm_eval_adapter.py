@@ -297,15 +297,22 @@ class LmEvalEvaluator:
 
     # -- scoring --
 
-    def evaluate(self, model, tokenizer, split: str, limit: int | None = None) -> Scores:
-        """lm-eval scores of the live ``model`` on the ``split`` documents (first ``limit`` of each task)."""
+    def evaluate(self, model, tokenizer, split: str, limit: int | None = None,
+                 items: dict[str, list[int]] | None = None) -> Scores:
+        """lm-eval scores of the live ``model`` on the ``split`` documents (first ``limit`` of each task).
+
+        ``items`` restricts a task to those positions of its split (as :class:`SuiteEvaluator` does);
+        each document's primary metric is returned in ``Scores.per_item`` under its position.
+        """
         from exme.evaluate.evaluator import check_split
 
         check_split(split)
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-        samples = {t: ix[:limit] if limit else list(ix) for t, ix in self.split_indices()[split].items()}
+        positions = {t: list((items or {}).get(t, range(len(ix)))) for t, ix in self.split_indices()[split].items()}
+        positions = {t: pos[:limit] if limit else pos for t, pos in positions.items()}
+        samples = {t: [self.split_indices()[split][t][i] for i in pos] for t, pos in positions.items()}
         was_training = getattr(model, "training", False)
         model.eval()
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -318,7 +325,7 @@ class LmEvalEvaluator:
                 batch_size=self.batch_size,
                 samples=samples,
                 task_manager=self.task_manager(),
-                log_samples=False,
+                log_samples=True,  # per-document scores, for paired comparisons
                 bootstrap_iters=0,
                 apply_chat_template=self.apply_chat_template,
                 verbosity="WARNING",
@@ -344,4 +351,26 @@ class LmEvalEvaluator:
                 },
             }
         n_items = {t: len(ix) for t, ix in samples.items()}
-        return Scores.from_tasks(tasks, split=split, n_items=n_items, weights=self.weights, details=details)
+        per_item = {}
+        for name, pos in positions.items():
+            scores = _per_document(output.get("samples", {}).get(name, []), details[name]["metric"])
+            doc_to_pos = dict(zip(samples[name], pos))
+            if scores and set(scores) <= set(doc_to_pos):
+                per_item[name] = {str(doc_to_pos[d]): v for d, v in scores.items()}
+        return Scores.from_tasks(tasks, split=split, n_items=n_items, weights=self.weights, details=details,
+                                 per_item=per_item)
+
+
+def _per_document(logged: list[dict[str, Any]], metric: str) -> dict[int, float]:
+    """``{doc_id: value}`` of the primary metric from lm-eval's logged samples (its filter's entries);
+    empty when the samples do not carry it as a number (then no per-item scores are claimed)."""
+    name, _, filt = metric.partition(",")
+    out: dict[int, float] = {}
+    for sample in logged:
+        if sample.get("filter", "none") != (filt or "none"):
+            continue
+        value = sample.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return {}
+        out[int(sample["doc_id"])] = float(value)
+    return out
