@@ -131,6 +131,8 @@ class PipelineConfig(_Strict):
     alpha: AlphaSpec = Field(default_factory=AlphaSpec)
     beta: BetaSpec = Field(default_factory=BetaSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
+    lm_eval_include_path: list[str] | None = None
+    """Folders of lm-eval task YAMLs (relative to the PIPELINE.yaml), for ``suite: lm-eval:...``."""
     dev: DevSpec = Field(default_factory=DevSpec)
     collapse: CollapseSpec = Field(default_factory=CollapseSpec)
     stats: StatsSpec = Field(default_factory=StatsSpec)
@@ -218,6 +220,11 @@ class PipelineConfig(_Strict):
             raw["checkpoints"] = str(_resolve(root, ck))
         elif isinstance(ck, list):
             raw["checkpoints"] = [str(_resolve(root, c)) if isinstance(c, str) else c for c in ck]
+        inc = raw.get("lm_eval_include_path")
+        if isinstance(inc, str):
+            inc = raw["lm_eval_include_path"] = [inc]
+        if isinstance(inc, list):
+            raw["lm_eval_include_path"] = [str(_resolve(root, p)) if isinstance(p, str) else p for p in inc]
         suite = raw.get("suite")
         if isinstance(suite, str) and _is_path_spec(suite):
             raw["suite"] = str(_resolve(root, suite))

@@ -90,7 +90,8 @@ class Runner:
         if evaluator is None:
             from exme.evaluate import load_evaluator
 
-            evaluator = load_evaluator(config.suite)
+            opts = {"include_path": list(config.lm_eval_include_path)} if config.lm_eval_include_path else {}
+            evaluator = load_evaluator(config.suite, **opts)
         self.evaluator = evaluator
         self.notes: list[str] = []
         self.dev_split = self._divide_dev()
