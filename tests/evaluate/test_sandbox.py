@@ -283,3 +283,10 @@ def test_plain_user_gets_the_same_isolation(open_folder):
         pytest.skip("unprivileged user namespaces are disabled on this machine")
     assert (passed, fs, net, ok) == (False, True, True, True), out
     assert (open_folder / "keep.txt").read_text() == "host data"
+
+
+def test_without_filesystem_isolation_the_result_says_so_and_the_guard_still_refuses(tmp_path):
+    limits = SandboxLimits(timeout=5, memory_mb=512, isolate_filesystem=False)
+    result = run_program(f"open({str(tmp_path / 'x')!r}, 'w')\n", limits)
+    assert result.fs_isolated is False and not result.passed and "PermissionError" in result.output
+    assert not (tmp_path / "x").exists()
