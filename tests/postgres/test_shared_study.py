@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import subprocess
 import sys
@@ -48,14 +48,11 @@ def _lines(log: Path) -> list[str]:
 
 
 def _choices(output: Path) -> dict:
-    res = json.loads((output / "results.json").read_text())
-    return {
-        "kept": [c["name"] for c in res["ranking"] if c["kept"]],
-        "alpha": [s["best_params"] for s in res["alpha_search"]],
-        "beta": res["beta_search"]["best_params"],
-        "linear": res["baseline_search"][0]["best_params"],
-        "test": {r["name"]: r["test"]["overall"] for r in res["final"]},
-    }
+    """What a run chose, read as the pipeline's resume tests read it (one definition for both)."""
+    spec = importlib.util.spec_from_file_location("exme_test_resume", HERE.parent / "pipeline" / "test_resume.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._choices(output)
 
 
 def _in_process_run(config: Path, storage: str | None, log: Path, sft_run) -> None:
