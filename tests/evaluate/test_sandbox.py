@@ -225,6 +225,7 @@ def test_hostile_writes_fail_and_score_zero(open_folder, how):
     source = f"TARGET = {str(target)!r}\nKEEP = {str(keep)!r}\n" + HOSTILE[how] + WRONG
     result = run_program(source, LIMITS, tests=f"import os\nassert os.path.exists(TARGET) or not os.path.exists(KEEP)\n" + TESTS)
     assert not result.passed and result.fs_isolated, result
+    assert "Read-only file system" in result.output  # stopped by the mount, not by a Python guard
     assert not target.exists() and keep.read_text() == "host data"
 
 
