@@ -20,6 +20,7 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="At most this many items per task."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Generation batch size (suites, lm-eval)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all scores and the suite description here."),
+    backend: str = typer.Option("hf", "--backend", help="Evaluation engine: hf (transformers) or vllm (suite tasks)."),
 ) -> None:
     """Score a model folder on a suite and print a table (one column per split)."""
     from rich.console import Console
@@ -31,7 +32,7 @@ def eval_command(
     if not suite.startswith("lm-eval:") and ":" not in suite or suite.endswith((".yaml", ".yml")):
         opts["progress"] = True
     results = evaluate_folder(
-        model_dir, suite, split=split, device=device, dtype=dtype, limit=limit, json_out=json_out, **opts
+        model_dir, suite, split=split, device=device, dtype=dtype, limit=limit, json_out=json_out, backend=backend, **opts
     )
     splits = list(results)
     table = Table(title=f"{model_dir}")

@@ -124,6 +124,7 @@ class Pipeline:
         self.evaluated = 0
         self._live = None
         self._tokenizer = None
+        self._target = None
         self._store: StudyStore | None = None
         self._bars = _Bars(progress)
 
@@ -172,7 +173,20 @@ class Pipeline:
     def _evaluate(self, apply: Callable[[], None], point: Point):
         apply()
         self.evaluated += 1
-        return self.evaluator.evaluate(self.live.model, self.tokenizer, point.split, limit=point.limit)
+        return self.evaluator.evaluate(self.target(), self.tokenizer, point.split, limit=point.limit)
+
+    def target(self):
+        """What the evaluator scores: the live module (backend hf) or the engine serving its candidate (vllm)."""
+        if self._target is None:
+            from exme.evaluate.backends import LiveTarget
+
+            c = self.config
+            self._target = LiveTarget(
+                c.backend, lambda: self.live, model_path=c.base, device=c.device, dtype=c.dtype, seed=c.seed,
+                tokenizer_path=getattr(self.tokenizer, "name_or_path", None) or None,
+                **(c.vllm.model_dump() if c.backend == "vllm" else {}),
+            )
+        return self._target()
 
     def _run_points(self, stage: str, label: str, points: Sequence[Point], setter: Callable[[Point], Callable[[], None]]) -> list[Record]:
         bar = self._bars.stage(label, len(points), show_best=points[0].split == "dev")
