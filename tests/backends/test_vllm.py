@@ -165,7 +165,7 @@ def test_pipeline_with_backend_vllm_makes_the_choices_of_backend_hf(vllm_models,
             {
                 "base": str(vllm_models.a), "checkpoints": [str(vllm_models.b), str(vllm_models.c)],
                 "suite": str(suite), "top_k": 2, "alpha": {"grid": [0.0, 0.5, 1.0]}, "beta": {"grid": [0.3, 0.7]},
-                "baselines": ["task_arithmetic"], "dtype": "float32", "backend": backend,
+                "baselines": ["task_arithmetic"], "dtype": "float32", "backend": backend, "dev": {"confirm_fraction": 0},
                 "output": str(tmp_path / backend),
             }
         )

@@ -21,10 +21,13 @@ def test_run_writes_results_report_and_a_model_that_reproduces_its_test_score(tm
         "base": str(sft_run.base), "checkpoints": str(sft_run.run), "suite": str(tiny_suite),
         "output": str(tmp_path / "run"), "alpha": {"grid": [0.0, 0.5, 1.0]}, "beta": {"grid": [0.0, 0.5, 1.0]},
         "baselines": ["linear", "ties", "dare_linear"], "seed": 3,
+        "dev": {"confirm_fraction": 0},  # the tiny suite has too few dev items to hold some out
     }))
     assert main(["run", str(config), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "ExMe" in printed and f"report: {tmp_path / 'run' / 'report.md'}" in printed
+    # the verdict and the recommendation end every run, as in the report
+    assert "ExMe vs best SFT (SFT-" in printed and "\nRecommended: " in printed
 
     run = tmp_path / "run"
     results = load_results(run)  # validates results.json against the schema

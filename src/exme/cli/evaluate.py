@@ -21,16 +21,23 @@ def eval_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Generation batch size (suites, lm-eval)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all scores and the suite description here."),
     backend: str = typer.Option("hf", "--backend", help="Evaluation engine: hf (transformers) or vllm (suite tasks)."),
+    include_path: Optional[list[Path]] = typer.Option(
+        None, "--include-path", help="A folder of lm-eval task YAML files (repeatable), as lm-eval's --include_path."
+    ),
 ) -> None:
     """Score a model folder on a suite and print a table (one column per split)."""
     from rich.console import Console
     from rich.table import Table
 
+    from exme.evaluate import parse_evaluator_spec
     from exme.evaluate.run import evaluate_folder
 
-    opts = {} if batch_size is None else {"batch_size": batch_size}
-    if not suite.startswith("lm-eval:") and ":" not in suite or suite.endswith((".yaml", ".yml")):
+    opts: dict = {} if batch_size is None else {"batch_size": batch_size}
+    kind = parse_evaluator_spec(suite, include_path=include_path or None).kind
+    if kind == "suite":
         opts["progress"] = True
+    if include_path:
+        opts["include_path"] = list(include_path)
     results = evaluate_folder(
         model_dir, suite, split=split, device=device, dtype=dtype, limit=limit, json_out=json_out, backend=backend, **opts
     )

@@ -31,6 +31,10 @@ def run(
     cfg = PipelineConfig.from_yaml(config, storage=storage, device=device)
     results = run_pipeline(cfg, progress=not quiet)
     _print_final(results)
+    from exme.report.verdict import summary_lines
+
+    for line in summary_lines(results):
+        print(line)
     print(f"report: {Path(cfg.output) / 'report.md'}")
 
 
