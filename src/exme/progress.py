@@ -28,7 +28,7 @@ import time
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["Bar", "Progress", "Terminated", "format_seconds", "is_terminal"]
+__all__ = ["Bar", "Progress", "Terminated", "format_seconds", "install_sigterm_exit", "is_terminal", "restore_sigterm"]
 
 
 class Terminated(SystemExit):
@@ -228,9 +228,16 @@ class Progress:
         raise Terminated()
 
 
-def install_sigterm_exit() -> None:
-    """Make SIGTERM raise :class:`Terminated` for the whole process (the CLI calls this once), so
-    ``finally`` blocks and context managers run, a live display restores the cursor, and partial
-    output folders are cleaned up as on Ctrl-C."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+def install_sigterm_exit() -> Any:
+    """Make SIGTERM raise :class:`Terminated` (the CLI does this around a command), so ``finally``
+    blocks and context managers run, a live display restores the cursor, and partial output folders
+    are cleaned up as on Ctrl-C. Returns the previous handler for :func:`restore_sigterm`."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def restore_sigterm(previous: Any) -> None:
+    """Put back the handler :func:`install_sigterm_exit` replaced."""
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)

@@ -7,19 +7,33 @@ from typing import Optional
 
 import typer
 
+from exme.cli._common import start, threads_option, verbose_option
 from exme.cli.app import app
 
 _STORAGE = typer.Option(None, "--storage", help="Optuna storage URL shared by workers (default: sqlite:///<output>/study.db).")
 _DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (overrides the file).")
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+_CONFIG = typer.Argument(..., metavar="CONFIG", help="PIPELINE.yaml: base, checkpoints, suite, search, output.")
+
+
+def _start(cfg, threads: Optional[int], verbose: bool, quiet: bool) -> None:
+    """Device and threads (``--threads`` over the file's ``threads:``) before any folder is created."""
+    where = cfg.storage or str(Path(cfg.output) / "study.db")
+    start(
+        device=cfg.device, threads=threads if threads is not None else cfg.threads, verbose=verbose,
+        header=not quiet, threads_source="--threads" if threads is not None else "threads",
+        interrupted=f"finished evaluations are kept in {where}; run the same command again to resume",
+    )
 
 
 @app.command("run")
 def run(
-    config: Path = typer.Argument(..., help="PIPELINE.yaml: base, checkpoints, suite, search, output."),
+    config: Path = _CONFIG,
     storage: Optional[str] = _STORAGE,
     device: Optional[str] = _DEVICE,
     quiet: bool = _QUIET,
+    threads: Optional[int] = threads_option(),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Rank the checkpoints, search α and β on dev, evaluate on test, write the model and the report.
 
@@ -29,6 +43,7 @@ def run(
     from exme.pipeline import PipelineConfig, run_pipeline
 
     cfg = PipelineConfig.from_yaml(config, storage=storage, device=device)
+    _start(cfg, threads, verbose, quiet)
     results = run_pipeline(cfg, progress=not quiet)
     _print_final(results)
     print(f"report: {Path(cfg.output) / 'report.md'}")
@@ -36,10 +51,12 @@ def run(
 
 @app.command("rank")
 def rank(
-    config: Path = typer.Argument(..., help="PIPELINE.yaml (its base, checkpoints, suite, top_k and output)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="PIPELINE.yaml (its base, checkpoints, suite, top_k and output)."),
     storage: Optional[str] = _STORAGE,
     device: Optional[str] = _DEVICE,
     quiet: bool = _QUIET,
+    threads: Optional[int] = threads_option(),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Score every checkpoint on the dev split and show which top_k are kept (recorded for `exme run`)."""
     from rich.console import Console
@@ -48,6 +65,7 @@ def rank(
     from exme.pipeline import PipelineConfig, rank_checkpoints
 
     cfg = PipelineConfig.from_yaml(config, storage=storage, device=device)
+    _start(cfg, threads, verbose, quiet)
     ranking = rank_checkpoints(cfg, progress=not quiet)
     order = sorted(ranking, key=lambda c: (-c.dev.overall, -(c.step if c.step is not None else -1)))
     tasks = list(order[0].dev.tasks) if order else []

@@ -32,8 +32,9 @@ class Evaluator(Protocol):
 
 
 def check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ExmeError(f"split {split!r} is not one of {list(SPLITS)}")
+    """``dev``, ``test``, or ``all`` (every item: the number comparable with full-set results)."""
+    if split not in (*SPLITS, "all"):
+        raise ExmeError(f"split {split!r} is not one of {[*SPLITS, 'all']}")
     return split
 
 

@@ -157,7 +157,9 @@ class LmEvalEvaluator:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-        samples = {t: ix[:limit] if limit else list(ix) for t, ix in self.split_indices()[split].items()}
+        indices = self.split_indices()
+        by_task = indices[split] if split != "all" else {t: sorted(ix + indices["test"][t]) for t, ix in indices["dev"].items()}
+        samples = {t: ix[:limit] if limit else list(ix) for t, ix in by_task.items()}
         was_training = getattr(model, "training", False)
         model.eval()
         logging.getLogger("lm_eval").setLevel(logging.WARNING)

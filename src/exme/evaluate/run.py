@@ -9,7 +9,9 @@ from typing import Any
 from exme.errors import ExmeError
 from exme.evaluate.scores import Scores
 
-SPLIT_CHOICES = ("dev", "test", "all")
+#: ``both``: dev and test, scored separately; ``all``: every item of each task as one split (the
+#: number comparable with published full-set results, since exme divides every task into halves).
+SPLIT_CHOICES = ("dev", "test", "both", "all")
 
 
 def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str = "auto"):
@@ -39,14 +41,14 @@ def evaluate_folder(
     model_dir: str | Path,
     spec: str | Path,
     *,
-    split: str = "all",
+    split: str = "both",
     device: str = "cpu",
     dtype: str = "auto",
     limit: int | None = None,
     json_out: str | Path | None = None,
     **opts: Any,
 ) -> dict[str, Scores]:
-    """Scores of the model in ``model_dir`` on ``split`` (``"all"`` = dev and test), optionally written as JSON.
+    """Scores of the model in ``model_dir`` on ``split`` (``"both"`` = dev and test), optionally written as JSON.
 
     The evaluator is loaded first so a bad suite fails before the model is read.
     """
@@ -56,7 +58,7 @@ def evaluate_folder(
         raise ExmeError(f"--split {split!r} is not one of {list(SPLIT_CHOICES)}")
     evaluator = load_evaluator(spec, **opts)
     model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
-    splits = ("dev", "test") if split == "all" else (split,)
+    splits = ("dev", "test") if split == "both" else (split,)
     results = {s: evaluator.evaluate(model, tokenizer, s, limit=limit) for s in splits}
     if json_out is not None:
         describe = getattr(evaluator, "describe", None)
