@@ -14,8 +14,8 @@ Usage::
             bar.advance(info="best 0.4310")      # info: a short text shown after the counts
         bar.close()                              # optional: a finished bar stays on screen
 
-While a display is live, SIGTERM stops it (so the terminal gets its cursor back) and then raises
-:class:`Terminated`, a ``SystemExit`` with code 143, so ``finally`` blocks still run.
+While a display is live, SIGTERM raises :class:`Terminated` (a ``SystemExit`` with code 143), so
+``finally`` blocks run and leaving the ``with`` block stops the display and shows the cursor again.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            console = Console(file=self.stream if self.stream is not None else sys.stderr)
+            console = Console(file=self.stream if self.stream is not None else sys.stderr, force_terminal=True)
             self._rich = RichProgress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -224,7 +224,8 @@ class Progress:
         self._previous_handler = None
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self.stop()
+        # Only raise: the handler may run while this thread holds rich's lock, so stopping here could
+        # deadlock with the refresh thread; ``__exit__`` stops the display once the stack unwinds.
         raise Terminated()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from exme.cli.app import app
+from exme.cli.app import Interrupted, app
 from exme.errors import ExmeError
 
 # Importing a module registers its commands on ``app``.
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as err:
         err.show()
         return err.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (Interrupted, KeyboardInterrupt, click.exceptions.Abort):
         # Ctrl-C: what was kept and how to go on (exit 130 = 128 + SIGINT, as shells report it).
         print(f"\nexme: interrupted; {interrupt_note()}", file=sys.stderr)
         return 130

@@ -7,8 +7,20 @@ import typer
 from typer.core import TyperCommand
 
 
+class Interrupted(Exception):
+    """Ctrl-C inside a command. Typer would turn the ``KeyboardInterrupt`` into a silent exit 130;
+    carried as this exception instead, :func:`exme.cli.main` can say what was saved first."""
+
+
 class _Command(TyperCommand):
-    """Usage lines in the Unix convention: ``exme merge [OPTIONS] CONFIG OUT`` (not ``{config}``)."""
+    """Usage lines in the Unix convention (``exme merge [OPTIONS] CONFIG OUT``, not ``{config}``),
+    and Ctrl-C passed on to :func:`exme.cli.main` as :class:`Interrupted`."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:
+            raise Interrupted() from err
 
     def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
