@@ -128,3 +128,56 @@ def read_index(path: str | Path) -> dict:
     """The weight map of a sharded folder (``{}`` when the model is a single file)."""
     index = Path(path) / "model.safetensors.index.json"
     return json.loads(index.read_text())["weight_map"] if index.exists() else {}
+
+
+def make_lora_adapter(
+    base: str | Path,
+    path: str | Path,
+    *,
+    seed: int,
+    r: int = 4,
+    lora_alpha: float = 8,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    modules_to_save: tuple[str, ...] | None = None,
+    use_rslora: bool = False,
+    scale: float = 0.05,
+) -> Path:
+    """Save a PEFT LoRA adapter over ``base`` with seeded random A and B (a stand-in LoRA SFT checkpoint).
+
+    PEFT initialises B to zero (Δ = 0); both factors are drawn here so every Δ is non-zero, and a
+    module in ``modules_to_save`` gets seeded noise too. The tokenizer is saved beside the adapter,
+    as Trainer does.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, path = Path(base), Path(path)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, target_modules=list(target_modules), use_rslora=use_rslora,
+        modules_to_save=list(modules_to_save) if modules_to_save else None, lora_dropout=0.0,
+    )
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * scale
+                p.copy_((noise if "lora_" in name else p.float() + noise).to(p.dtype))
+    peft_model.save_pretrained(path)
+    if (base / "tokenizer.json").exists():
+        AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    return path
+
+
+def merge_lora_adapter(base: str | Path, adapter: str | Path, path: str | Path) -> Path:
+    """PEFT's own ``merge_and_unload()`` of ``adapter`` over ``base``, saved as a full model folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, path = Path(base), Path(path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="auto"), str(adapter))
+    model.merge_and_unload().save_pretrained(path)
+    if (base / "tokenizer.json").exists():
+        AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    return path

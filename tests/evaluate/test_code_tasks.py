@@ -66,9 +66,10 @@ def test_mbpp_pass_at_1(tmp_path):
 
 def test_program_assembly():
     record = HUMANEVAL[0]
-    program = humaneval_program(record, "    return a + b\n")
-    assert program.startswith(record["prompt"] + "    return a + b\n")
-    assert program.rstrip().endswith("check(add)")
-    assert mbpp_program(MBPP[1], "def rev(s): return s[::-1]").startswith("import string\ndef rev")
+    program, tests = humaneval_program(record, "    return a + b\n")
+    assert program.rstrip() == record["prompt"] + "    return a + b"
+    assert tests.startswith(record["test"]) and tests.rstrip().endswith("check(add)")
+    program, tests = mbpp_program(MBPP[1], "def rev(s): return s[::-1]")
+    assert program.startswith("import string\ndef rev") and tests == "\n".join(MBPP[1]["test_list"]) + "\n"
     assert strip_fence("text\n```py\nx = 1\n```\nmore") == "x = 1\n"
     assert strip_fence("x = 2") == "x = 2"

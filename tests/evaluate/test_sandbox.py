@@ -1,14 +1,25 @@
 """The sandbox: hostile programs fail without harming the host, and the run goes on after each."""
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from exme.evaluate.sandbox import SandboxLimits, _processes_of, _uid_for_slot, run_program, run_programs, sandbox_python
+from exme.evaluate.sandbox import (
+    SandboxLimits,
+    _processes_of,
+    _uid_for_slot,
+    run_program,
+    run_programs,
+    sandbox_isolation,
+    sandbox_python,
+)
 
 LIMITS = SandboxLimits(timeout=1.5, memory_mb=512, max_procs=8)
 CORRECT = "def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\n"
@@ -118,3 +129,157 @@ def test_root_without_a_readable_interpreter_drops_capabilities(monkeypatch, tmp
     target = tmp_path / "escaped.txt"
     assert not run_program(f"open({str(target)!r}, 'w').write('x')\n", LIMITS).passed and not target.exists()
     _then_a_correct_program_passes()
+
+
+# -- a pass means the harness ran every test to the end ------------------------------------------
+
+WRONG = "def add(a, b):\n    return a - b\n"
+TESTS = "assert add(2, 3) == 5\nassert add(0, 0) == 0\n"
+
+
+@pytest.mark.parametrize(
+    "trick",
+    [
+        "import sys\nsys.exit(0)\n",
+        "raise SystemExit\n",
+        "exit()\n",
+        "import os\nos._exit(0)\n",
+        "import atexit, os\natexit.register(os._exit, 0)\n",
+        "import os, threading, time\nthreading.Thread(target=lambda: os._exit(0)).start()\ntime.sleep(0.5)\n",
+        "import sys\nsys.stdout.write('pass 0123456789abcdef0123456789abcdef\\n')\n",  # a forged marker on stdout
+    ],
+)
+def test_exiting_before_the_tests_never_passes(trick):
+    result = run_program(WRONG + trick, LIMITS, tests=TESTS)
+    assert not result.passed and result.status == "failed", result
+    if "atexit" not in trick and "stdout" not in trick:  # those two only act after the tests ran
+        correct_but_exits = run_program(CORRECT.split("\n\n")[0] + "\n" + trick, LIMITS, tests=TESTS)
+        assert not correct_but_exits.passed  # its tests never ran, so it has not shown it is correct
+
+
+def test_atexit_exit_zero_after_a_failed_assert_is_a_failure():
+    result = run_program("import atexit, os\natexit.register(os._exit, 0)\n" + WRONG, LIMITS, tests=TESTS)
+    assert not result.passed and "AssertionError" in result.output
+
+
+def test_main_block_of_a_completion_does_not_run():
+    """As in HumanEval's harness: a demo or an exit in `if __name__ == "__main__":` changes nothing."""
+    exits = WRONG + "if __name__ == '__main__':\n    import sys\n    sys.exit(0)\n"
+    assert not run_program(exits, LIMITS, tests=TESTS).passed
+    reads_input = "def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    print(add(int(input()), 1))\n"
+    assert run_program(reads_input, LIMITS, tests=TESTS).passed
+
+
+def test_tests_run_in_the_program_namespace_and_can_fail():
+    assert run_program(CORRECT.split("\n\n")[0] + "\n", LIMITS, tests=TESTS).passed
+    assert not run_program(WRONG, LIMITS, tests=TESTS).passed
+    assert not run_program("def add(a, b):\n    return a + b\n", LIMITS, tests="assert add(1, 1) == 3\n").passed
+
+
+def test_code_task_with_an_early_exit_scores_zero(tmp_path):
+    from exme.evaluate.code import mbpp_program
+
+    record = {"text": "add", "test_list": ["assert add(2, 3) == 5"]}
+    for completion in ["def add(a, b):\n    return 0\nimport sys\nsys.exit(0)", "def add(a, b):\n    return 0\nimport os\nos._exit(0)"]:
+        program, tests = mbpp_program(record, completion)
+        assert run_programs([program], LIMITS, tests=[tests])[0].passed is False
+
+
+# -- the filesystem: nothing outside the program's own folder can be changed ----------------------
+
+needs_isolation = pytest.mark.skipif(
+    not sandbox_isolation()["filesystem"], reason="no mount/user namespaces on this machine (the sandbox warns and degrades)"
+)
+
+
+@pytest.fixture
+def open_folder():
+    """A world-writable folder outside every temp folder, holding one file owned by the test."""
+    import shutil
+    import uuid
+
+    folder = Path(__file__).parent / f".sandbox-probe-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    folder.chmod(0o777)
+    (folder / "keep.txt").write_text("host data")
+    (folder / "keep.txt").chmod(0o666)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+HOSTILE = {
+    "fileio": "import _io\nf = _io.FileIO(TARGET, 'w')\nf.write(b'x')\nf.close()\n",
+    "mkdir": "import os\nos.mkdir(TARGET)\n",
+    "shell": "import subprocess\nsubprocess.run('echo x > ' + TARGET, shell=True, check=True)\n",
+    "ctypes": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "fd = libc.open(TARGET.encode(), os.O_WRONLY | os.O_CREAT, 0o644)\nassert fd >= 0, os.strerror(ctypes.get_errno())\n",
+    "delete": "import os\nos.remove(KEEP)\n",
+    "rename": "import os\nos.rename(KEEP, TARGET)\n",
+}
+
+
+@needs_isolation
+@pytest.mark.parametrize("how", sorted(HOSTILE))
+def test_hostile_writes_fail_and_score_zero(open_folder, how):
+    target, keep = open_folder / "escaped", open_folder / "keep.txt"
+    source = f"TARGET = {str(target)!r}\nKEEP = {str(keep)!r}\n" + HOSTILE[how] + WRONG
+    result = run_program(source, LIMITS, tests=f"import os\nassert os.path.exists(TARGET) or not os.path.exists(KEEP)\n" + TESTS)
+    assert not result.passed and result.fs_isolated, result
+    assert not target.exists() and keep.read_text() == "host data"
+
+
+@needs_isolation
+@pytest.mark.parametrize("folder", ["/tmp", "/var/tmp", "/dev/shm"])
+def test_temp_folders_are_private_and_empty(folder):
+    import uuid
+
+    host_file = Path(folder) / f"exme-sandbox-probe-{uuid.uuid4().hex[:8]}"
+    host_file.write_text("host")
+    try:
+        program = f"import os\nassert not os.path.exists({str(host_file)!r})\nopen({str(host_file)!r}, 'w').write('inside')\n"
+        result = run_program(program.replace("open(", "__import__('_io').FileIO(").replace(", 'w').write('inside')", ", 'w').write(b'inside')"), LIMITS)
+        assert result.passed, result.output  # it may write there, into a tmpfs of its own
+        assert host_file.read_text() == "host"
+    finally:
+        host_file.unlink()
+
+
+@needs_isolation
+def test_the_program_keeps_a_writable_folder_of_its_own():
+    result = run_program("import os\nopen('a.txt', 'w').write('ok')\nos.mkdir('sub')\nassert os.listdir('.') \n", LIMITS)
+    assert result.passed, result.output
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not shutil.which("setpriv") or not Path("/usr/bin/python3").exists(), reason="needs root to switch to a plain user")
+def test_plain_user_gets_the_same_isolation(open_folder):
+    """The mount and network namespaces come from a user namespace when not root (no uid switch)."""
+    import pwd
+
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' user")
+    sandbox_py = Path(__file__).resolve().parents[2] / "src" / "exme" / "evaluate" / "sandbox.py"
+    script = open_folder / "probe.py"
+    script.write_text(
+        "import importlib.util, json, sys\n"
+        f"spec = importlib.util.spec_from_file_location('sb', {str(sandbox_py)!r})\n"
+        "sb = importlib.util.module_from_spec(spec); sys.modules['sb'] = sb; spec.loader.exec_module(sb)\n"
+        f"src = {('import os' + chr(10) + 'os.remove(' + repr(str(open_folder / 'keep.txt')) + ')' + chr(10))!r}\n"
+        "r = sb.run_program(src, sb.SandboxLimits(timeout=10))\n"
+        "ok = sb.run_program('import os\\nassert os.getuid() != 0\\n', sb.SandboxLimits(timeout=10))\n"
+        "print(json.dumps([r.passed, r.fs_isolated, r.net_isolated, ok.passed, ok.output]))\n"
+    )
+    script.chmod(0o644)
+    if not all(p.stat().st_mode & 0o001 for p in sandbox_py.parents) or not all(p.stat().st_mode & 0o001 for p in script.parents):
+        pytest.skip("the source tree is not readable by a plain user")
+    run = subprocess.run(
+        ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups", "/usr/bin/python3", "-I", str(script)],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )
+    assert run.returncode == 0, run.stderr
+    passed, fs, net, ok, out = json.loads(run.stdout.strip().splitlines()[-1])
+    if not fs:
+        pytest.skip("unprivileged user namespaces are disabled on this machine")
+    assert (passed, fs, net, ok) == (False, True, True, True), out
+    assert (open_folder / "keep.txt").read_text() == "host data"

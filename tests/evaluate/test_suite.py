@@ -85,7 +85,7 @@ def test_bad_suite_is_one_clear_error(tmp_path, yaml_text, data, message):
     "kind, good, bad, message",
     [
         ("gsm8k", {"question": "q", "answer": "#### 3"}, {"question": "q"}, r"lacks field\(s\) \['answer'\]"),
-        ("gsm8k", {"question": "q", "answer": "#### 3"}, {"question": "q", "answer": "3"}, "must end with '#### <number>'"),
+        ("gsm8k", {"question": "q", "answer": "#### 3"}, {"question": "q", "answer": "3"}, "must hold exactly one '#### <number>'"),
         ("multiple_choice", {"question": "q", "choices": ["a", "b"], "label": 0}, {"question": "q", "choices": ["a", "b"], "label": 2}, "'label' must be an index"),
         ("multiple_choice", {"question": "q", "choices": ["a", "b"], "label": 0}, {"question": "q", "choices": "ab", "label": 0}, "'choices' must be a list"),
         ("humaneval", {"task_id": "t", "prompt": "p", "test": "t", "entry_point": "f"}, {"task_id": "t", "prompt": "p", "test": "t"}, "entry_point"),
@@ -162,3 +162,10 @@ def test_perplexity_text_file_is_one_document_per_paragraph(tmp_path):
     suite = Suite.from_yaml(write_suite(tmp_path / "s.yaml", "tasks:\n  - {name: p, kind: perplexity, data: corpus.txt}\n"))
     docs = sorted(r["text"] for split in ("dev", "test") for r in suite.tasks[0].records(split))
     assert docs == sorted(["First paragraph\nstill first.", "Second one.", "Third.", "Fourth."])
+
+
+def test_answer_filter_is_for_gsm8k_only(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "target": "t"}\n{"prompt": "q", "target": "u"}\n')
+    (tmp_path / "s.yaml").write_text("tasks:\n  - {name: t, kind: generate, data: d.jsonl, answer_filter: strict-match}\n")
+    with pytest.raises(ExmeError, match="answer_filter applies to gsm8k"):
+        Suite.from_yaml(tmp_path / "s.yaml")

@@ -134,3 +134,15 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, sft_run, tiny_suite, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("exme: error:") and "beta values" in err[0]
     assert main(["rank", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_lm_eval_include_path_resolves_from_the_file_and_paths_are_normalised(tmp_path, sft_run, tiny_suite):
+    (tmp_path / "conf" / "tasks").mkdir(parents=True)
+    path = tmp_path / "conf" / "p.yaml"
+    path.write_text(
+        f"base: {sft_run.base}\ncheckpoints: {sft_run.run}\nsuite: 'lm-eval:exme_tiny'\n"
+        "lm_eval_include_path: tasks\noutput: ../conf/../runs/r\n"
+    )
+    cfg = PipelineConfig.from_yaml(path)
+    assert cfg.lm_eval_include_path == [str(tmp_path / "conf" / "tasks")]
+    assert str(cfg.output) == str(tmp_path / "runs" / "r")  # no '..' left for the report to show

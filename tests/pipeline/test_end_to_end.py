@@ -21,6 +21,7 @@ def test_run_writes_results_report_and_a_model_that_reproduces_its_test_score(tm
         "base": str(sft_run.base), "checkpoints": str(sft_run.run), "suite": str(tiny_suite),
         "output": str(tmp_path / "run"), "alpha": {"grid": [0.0, 0.5, 1.0]}, "beta": {"grid": [0.0, 0.5, 1.0]},
         "baselines": ["linear", "ties", "dare_linear"], "seed": 3,
+        "dev": {"confirm_fraction": 0},  # the tiny suite has too few dev items to hold some out
     }))
     assert main(["run", str(config), "--quiet"]) == 0
     printed = capsys.readouterr().out

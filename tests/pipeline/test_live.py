@@ -135,7 +135,25 @@ def test_a_checkpoint_of_another_shape_is_refused_by_name(tiny_models, tmp_path)
 
     other = make_tiny_model(tmp_path / "other", seed=0, intermediate_size=48, max_shard_size="20KB")
     live = LiveModel.load(tiny_models.base)
-    with pytest.raises(ExmeError, match=r"tensor model\.layers\.0\.mlp\.\w+_proj\.weight has shape"):
+    with pytest.raises(ExmeError, match=r"shape mismatch in tensor .model\.layers\.0\.mlp\.\w+_proj\.weight.: base \(\d+, \d+\), model 1 \(\d+, \d+\), model 2"):
         live.set_models([tiny_models.sft1, other])
     with pytest.raises(ExmeError, match="2 coefficients given for 0 held checkpoints"):
         LiveModel.load(tiny_models.base).apply([1.0, 1.0])
+
+
+def test_a_candidate_that_overflows_is_refused_and_the_base_restored(tmp_path):
+    from exme.search.live import NonFiniteCandidate
+    from exme.testing import make_finetuned, make_tiny_model
+
+    base = make_tiny_model(tmp_path / "base", seed=0, dtype=torch.float16)
+    sfts = [make_finetuned(base, tmp_path / f"sft{i}", seed=i, scale=0.05) for i in (1, 2)]
+    live = LiveModel.load(base)
+    live.set_models(sfts)
+    live.apply([1.0, 2.0])  # fine
+    # 1e7·Δ with |Δ| ~ 0.05 is far beyond float16's 65504: the cast gives Inf.
+    with pytest.raises(NonFiniteCandidate, match=r"candidate θ_b \+ Σ cᵢΔᵢ with c = \[10000000.0, 0.0\]: tensor .* has NaN or Inf in float16"):
+        live.apply([1e7, 0.0])
+    assert isinstance(NonFiniteCandidate("x"), ExmeError)
+    expected = _tensors(base)
+    assert all(torch.equal(p, expected[n]) for n, p in live.state_dict().items())
+    assert live.current == ("base",)

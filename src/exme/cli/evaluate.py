@@ -34,6 +34,9 @@ def eval_command(
     output_path: Optional[Path] = typer.Option(
         None, "--output_path", "--output-path", metavar="DIR", help="Write the same JSON as DIR/results.json (lm-eval's spelling)."
     ),
+    include_path: Optional[list[Path]] = typer.Option(
+        None, "--include-path", help="A folder of lm-eval task YAML files (repeatable), as lm-eval's --include_path."
+    ),
     threads: Optional[int] = threads_option(),
     verbose: bool = verbose_option(),
 ) -> None:
@@ -42,6 +45,7 @@ def eval_command(
     from rich.table import Table
 
     from exme.cli.merge import dtype_option
+    from exme.evaluate import parse_evaluator_spec
     from exme.evaluate.run import evaluate_folder
 
     spec = _suite_spec(suite, tasks)
@@ -49,9 +53,11 @@ def eval_command(
         raise ExmeError(f"--limit {limit}: give a positive number of items per task, or leave --limit out for all")
     dtype = dtype_option(dtype, "--dtype") or "auto"
     start(device=device, threads=threads, verbose=verbose, interrupted="nothing was saved (scores are written when every split is done)")
-    opts = {} if batch_size is None else {"batch_size": batch_size}
-    if not spec.startswith("lm-eval:") and ":" not in spec or spec.endswith((".yaml", ".yml")):
+    opts: dict = {} if batch_size is None else {"batch_size": batch_size}
+    if parse_evaluator_spec(spec, include_path=include_path or None).kind == "suite":
         opts["progress"] = True
+    if include_path:
+        opts["include_path"] = list(include_path)
     outputs = [p for p in (json_out, output_path / "results.json" if output_path else None) if p is not None]
     results = evaluate_folder(
         model_dir, spec, split=split, device=device, dtype=dtype, limit=limit,

@@ -22,6 +22,11 @@ _SHARD = typer.Option(
 _FORCE = typer.Option(False, "--force", help="Replace an existing non-empty output folder.")
 _SEED = typer.Option(0, "--seed", help="Seed of the DARE drop masks (same seed, same model).")
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary.")
+_FORMAT = typer.Option(
+    None, "--format",
+    help="model: a full model folder (default). peft: one LoRA adapter that is exactly the merge of LoRA adapters "
+    "(linear methods: extrapolate, exme, task_arithmetic, linear); overrides the config's output_format.",
+)
 _INTERRUPTED = "nothing was written (the output folder appears only once complete); run the same command again to start over"
 
 def shard_size(text: str, option: str = "--max-shard-size") -> int:
@@ -37,11 +42,11 @@ def shard_size(text: str, option: str = "--max-shard-size") -> int:
 
 
 def dtype_option(value: Optional[str], what: str = "output dtype") -> Optional[str]:
-    """The one dtype table (:func:`exme.merge.config.parse_dtype`): fp16/bf16/float16/... → canonical name."""
+    """The one dtype table (:func:`exme.common.parse_dtype`): fp16/bf16/float16/... → canonical name."""
     if value is None or value == "auto":
         return value
+    from exme.common import parse_dtype
     from exme.io.writer import dtype_name
-    from exme.merge.config import parse_dtype
 
     return dtype_name(parse_dtype(value, what))
 
@@ -69,6 +74,14 @@ def _parents_of(out: Path) -> Iterator[None]:
         raise
 
 
+def _with_format(config, output_format: Optional[str]):
+    if output_format is None:
+        return config
+    if output_format not in ("model", "peft"):
+        raise ExmeError(f"--format {output_format!r} is not one of model, peft")
+    return config.model_copy(update={"output_format": output_format})
+
+
 def _finish(path: Path, quiet: bool) -> None:
     if not quiet:
         typer.echo(f"wrote {path}")
@@ -87,10 +100,14 @@ def merge_command(
     force: bool = _FORCE,
     seed: int = _SEED,
     quiet: bool = _QUIET,
+    output_format: Optional[str] = _FORMAT,
     threads: Optional[int] = threads_option(),
     verbose: bool = verbose_option(),
 ) -> None:
-    """Merge models as described by a mergekit-style YAML config."""
+    """Merge models as described by a mergekit-style YAML config.
+
+    Models may be full model folders or LoRA adapter folders (over base_model, or written BASE+ADAPTER).
+    """
     from exme.merge.config import MergeConfig
     from exme.merge.engine import run_merge
 
@@ -98,7 +115,7 @@ def merge_command(
     start(device=device, threads=threads, verbose=verbose, header=verbose and not quiet, interrupted=_INTERRUPTED)
     size = shard_size(max_shard_size)
     dtype = dtype_option(dtype)
-    merge_config = MergeConfig.from_yaml(config)
+    merge_config = _with_format(MergeConfig.from_yaml(config), output_format)
     with _parents_of(out):
         path = run_merge(
             merge_config, out, device=device, out_dtype=dtype, max_shard_size=size, force=force, seed=seed,
@@ -111,7 +128,7 @@ def merge_command(
 def extrapolate_command(
     out: Path = typer.Argument(..., metavar="OUT", help="Output model folder (created atomically, parent folders too)."),
     base: Path = typer.Option(..., "--base", help="The base model folder θ_b."),
-    model: Path = typer.Option(..., "--model", help="The fine-tuned model folder θ."),
+    model: Path = typer.Option(..., "--model", help="The fine-tuned model folder θ, or a LoRA adapter folder over --base."),
     alpha: float = typer.Option(..., "--alpha", help="Extrapolation strength α ≥ 0: θ + α(θ − θ_b)."),
     device: str = _DEVICE,
     dtype: Optional[str] = typer.Option(
@@ -120,6 +137,7 @@ def extrapolate_command(
     max_shard_size: str = _SHARD,
     force: bool = _FORCE,
     quiet: bool = _QUIET,
+    output_format: Optional[str] = _FORMAT,
     threads: Optional[int] = threads_option(),
     verbose: bool = verbose_option(),
 ) -> None:
@@ -137,7 +155,7 @@ def extrapolate_command(
     start(device=device, threads=threads, verbose=verbose, header=verbose and not quiet, interrupted=_INTERRUPTED)
     size = shard_size(max_shard_size)
     dtype = dtype_option(dtype)
-    merge_config = MergeConfig.extrapolation(base, model, alpha)
+    merge_config = _with_format(MergeConfig.extrapolation(base, model, alpha), output_format)
     with _parents_of(out):
         path = run_merge(
             merge_config, out, device=device, out_dtype=dtype, max_shard_size=size, force=force,

@@ -46,6 +46,10 @@ def run(
     _start(cfg, threads, verbose, quiet)
     results = run_pipeline(cfg, progress=not quiet)
     _print_final(results)
+    from exme.report.verdict import summary_lines
+
+    for line in summary_lines(results):
+        print(line)
     print(f"report: {Path(cfg.output) / 'report.md'}")
 
 

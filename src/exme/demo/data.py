@@ -56,11 +56,16 @@ class DemoSizes:
 
     pretrain_docs: int = 3000
     sft_per_task: int = 600
-    eval_per_task: int = 64  # split by the suite's seeded rule: 24 dev, 40 test
+    # 200 items per task, split 40 dev / 160 test. Test: the paired SE of ExMe − best SFT is about
+    # √(discordance / (3 · 160)) for three equally weighted tasks, ≤ 0.025 while the two models
+    # disagree on at most 30% of the items (40 test items per task gave SEs near 0.05). Dev: 40 per
+    # task leaves 12 confirm items per task at the default confirm fraction 0.3, and 28 to search on.
+    eval_per_task: int = 200
+    dev_fraction: float = 0.2
 
     @classmethod
     def quick(cls) -> "DemoSizes":
-        return cls(pretrain_docs=120, sft_per_task=40, eval_per_task=10)
+        return cls(pretrain_docs=120, sft_per_task=40, eval_per_task=10, dev_fraction=0.375)
 
 
 @dataclass(frozen=True)
@@ -279,5 +284,8 @@ def write_demo_data(folder: str | Path, *, seed: int = 0, sizes: DemoSizes = Dem
     corpus_path.write_text("\n\n".join(pretrain_corpus(rng, sizes.pretrain_docs)) + "\n", encoding="utf-8")
     suite_path = folder / "suite.yaml"
     relative = {task: f"tasks/{path.name}" for task, path in task_paths.items()}
-    suite_path.write_text(yaml.safe_dump(suite_document(relative, split_seed=seed), sort_keys=False), encoding="utf-8")
+    suite_path.write_text(
+        yaml.safe_dump(suite_document(relative, split_seed=seed, dev_fraction=sizes.dev_fraction), sort_keys=False),
+        encoding="utf-8",
+    )
     return DemoData(folder=folder, corpus=corpus_path, sft=sft_path, suite=suite_path, tasks=task_paths)

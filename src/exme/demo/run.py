@@ -66,6 +66,7 @@ class DemoSettings:
             sft_save_steps=3,
             sft_batch_size=8,
             pipeline={
+                "dev": {"confirm_fraction": 0},  # 4 dev items per task: too few to hold any out
                 "alpha": {"grid": [0.0, 1.0]},
                 "beta": {"grid": [0.0, 0.5, 1.0]},
                 "baselines": ["linear", "ties"],
@@ -190,8 +191,7 @@ def print_outcome(results: Any, report: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from exme.report.render import comparisons
-    from exme.report.stats import task_weights
+    from exme.report.verdict import summary_lines
 
     tasks = sorted({t for row in results.final for t in row.test.tasks})
     table = Table(title="Test split (every choice made on dev)")
@@ -209,12 +209,9 @@ def print_outcome(results: Any, report: Path) -> None:
         )
     console = Console()
     console.print(table)
-    weights = task_weights(results.suite, tasks)
     n_test = sum(next((r.test.n_items for r in results.final if r.kind == "exme"), {}).values())
-    for label, _, diff in comparisons(results, weights):
-        noise = "" if diff.se is None else f" (SE {diff.se:.3f}{', within noise' if diff.within_noise else ''})"
-        verdict = "beat" if diff.diff > 0 else "did not beat"
-        console.print(f"ExMe {verdict} {label}: {diff.a:.3f} vs {diff.b:.3f} on test, {diff.diff:+.3f}{noise}")
+    for line in summary_lines(results):
+        console.print(line, markup=False, highlight=False)
     console.print(f"{n_test} test items in all. Report: [bold]{report}[/]")
 
 

@@ -1,8 +1,15 @@
-"""Runs inside the sandbox child before the untrusted program: isolate, limit, drop privileges, exec.
+"""Runs inside the sandbox child: isolate, limit, drop privileges, run the program, then its tests.
 
 Started as ``python -I _sandbox_runner.py CONFIG_JSON`` with the sandbox folder as working
 directory. Only the standard library is used, and every step happens before a line of the
 program runs, so the program inherits all of them.
+
+A pass is written by this harness, never by the program: after the program *and every line of its
+tests* ran without an exception, the harness writes ``pass <nonce>`` to a pipe the parent reads.
+The nonce comes through a second pipe that is read and closed before the program starts, so it is
+in no file, argument or environment variable the program could read. ``sys.exit(0)``,
+``os._exit(0)`` or an ``atexit`` hook before the asserts therefore end the process without the
+marker, and the parent scores a failure whatever the exit status.
 """
 
 import builtins
@@ -12,17 +19,81 @@ import json
 import os
 import resource
 import sys
+import types
 
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 16384, 1 << 18
+AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+SYS_MOUNT_SETATTR = 442  # the same number on every architecture (added in Linux 5.12)
+TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+PROGRAM_MODULE = "exme_program"
 
 
-def _isolate_network() -> bool:
-    """A fresh network namespace (only a loopback that is down): no route anywhere. Needs CAP_SYS_ADMIN."""
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _unshare(flags: int) -> bool:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.unshare(CLONE_NEWNET) == 0
+        return _libc().unshare(flags) == 0
     except (OSError, AttributeError):
         return False
+
+
+def _enter_namespaces(want_net: bool) -> tuple[bool, bool]:
+    """(mount namespace, network namespace) entered. As root directly; otherwise in a new user
+    namespace that maps the current uid and gid to themselves (the program keeps its uid)."""
+    net = CLONE_NEWNET if want_net else 0
+    if os.getuid() == 0:
+        if _unshare(CLONE_NEWNS | net):
+            return True, bool(net)
+        return False, bool(net) and _unshare(net)
+    uid, gid = os.getuid(), os.getgid()
+    if not _unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET):
+        return False, False
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as fh:
+                fh.write(text)
+    except OSError:
+        return False, True
+    return True, True
+
+
+def _private_filesystem(workdir: str, owner: int, tmpfs_mb: int) -> None:
+    """Everything read-only; fresh, size-limited tmpfs over the temp folders and the work folder.
+
+    The mounts live in this process's own mount namespace: the host never sees them, and they
+    vanish with the last process of the sandbox.
+    """
+    libc = _libc()
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+    attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+    _check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)),
+           "make every mount read-only (mount_setattr)")
+    size = f"size={tmpfs_mb}m".encode()
+    for folder in TEMP_DIRS:
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            _check(libc.mount(b"tmpfs", folder.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, size + b",mode=1777"),
+                   f"mount tmpfs on {folder}")
+    os.makedirs(workdir, exist_ok=True)
+    data = size + f",mode=0700,uid={owner},gid={owner}".encode()
+    _check(libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, data), "mount tmpfs on the work folder")
+    os.chdir(workdir)  # the old working directory is the read-only one underneath
 
 
 def _limit(cfg: dict) -> None:
@@ -52,11 +123,12 @@ def _drop_privileges(uid: int) -> None:
 
 
 def _drop_capabilities() -> None:
-    """Stay uid 0 but hold no capability: no undoing the namespace, no overriding file permissions.
+    """Hold no capability: no undoing the mounts or namespaces, no overriding file permissions.
 
-    (RLIMIT_NPROC still does not bind uid 0 of the initial user namespace, so process creation is
-    blocked at the Python level instead, see ``_block_processes``.)"""
-    libc = ctypes.CDLL(None, use_errno=True)
+    Needed for uid 0 that could not switch uid, and after entering a user namespace (which grants
+    every capability inside it). RLIMIT_NPROC still does not bind uid 0 of the initial user
+    namespace, so for that case process creation is also blocked at the Python level."""
+    libc = _libc()
     PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 38, 24
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     for cap in range(64):
@@ -95,8 +167,9 @@ def _block_processes() -> None:
 def _guard_python(root: str) -> None:
     """Best-effort guards at the Python level: no sockets, no writes outside the sandbox folder.
 
-    These are not a security boundary (ctypes can bypass them); the namespace, the uid and the
-    resource limits are. They turn the common cases into a clear error message.
+    Not a security boundary (ctypes, ``_io.FileIO`` or a subprocess bypass them); the namespaces,
+    the uid and the limits are. They turn the common cases into a clear error message, and are the
+    only file and network protection where namespaces are unavailable.
     """
     import socket
 
@@ -141,20 +214,64 @@ def _guard_python(root: str) -> None:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    with open(cfg["program"], encoding="utf-8") as fh:
-        source = fh.read()
-    isolated = _isolate_network() if cfg["unshare_net"] else False
+    write, exit_now, result_fd = os.write, os._exit, cfg["result_fd"]  # kept before the program can replace them
+    nonce = os.read(cfg["nonce_fd"], 256).decode()
+    os.close(cfg["nonce_fd"])
+    sources = []
+    for key in ("program", "tests"):
+        with open(cfg[key], encoding="utf-8") as fh:
+            sources.append((cfg[key], fh.read()))
+    workdir = os.getcwd()
+    mount_ns, net_ns = _enter_namespaces(cfg["unshare_net"]) if cfg["isolate_fs"] else (False, False)
+    if not cfg["isolate_fs"] and cfg["unshare_net"] and os.getuid() == 0:
+        net_ns = _unshare(CLONE_NEWNET)
+    isolated_fs = False
+    if mount_ns:
+        try:
+            _private_filesystem(workdir, cfg["uid"] or os.getuid(), cfg["tmpfs_mb"])
+            isolated_fs = True
+        except OSError as err:
+            sys.stderr.write(f"exme sandbox: no private filesystem ({err})\n")
+        if isolated_fs:  # the work folder is a fresh tmpfs now: put the sources back for tracebacks
+            for path, text in sources:
+                with open(path, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+    write(result_fd, f"isolation fs={int(isolated_fs)} net={int(net_ns)}\n".encode())
     _limit(cfg)
     _drop_privileges(cfg["uid"])
-    if cfg.get("drop_capabilities"):
+    if cfg.get("drop_capabilities") or (mount_ns and os.getuid() != 0):
         _drop_capabilities()
+    if cfg.get("drop_capabilities"):
         _block_processes()
     _guard_python(os.getcwd())
     sys.argv = [cfg["program"]]
     sys.stderr.write("")  # keep the stream open before the program can close descriptors
-    os.environ["EXME_SANDBOX_NET_ISOLATED"] = "1" if isolated else "0"
-    code = compile(source, cfg["program"], "exec")
-    exec(code, {"__name__": "__main__", "__builtins__": builtins})
+    # Not "__main__": an `if __name__ == "__main__":` block of a completion (a demo, an input() loop)
+    # does not run, as in HumanEval's own harness, which executes programs without a __name__.
+    module = types.ModuleType(PROGRAM_MODULE)
+    module.__dict__["__builtins__"] = builtins
+    sys.modules[PROGRAM_MODULE] = module
+    try:
+        for path, text in sources:
+            exec(compile(text, path, "exec"), module.__dict__)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        sys.stderr.write(f"\nexme sandbox: the program exited (status {code}) before its tests finished\n")
+        sys.stderr.flush()
+        exit_now(code)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        exit_now(1)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    write(result_fd, f"pass {nonce}\n".encode())
+    exit_now(0)
 
 
 if __name__ == "__main__":

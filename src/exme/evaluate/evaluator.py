@@ -14,12 +14,11 @@ from typing import Any, Protocol, runtime_checkable
 from exme.errors import ExmeError
 from exme.evaluate import prompts
 from exme.evaluate.extract import (
-    extract_final_number,
-    gsm8k_target,
     normalize_text,
-    numbers_equal,
+    score_gsm8k,
 )
-from exme.evaluate.lm import Continuation, continuation_logprobs, greedy_generate, token_nll
+from exme.evaluate.backends import Backend, as_backend, generation_stats
+from exme.evaluate.lm import Continuation
 from exme.evaluate.scores import Scores
 from exme.evaluate.suite import SPLITS, Suite, Task
 
@@ -100,8 +99,15 @@ class SuiteEvaluator:
     def split_rule(self) -> dict[str, Any]:
         return self.suite.split_rule
 
-    def evaluate(self, model, tokenizer, split: str, limit: int | None = None) -> Scores:
-        """Score ``model`` on ``split``; ``limit`` keeps the first ``limit`` items of each task's split."""
+    def evaluate(self, model, tokenizer, split: str, limit: int | None = None,
+                 items: dict[str, list[int]] | None = None) -> Scores:
+        """Score ``model`` on ``split``; ``limit`` keeps the first ``limit`` items of each task's split.
+
+        ``model`` is a ``transformers`` module or an evaluation :class:`~exme.evaluate.backends.Backend`.
+        ``items`` restricts a task to those item ids (positions in the task's split, in the order
+        given) before ``limit`` applies: how a pipeline scores the search and confirm parts of dev.
+        Every item's primary score is returned in ``Scores.per_item`` under its id.
+        """
         check_split(split)
         if limit is not None and limit <= 0:
             raise ExmeError(f"limit must be a positive number of items, got {limit}")
@@ -109,36 +115,46 @@ class SuiteEvaluator:
             self._cache.clear()
             self._cache_tokenizer = tokenizer
         # Build every prompt first so a template error surfaces before any model work.
-        prepared = [(task, self._prepared(task, split, tokenizer)) for task in self.suite.tasks]
+        chosen = {t.name: list(range(len(t.records(split)))) for t in self.suite.tasks}
+        chosen.update({name: [int(i) for i in ids] for name, ids in (items or {}).items() if name in chosen})
+        prepared = [(task, self._prepared(task, split, tokenizer, chosen[task.name])) for task in self.suite.tasks]
+        engine = as_backend(model, tokenizer, batch_size=self.batch_size, mc_batch_size=self.mc_batch_size)
         was_training = getattr(model, "training", False)
         if was_training:
             model.eval()
         tasks: dict[str, float] = {}
         n_items: dict[str, int] = {}
         details: dict[str, dict[str, Any]] = {}
+        per_item: dict[str, dict[str, float]] = {}
         progress = _Progress(self.progress)
         try:
             for task, prep in prepared:
                 n = len(prep["records"]) if limit is None else min(limit, len(prep["records"]))
-                metrics, items = self._score(task, prep, n, model, tokenizer, progress)
+                metrics, scored, generation = self._score(task, prep, n, engine, progress)
                 tasks[task.name] = metrics[task.spec.metric]
                 n_items[task.name] = n
                 details[task.name] = {"kind": task.kind, "metric": task.spec.metric, "metrics": metrics}
+                per_item[task.name] = dict(zip(map(str, chosen[task.name][:n]), item_scores(task, scored)))
+                if generation is not None:
+                    details[task.name]["generation"] = generation
                 if self.keep_items:
-                    details[task.name]["items"] = items
+                    details[task.name]["items"] = scored
         finally:
             progress.close()
             if was_training:
                 model.train()
         weights = {t.name: t.spec.weight for t in self.suite.tasks}
-        return Scores.from_tasks(tasks, split=split, n_items=n_items, weights=weights, details=details)
+        return Scores.from_tasks(tasks, split=split, n_items=n_items, weights=weights, details=details,
+                                 per_item=per_item)
 
     # -- preparation (cached: depends on the tokenizer and the data, never on the weights) --
 
-    def _prepared(self, task: Task, split: str, tokenizer) -> dict[str, Any]:
-        key = (task.name, split)
+    def _prepared(self, task: Task, split: str, tokenizer, ids: list[int] | None = None) -> dict[str, Any]:
+        records = task.records(split)
+        ids = list(range(len(records))) if ids is None else ids
+        key = (task.name, split, tuple(ids))
         if key not in self._cache:
-            self._cache[key] = self._prepare(task, task.records(split), tokenizer)
+            self._cache[key] = self._prepare(task, [records[i] for i in ids], tokenizer)
         return self._cache[key]
 
     def _prepare(self, task: Task, records: list[dict[str, Any]], tokenizer) -> dict[str, Any]:
@@ -166,50 +182,48 @@ class SuiteEvaluator:
             prep.update(requests=requests, spans=spans, choice_lengths=lengths)
         else:
             prep["ids"] = [prompts.encode(tokenizer, t, from_chat_template=c) for t, c in texts]
-            if task.kind == "gsm8k":
-                prep["targets"] = [gsm8k_target(str(r["answer"])) for r in records]
-            elif task.kind == "generate":
+            if task.kind == "generate":
                 prep["regex"] = re.compile(task.spec.regex) if task.spec.regex else None
         return prep
 
     # -- scoring (runs the model every time) --
 
-    def _score(self, task: Task, prep: dict[str, Any], n: int, model, tokenizer, progress: _Progress):
+    def _score(self, task: Task, prep: dict[str, Any], n: int, engine: Backend, progress: _Progress):
+        """(metrics, per-item records, generation stats or None) of one task."""
         if task.kind == "multiple_choice":
-            return self._score_mc(task, prep, n, model, tokenizer, progress)
+            return (*self._score_mc(task, prep, n, engine, progress), None)
         if task.kind == "perplexity":
-            return self._score_perplexity(task, prep, n, model, tokenizer, progress)
-        completions = greedy_generate(
-            model,
-            tokenizer,
+            return (*self._score_perplexity(task, prep, n, engine, progress), None)
+        rows = engine.generate(
             prep["ids"][:n],
             max_new_tokens=task.spec.max_new_tokens,
             stop=prompts.stop_strings(task),
-            batch_size=self.batch_size,
             progress=progress.bar(n, f"{task.name}: generating"),
         )
+        generation = generation_stats(rows, task.spec.max_new_tokens)
+        completions = [r.text for r in rows]
         records = prep["records"][:n]
         if task.kind == "gsm8k":
-            preds = [extract_final_number(c) for c in completions]
-            correct = [numbers_equal(p, t) for p, t in zip(preds, prep["targets"][:n])]
+            scored = [score_gsm8k(c, str(r["answer"]), task.spec.answer_filter) for c, r in zip(completions, records)]
+            preds, correct = [p for p, _ in scored], [ok for _, ok in scored]
             items = [{"completion": c, "prediction": p, "correct": ok} for c, p, ok in zip(completions, preds, correct)]
-            return {"exact_match": _mean(correct)}, items
-        if task.kind == "generate":
-            return _score_generate(prep["regex"], completions, records)
-        from exme.evaluate.code import score_code
+            metrics = {"exact_match": _mean(correct)}
+        elif task.kind == "generate":
+            metrics, items = _score_generate(prep["regex"], completions, records)
+        else:
+            from exme.evaluate.code import score_code
 
-        return score_code(task, records, completions, workers=self.workers, progress=progress.bar(n, f"{task.name}: running tests"))
+            metrics, items = score_code(
+                task, records, completions, workers=self.workers, progress=progress.bar(n, f"{task.name}: running tests")
+            )
+        for item, row in zip(items, rows):
+            item.update(new_tokens=row.new_tokens, finish=row.finish)
+        return metrics, items, generation
 
-    def _score_mc(self, task, prep, n, model, tokenizer, progress: _Progress):
+    def _score_mc(self, task, prep, n, engine: Backend, progress: _Progress):
         spans = prep["spans"][:n]
         end = spans[-1][1] if spans else 0
-        scored = continuation_logprobs(
-            model,
-            prep["requests"][:end],
-            batch_size=self.mc_batch_size,
-            pad_id=_pad_id(tokenizer),
-            progress=progress.bar(end, f"{task.name}: scoring choices"),
-        )
+        scored = engine.loglikelihood(prep["requests"][:end], progress=progress.bar(end, f"{task.name}: scoring choices"))
         acc, acc_norm, items = [], [], []
         for (start, stop), record in zip(spans, prep["records"][:n]):
             logps = [scored[i][0] for i in range(start, stop)]
@@ -221,14 +235,8 @@ class SuiteEvaluator:
             items.append({"loglik": logps, "prediction": pick, "prediction_norm": pick_norm, "label": record["label"]})
         return {"acc": _mean(acc), "acc_norm": _mean(acc_norm)}, items
 
-    def _score_perplexity(self, task, prep, n, model, tokenizer, progress: _Progress):
-        per_doc = token_nll(
-            model,
-            prep["docs"][:n],
-            batch_size=self.mc_batch_size,
-            pad_id=_pad_id(tokenizer),
-            progress=progress.bar(n, f"{task.name}: perplexity"),
-        )
+    def _score_perplexity(self, task, prep, n, engine: Backend, progress: _Progress):
+        per_doc = engine.token_nll(prep["docs"][:n], progress=progress.bar(n, f"{task.name}: perplexity"))
         total_nll = sum(nll for nll, _ in per_doc)
         total_tokens = sum(k for _, k in per_doc)
         total_bytes = sum(prep["bytes"][:n])
@@ -243,6 +251,25 @@ class SuiteEvaluator:
         }
         items = [{"nll": nll, "tokens": k} for nll, k in per_doc]
         return metrics, items
+
+
+def item_scores(task: Task, items: list[dict[str, Any]]) -> list[float]:
+    """Each item's primary score, so that their mean is the task's score.
+
+    0/1 for accuracy-like metrics; for perplexity each document's share of the pooled score,
+    ``−nllᵢ · n / Σ tokens``, whose mean is ``−Σ nll / Σ tokens`` (the task's neg_log_perplexity).
+    """
+    metric = task.spec.metric
+    if task.kind == "perplexity":
+        total = sum(it["tokens"] for it in items)
+        return [-float(it["nll"]) * len(items) / total if total else 0.0 for it in items]
+    if task.kind == "multiple_choice":
+        key = "prediction_norm" if metric == "acc_norm" else "prediction"
+        return [float(it[key] == it["label"]) for it in items]
+    if task.kind in ("humaneval", "mbpp"):
+        return [float(it["status"] == "passed") for it in items]
+    key = "contains" if metric == "contains" else "correct"
+    return [float(bool(it[key])) for it in items]
 
 
 def _pad_id(tokenizer) -> int:
@@ -269,5 +296,5 @@ def _score_generate(regex, completions: list[str], records: list[dict[str, Any]]
         answer = normalize_text(answer)
         exact.append(answer in targets)
         contains.append(any(t and t in normalize_text(completion) for t in targets))
-        items.append({"completion": completion, "prediction": answer, "correct": exact[-1]})
+        items.append({"completion": completion, "prediction": answer, "correct": exact[-1], "contains": contains[-1]})
     return {"exact_match": _mean(exact), "contains": _mean(contains)}, items

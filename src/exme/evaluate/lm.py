@@ -68,6 +68,37 @@ class _StopOnStrings:
         return done
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One greedy completion: its text (cut before the first stop string), how many tokens were
+    generated (an ending EOS and the tokens that spelled a stop string included, as vLLM counts
+    them), and why it ended: ``"eos"``, ``"stop"`` (a stop string) or ``"length"`` (the token
+    limit, with neither). A model pushed too far stops emitting EOS; these fields make it visible."""
+
+    text: str
+    new_tokens: int
+    finish: str
+
+
+def _stop_tokens(tokenizer, new: Sequence[int], stops: Sequence[str]) -> int | None:
+    """The fewest leading tokens of ``new`` whose text holds a stop string (None when none does).
+
+    Binary search over prefixes: once a prefix's text holds a stop string every longer one does,
+    so ~log2(n) decodes per row find the token at which generation stopped.
+    """
+    stops = [s for s in stops if s]
+    if not stops or not any(s in tokenizer.decode(list(new), skip_special_tokens=True) for s in stops):
+        return None
+    lo, hi = 1, len(new)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in tokenizer.decode(list(new[:mid]), skip_special_tokens=True) for s in stops):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def greedy_generate(
     model,
     tokenizer,
@@ -78,7 +109,24 @@ def greedy_generate(
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Greedy completions (text after the prompt, cut at the first stop string) for token-id prompts.
+    """Greedy completions (text after the prompt, cut at the first stop string) for token-id prompts."""
+    rows = greedy_generations(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, progress=progress
+    )
+    return [g.text for g in rows]
+
+
+def greedy_generations(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """Greedy :class:`Generation` rows for token-id prompts.
 
     Prompts are sorted by length and left-padded into batches so each batch needs little padding;
     ``model.generate`` carries the KV cache, stops each row at EOS, and ends a batch as soon as
@@ -92,14 +140,12 @@ def greedy_generate(
         return []
     device = model_device(model)
     pad_id = tokenizer.pad_token_id
-    eos_id = tokenizer.eos_token_id
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos_ids = {i for i in ([eos_id] + (gen_eos if isinstance(gen_eos, list) else [gen_eos])) if i is not None}
+    eos_ids = eos_token_ids(model, tokenizer)
     if pad_id is None:
-        pad_id = eos_id if eos_id is not None else 0
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     limit = max_context(model) - max_new_tokens
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    outputs: list[str] = [""] * len(prompts)
+    outputs: list[Generation] = [Generation("", 0, "length")] * len(prompts)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         rows = [list(prompts[i])[-limit:] if limit > 0 else list(prompts[i]) for i in chunk]
@@ -120,13 +166,26 @@ def greedy_generate(
                 stopping_criteria=criteria,
             )
         for row_index, item in enumerate(chunk):
-            new = out[row_index, ids.shape[1] :].tolist()
+            new = out[row_index, ids.shape[1] :].tolist()[:max_new_tokens]
             cut = next((k for k, t in enumerate(new) if t in eos_ids), len(new))
             text = tokenizer.decode(new[:cut], skip_special_tokens=True)
-            outputs[item] = truncate_at_stop(text, stop)
+            at_stop = _stop_tokens(tokenizer, new[:cut], stop)
+            if at_stop is not None:  # the row ended on a stop string (later tokens are padding)
+                outputs[item] = Generation(truncate_at_stop(text, stop), at_stop, "stop")
+            elif cut < len(new):
+                outputs[item] = Generation(text, cut + 1, "eos")
+            else:
+                outputs[item] = Generation(text, len(new), "length")
         if progress is not None:
             progress(len(chunk))
     return outputs
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """The tokenizer's EOS plus the generation config's (a chat model may end turns with several ids)."""
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_id = tokenizer.eos_token_id
+    return {int(i) for i in ([eos_id] + (list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos])) if i is not None}
 
 
 @dataclass(frozen=True)
@@ -231,10 +290,29 @@ def token_nll(
 ) -> list[tuple[float, int]]:
     """For each document: (Σ −log p(tᵢ | t₀..tᵢ₋₁) over tokens 1..n−1, number of predicted tokens).
 
-    A document longer than the model's window is cut into consecutive windows; each window starts
-    from the last token of the previous one, so every token after the first is predicted once.
+    A document longer than the model's window is cut into consecutive windows (see
+    :func:`windowed_nll`).
     """
-    window = max_context(model)
+    return windowed_nll(
+        lambda requests: continuation_logprobs(model, requests, batch_size=batch_size, pad_id=pad_id),
+        documents,
+        max_context(model),
+        progress=progress,
+    )
+
+
+def windowed_nll(
+    score: Callable[[list[Continuation]], list[tuple[float, bool]]],
+    documents: Sequence[Sequence[int]],
+    window: int,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[float, int]]:
+    """Per-document (NLL, predicted tokens) from a continuation scorer, any backend's.
+
+    Each window starts from the last token of the previous one, so every token after the first is
+    predicted exactly once.
+    """
     pieces: list[tuple[int, list[int]]] = []  # (document index, window ids)
     for doc_index, doc in enumerate(documents):
         doc = list(doc)
@@ -245,7 +323,7 @@ def token_nll(
             start += window - 1
     totals = [[0.0, 0] for _ in documents]
     requests = [Continuation(context=(p[0],), continuation=tuple(p[1:])) for _, p in pieces]
-    scored = continuation_logprobs(model, requests, batch_size=batch_size, pad_id=pad_id)
+    scored = score(requests)
     for (doc_index, piece), (logp, _) in zip(pieces, scored):
         totals[doc_index][0] += -logp
         totals[doc_index][1] += len(piece) - 1

@@ -7,15 +7,122 @@ uses; ``simple_evaluate(samples=...)`` then scores exactly the documents of the 
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import logging
+import os
+import re
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from exme.errors import ExmeError
 from exme.evaluate.scores import Scores
 from exme.evaluate.suite import SplitRule, split_indices
 
 PREFERRED_METRICS = ("acc", "exact_match", "pass@1", "f1", "mcc", "bleu")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+LOCAL_DATA_HINT = (
+    "download it once where the Hugging Face Hub is reachable (it is then read from the cache), or point "
+    "lm-eval at local data: a task YAML with 'dataset_path: json' and 'dataset_kwargs: {data_files: "
+    "{test: /path/data.jsonl}}' in a folder given with --include-path (lm_eval_include_path in a pipeline)"
+)
+
+
+def _hub_host() -> str:
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def hub_offline(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face Hub is out of reach: offline mode is set, or a short TCP connect fails.
+
+    Why probe: without it, ``datasets`` retries an unreachable hub for tens of seconds (23 s to 60 s
+    measured on a loaded machine) before a 60-line ``ConnectionError``.
+    """
+    if any(os.environ.get(k, "").upper() in _TRUE for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        socket.create_connection((_hub_host(), 443), timeout=timeout).close()
+    except OSError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _offline_mode() -> Iterator[None]:
+    """Hub and datasets in offline mode (cache only, no retries) for the duration of the block."""
+    patched = []
+    for module_name, names in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+                               ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+        try:
+            module = __import__(module_name, fromlist=["_"])
+        except ImportError:
+            continue
+        for name in names:
+            if hasattr(module, name):
+                patched.append((module, name, getattr(module, name)))
+                setattr(module, name, True)
+    try:
+        yield
+    finally:
+        for module, name, value in patched:
+            setattr(module, name, value)
+
+
+def _is_fetch_error(err: BaseException) -> bool:
+    """A data set that could not be fetched (no network, offline mode, not in the cache)."""
+    seen = 0
+    while err is not None and seen < 10:
+        name = type(err).__name__
+        if isinstance(err, ConnectionError) or name in {
+            "OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError", "ConnectTimeout", "ConnectError",
+        }:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _yaml_task_name(path: Path) -> str:
+    """The ``task:`` name of an lm-eval task YAML (its ``!function`` tags are not evaluated here)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except (OSError, yaml.YAMLError) as err:
+        raise ExmeError(f"lm-eval task file {path} cannot be read: {err}") from None
+    name = doc.get("task") if isinstance(doc, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ExmeError(f"lm-eval task file {path} has no 'task: <name>' key; name the task in the YAML")
+    return name
+
+
+def resolve_task_entries(entries: list[str], root: str | Path | None = None) -> tuple[list[str], list[str]]:
+    """(task names, extra include folders) for entries that are names or paths of task YAML files.
+
+    ``lm-eval:/path/task.yaml`` is lm-eval's own convention for a one-off task: the file's folder
+    joins the include path and the task is named by its ``task:`` key.
+    """
+    names, folders = [], []
+    for entry in entries:
+        if entry.lower().endswith((".yaml", ".yml")) or "/" in entry or os.sep in entry:
+            path = Path(entry).expanduser()
+            if not path.is_absolute() and root is not None:
+                path = Path(root) / path
+            if not path.is_file():
+                raise ExmeError(f"lm-eval task file {path} not found; give an existing task YAML or a task name")
+            names.append(_yaml_task_name(path))
+            folder = str(path.resolve().parent)
+            if folder not in folders:
+                folders.append(folder)
+        else:
+            names.append(entry)
+    return names, folders
 
 
 def _require_lm_eval():
@@ -74,7 +181,14 @@ class LmEvalEvaluator:
         self.task_names = list(tasks)
         self.num_fewshot = num_fewshot
         self.batch_size = batch_size
-        self.include_path = [str(p) for p in include_path] if isinstance(include_path, list) else include_path
+        if include_path is None or include_path == []:
+            self.include_path: list[str] | None = None
+        else:
+            paths = include_path if isinstance(include_path, (list, tuple)) else [include_path]
+            self.include_path = [str(p) for p in paths]
+            for p in self.include_path:
+                if not Path(p).is_dir():
+                    raise ExmeError(f"lm-eval include path {p} is not a folder; give the folder holding the task YAML files")
         self.rule = SplitRule(seed=seed, dev_fraction=dev_fraction)
         self.metric = metric
         self.weights = dict(weights or {})
@@ -84,15 +198,37 @@ class LmEvalEvaluator:
 
     @classmethod
     def from_spec(cls, names: str, **opts: Any) -> "LmEvalEvaluator":
-        """From the part after ``lm-eval:`` (comma-separated task names)."""
+        """From the part after ``lm-eval:`` (comma-separated task names or task YAML paths).
+
+        The names are checked and the data loaded here, before any model is read, so a typo or
+        an unreachable data set costs seconds, not a model load.
+        """
         import inspect
 
-        tasks = [n.strip() for n in names.split(",") if n.strip()]
+        from exme.evaluate import parse_evaluator_spec
+
+        spec = parse_evaluator_spec("lm-eval:" + names, include_path=opts.pop("include_path", None))
         allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "tasks"}
         unknown = sorted(set(opts) - allowed)
         if unknown:
             raise ExmeError(f"options {unknown} do not apply to lm-eval tasks; use {sorted(allowed)}")
-        return cls(tasks, **opts)
+        evaluator = cls(spec.tasks, include_path=[str(p) for p in spec.include_path] or None, **opts)
+        evaluator.check_tasks()
+        evaluator.split_indices()
+        return evaluator
+
+    def check_tasks(self) -> None:
+        """Every named task, group or tag is known to lm-eval (built-in or under ``include_path``)."""
+        known = set(self.task_manager().all_tasks)
+        missing = [name for name in self.task_names if name not in known]
+        if missing:
+            where = f"built-in tasks and {', '.join(self.include_path)}" if self.include_path else "built-in tasks (no include path given)"
+            close = sorted({m for name in missing for m in difflib.get_close_matches(name, known, n=3)})
+            hint = f"; close names: {', '.join(close)}" if close else ""
+            raise ExmeError(
+                f"lm-eval has no task {', '.join(repr(m) for m in missing)} (looked in {where}){hint}; "
+                "check the name, or give the folder of your task YAML with --include-path"
+            )
 
     # -- tasks and their split (data only: cached across calls) --
 
@@ -114,15 +250,27 @@ class LmEvalEvaluator:
         """``{"dev": {task: [doc indices]}, "test": {...}}`` from the seeded rule; computed once."""
         if self._indices is None:
             manager = self.task_manager()
+            offline = hub_offline()
             try:
-                if hasattr(manager, "load"):  # lm-eval >= 0.4.10: flat dict of leaf tasks
-                    leaves = dict(manager.load(list(self.task_names))["tasks"])
-                else:
-                    from lm_eval.tasks import get_task_dict
+                with _offline_mode() if offline else contextlib.nullcontext():
+                    if hasattr(manager, "load"):  # lm-eval >= 0.4.10: flat dict of leaf tasks
+                        leaves = dict(manager.load(list(self.task_names))["tasks"])
+                    else:
+                        from lm_eval.tasks import get_task_dict
 
-                    leaves = _leaf_tasks(get_task_dict(self.task_names, manager))
+                        leaves = _leaf_tasks(get_task_dict(self.task_names, manager))
             except (KeyError, ValueError) as err:
                 raise ExmeError(f"lm-eval could not load tasks {self.task_names}: {err}; check names and include_path") from None
+            except Exception as err:
+                if not _is_fetch_error(err):
+                    raise
+                dataset = re.search(r"'([^'\s]+)'", str(err))
+                what = f"data set {dataset.group(1)!r}" if dataset else "its data set"
+                reason = "the Hugging Face Hub is unreachable or offline mode is on" if offline else str(err)
+                raise ExmeError(
+                    f"lm-eval task(s) {', '.join(self.task_names)}: {what} could not be fetched ({reason}) and is not "
+                    f"in the local cache; {LOCAL_DATA_HINT}"
+                ) from None
             indices: dict[str, dict[str, list[int]]] = {"dev": {}, "test": {}}
             for name, task in leaves.items():
                 n_docs = len(list(task.eval_docs))
@@ -149,8 +297,13 @@ class LmEvalEvaluator:
 
     # -- scoring --
 
-    def evaluate(self, model, tokenizer, split: str, limit: int | None = None) -> Scores:
-        """lm-eval scores of the live ``model`` on the ``split`` documents (first ``limit`` of each task)."""
+    def evaluate(self, model, tokenizer, split: str, limit: int | None = None,
+                 items: dict[str, list[int]] | None = None) -> Scores:
+        """lm-eval scores of the live ``model`` on the ``split`` documents (first ``limit`` of each task).
+
+        ``items`` restricts a task to those positions of its split (as :class:`SuiteEvaluator` does);
+        each document's primary metric is returned in ``Scores.per_item`` under its position.
+        """
         from exme.evaluate.evaluator import check_split
 
         check_split(split)
@@ -158,8 +311,11 @@ class LmEvalEvaluator:
         from lm_eval.models.huggingface import HFLM
 
         indices = self.split_indices()
+        # "all": every document (dev then test order does not matter to lm-eval), as published full-set numbers.
         by_task = indices[split] if split != "all" else {t: sorted(ix + indices["test"][t]) for t, ix in indices["dev"].items()}
-        samples = {t: ix[:limit] if limit else list(ix) for t, ix in by_task.items()}
+        positions = {t: list((items or {}).get(t, range(len(ix)))) for t, ix in by_task.items()}
+        positions = {t: pos[:limit] if limit else pos for t, pos in positions.items()}
+        samples = {t: [by_task[t][i] for i in pos] for t, pos in positions.items()}
         was_training = getattr(model, "training", False)
         model.eval()
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -172,7 +328,7 @@ class LmEvalEvaluator:
                 batch_size=self.batch_size,
                 samples=samples,
                 task_manager=self.task_manager(),
-                log_samples=False,
+                log_samples=True,  # per-document scores, for paired comparisons
                 bootstrap_iters=0,
                 apply_chat_template=self.apply_chat_template,
                 verbosity="WARNING",
@@ -198,4 +354,26 @@ class LmEvalEvaluator:
                 },
             }
         n_items = {t: len(ix) for t, ix in samples.items()}
-        return Scores.from_tasks(tasks, split=split, n_items=n_items, weights=self.weights, details=details)
+        per_item = {}
+        for name, pos in positions.items():
+            scores = _per_document(output.get("samples", {}).get(name, []), details[name]["metric"])
+            doc_to_pos = dict(zip(samples[name], pos))
+            if scores and set(scores) <= set(doc_to_pos):
+                per_item[name] = {str(doc_to_pos[d]): v for d, v in scores.items()}
+        return Scores.from_tasks(tasks, split=split, n_items=n_items, weights=self.weights, details=details,
+                                 per_item=per_item)
+
+
+def _per_document(logged: list[dict[str, Any]], metric: str) -> dict[int, float]:
+    """``{doc_id: value}`` of the primary metric from lm-eval's logged samples (its filter's entries);
+    empty when the samples do not carry it as a number (then no per-item scores are claimed)."""
+    name, _, filt = metric.partition(",")
+    out: dict[int, float] = {}
+    for sample in logged:
+        if sample.get("filter", "none") != (filt or "none"):
+            continue
+        value = sample.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return {}
+        out[int(sample["doc_id"])] = float(value)
+    return out

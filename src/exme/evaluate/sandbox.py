@@ -1,27 +1,38 @@
-"""Run untrusted generated code: separate process, own folder, time/memory/process limits, no network.
+"""Run untrusted generated code: separate process, private filesystem, time/memory/process limits, no network.
+
+What a pass means: the harness, not the program, writes ``pass <nonce>`` after the program and
+every line of its tests ran; a program that exits early (``sys.exit(0)``, ``os._exit(0)``, an
+``atexit`` hook) never passes, whatever its exit status. See ``_sandbox_runner.py``.
 
 Layers, each on its own enough to stop the common accident and together hard to get past:
 
+- a private mount namespace: every mount read-only, fresh size-limited tmpfs over ``/tmp``,
+  ``/var/tmp``, ``/dev/shm`` and the program's own folder, so nothing it writes outlives it and
+  nothing outside can be changed, whatever API it uses (``_io.FileIO``, a shell, ctypes). As root
+  the namespace is entered directly; otherwise inside a new user namespace that maps the current
+  uid to itself (Linux with unprivileged user namespaces, the default on most distributions);
+- a fresh network namespace (no interface is up), entered the same way;
+- as root (containers): an unused uid per worker slot, so file permissions and ``RLIMIT_NPROC``
+  apply (root ignores it); after the run every process of that uid is killed, so even a child that
+  left the process group dies;
 - a new session (process group) per program, SIGKILLed as a whole on timeout;
-- as root (containers): a fresh network namespace (``unshare(CLONE_NEWNET)``: no interface is up),
-  and an unused uid per worker slot, so the program can write only where that uid may (its own
-  folder, world-writable places aside) and ``RLIMIT_NPROC`` holds (root ignores it); after the run
-  every process of that uid is killed, so even a child that left the process group dies;
 - ``resource`` limits: address space, CPU seconds, file size, processes, open files, no core dumps;
 - a clean environment (no inherited variables, so no tokens or keys), ``python -I``;
-- Python-level guards (sockets disabled, writes outside the folder refused): best effort only, the
-  one layer left for network and files when not root and namespaces are unavailable.
+- Python-level guards (sockets disabled, writes outside the folder refused): best effort only.
 
-Not root: the limits (``RLIMIT_NPROC`` counts all of the user's processes, so a fork bomb stops
-early), the process-group kill and the Python guards apply; there is no namespace.
+Where namespaces are unavailable (a seccomp profile or a distribution that forbids them), the
+sandbox degrades to the limits, the uid switch (root only) and the Python guards, and says so once
+with a warning; :func:`sandbox_isolation` reports what this machine provides.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import queue
+import secrets
 import shutil
 import signal
 import subprocess
@@ -35,17 +46,21 @@ from pathlib import Path
 
 RUNNER = Path(__file__).with_name("_sandbox_runner.py")
 _UID_BASE = 200_000
+log = logging.getLogger(__name__)
+_warned_unisolated = False
 
 
 @dataclass(frozen=True)
 class ExecResult:
-    """Outcome of one program: ``passed`` when it exited 0 within its time limit."""
+    """Outcome of one program: ``passed`` only when the harness ran it and all its tests to the end."""
 
     passed: bool
     status: str  # "passed" | "failed" | "timeout"
     returncode: int | None
     seconds: float
     output: str  # the last 2,000 characters of stdout+stderr
+    fs_isolated: bool | None = None  # ran in a private, read-only filesystem (None: not reported)
+    net_isolated: bool | None = None  # ran in its own network namespace
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,8 @@ class SandboxLimits:
     max_procs: int = 16  # processes/threads of the sandbox uid
     file_mb: int = 16  # largest file it may write
     isolate_network: bool = True
+    isolate_filesystem: bool = True  # private mount namespace (read-only /, tmpfs temp folders)
+    tmpfs_mb: int = 64  # size of each fresh tmpfs (/tmp, /var/tmp, /dev/shm, the work folder)
 
 
 def _uid_for_slot(slot: int) -> int:
@@ -141,66 +158,127 @@ def sandbox_python() -> tuple[str, bool]:
     return sys.executable, False
 
 
-def run_program(source: str, limits: SandboxLimits = SandboxLimits(), *, slot: int = 0) -> ExecResult:
-    """Run ``source`` as ``program.py`` in a fresh temporary folder under the sandbox; never raises for its failures."""
+def run_program(source: str, limits: SandboxLimits = SandboxLimits(), *, slot: int = 0, tests: str = "") -> ExecResult:
+    """Run ``source`` then ``tests`` (one module namespace) under the sandbox; never raises for their failures.
+
+    It passes only when the harness reports, with this call's nonce, that both ran to the end.
+    """
+    global _warned_unisolated
     is_root = os.getuid() == 0
     python, can_drop_uid = sandbox_python()
     uid = _uid_for_slot(slot) if can_drop_uid else 0
     workdir = tempfile.mkdtemp(prefix="exme-sandbox-")
-    program = os.path.join(workdir, "program.py")
-    with open(program, "w", encoding="utf-8") as fh:
-        fh.write(source)
+    files = {"program": os.path.join(workdir, "program.py"), "tests": os.path.join(workdir, "tests.py")}
+    for key, text in (("program", source), ("tests", tests)):
+        with open(files[key], "w", encoding="utf-8") as fh:
+            fh.write(text)
+        if uid:
+            os.chown(files[key], uid, uid)
     if uid:
         os.chown(workdir, uid, uid)
-        os.chown(program, uid, uid)
     os.chmod(workdir, 0o700)
+    nonce = secrets.token_hex(16)
+    nonce_r, nonce_w = os.pipe()
+    result_r, result_w = os.pipe()
+    os.write(nonce_w, nonce.encode())
+    os.close(nonce_w)
     cfg = {
-        "program": program,
+        **files,
         "uid": uid,
         "drop_capabilities": is_root and not uid,
-        "unshare_net": limits.isolate_network and is_root,
+        "unshare_net": limits.isolate_network,
+        "isolate_fs": limits.isolate_filesystem,
+        "tmpfs_mb": int(limits.tmpfs_mb),
         "memory_bytes": int(limits.memory_mb) * 1024 * 1024,
         "cpu_seconds": int(limits.timeout) + 1,
         "file_bytes": int(limits.file_mb) * 1024 * 1024,
         "max_procs": int(limits.max_procs),
+        "nonce_fd": nonce_r,
+        "result_fd": result_w,
     }
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
     started = time.monotonic()
     timed_out = False
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(
-            [python, "-I", str(RUNNER), json.dumps(cfg)],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-        )
-        try:
-            proc.wait(timeout=limits.timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            for kill in (os.killpg, os.kill):  # the group, then the leader even if it left its group
-                try:
-                    kill(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            proc.wait()
-            if uid:
-                _kill_uid(uid)
-        seconds = time.monotonic() - started
-        out.seek(0, os.SEEK_END)
-        size = out.tell()
-        out.seek(max(0, size - 2000))
-        output = out.read().decode("utf-8", "replace")
-    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        with tempfile.TemporaryFile() as out:
+            proc = subprocess.Popen(
+                [python, "-I", str(RUNNER), json.dumps(cfg)],
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(nonce_r, result_w),
+            )
+            os.close(nonce_r)
+            os.close(result_w)
+            nonce_r = result_w = -1
+            try:
+                proc.wait(timeout=limits.timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                for kill in (os.killpg, os.kill):  # the group, then the leader even if it left its group
+                    try:
+                        kill(proc.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                proc.wait()
+                if uid:
+                    _kill_uid(uid)
+            seconds = time.monotonic() - started
+            report = _read_available(result_r)
+            out.seek(0, os.SEEK_END)
+            size = out.tell()
+            out.seek(max(0, size - 2000))
+            output = out.read().decode("utf-8", "replace")
+    finally:
+        for fd in (nonce_r, result_w, result_r):
+            if fd >= 0:
+                os.close(fd)
+        shutil.rmtree(workdir, ignore_errors=True)
+    lines = report.splitlines()
+    fs_isolated = net_isolated = None
+    if lines and lines[0].startswith("isolation "):
+        flags = dict(part.split("=") for part in lines[0].split()[1:])
+        fs_isolated, net_isolated = flags.get("fs") == "1", flags.get("net") == "1"
+        if limits.isolate_filesystem and not fs_isolated and not _warned_unisolated:
+            _warned_unisolated = True
+            log.warning(
+                "the code sandbox has no private filesystem on this machine (mount/user namespaces are "
+                "unavailable): generated programs run with resource limits and Python-level guards only"
+            )
+    completed = f"pass {nonce}" in lines
     if timed_out:
-        return ExecResult(False, "timeout", None, seconds, output)
-    passed = proc.returncode == 0
-    return ExecResult(passed, "passed" if passed else "failed", proc.returncode, seconds, output)
+        return ExecResult(False, "timeout", None, seconds, output, fs_isolated, net_isolated)
+    passed = completed and proc.returncode == 0
+    return ExecResult(passed, "passed" if passed else "failed", proc.returncode, seconds, output, fs_isolated, net_isolated)
+
+
+def _read_available(fd: int) -> str:
+    """Whatever is in the pipe now, without blocking (an escaped child may still hold its write end)."""
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if sum(map(len, chunks)) > 1 << 20:
+            break
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=1)
+def sandbox_isolation() -> dict[str, bool]:
+    """What this machine gives a sandboxed program: ``{"filesystem": bool, "network": bool}``."""
+    result = run_program("pass\n", SandboxLimits(timeout=30))
+    return {"filesystem": bool(result.fs_isolated), "network": bool(result.net_isolated)}
 
 
 def run_programs(
@@ -209,21 +287,22 @@ def run_programs(
     *,
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
+    tests: Sequence[str] | None = None,
 ) -> list[ExecResult]:
-    """Run many programs, ``workers`` at a time (each worker slot has its own uid); results in input order."""
+    """Run many programs (each with its ``tests``), ``workers`` at a time (each slot its own uid); results in input order."""
     workers = max(1, min(workers, 32, len(sources) or 1))
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(workers):
         slots.put(slot)
 
-    def one(source: str) -> ExecResult:
+    def one(job: tuple[str, str]) -> ExecResult:
         slot = slots.get()
         try:
-            return run_program(source, limits, slot=slot)
+            return run_program(job[0], limits, slot=slot, tests=job[1])
         finally:
             slots.put(slot)
             if progress is not None:
                 progress(1)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, sources))
+        return list(pool.map(one, zip(sources, tests if tests is not None else [""] * len(sources))))

@@ -24,6 +24,9 @@ class Scores(BaseModel):
     n_items: dict[str, int] = Field(default_factory=dict)
     weights: dict[str, float] = Field(default_factory=dict)
     details: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Each item's primary score by item id (task -> {id: score}); their mean is the task's score.
+    # Paired comparisons between models need them; an evaluator that cannot give them leaves it empty.
+    per_item: dict[str, dict[str, float]] = Field(default_factory=dict)
 
     @classmethod
     def from_tasks(
@@ -34,6 +37,7 @@ class Scores(BaseModel):
         n_items: dict[str, int] | None = None,
         weights: dict[str, float] | None = None,
         details: dict[str, dict[str, Any]] | None = None,
+        per_item: dict[str, dict[str, float]] | None = None,
     ) -> "Scores":
         """Build scores with ``overall`` as the weighted mean of ``tasks`` (weight 1 where unset)."""
         weights = {name: float((weights or {}).get(name, 1.0)) for name in tasks}
@@ -44,14 +48,19 @@ class Scores(BaseModel):
             n_items=dict(n_items or {}),
             weights=weights,
             details=dict(details or {}),
+            per_item={t: {str(k): float(v) for k, v in items.items()} for t, items in (per_item or {}).items()},
         )
 
     def metrics(self, task: str) -> dict[str, float]:
         """Every metric computed for ``task`` (the primary one included)."""
         return dict(self.details.get(task, {}).get("metrics", {}))
 
+    def generation(self) -> dict[str, dict[str, float]]:
+        """Per generative task, the generation statistics the evaluator recorded (collapse detection)."""
+        return {t: dict(d["generation"]) for t, d in self.details.items() if isinstance(d.get("generation"), dict)}
+
     def summary(self) -> dict[str, Any]:
-        """The part stored in ``results.json`` (``exme.report.schema.SplitScores``): no per-item records."""
+        """Overall, task scores and item counts (the per-item scores are in ``per_item``)."""
         return {"overall": self.overall, "tasks": dict(self.tasks), "n_items": dict(self.n_items)}
 
 

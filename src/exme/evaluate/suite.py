@@ -79,6 +79,7 @@ class TaskSpec(_Strict):
     regex: str | None = None  # generate: the answer is this regex's first group (or whole match)
     timeout: float = Field(5.0, gt=0.0)  # code tasks: seconds per program
     text_field: str = "text"  # perplexity
+    answer_filter: Literal["exme", "strict-match", "flexible-extract"] = "exme"  # gsm8k: see extract.py
 
     @field_validator("regex")
     @classmethod
@@ -103,6 +104,8 @@ class TaskSpec(_Strict):
             self.metric = allowed[0]
         elif self.metric not in allowed:
             raise ValueError(f"metric {self.metric!r} is not one of {list(allowed)} for kind {self.kind!r}")
+        if self.kind != "gsm8k" and "answer_filter" in self.model_fields_set:
+            raise ValueError(f"answer_filter applies to gsm8k tasks only, not kind {self.kind!r}")
         if self.kind == "perplexity" and self.fewshot:
             raise ValueError("perplexity tasks take no few-shot examples")
         return self
@@ -318,7 +321,7 @@ def _check_record(record: dict[str, Any], kind: str, where: str) -> None:
         from exme.evaluate.extract import gsm8k_target
 
         if gsm8k_target(str(record["answer"])) is None:
-            raise ExmeError(f"{where}: 'answer' must end with '#### <number>' (GSM8K format)")
+            raise ExmeError(f"{where}: 'answer' must hold exactly one '#### <number>' (GSM8K format)")
     elif kind == "mbpp":
         if not isinstance(record["test_list"], list) or not record["test_list"]:
             raise ExmeError(f"{where}: 'test_list' must be a non-empty list of assert statements")

@@ -15,6 +15,10 @@ Accepted keys::
     dtype: float32 | float16 | bfloat16 | float64
     out_dtype: ...
     tokenizer_source: base | PATH
+    output_format: model | peft        (exme only: peft writes one LoRA adapter, see docs/merge.md)
+
+A model path may be a full model folder, a PEFT LoRA adapter folder (read over ``base_model``), or
+mergekit's ``BASE+ADAPTER``.
 """
 
 from __future__ import annotations
@@ -27,22 +31,13 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from exme.common import DTYPES, StrictModel, describe_validation_error, parse_dtype
 from exme.errors import ExmeError
+from exme.merge.registry import METHOD_NAMES, PARAMS, REGISTRY, get_method, methods_reading
 
-MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "extrapolate", "exme"]
-METHODS_WITH_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "extrapolate", "exme")
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-}
+#: The method names, from the registry (a pydantic Literal, so a typo lists the known methods).
+MergeMethod = Literal[METHOD_NAMES]  # type: ignore[valid-type]
+METHODS_WITH_BASE = tuple(n for n, m in REGISTRY.items() if m.needs_base)
 
 #: mergekit keys that exist there but are not implemented here, with what they do (for the message).
 UNSUPPORTED_MERGEKIT_KEYS = {
@@ -57,30 +52,7 @@ UNSUPPORTED_MERGEKIT_KEYS = {
 }
 
 
-#: Which methods each parameter affects: setting it for another method is an error, not a no-op.
-_PARAMETER_METHODS: dict[str, tuple[str, ...]] = {
-    "normalize": ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"),
-    "lambda_": ("task_arithmetic", "ties", "dare_linear", "dare_ties"),
-    "t": ("slerp",),
-    "beta": ("exme",),
-    "alpha": ("extrapolate", "exme"),
-    "weight": ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "exme"),
-    "density": ("ties", "dare_linear", "dare_ties"),
-    "majority_sign_method": ("ties", "dare_ties"),
-    "rescale": ("dare_linear", "dare_ties"),
-    "int8_mask": ("task_arithmetic", "ties", "dare_linear", "dare_ties"),
-}
-
-
-def parse_dtype(name: str, what: str = "dtype") -> torch.dtype:
-    """``"bfloat16"`` → ``torch.bfloat16``, with a message listing the accepted spellings."""
-    key = str(name).removeprefix("torch.").lower()
-    if key not in DTYPES:
-        raise ExmeError(f"unknown {what} {name!r}; use one of float32, float16, bfloat16, float64")
-    return DTYPES[key]
-
-
-class _Strict(BaseModel):
+class _Strict(StrictModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
@@ -153,6 +125,9 @@ class MergeConfig(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    #: ``model``: a full HF model folder. ``peft``: one PEFT LoRA adapter that is exactly the merge
+    #: (inputs: LoRA adapters of ``base_model``; a method linear in the task vectors).
+    output_format: Literal["model", "peft"] = "model"
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -174,54 +149,26 @@ class MergeConfig(_Strict):
             _check_range(mp.alpha, 0.0, math.inf, f"models[{i}].parameters.alpha")
             if mp.weight is not None and not math.isfinite(mp.weight):
                 raise ValueError(f"models[{i}].parameters.weight must be a finite number")
-        _check_range(p.density, 0.0, 1.0, "parameters.density", low_open=True)
-        _check_range(p.alpha, 0.0, math.inf, "parameters.alpha")
-        _check_range(p.beta, 0.0, 1.0, "parameters.beta")
-        _check_range(p.t, 0.0, 1.0, "parameters.t")
+        for key in ("density", "alpha", "beta", "t"):
+            param = PARAMS[key]
+            _check_range(getattr(p, param.field), param.low, param.high, f"parameters.{key}", param.low_open)
         if p.lambda_ is not None and not math.isfinite(p.lambda_):
             raise ValueError("parameters.lambda must be a finite number")
-        for key, allowed in _PARAMETER_METHODS.items():
-            value = getattr(p, key)
-            if value is not None and method not in allowed and not (key == "rescale" and value is False):
-                name = "lambda" if key == "lambda_" else key
+        spec = REGISTRY[method]
+        for param in PARAMS.values():
+            value = getattr(p, param.field)
+            if value is not None and param.key not in spec.params and not (param.key == "rescale" and value is False):
                 raise ValueError(
-                    f"parameters.{name} has no meaning for merge_method {method} (it applies to {', '.join(allowed)}); "
-                    "remove it"
+                    f"parameters.{param.key} has no meaning for merge_method {method} (it applies to "
+                    f"{', '.join(methods_reading(param.key))}); remove it"
                 )
         for i, entry in enumerate(self.models):
             for key in ("weight", "density", "alpha"):
-                if getattr(entry.parameters, key) is not None and method not in _PARAMETER_METHODS[key]:
+                if getattr(entry.parameters, key) is not None and key not in spec.params:
                     raise ValueError(
                         f"models[{i}].parameters.{key} has no meaning for merge_method {method}; remove it"
                     )
-        inputs = self.merge_models
-        if method == "slerp":
-            if len(inputs) != 1:
-                raise ValueError("slerp merges base_model with exactly one other model")
-            if p.t is None:
-                raise ValueError("slerp needs parameters.t")
-        if method == "extrapolate":
-            if len(inputs) != 1:
-                raise ValueError("extrapolate takes base_model and exactly one model")
-            if self.alphas()[0] is None:
-                raise ValueError("extrapolate needs alpha (models[0].parameters.alpha or parameters.alpha)")
-        if method == "exme":
-            if any(a is None for a in self.alphas()):
-                raise ValueError("exme needs an alpha for every model (models[i].parameters.alpha or parameters.alpha)")
-            if p.beta is not None:
-                if len(inputs) != 2:
-                    raise ValueError("parameters.beta applies to exactly two models; give per-model weights instead")
-                if any(e.parameters.weight is not None for e in inputs) or p.weight is not None:
-                    raise ValueError("give either parameters.beta or per-model weights, not both")
-            ws = self.weights()
-            if any(w is None for w in ws):
-                raise ValueError("exme needs parameters.beta (two models) or a weight for every model")
-            if any(w < 0 for w in ws) or abs(sum(ws) - 1.0) > 1e-6:
-                raise ValueError(f"exme weights must be >= 0 and sum to 1, got {ws}")
-        if method in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
-            missing = [e.model for e, w in zip(inputs, self.weights()) if w is None]
-            if missing:
-                raise ValueError(f"{method} needs a weight for every model; {missing[0]} has none")
+        spec.check(self)
         return self
 
     # ----------------------------------------------------------------------- derived values
@@ -260,7 +207,7 @@ class MergeConfig(_Strict):
         """mergekit's defaults: on for linear and ties, off for task arithmetic and DARE."""
         if self.parameters.normalize is not None:
             return self.parameters.normalize
-        return self.merge_method in ("linear", "ties")
+        return get_method(self.merge_method).normalize_default
 
     def rescale(self) -> bool:
         return True if self.parameters.rescale is None else self.parameters.rescale
@@ -283,31 +230,23 @@ class MergeConfig(_Strict):
         return torch.float64 if self.dtype is not None and parse_dtype(self.dtype) == torch.float64 else torch.float32
 
     def input_paths(self) -> list[Path]:
+        """Every folder read (``BASE+ADAPTER`` names two), so an output is never placed inside one."""
+        from exme.io.source import split_base_plus_adapter
+
         paths = [Path(self.base_model)] if self.base_model else []
-        paths += [Path(e.model) for e in self.models]
+        for e in self.models:
+            base, adapter = split_base_plus_adapter(e.model)
+            paths += ([base] if base else []) + [adapter]
         return list(dict.fromkeys(paths))
 
     def merge_parameters(self) -> dict[str, Any]:
         """Every parameter that shapes the result, resolved with defaults (for the model card)."""
-        out: dict[str, Any] = {"merge_method": self.merge_method}
-        m = self.merge_method
-        if m in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "exme"):
-            out["weights"] = self.weights()
-        if m in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
-            out["normalize"] = self.normalize()
-        if m in ("task_arithmetic", "ties", "dare_linear", "dare_ties"):
-            out["lambda"] = self.lambda_()
-        if m in ("ties", "dare_linear", "dare_ties"):
-            out["densities"] = self.densities()
-        if m in ("ties", "dare_ties"):
-            out["majority_sign_method"] = self.majority_sign_method()
-        if m in ("dare_linear", "dare_ties"):
-            out["rescale"] = self.rescale()
-        if m in ("extrapolate", "exme"):
-            out["alphas"] = self.alphas()
-        if m == "slerp":
-            out["t"] = self.parameters.t
-        return out
+        return {"merge_method": self.merge_method, **get_method(self.merge_method).resolve(self)}
+
+    @property
+    def method(self):
+        """The registry object of ``merge_method`` (:mod:`exme.merge.registry`)."""
+        return get_method(self.merge_method)
 
     # ----------------------------------------------------------------------- constructors
 
@@ -325,7 +264,7 @@ class MergeConfig(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ExmeError(f"{source}: {_describe(err)}") from None
+            raise ExmeError(f"{source}: {describe_validation_error(err)}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> MergeConfig:
@@ -354,26 +293,11 @@ class MergeConfig(_Strict):
         )
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if data.get("output_format") == "model":  # the default; mergekit configs do not have the key
+            del data["output_format"]
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def _norm(path: str) -> str:
     return str(Path(path).expanduser().resolve())
-
-
-def _describe(err: ValidationError) -> str:
-    """The first validation problem as 'key.path: what is wrong'; an unknown key is named first,
-    since it often explains a missing one (``merge_mehtod`` → missing ``merge_method``)."""
-    first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    kind = first["type"]
-    if kind == "extra_forbidden":
-        missing = [".".join(str(p) for p in e["loc"]) for e in err.errors() if e["type"] == "missing"]
-        hint = f" (is it a misspelling of the missing key '{missing[0]}'?)" if missing else ""
-        return f"unknown key '{loc}'{hint}; check its spelling (exme refuses keys it does not understand)"
-    if kind == "missing":
-        return f"missing key '{loc}'"
-    if kind == "literal_error":
-        return f"'{loc}': {first['msg']} (got {first.get('input')!r})"
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg}" if loc else msg

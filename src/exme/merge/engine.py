@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 from exme.errors import ExmeError
+from exme.io.align import InputModel, TensorTask, align_inputs
 from exme.io.checkpoint import Checkpoint, TensorSpec
+from exme.io.source import open_source
 from exme.io.writer import (
     AtomicOutputFolder,
     ShardedSafetensorsWriter,
@@ -39,46 +41,7 @@ from exme.io.writer import (
 )
 from exme.merge import methods
 from exme.merge.config import MergeConfig
-
-#: Tensor-name endings of input embeddings and output heads: the tensors whose row count is the
-#: vocabulary size, and which may legitimately differ between checkpoints (added tokens).
-EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
-HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
-
-
-def _is_vocab_tensor(name: str) -> bool:
-    return name.endswith(EMBEDDING_SUFFIXES) or name.endswith(HEAD_SUFFIXES)
-
-
-def _input_embedding_name(ckpt: Checkpoint) -> str | None:
-    for name in ckpt.names:
-        if name.endswith(EMBEDDING_SUFFIXES):
-            return name
-    return None
-
-
-@dataclass(frozen=True)
-class InputModel:
-    """One input of the merge: its role and open checkpoint."""
-
-    label: str  # "base", "model 1", ...
-    checkpoint: Checkpoint
-
-    def describe(self) -> str:
-        return f"{self.label} ({self.checkpoint.path})"
-
-
-@dataclass(frozen=True)
-class TensorTask:
-    """How one output tensor is made."""
-
-    name: str
-    out_spec: TensorSpec
-    reads: tuple[str, ...]  # the tensor name to read in each input (differs for tied heads)
-    merge: bool  # False: non-float tensor, copied from the reference input
-    common_rows: int | None = None  # vocabulary tensors: rows present in every input
-    extra_rows_from: int | None = None  # index of the input that supplies rows beyond common_rows
-
+from exme.merge.registry import REGISTRY
 
 @dataclass
 class MergePlan:
@@ -108,10 +71,12 @@ class MergePlan:
 def _open_inputs(config: MergeConfig) -> list[InputModel]:
     """Input 0 is the base (methods with a base) or the first model (linear); then the models."""
     inputs: list[InputModel] = []
-    if config.base_model and config.merge_method != "linear":
-        inputs.append(InputModel("base", Checkpoint.open(config.base_model)))
+    # Adapters read relative to base_model, also for methods that do not otherwise use it (linear).
+    base = Checkpoint.open(config.base_model) if config.base_model else None
+    if base is not None and config.method.needs_base:
+        inputs.append(InputModel("base", base))
     for i, entry in enumerate(config.merge_models, start=1):
-        inputs.append(InputModel(f"model {i}", Checkpoint.open(entry.model)))
+        inputs.append(InputModel(f"model {i}", open_source(entry.model, base)))
     return inputs
 
 
@@ -134,126 +99,30 @@ def _resolve_tokenizer_source(config: MergeConfig, inputs: list[InputModel]) -> 
 
 
 def plan_merge(config: MergeConfig) -> MergePlan:
-    """Open the inputs and decide every output tensor; raise :class:`ExmeError` on any mismatch."""
+    """Open the inputs and decide every output tensor; raise :class:`ExmeError` on any mismatch.
+
+    The alignment rules (missing tensors, shapes, dtypes, tied heads, added vocabulary rows) are
+    :func:`exme.io.align.align_inputs`, the same ones the live model applies.
+    """
     inputs = _open_inputs(config)
     ref = inputs[0]
-    others = inputs[1:]
     out_dtype = config.output_dtype(ref.checkpoint.spec(ref.checkpoint.names[0]).dtype if ref.checkpoint.names else torch.float32)
     plan = MergePlan(config, inputs, [], out_dtype, config.compute_dtype())
     tok_folder, tok_index = _resolve_tokenizer_source(config, inputs)
     plan.tokenizer_source = tok_folder
-
-    ref_names = set(ref.checkpoint.names)
-    ref_embed = _input_embedding_name(ref.checkpoint)
-    # Tied embeddings: an input without an output head uses its input embedding as the head.
-    for inp in others:
-        extra = sorted(set(inp.checkpoint.names) - ref_names)
-        for name in extra:
-            if name.endswith(HEAD_SUFFIXES) and ref_embed is not None:
-                raise ExmeError(
-                    f"{inp.describe()} has a separate output head {name!r} but {ref.describe()} ties it to its "
-                    f"input embeddings; merging would silently drop {inp.label}'s head. Untie the reference "
-                    "(save it with tie_word_embeddings=false) or merge models of the same kind"
-                )
-            raise ExmeError(
-                f"tensor {name!r} is in {inp.describe()} but not in {ref.describe()}; the models are not the "
-                "same architecture"
-            )
-    if ref_embed and not any(n.endswith(HEAD_SUFFIXES) for n in ref_names):
-        plan.notes.append(
-            f"tied embeddings: {ref.label} has no output head tensor (it reuses {ref_embed!r}); the merged "
-            "model keeps the tie, so the head is merged once, through the embeddings"
-        )
-
-    # Tensors are processed in the reference's storage order, so inputs are read sequentially.
-    order = sorted(ref.checkpoint.names, key=lambda n: (str(ref.checkpoint.file_of(n)), n))
-    for name in order:
-        ref_spec = ref.checkpoint.spec(name)
-        reads = [name]
-        specs = [ref_spec]
-        for inp in others:
-            read = name
-            if not inp.checkpoint.has(name):
-                alias = _input_embedding_name(inp.checkpoint)
-                if name.endswith(HEAD_SUFFIXES) and alias is not None and inp.checkpoint.tied_embeddings:
-                    read = alias
-                    note = (
-                        f"tied embeddings: {inp.label} has no {name!r}; its tied input embedding {alias!r} is "
-                        f"used as its output head (the output keeps a separate {name!r})"
-                    )
-                    if note not in plan.notes:
-                        plan.notes.append(note)
-                else:
-                    raise ExmeError(
-                        f"tensor {name!r} is missing in {inp.describe()} (present in {ref.describe()}); "
-                        "the models must have the same tensors"
-                    )
-            reads.append(read)
-            specs.append(inp.checkpoint.spec(read))
-        plan.tasks.append(_plan_tensor(plan, name, tuple(reads), specs, tok_index))
-
-    # Vocabulary size follows the output embedding rows.
-    for task in plan.tasks:
-        if task.name.endswith(EMBEDDING_SUFFIXES) and task.out_spec.shape[0] != ref.checkpoint.spec(task.name).shape[0]:
-            plan.config_updates["vocab_size"] = task.out_spec.shape[0]
+    aligned = align_inputs(inputs, out_dtype, tok_index)
+    plan.tasks, plan.notes, plan.config_updates = aligned.tasks, aligned.notes, aligned.config_updates
     return plan
-
-
-def _plan_tensor(plan: MergePlan, name: str, reads: tuple[str, ...], specs: list[TensorSpec], tok_index: int | None) -> TensorTask:
-    inputs = plan.inputs
-    ref_spec = specs[0]
-    if not ref_spec.dtype.is_floating_point:
-        for inp, spec in zip(inputs[1:], specs[1:]):
-            if spec != ref_spec:
-                raise ExmeError(f"non-float tensor {name!r} differs between {inputs[0].describe()} and {inp.describe()}")
-        return TensorTask(name, ref_spec, reads, merge=False)
-    for inp, spec in zip(inputs[1:], specs[1:]):
-        if spec.dtype != ref_spec.dtype:
-            raise ExmeError(
-                f"dtype mismatch in tensor {name!r}: {ref_spec.dtype} in {inputs[0].describe()} but {spec.dtype} in "
-                f"{inp.describe()}; convert the checkpoints to one dtype before merging"
-            )
-    shapes = [s.shape for s in specs]
-    if len(set(shapes)) == 1:
-        return TensorTask(name, TensorSpec(ref_spec.shape, plan.out_dtype), reads, merge=True)
-    same_but_rows = len({s[1:] for s in shapes}) == 1 and all(len(s) == 2 for s in shapes)
-    if not (_is_vocab_tensor(name) and same_but_rows):
-        listing = ", ".join(f"{inp.label} {tuple(s)}" for inp, s in zip(inputs, shapes))
-        raise ExmeError(f"shape mismatch in tensor {name!r}: {listing}; the models are not the same architecture")
-    # Extra embedding rows (added tokens): merge the rows every input has; the output vocabulary
-    # follows the tokenizer source; its additional rows are copied from it, never cropped silently.
-    rows = [s[0] for s in shapes]
-    common = min(rows)
-    target_index = tok_index if tok_index is not None else 0
-    target_rows = rows[target_index]
-    merged_desc = f"rows 0..{common - 1} of {name!r} merged from all inputs"
-    if target_rows > common:
-        plan.notes.append(
-            f"extra vocabulary rows: {merged_desc}; rows {common}..{target_rows - 1} copied from "
-            f"{inputs[target_index].label} (the tokenizer source), whose vocabulary the output keeps"
-        )
-    else:
-        plan.notes.append(f"extra vocabulary rows: {merged_desc} (the tokenizer source has {target_rows} rows)")
-    for inp, r in zip(inputs, rows):
-        if r > target_rows:
-            plan.notes.append(
-                f"extra vocabulary rows: rows {target_rows}..{r - 1} of {name!r} in {inp.describe()} are not in the "
-                "output, because the tokenizer source has no such tokens; set tokenizer_source to keep them"
-            )
-    out_spec = TensorSpec((target_rows, *shapes[0][1:]), plan.out_dtype)
-    return TensorTask(
-        name, out_spec, reads, merge=True, common_rows=common, extra_rows_from=target_index if target_rows > common else None
-    )
 
 
 # ------------------------------------------------------------------------------------------ merge one tensor
 
 
-#: Methods whose result at an element depends only on the inputs at that element: they are
-#: streamed in chunks. TIES is streamed in chunks too, after a first pass that fixes each task
-#: vector's global top-k threshold. DARE and SLERP see whole tensors.
-ELEMENTWISE_METHODS = ("linear", "task_arithmetic", "extrapolate", "exme")
-CHUNKED_METHODS = (*ELEMENTWISE_METHODS, "ties")
+#: Methods whose result at an element depends only on the inputs at that element are streamed in
+#: chunks (``MergeMethod.elementwise``). TIES is streamed in chunks too, after a first pass that
+#: fixes each task vector's global top-k threshold. DARE and SLERP see whole tensors.
+ELEMENTWISE_METHODS = tuple(n for n, m in REGISTRY.items() if m.elementwise)
+CHUNKED_METHODS = tuple(n for n, m in REGISTRY.items() if m.elementwise or m.magnitude_pass)
 
 #: Elements per chunk. Why this small: every temporary of a chunk then comes from memory the
 #: allocator reuses, while tensor-sized temporaries cost fresh, zero-filled pages each time
@@ -272,42 +141,18 @@ def tensor_merger(
     Inputs are ordered as in :class:`MergePlan` (base first for methods with a base). For TIES
     the engine passes ``selectors=`` so that chunks of one tensor share its global top-k.
     """
-    m = config.merge_method
-    weights = [w for w in config.weights() if w is not None] if m not in ("slerp", "extrapolate") else []
-    kw = {"out_dtype": out_dtype, "compute_dtype": compute_dtype}
-    if m == "linear":
-        normalize = config.normalize()
-        return lambda name, ts: methods.linear(ts, weights, normalize, **kw)
-    if m == "task_arithmetic":
-        lam, normalize = config.lambda_(), config.normalize()
-        return lambda name, ts: methods.task_arithmetic(ts[0], ts[1:], weights, lam, normalize=normalize, **kw)
-    if m == "ties":
-        dens, sign, normalize, lam = config.densities(), config.majority_sign_method(), config.normalize(), config.lambda_()
-        return lambda name, ts, selectors=None: methods.ties(
-            ts[0], ts[1:], weights, dens, sign, normalize, lam, selectors=selectors, **kw
-        )
-    if m in ("dare_linear", "dare_ties"):
-        dens, rescale, normalize, lam = config.densities(), config.rescale(), config.normalize(), config.lambda_()
-        sign = config.majority_sign_method()
+    method = config.method
+    kwargs = method.kwargs(method.resolve(config))
+    common = {"out_dtype": out_dtype, "compute_dtype": compute_dtype}
+    with_base = method.needs_base
 
-        def dare(name: str, ts: list[torch.Tensor]) -> torch.Tensor:
-            # A CPU generator on every device, so a CUDA merge draws the same masks as a CPU one.
-            gen = methods.tensor_generator(seed, name, "cpu")
-            if m == "dare_linear":
-                return methods.dare_linear(ts[0], ts[1:], weights, dens, gen, rescale, normalize, lam, **kw)
-            return methods.dare_ties(ts[0], ts[1:], weights, dens, gen, rescale, sign, normalize, lam, **kw)
+    def merge(name: str, ts: list[torch.Tensor], selectors=None) -> torch.Tensor:
+        # A CPU generator on every device, so a CUDA merge draws the same masks as a CPU one.
+        generator = methods.tensor_generator(seed, name, "cpu") if method.random else None
+        base, models = (ts[0], ts[1:]) if with_base else (None, ts)
+        return method.merge(base, models, **kwargs, generator=generator, selectors=selectors, **common)
 
-        return dare
-    if m == "slerp":
-        t = float(config.parameters.t)  # validated present
-        return lambda name, ts: methods.slerp(ts[0], ts[1], t, **kw)
-    if m == "extrapolate":
-        alpha = float(config.alphas()[0])
-        return lambda name, ts: methods.extrapolate(ts[1], ts[0], alpha, **kw)
-    if m == "exme":
-        alphas = [float(a) for a in config.alphas()]
-        return lambda name, ts: methods.exme(ts[0], ts[1:], weights, alphas, **kw)
-    raise ExmeError(f"unknown merge_method {m!r}")
+    return merge
 
 
 @dataclass(frozen=True)
@@ -329,6 +174,7 @@ def _schedule(plan: MergePlan, chunk: int) -> list[_Step]:
     """Every read of the merge, in order; the reader thread and the merge loop both follow it."""
     steps: list[_Step] = []
     method = plan.config.merge_method
+    two_pass = plan.config.method.magnitude_pass
     for i, task in enumerate(plan.tasks):
         numel = task.out_spec.numel
         if not task.merge:
@@ -336,7 +182,7 @@ def _schedule(plan: MergePlan, chunk: int) -> list[_Step]:
             continue
         region = _region(task)
         if method in CHUNKED_METHODS:
-            if method == "ties":
+            if two_pass:
                 steps += [_Step(i, "magnitude", s, min(s + chunk, region)) for s in range(0, region, chunk)]
             steps += [_Step(i, "chunk", s, min(s + chunk, region)) for s in range(0, region, chunk)]
         else:
@@ -504,7 +350,7 @@ def _stream(plan: MergePlan, steps: list[_Step], merger: Callable, device: str, 
                     if not bool(torch.isfinite(mag.sum())):
                         _raise_non_finite(plan, task)
             else:
-                if step.kind == "chunk" and plan.config.merge_method == "ties":
+                if step.kind == "chunk" and plan.config.method.magnitude_pass:
                     if selectors is None:  # the magnitude pass of this tensor is complete
                         selectors = [
                             methods.MagnitudeSelector.from_magnitudes(workspace[j][: _region(task)], d)
@@ -567,6 +413,12 @@ def run_merge(
     to ``plan_notes`` when given. ``chunk_elements`` sets the streaming granularity (results do
     not depend on it).
     """
+    if config.output_format == "peft":
+        from exme.merge.peft_output import write_peft_adapter
+
+        if out_dtype is not None:
+            raise ExmeError("--dtype does not apply to --format peft (the adapter's factors are written in float32)")
+        return write_peft_adapter(config, out_dir, force=force, progress=progress)
     if out_dtype is not None:
         from exme.merge.config import parse_dtype
 
@@ -676,7 +528,7 @@ def model_card(plan: MergePlan, *, seed: int, shards: int, copied: list[str]) ->
         lines.append(f"| {key} | {value} |")
     lines.append(f"| output dtype | {dtype_name(plan.out_dtype)} |")
     lines.append(f"| arithmetic dtype | {dtype_name(plan.compute_dtype)} |")
-    if config.merge_method.startswith("dare"):
+    if config.method.random:
         lines.append(f"| seed (DARE masks) | {seed} |")
     lines.append(f"| shards | {shards} |")
     lines.append(f"| tokenizer and generation config from | `{plan.tokenizer_source}` ({', '.join(copied) or 'none found'}) |")

@@ -127,11 +127,64 @@ def exme(
     if any(not a >= 0 for a in als):
         raise ExmeError(f"exme alphas must be >= 0, got {als}")
     _check_same_shape([base, *models])
-    base_c = base.to(compute_dtype)
-    acc = base_c.clone()
-    for model, w, a in zip(models, ws, als):
-        acc.add_(_task_vector(model, base_c), alpha=w * (1.0 + a))
+    acc = torch.empty(base.shape, dtype=compute_dtype, device=base.device)
+    combine_into(acc, base, models, [w * (1.0 + a) for w, a in zip(ws, als)], compute_dtype=compute_dtype)
     return _out(acc, out_dtype, base)
+
+
+def combine_into(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    coeffs: Sequence[float],
+    *,
+    deltas: bool = False,
+    chunk: int | None = None,
+    bufs: dict[str, torch.Tensor] | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> None:
+    """out ← cast(b + Σ cᵢ·(θᵢ − b)), arithmetic in ``compute_dtype``, in order i = 1..K.
+
+    The one implementation of a combination linear in the task vectors: :func:`exme` and the
+    live model (``exme.search.LiveModel.apply``) both call it, so the live weights are bitwise what
+    the merge engine writes. ``deltas=True``: ``tensors`` are Δᵢ already in ``compute_dtype``.
+    ``chunk``: work in pieces of that many elements with the buffers in ``bufs`` (reused from
+    call to call), so temporaries stay in cache; the per-element operations are the same.
+    """
+    o, b = out.view(-1), base.reshape(-1)
+    ts = [t.reshape(-1) for t in tensors]
+    n = o.numel()
+    step = n if chunk is None else chunk
+    size = min(step, n)
+    if chunk is None or bufs is None:
+        b32 = torch.empty(size, dtype=compute_dtype, device=o.device)
+        d = torch.empty_like(b32)
+        # Whole tensor into an output of the arithmetic dtype: accumulate in place, no final copy.
+        acc = o if chunk is None and o.dtype == compute_dtype else torch.empty_like(b32)
+    else:
+        if "b32" not in bufs or bufs["b32"].dtype != compute_dtype:
+            bufs.update({k: torch.empty(chunk, dtype=compute_dtype, device=o.device) for k in ("b32", "acc", "d")})
+        b32, acc, d = bufs["b32"][:size], bufs["acc"][:size], bufs["d"][:size]
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        k = e - s
+        bb, aa, dd = b32[:k], acc[:k], d[:k]
+        bb.copy_(b[s:e])
+        if not ts:
+            aa.copy_(bb)
+        for i, (t, c) in enumerate(zip(ts, coeffs)):
+            if deltas:
+                dd = t[s:e]
+            else:
+                dd = d[:k]
+                dd.copy_(t[s:e])
+                dd.sub_(bb)
+            if i == 0:  # aa = bb + c·dd without first copying bb into aa (same fused multiply-add)
+                torch.add(bb, dd, alpha=c, out=aa)
+            else:
+                aa.add_(dd, alpha=c)
+        if aa.data_ptr() != o[s:e].data_ptr():
+            o[s:e].copy_(aa)
 
 
 # --------------------------------------------------------------------------------------------

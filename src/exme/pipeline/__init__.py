@@ -5,10 +5,10 @@ and returns the :class:`~exme.report.schema.RunResults` it wrote to ``<output>/r
 """
 
 from exme.pipeline.config import PipelineConfig
-from exme.pipeline.run import BASELINE_SPACES, exme_coefficients, rank_checkpoints, run_pipeline
+from exme.pipeline.run import rank_checkpoints, run_pipeline
+from exme.pipeline.stages import exme_coefficients
 
 __all__ = [
-    "BASELINE_SPACES",
     "PipelineConfig",
     "exme_coefficients",
     "rank_checkpoints",

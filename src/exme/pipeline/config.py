@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob as _glob
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from exme.errors import ExmeError
 DEFAULT_GRID = [round(0.1 * i, 1) for i in range(11)]
 BASELINE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-RUN_FOLDER_FILES = ("study.db", "results.json", "report.md", "model", "model.spec.json", "pipeline.yaml")
+RUN_FOLDER_FILES = ("study.db", "results.json", "report.md", "model", "model.spec.json", "pipeline.yaml", "preflight.json")
 
 _STEP = re.compile(r"checkpoint-(\d+)$")
 
@@ -47,6 +48,9 @@ class AlphaSpec(_Strict):
     grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID))
     refine: bool = False
     """After the grid, try a finer grid (step/5) around the best α, as ExPO's coarse-to-fine search."""
+    stop_on_collapse: bool = True
+    """Stop raising α for a checkpoint after a collapsed point that also scored below its best so far:
+    a model pushed further only rambles more (ExPO's known failure), so the larger α are not evaluated."""
 
     @field_validator("grid")
     @classmethod
@@ -82,6 +86,41 @@ class SearchSpec(_Strict):
     prune_eta: int = Field(3, ge=2, description="keep the best 1/eta of the points at each rung")
 
 
+class DevSpec(_Strict):
+    """How dev is divided: ``search`` (every choice reads only it) and ``confirm`` (scored once, after)."""
+
+    confirm_fraction: float = 0.3
+    """Share of each task's dev items held out to confirm the chosen models; 0 turns the split off."""
+
+    @field_validator("confirm_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not (0.0 <= v <= 0.9):
+            raise ValueError(f"must lie in [0, 0.9] (0 turns the confirm split off), got {v}")
+        return v
+
+
+class CollapseSpec(_Strict):
+    """When a generating model counts as collapsed: its share of generations that hit ``max_new_tokens``
+    exceeds the best SFT checkpoint's by more than ``margin`` (on some generative task)."""
+
+    margin: float = Field(0.2, gt=0.0, le=1.0)
+
+
+class StatsSpec(_Strict):
+    """The paired statistics of the comparisons."""
+
+    bootstrap: int = 2000
+    """Paired bootstrap resamples for the 95% intervals (and sign-flip permutations for p-values)."""
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _resamples(cls, v: int) -> int:
+        if v < 100:
+            raise ValueError(f"needs at least 100 resamples for a 95% interval, got {v}")
+        return v
+
+
 class PipelineConfig(_Strict):
     """One ExMe run: base, SFT checkpoints, evaluation suite, search space, output folder."""
 
@@ -92,6 +131,11 @@ class PipelineConfig(_Strict):
     alpha: AlphaSpec = Field(default_factory=AlphaSpec)
     beta: BetaSpec = Field(default_factory=BetaSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
+    lm_eval_include_path: list[str] | None = None
+    """Folders of lm-eval task YAMLs (relative to the PIPELINE.yaml), for ``suite: lm-eval:...``."""
+    dev: DevSpec = Field(default_factory=DevSpec)
+    collapse: CollapseSpec = Field(default_factory=CollapseSpec)
+    stats: StatsSpec = Field(default_factory=StatsSpec)
     baselines: list[Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]] = Field(
         default_factory=lambda: list(BASELINE_METHODS)
     )
@@ -176,6 +220,11 @@ class PipelineConfig(_Strict):
             raw["checkpoints"] = str(_resolve(root, ck))
         elif isinstance(ck, list):
             raw["checkpoints"] = [str(_resolve(root, c)) if isinstance(c, str) else c for c in ck]
+        inc = raw.get("lm_eval_include_path")
+        if isinstance(inc, str):
+            inc = raw["lm_eval_include_path"] = [inc]
+        if isinstance(inc, list):
+            raw["lm_eval_include_path"] = [str(_resolve(root, p)) if isinstance(p, str) else p for p in inc]
         suite = raw.get("suite")
         if isinstance(suite, str) and _is_path_spec(suite):
             raw["suite"] = str(_resolve(root, suite))
@@ -256,8 +305,10 @@ def _step_key(path: Path) -> tuple[int, str]:
 
 
 def _resolve(root: Path, value: str) -> Path:
+    """Absolute and normalised (``a/../b`` → ``b``; symlinks kept): the run folder's copy of the
+    configuration then works from any directory, and the report shows plain paths."""
     p = Path(value).expanduser()
-    return p if p.is_absolute() else root / p
+    return Path(os.path.normpath(os.path.abspath(p if p.is_absolute() else root / p)))
 
 
 def _is_path_spec(suite: str) -> bool:
@@ -271,6 +322,8 @@ def _check_model_dir(path: Path, what: str, source: str) -> None:
     path = Path(path)
     if not path.is_dir():
         raise ExmeError(f"{source}: {what} folder {path} not found")
+    if what != "base" and (path / "adapter_config.json").is_file():
+        return  # a LoRA adapter checkpoint: opened and checked against the base by exme.io.source
     if not (path / "config.json").is_file():
         raise ExmeError(f"{source}: {what} folder {path} has no config.json; is it a Hugging Face model folder?")
     if not any((path / f).is_file() for f in WEIGHT_FILES):

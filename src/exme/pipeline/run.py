@@ -1,4 +1,4 @@
-"""The ExMe pipeline: rank → extrapolate → merge → test-split table → final model → report.
+"""The ExMe pipeline's orchestrator: it sequences the stages of :mod:`exme.pipeline.stages` and persists.
 
 Every stage is a set of evaluations on one live model (:class:`exme.search.LiveModel`), recorded
 as Optuna trials (:class:`exme.search.StudyStore`), so a run that is interrupted and started again
@@ -10,12 +10,12 @@ only evaluated for the final table.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -23,25 +23,16 @@ from typing import Any, Callable, Iterator, Sequence
 import yaml
 
 from exme.errors import ExmeError
-from exme.pipeline.config import PipelineConfig, checkpoint_step
+from exme.pipeline import stages
+from exme.pipeline.config import PipelineConfig
+from exme.pipeline.stages import exme_coefficients
 from exme.report import save_results
-from exme.report.schema import FinalRow, RankedCheckpoint, RunResults, SearchResult, SplitScores, Trial
-from exme.search.study import Point, Record, StudyStore, best, successive_halving
+from exme.report import verdict
+from exme.report.schema import FinalRow, RankedCheckpoint, RunResults
+from exme.report.stats import task_weights
+from exme.search.study import Point, Record, StudyStore, failed_scores, successive_halving
 
-#: Each baseline's own small dev search (one list of values per searched setting).
-BASELINE_SPACES: dict[str, dict[str, list[float]]] = {
-    "linear": {"weight_1": [0.3, 0.5, 0.7]},
-    "task_arithmetic": {"lambda": [0.3, 0.5, 0.7, 1.0]},
-    "ties": {"density": [0.3, 0.5, 0.7]},
-    "dare_linear": {"density": [0.3, 0.5, 0.7]},
-    "dare_ties": {"density": [0.3, 0.5, 0.7]},
-}
-
-
-def exme_coefficients(weights: Sequence[float], alphas: Sequence[float]) -> list[float]:
-    """cᵢ = wᵢ(1 + αᵢ): θ* = θ_b + Σ cᵢΔᵢ, computed exactly as ``exme.merge.methods.exme`` does."""
-    return [float(w) * (1.0 + float(a)) for w, a in zip(weights, alphas)]
-
+__all__ = ["Runner", "exme_coefficients", "rank_checkpoints", "run_pipeline"]
 
 def _version() -> str:
     try:
@@ -52,55 +43,39 @@ def _version() -> str:
         return "0+unknown"
 
 
-@dataclass
-class _Stage:
-    """What a finished stage hands on: its search result and the chosen parameters."""
-
-    search: SearchResult
-    records: list[Record]
-    best: Record
-    notes: list[str] = field(default_factory=list)
-
-
 class _Bars:
-    """Rich progress bars, one per stage; a no-op when progress is off."""
+    """One progress bar per stage (:mod:`exme.progress`: ETA on a terminal, a plain line per finished
+    evaluation elsewhere); a no-op when progress is off."""
 
     def __init__(self, enabled: bool):
-        self.progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from exme.progress import Progress
 
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[info]}"),
-            )
+        self.display = Progress(enabled)
 
     @contextmanager
     def active(self) -> Iterator["_Bars"]:
-        if self.progress is None:
-            yield self
-            return
-        with self.progress:
+        with self.display:
             yield self
 
-    def stage(self, label: str, total: int, *, show_best: bool = True) -> Callable[[Point, Record, bool], None]:
+    def stage(self, label: str, total: int, *, show_best: bool = True) -> Callable[..., None]:
         """A callback for :meth:`StudyStore.evaluate` that advances a new bar (with the best dev score so far)."""
-        if self.progress is None:
+        if not self.display.enabled:
             return lambda point, rec, reused, step=1: None
-        task = self.progress.add_task(label, total=total, info="")
+        bar = self.display.bar(label, total)
         best_seen = [-math.inf]
 
         def advance(point: Point, rec: Record, reused: bool, step: int = 1) -> None:
             if rec.limit is None and show_best:
                 best_seen[0] = max(best_seen[0], rec.overall)
             info = f"best {best_seen[0]:.4f}" if best_seen[0] > -math.inf else ""
-            self.progress.update(task, advance=step, info=info + (" (resumed)" if reused else ""))
+            bar.advance(step, info=info + (" (resumed)" if reused else ""))
 
         return advance
 
 
-class Pipeline:
-    """One run of the pipeline over a validated :class:`PipelineConfig`.
+class Runner:
+    """Evaluations for the stages (:class:`exme.pipeline.stages.Evaluations`): candidates written into
+    one live model, scored by the evaluator, recorded in the run's Optuna study, shown on the bars.
 
     ``evaluator`` overrides ``config.suite`` (any object with ``evaluate(model, tokenizer, split,
     limit=None)``), which is how code-defined objectives are plugged in from Python.
@@ -115,17 +90,36 @@ class Pipeline:
         if evaluator is None:
             from exme.evaluate import load_evaluator
 
-            evaluator = load_evaluator(config.suite)
+            opts = {"include_path": list(config.lm_eval_include_path)} if config.lm_eval_include_path else {}
+            evaluator = load_evaluator(config.suite, **opts)
         self.evaluator = evaluator
-        self.fingerprint = _fingerprint(config)
         self.notes: list[str] = []
+        self.dev_split = self._divide_dev()
+        self.fingerprint = _fingerprint(config, self.dev_split)
         self.timings: dict[str, float] = {}
         self.reused = 0
         self.evaluated = 0
-        self._live = None
-        self._tokenizer = None
+        self._live: Any = None
+        self._tokenizer: Any = None
         self._store: StudyStore | None = None
-        self._bars = _Bars(progress)
+        self.bars = _Bars(progress)
+
+    def _divide_dev(self) -> stages.DevSplit | None:
+        """The search/confirm division of dev, checked before any model loads; ``None`` when off."""
+        fraction = self.config.dev.confirm_fraction
+        if fraction == 0:
+            self.notes.append("no confirm split (dev.confirm_fraction: 0): every dev item was used for the searches, "
+                              "so the dev scores of the chosen models are optimistic and nothing confirms them")
+            return None
+        counts = getattr(self.evaluator, "counts", None)
+        takes_items = "items" in inspect.signature(self.evaluator.evaluate).parameters
+        if not callable(counts) or not takes_items:
+            self.notes.append("no confirm split: this evaluator cannot score a chosen subset of dev items "
+                              "(a custom objective), so every dev item was used for the searches")
+            return None
+        split = stages.dev_split(dict(counts()["dev"]), fraction, self.config.seed)
+        stages.check_dev_split(split)
+        return split
 
     # ------------------------------------------------------------------ resources
     @property
@@ -136,7 +130,7 @@ class Pipeline:
         return self._store
 
     @property
-    def live(self):
+    def live(self) -> Any:
         if self._live is None:
             from exme.search.live import LiveModel
 
@@ -144,7 +138,7 @@ class Pipeline:
         return self._live
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -160,6 +154,13 @@ class Pipeline:
                 )
         return self._tokenizer
 
+    def preflight(self) -> None:
+        """Open, align and scan every input once before the first evaluation (cached in the run folder)."""
+        from exme.io.preflight import check_inputs
+
+        report = check_inputs(self.config.base, self.checkpoints, cache_dir=self.output, progress=self.progress)
+        self.notes.extend(report.notes)
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
@@ -168,29 +169,68 @@ class Pipeline:
     def study_name(self, stage: str) -> str:
         return f"exme-{self.fingerprint}/{stage}"
 
-    # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, apply: Callable[[], None], point: Point):
-        apply()
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timings[stage]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ candidates
+    def write(self, candidate: stages.Candidate) -> None:
+        """Write a candidate's weights into the live model."""
+        live = self.live
+        if isinstance(candidate, stages.BaseWeights):
+            live.apply_base()
+        elif isinstance(candidate, stages.CheckpointWeights):
+            live.load_checkpoint(candidate.path)
+        elif isinstance(candidate, (stages.Combination, stages.MethodMerge)):
+            if [Path(p) for p in live.model_paths] != list(candidate.models):
+                live.set_models(list(candidate.models))
+            if isinstance(candidate, stages.Combination):
+                live.apply(list(candidate.coeffs))
+            else:
+                kwargs = {key: (list(v) if isinstance(v, tuple) else v) for key, v in candidate.kwargs}
+                live.apply_method(candidate.method, seed=candidate.seed, **kwargs)
+        else:
+            raise TypeError(f"not a candidate: {candidate!r}")
+
+    def _score(self, point: Point, candidate: stages.Candidate) -> Any:
+        from exme.search.live import NonFiniteCandidate
+
         self.evaluated += 1
+        try:
+            self.write(candidate)
+        except NonFiniteCandidate as err:  # recorded as failed: never chosen, flagged in the report
+            self.notes.append(f"candidate {point.params} could not be scored: {err}")
+            return failed_scores(str(err))
+        if self.dev_split is not None and point.split in ("dev", "confirm"):
+            # "dev" points are scored on the search part only; "confirm" on the held-out part.
+            items = self.dev_split.search if point.split == "dev" else self.dev_split.confirm
+            return self.evaluator.evaluate(self.live.model, self.tokenizer, "dev", limit=point.limit, items=items)
         return self.evaluator.evaluate(self.live.model, self.tokenizer, point.split, limit=point.limit)
 
-    def _run_points(self, stage: str, label: str, points: Sequence[Point], setter: Callable[[Point], Callable[[], None]]) -> list[Record]:
-        bar = self._bars.stage(label, len(points), show_best=points[0].split == "dev")
+    # ------------------------------------------------------------------ Evaluations
+    def points(self, stage: str, label: str, points: Sequence[Point],
+               candidate: Callable[[Point], stages.Candidate]) -> list[Record]:
+        bar = self.bars.stage(label, len(points), show_best=points[0].split == "dev")
 
         def on_result(point: Point, rec: Record, reused: bool) -> None:
             self.reused += int(reused)
             bar(point, rec, reused)
 
         return self.store.evaluate(
-            self.study_name(stage), points, lambda p: self._evaluate(setter(p), p), on_result=on_result
+            self.study_name(stage), points, lambda p: self._score(p, candidate(p)), on_result=on_result
         )
 
-    def _grid(self, stage: str, label: str, params: list[dict[str, Any]], setter, *, prune: bool) -> tuple[list[Record], list[Record]]:
-        """Evaluate a grid on dev, with successive halving when asked; (full records, pruned partials)."""
+    def grid(self, stage: str, label: str, params: list[dict[str, Any]],
+             candidate: Callable[[Point], stages.Candidate], *, prune: bool) -> tuple[list[Record], list[Record]]:
         if not prune or len(params) <= 1:
-            return self._run_points(stage, label, [Point(p) for p in params], setter), []
+            return self.points(stage, label, [Point(p) for p in params], candidate), []
         s = self.config.search
-        bar = self._bars.stage(label + " (pruned)", len(params))
+        bar = self.bars.stage(label + " (pruned)", len(params))
         seen: set[str] = set()
 
         def on_result(point: Point, rec: Record, reused: bool) -> None:
@@ -200,11 +240,41 @@ class Pipeline:
             seen.add(key)
 
         full, dropped = successive_halving(
-            self.store, self.study_name(stage), params, lambda p: self._evaluate(setter(p), p),
+            self.store, self.study_name(stage), params, lambda p: self._score(p, candidate(p)),
             min_items=s.prune_min_items, eta=s.prune_eta, on_result=on_result,
         )
         self._note_pruning(stage, label, params, full, dropped)
         return full, dropped
+
+    def tpe(self, stage: str, label: str, distributions: dict[str, Any], candidate: Callable[[Point], stages.Candidate],
+            *, n_trials: int, seed: int, to_params: Callable[[dict[str, float]], dict[str, Any]]) -> list[Record]:
+        bar = self.bars.stage(label, n_trials)
+
+        def on_result(point: Point, rec: Record, reused: bool) -> None:
+            self.reused += int(reused)
+            bar(point, rec, reused)
+
+        return self.store.tpe(
+            self.study_name(stage), distributions, lambda p: self._score(p, candidate(p)), n_trials=n_trials,
+            seed=seed, to_params=to_params, on_result=on_result,
+        )
+
+    def sequence(self, stage: str, label: str, params: list[dict[str, Any]],
+                 candidate: Callable[[Point], stages.Candidate], *, stop: Callable[[list[Record]], bool]) -> list[Record]:
+        bar = self.bars.stage(label, len(params))
+        records: list[Record] = []
+        for p in params:
+            point = Point(p)
+
+            def on_result(point: Point, rec: Record, reused: bool) -> None:
+                self.reused += int(reused)
+                bar(point, rec, reused)
+
+            records += self.store.evaluate(self.study_name(stage), [point], lambda q: self._score(q, candidate(q)),
+                                           on_result=on_result)
+            if stop(records):
+                break
+        return records
 
     def _note_pruning(self, stage: str, label: str, params: list[dict[str, Any]], full: list[Record], dropped: list[Record]) -> None:
         """How many items successive halving scored, against scoring every point in full."""
@@ -223,263 +293,12 @@ class Pipeline:
                 f"({100 * saved:.0f}% saved; {len(dropped)} of {len(params)} candidates dropped early)"
             )
 
-    # ------------------------------------------------------------------ stage 1: rank
-    def rank(self) -> list[RankedCheckpoint]:
-        """Score the base and every checkpoint on dev; keep the top k (ties: the later step)."""
-        t0 = time.perf_counter()
-        points = [Point({"model": "base"})] + [
-            Point({"checkpoint": name, "path": str(p.resolve())}) for name, p in zip(self.names, self.checkpoints)
-        ]
-
-        def setter(point: Point) -> Callable[[], None]:
-            if "model" in point.params:
-                return self.live.apply_base
-            return lambda: self.live.load_checkpoint(Path(point.params["path"]))
-
-        records = self._run_points("rank", "rank checkpoints", points, setter)
-        self.base_dev = records[0]
-        order = sorted(
-            range(len(self.checkpoints)),
-            key=lambda i: (records[i + 1].overall, _step_or_position(self.checkpoints[i], i)),
-            reverse=True,
-        )
-        kept = set(order[: self.config.top_k])
-        self.kept = [self.checkpoints[i] for i in order[: self.config.top_k]]
-        self.kept_names = [self.names[i] for i in order[: self.config.top_k]]
-        self.sft_dev = {self.names[i]: records[i + 1] for i in range(len(self.checkpoints))}
-        self.ranking = [
-            RankedCheckpoint(
-                name=self.names[i], path=str(self.checkpoints[i]), step=checkpoint_step(self.checkpoints[i]),
-                dev=_split(records[i + 1]), kept=i in kept,
-            )
-            for i in range(len(self.checkpoints))
-        ]
-        self.timings["rank"] = self.timings.get("rank", 0.0) + time.perf_counter() - t0
-        return self.ranking
-
-    # ------------------------------------------------------------------ stage 2: extrapolate
-    def extrapolate(self) -> list[_Stage]:
-        """α per kept checkpoint on dev (grid, optional successive halving and refinement)."""
-        t0 = time.perf_counter()
-        self.live.set_models(self.kept)
-        k = len(self.kept)
-        grid = self.config.alpha.grid
-        stages = []
-        for i, name in enumerate(self.kept_names):
-            def setter(point: Point, i: int = i) -> Callable[[], None]:
-                coeffs = [0.0] * k
-                coeffs[i] = 1.0 + float(point.params["alpha"])
-                return lambda: self.live.apply(coeffs)
-
-            stage = f"alpha/{name}"
-            params = [{"alpha": a} for a in grid]
-            full, dropped = self._grid(stage, f"α for {name}", params, setter, prune=self.config.search.prune)
-            if self.config.alpha.refine and len(grid) > 1:
-                chosen = best(sorted(full, key=lambda r: r.params["alpha"]))
-                extra = [{"alpha": a} for a in _refine(grid, chosen.params["alpha"]) if a not in grid]
-                if extra:
-                    more, more_dropped = self._grid(stage, f"α for {name} (refine)", extra, setter, prune=False)
-                    full, dropped = full + more, dropped + more_dropped
-            full = sorted(full, key=lambda r: r.params["alpha"])
-            chosen = best(full)  # ties: the smaller α
-            search = SearchResult(
-                name=f"alpha:{name}", checkpoint=name,
-                space={"alpha": list(grid), "refine": self.config.alpha.refine, "prune": self.config.search.prune},
-                trials=_trials(full, dropped, keys=("alpha",)),
-                best_params={"alpha": chosen.params["alpha"]}, best_dev=chosen.overall,
-            )
-            stages.append(_Stage(search, full, chosen))
-        self.alpha_stages = stages
-        self.alphas = [float(s.best.params["alpha"]) for s in stages]
-        self.timings["extrapolate"] = self.timings.get("extrapolate", 0.0) + time.perf_counter() - t0
-        return stages
-
-    # ------------------------------------------------------------------ stage 3: merge
-    def merge(self) -> tuple[dict[str, Any], SearchResult | None, SearchResult | None]:
-        """β on dev (grid, K = 2) or a joint TPE search over (α₁..α_K, weights); the ExMe choice."""
-        t0 = time.perf_counter()
-        k = len(self.kept)
-        beta_search = joint_search = None
-        if k == 1:
-            self.exme_params = {"weights": [1.0], "alphas": list(self.alphas)}
-            self.exme_dev = self.alpha_stages[0].best
-            self.notes.append("top_k is 1: nothing to merge, ExMe is the extrapolated best checkpoint")
-        elif self.config.search.mode == "grid":
-            a1, a2 = self.alphas
-
-            def setter(point: Point) -> Callable[[], None]:
-                b = float(point.params["beta"])
-                coeffs = exme_coefficients([b, 1.0 - b], [a1, a2])
-                return lambda: self.live.apply(coeffs)
-
-            stage = f"beta/alpha_1={a1!r},alpha_2={a2!r}"
-            params = [{"beta": b} for b in self.config.beta.grid]
-            full, dropped = self._grid(stage, "β merge", params, setter, prune=self.config.search.prune)
-            chosen = best(full)
-            b = float(chosen.params["beta"])
-            beta_search = SearchResult(
-                name="beta", space={"beta": list(self.config.beta.grid), "alpha_1": a1, "alpha_2": a2},
-                trials=_trials(full, dropped, keys=("beta",)), best_params={"beta": b}, best_dev=chosen.overall,
-            )
-            self.exme_params = {"weights": [b, 1.0 - b], "alphas": [a1, a2]}
-            self.exme_dev = chosen
-        else:
-            joint_search = self._joint()
-        self.timings["merge"] = self.timings.get("merge", 0.0) + time.perf_counter() - t0
-        return self.exme_params, beta_search, joint_search
-
-    def _joint(self) -> SearchResult:
-        import optuna
-
-        k = len(self.kept)
-        lo, hi = self.config.alpha.grid[0], self.config.alpha.grid[-1]
-        dists: dict[str, Any] = {}
-        fixed: dict[str, float] = {}
-        for i in range(1, k + 1):
-            if hi > lo:
-                dists[f"alpha_{i}"] = optuna.distributions.FloatDistribution(lo, hi)
-            else:
-                fixed[f"alpha_{i}"] = lo
-        if k == 2:
-            dists["beta"] = optuna.distributions.FloatDistribution(0.0, 1.0)
-        else:
-            for i in range(1, k + 1):
-                dists[f"w_{i}"] = optuna.distributions.FloatDistribution(0.0, 1.0)
-
-        def to_params(raw: dict[str, float]) -> dict[str, float]:
-            return {**fixed, **{key: float(v) for key, v in raw.items()}}
-
-        def weights_alphas(params: dict[str, Any]) -> tuple[list[float], list[float]]:
-            alphas = [float(params[f"alpha_{i}"]) for i in range(1, k + 1)]
-            if k == 2:
-                b = float(params["beta"])
-                return [b, 1.0 - b], alphas
-            raw = [float(params[f"w_{i}"]) for i in range(1, k + 1)]
-            total = sum(raw)
-            return ([w / total for w in raw] if total > 0 else [1.0 / k] * k), alphas
-
-        def objective(point: Point):
-            w, a = weights_alphas(point.params)
-            coeffs = exme_coefficients(w, a)
-            return self._evaluate(lambda: self.live.apply(coeffs), point)
-
-        n = self.config.search.n_trials
-        bar = self._bars.stage("joint TPE", n)
-
-        def on_result(point: Point, rec: Record, reused: bool) -> None:
-            self.reused += int(reused)
-            bar(point, rec, reused)
-
-        records = self.store.tpe(
-            self.study_name("joint"), dists, objective, n_trials=n, seed=self.config.seed,
-            to_params=to_params, on_result=on_result,
-        )
-        chosen = best(records)
-        w, a = weights_alphas(chosen.params)
-        self.exme_params = {"weights": w, "alphas": a}
-        self.exme_dev = chosen
-        keys = tuple(sorted(chosen.params))
-        return SearchResult(
-            name="joint", space={"mode": "tpe", "n_trials": n, "alpha": [lo, hi], "params": sorted(dists)},
-            trials=_trials(records, [], keys=keys),
-            best_params={key: float(chosen.params[key]) for key in keys}, best_dev=chosen.overall,
-        )
-
-    # ------------------------------------------------------------------ baselines
-    def baselines(self) -> list[SearchResult]:
-        """Each baseline's own small dev search over the same kept checkpoints."""
-        t0 = time.perf_counter()
-        k = len(self.kept)
-        out = []
-        self.baseline_choice: dict[str, tuple[dict[str, float], Record]] = {}
-        for method in self.config.baselines:
-            space = dict(BASELINE_SPACES[method])
-            if method == "linear" and k != 2:
-                space = {}
-            params_list = _product(space)
-
-            def setter(point: Point, method: str = method) -> Callable[[], None]:
-                kwargs = _baseline_kwargs(method, point.params, k)
-                return lambda: self.live.apply_method(method, seed=self.config.seed, **kwargs)
-
-            stage = f"baseline/{method}"
-            full, _ = self._grid(stage, f"baseline {method}", params_list, setter, prune=False)
-            chosen = best(full)
-            out.append(
-                SearchResult(
-                    name=method, space={key: list(v) for key, v in space.items()},
-                    trials=_trials(full, [], keys=tuple(space)), best_params=dict(chosen.params), best_dev=chosen.overall,
-                )
-            )
-            self.baseline_choice[method] = (dict(chosen.params), chosen)
-        self.timings["baselines"] = self.timings.get("baselines", 0.0) + time.perf_counter() - t0
-        return out
-
-    # ------------------------------------------------------------------ test table
-    def test_table(self) -> list[FinalRow]:
-        """Base, every kept SFT, each EXPO, ExMe and the baselines on the test split."""
-        t0 = time.perf_counter()
-        k = len(self.kept)
-        rows: list[tuple[FinalRow, Callable[[], None], Record | None]] = []
-
-        def row(name: str, kind: str, method: str | None, params: dict[str, Any], apply: Callable[[], None], dev: Record | None) -> None:
-            rows.append((FinalRow(name=name, kind=kind, method=method, params=params, dev=_split(dev) if dev else None,
-                                  test=SplitScores(overall=0.0, tasks={})), apply, dev))
-
-        row("base", "base", None, {}, self.live.apply_base, self.base_dev)
-        for i, (name, path) in enumerate(zip(self.kept_names, self.kept), start=1):
-            row(f"SFT-{i}", "sft", None, {"checkpoint": name}, lambda p=path: self.live.load_checkpoint(p), self.sft_dev[name])
-        for i, (name, stage) in enumerate(zip(self.kept_names, self.alpha_stages), start=1):
-            coeffs = [0.0] * k
-            coeffs[i - 1] = 1.0 + self.alphas[i - 1]
-            row(f"EXPO-{i}", "expo", "extrapolate", {"checkpoint": name, "alpha": self.alphas[i - 1]},
-                lambda c=coeffs: self.live.apply(c), stage.best)
-        w, a = self.exme_params["weights"], self.exme_params["alphas"]
-        exme_params: dict[str, Any] = {f"alpha_{i}": a[i - 1] for i in range(1, k + 1)}
-        if k == 2:
-            exme_params["beta"] = w[0]
-        elif k > 2:
-            exme_params.update({f"weight_{i}": w[i - 1] for i in range(1, k + 1)})
-        coeffs = exme_coefficients(w, a)
-        row("ExMe", "exme", "exme", exme_params, lambda: self.live.apply(coeffs), self.exme_dev)
-        for method, (params, dev) in self.baseline_choice.items():
-            kwargs = _baseline_kwargs(method, params, k)
-            row(method, "baseline", method, dict(params),
-                lambda m=method, kw=kwargs: self.live.apply_method(m, seed=self.config.seed, **kw), dev)
-
-        appliers = {}
-        points = []
-        for final, apply, _ in rows:
-            params = {"row": final.name, **{key: (v if isinstance(v, (int, float, str)) else str(v)) for key, v in final.params.items()}}
-            point = Point(params, split="test")
-            appliers[point.key] = apply
-            points.append(point)
-        records = self._run_points("test", "test split", points, lambda p: appliers[p.key])
-        final_rows = []
-        for (final, _, _), rec in zip(rows, records):
-            final_rows.append(final.model_copy(update={"test": _split(rec)}))
-        self.final_rows = final_rows
-        self.timings["test"] = self.timings.get("test", 0.0) + time.perf_counter() - t0
-        return final_rows
-
-    # ------------------------------------------------------------------ final model
-    def write_final_model(self) -> Path:
-        """Write θ* with the streaming merge engine (method ``exme``) into ``<output>/model``."""
+    # ------------------------------------------------------------------ persisting
+    def write_final_model(self, spec: dict[str, Any]) -> Path:
+        """Write θ* with the streaming merge engine into ``<output>/model`` (once across workers)."""
         from exme.merge.config import MergeConfig
         from exme.merge.engine import run_merge
 
-        t0 = time.perf_counter()
-        dtype = str(self.live.dtype).removeprefix("torch.")
-        spec = {
-            "merge_method": "exme",
-            "base_model": str(self.config.base),
-            "models": [
-                {"model": str(p), "parameters": {"weight": w, "alpha": a}}
-                for p, w, a in zip(self.kept, self.exme_params["weights"], self.exme_params["alphas"])
-            ],
-            "dtype": "float32",
-            "out_dtype": dtype,
-        }
         config = MergeConfig.model_validate(spec)
         target = self.output / "model"
         marker = self.output / "model.spec.json"  # what model/ holds, so a resumed run need not rewrite it
@@ -491,21 +310,27 @@ class Pipeline:
             self.notes.append(f"{target} is written by another worker sharing this run folder")
             return target
         marker.unlink(missing_ok=True)
-        out = run_merge(config, target, device=self.config.device, force=True, seed=self.config.seed,
-                        progress=self.progress)
+        with self.timed("final model"):
+            out = run_merge(config, target, device=self.config.device, force=True, seed=self.config.seed,
+                            progress=self.progress)
         marker.write_text(json.dumps(spec, indent=2))
-        self.timings["final model"] = time.perf_counter() - t0
         return Path(out)
 
-    # ------------------------------------------------------------------ results
-    def results(self, **parts: Any) -> RunResults:
+    def suite(self) -> dict[str, Any]:
+        """What results.json records about the suite (the evaluator's own description when it has one)."""
         describe = getattr(self.evaluator, "describe", None)
-        suite = describe() if callable(describe) else {"spec": self.config.suite}
+        return {"spec": self.config.suite, **(describe() if callable(describe) else {})}
+
+    def results(self, **parts: Any) -> RunResults:
+        from exme.threads import current_threads
+
         return RunResults(
+            threads=current_threads(),
+            dev_split=self.dev_split.describe() if self.dev_split is not None else {"confirm_fraction": 0.0},
             exme_version=_version(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             config=json.loads(self.config.model_dump_json()),
-            suite={"spec": self.config.suite, **suite},
+            suite=self.suite(),
             timings=dict(self.timings),
             notes=list(self.notes),
             **parts,
@@ -514,12 +339,13 @@ class Pipeline:
 
 def rank_checkpoints(config: PipelineConfig, *, progress: bool = True, evaluator: Any = None) -> list[RankedCheckpoint]:
     """Stage 1 alone (``exme rank``): every checkpoint scored on dev, recorded in the run's study."""
-    pipe = Pipeline(config, progress=progress, evaluator=evaluator)
+    runner = Runner(config, progress=progress, evaluator=evaluator)
     try:
-        with pipe._bars.active():
-            return pipe.rank()
+        runner.preflight()
+        with runner.bars.active(), runner.timed("rank"):
+            return stages.rank(runner, runner.checkpoints, runner.names, config.top_k).ranking
     finally:
-        pipe.close()
+        runner.close()
 
 
 def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: Any = None,
@@ -530,28 +356,59 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
     back from the study, never repeated. ``write_model=False`` skips the final model and
     ``report=False`` the report (``exme report`` can render it later from ``results.json``).
     """
-    pipe = Pipeline(config, progress=progress, evaluator=evaluator)
+    runner = Runner(config, progress=progress, evaluator=evaluator)
     out = Path(config.output)
     try:
-        with pipe._bars.active():
-            ranking = pipe.rank()
-            save_results(pipe.results(ranking=ranking), out)
-            alpha = pipe.extrapolate()
-            _, beta_search, joint_search = pipe.merge()
-            baseline_search = pipe.baselines()
-            final = pipe.test_table()
+        with runner.timed("preflight"):
+            runner.preflight()
+        with runner.bars.active():
+            with runner.timed("rank"):
+                ranked = stages.rank(runner, runner.checkpoints, runner.names, config.top_k)
+            save_results(runner.results(ranking=ranked.ranking), out)
+            with runner.timed("extrapolate"):
+                extrapolated = stages.extrapolate(runner, ranked, config)
+            runner.notes.extend(extrapolated.notes)
+            with runner.timed("merge"):
+                merged = stages.merge(runner, ranked, extrapolated, config)
+            runner.notes.extend(merged.notes)
+            with runner.timed("baselines"):
+                baselined = stages.baselines(runner, ranked, config)
+            chosen = stages.chosen_models(ranked, extrapolated, merged, baselined, config.seed)
+            with runner.timed("test"):
+                tested = stages.test(runner, chosen)
+            rows = tested.rows
+            if runner.dev_split is not None:
+                with runner.timed("confirm"):
+                    confirmed = stages.confirm(runner, chosen)
+                rows = [r.model_copy(update={"confirm": stages.split_scores(rec)}) for r, rec in zip(rows, confirmed)]
+        rows = _flag_collapsed(rows, config.collapse.margin)
+        weights = task_weights(runner.suite(), list(rows[0].test.tasks) if rows else [])
+        comparisons = verdict.compare(rows, weights, split="test", n_resamples=config.stats.bootstrap, seed=config.seed)
+        if runner.dev_split is not None:
+            comparisons += verdict.compare(rows, weights, split="confirm", n_resamples=config.stats.bootstrap, seed=config.seed)
+        if rows and not any(c.split == "test" for c in comparisons):
+            runner.notes.append("paired comparisons not available: the evaluator gives no per-item scores, "
+                                "so only the scores' difference (and a binomial noise estimate where it applies) is shown")
         parts: dict[str, Any] = dict(
-            ranking=ranking, alpha_search=[s.search for s in alpha], beta_search=beta_search,
-            joint_search=joint_search, baseline_search=baseline_search, final=final,
+            ranking=ranked.ranking, alpha_search=[c.search for c in extrapolated.choices],
+            beta_search=merged.beta_search, joint_search=merged.joint_search,
+            baseline_search=baselined.searches, final=rows, comparisons=comparisons,
+            collapse={"margin": config.collapse.margin, "stop_on_collapse": config.alpha.stop_on_collapse,
+                      "flagged": [r.name for r in rows if r.collapsed],
+                      "evaluations_saved": sum(c.saved for c in extrapolated.choices)},
         )
-        save_results(pipe.results(**parts), out)
+        save_results(runner.results(**parts), out)
         if write_model:
-            parts["final_model"] = str(pipe.write_final_model())
-        pipe.notes.append(
-            f"this invocation evaluated {pipe.evaluated} candidates"
-            + (f"; {pipe.reused} finished evaluations were read back from the study (resumed or shared run)" if pipe.reused else "")
+            spec = stages.final_model_spec(ranked, merged, config, str(runner.live.dtype).removeprefix("torch."))
+            parts["final_model"] = str(runner.write_final_model(spec))
+        paths = {"base": str(config.base), "ExMe": parts.get("final_model")}
+        paths.update({r.name: str(p) for r, p in zip([r for r in rows if r.kind == "sft"], ranked.kept)})
+        parts["recommended"] = verdict.recommend(rows, comparisons, paths)
+        runner.notes.append(
+            f"this invocation evaluated {runner.evaluated} candidates"
+            + (f"; {runner.reused} finished evaluations were read back from the study (resumed or shared run)" if runner.reused else "")
         )
-        results = pipe.results(**parts)
+        results = runner.results(**parts)
         save_results(results, out)
         # Only what was given (paths resolved): the file stays a valid PIPELINE.yaml to run again, and
         # results.json keeps the full configuration with every default.
@@ -564,21 +421,26 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             render(results, out)
         return results
     finally:
-        pipe.close()
-
+        runner.close()
 
 # ---------------------------------------------------------------------- helpers
-def _fingerprint(config: PipelineConfig) -> str:
-    """What the recorded evaluations depend on: base, suite (and its file's bytes), dtype, seed."""
+def _flag_collapsed(rows: list[FinalRow], margin: float) -> list[FinalRow]:
+    flagged = verdict.collapse_flags(rows, margin)
+    return [r.model_copy(update={"collapsed": True}) if r.name in flagged else r for r in rows]
+
+
+def _fingerprint(config: PipelineConfig, split: stages.DevSplit | None = None) -> str:
+    """What the recorded evaluations depend on: base, suite (and its file's bytes), dtype, seed, and
+    the confirm share of dev (the items a "dev" evaluation scores)."""
     suite = config.suite
     suite_bytes = ""
     if Path(suite).is_file():
         suite_bytes = hashlib.sha256(Path(suite).read_bytes()).hexdigest()
-    text = json.dumps(
-        {"base": str(Path(config.base).resolve()), "suite": suite, "suite_sha": suite_bytes,
-         "dtype": config.dtype, "seed": config.seed},
-        sort_keys=True,
-    )
+    parts: dict[str, Any] = {"base": str(Path(config.base).resolve()), "suite": suite, "suite_sha": suite_bytes,
+                             "dtype": config.dtype, "seed": config.seed}
+    if split is not None:
+        parts["confirm_fraction"] = split.confirm_fraction
+    text = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -589,54 +451,3 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
     return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
 
 
-def _step_or_position(path: Path, position: int) -> tuple[int, int]:
-    step = checkpoint_step(path)
-    return (step if step is not None else -1, position)
-
-
-def _split(rec: Record) -> SplitScores:
-    return SplitScores(overall=rec.overall, tasks=dict(rec.tasks), n_items=dict(rec.n_items))
-
-
-def _trials(full: Sequence[Record], dropped: Sequence[Record], keys: Sequence[str]) -> list[Trial]:
-    def params(rec: Record) -> dict[str, float]:
-        return {key: float(rec.params[key]) for key in keys if key in rec.params}
-
-    return [Trial(params=params(r), dev=_split(r)) for r in full] + [
-        Trial(params=params(r), dev=_split(r), pruned=True) for r in dropped
-    ]
-
-
-def _refine(grid: Sequence[float], center: float) -> list[float]:
-    """A finer grid (step/5) within one coarse step either side of ``center``, never below 0."""
-    gaps = [b - a for a, b in zip(grid, grid[1:])]
-    step = min(gaps)
-    fine = step / 5
-    out = []
-    for j in range(-4, 5):
-        a = round(center + j * fine, 10)
-        if j != 0 and a >= 0:
-            out.append(a)
-    return out
-
-
-def _product(space: dict[str, list[float]]) -> list[dict[str, float]]:
-    points: list[dict[str, float]] = [{}]
-    for key, values in space.items():
-        points = [{**p, key: float(v)} for p in points for v in values]
-    return points
-
-
-def _baseline_kwargs(method: str, params: dict[str, Any], k: int) -> dict[str, Any]:
-    """The merge-method arguments of a baseline setting (weights over the kept checkpoints)."""
-    if method == "linear":
-        w1 = float(params.get("weight_1", 1.0 / k))
-        weights = [w1, 1.0 - w1] if k == 2 else [1.0 / k] * k
-        return {"weights": weights, "normalize": True}
-    if method == "task_arithmetic":
-        return {"weights": [1.0] * k, "lambda_": float(params["lambda"])}
-    if method in ("ties", "dare_ties"):
-        return {"weights": [1.0] * k, "density": float(params["density"]), "normalize": True}
-    if method == "dare_linear":
-        return {"weights": [1.0] * k, "density": float(params["density"]), "normalize": True}
-    raise ExmeError(f"unknown baseline {method!r}")

@@ -61,6 +61,7 @@ def plot_parameter_curve(
     colors: dict[str, str],
     reference: SplitScores | None,
     reference_label: str,
+    collapse_margin: float | None = None,
 ) -> Path:
     """Dev score vs one parameter: overall (thick black) and one line per task.
 
@@ -75,7 +76,21 @@ def plot_parameter_curve(
         pts = [(x, s.tasks[task]) for x, s in zip(xs, scores) if task in s.tasks]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1.3, color=colors[task], label=task)
     ax.plot(xs, [s.overall for s in scores], marker="o", ms=4, lw=2.4, color=_OVERALL_COLOR, label="overall")
+    hit = [max((g.get("hit_limit", 0.0) for g in s.generation.values()), default=None) for s in scores]
+    if any(h is not None for h in hit):  # collapse: share of generations that hit max_new_tokens (right axis)
+        ref_hit = max((g.get("hit_limit", 0.0) for g in (reference.generation if reference else {}).values()), default=0.0)
+        twin = ax.twinx()
+        twin.plot(xs, [h or 0.0 for h in hit], ls=":", marker="s", ms=3, lw=1.2, color="tab:gray", label="hit token limit (share)")
+        twin.set_ylim(-0.02, 1.02)
+        twin.set_ylabel("share hitting max_new_tokens", color="tab:gray")
+        if collapse_margin is not None:
+            bad = [(x, s.overall) for x, s, h in zip(xs, scores, hit) if h is not None and h - ref_hit > collapse_margin]
+            if bad:
+                ax.plot(*zip(*bad), ls="none", marker="X", ms=9, color="tab:red", label="collapsed", zorder=5)
     handles, labels = ax.get_legend_handles_labels()
+    if any(h is not None for h in hit):
+        handles.append(Line2D([], [], ls=":", marker="s", color="tab:gray"))
+        labels.append("hit token limit (share, right axis)")
     if reference is not None:
         for task in tasks:
             if task in reference.tasks:
@@ -92,7 +107,8 @@ def plot_parameter_curve(
     ax.set_xlabel(xlabel)
     ax.set_ylabel("dev score")
     ax.grid(alpha=0.3)
-    ax.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    right = 1.13 if any(h is not None for h in hit) else 1.01  # clear of the right axis' label
+    ax.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(right, 0.5))
     return _save(fig, path)
 
 

@@ -21,7 +21,21 @@ from pydantic import ValidationError
 from exme.errors import ExmeError
 from exme.report import plots
 from exme.report.schema import FinalRow, RankedCheckpoint, RunResults, SearchResult, SplitScores
-from exme.report.stats import BINOMIAL, PAIRED, Difference, binomial_se, difference, task_weights
+from exme.report.stats import (
+    BETTER,
+    BINOMIAL,
+    NO_DIFFERENCE,
+    PAIRED,
+    WORSE,
+    Z_975,
+    Difference,
+    binomial_se,
+    difference,
+    task_weights,
+)
+from exme.report.stats import verdict as verdict_words
+from exme.report.verdict import OVERALL, find
+from exme.report.verdict import best_sft_row as best_verdict_sft
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -204,6 +218,7 @@ def draw_plots(results: RunResults, plots_dir: Path, weights: dict[str, float]) 
             search, param, plots_dir / f"alpha_{_slug(label)}.png",
             title=f"Extrapolation of {label}: dev score vs α", xlabel="α (extrapolation)",
             colors=colors, reference=ckpt.dev if ckpt is not None else None, reference_label=f"{label} (SFT)",
+            collapse_margin=results.collapse.get("margin"),
         )
     beta = results.beta_search
     if beta is not None and beta.trials and (param := _search_param(beta, "beta")) is not None:
@@ -231,21 +246,18 @@ def draw_plots(results: RunResults, plots_dir: Path, weights: dict[str, float]) 
 # --------------------------------------------------------------------------- report sections
 
 
+def _ci_words(d: Difference) -> str:
+    """The verdict of a difference with only a standard error: the words of diff ± 1.96·SE."""
+    if d.se is None:
+        return "no noise estimate"
+    return verdict_words(d.diff - Z_975 * d.se, d.diff + Z_975 * d.se)
+
+
 def _noise_phrase(d: Difference) -> str:
     if d.se is None:
         return "no noise estimate: item counts or per-item scores are missing"
-    z = d.z
-    ratio = "" if z is None else f", {abs(z):.1f} SE"
-    verdict = "within noise" if d.within_noise else "larger than the noise (≥ 2 SE)"
-    return f"standard error {fmt_score(d.se)}{ratio}: {verdict}"
-
-
-def _beat(d: Difference) -> str:
-    return "beat" if d.diff > 0 else "did not beat"
-
-
-def _verdict(d: Difference) -> str:
-    return "beat (within noise)" if d.diff > 0 and d.within_noise else _beat(d)
+    return (f"standard error {fmt_score(d.se)}, approximate 95% CI {fmt_delta(d.diff - Z_975 * d.se)} to "
+            f"{fmt_delta(d.diff + Z_975 * d.se)}")
 
 
 def comparisons(results: RunResults, weights: dict[str, float]) -> list[tuple[str, FinalRow, Difference]]:
@@ -284,36 +296,100 @@ def _noise_note(methods: set[str | None]) -> str:
     return (
         "Noise: SE is the standard error of the overall-score difference (wₜ the normalised task weights); "
         + "; ".join(notes)
-        + ". A difference under 2 SE is within the noise of this test set."
+        + ". The verdict is read from the approximate 95% interval (difference ± 1.96 SE): "
+        "\"better\" or \"worse\" only when the interval excludes 0. Paired confidence intervals need "
+        "per-item scores, which this run's evaluator did not give (not available)."
     )
 
 
-def outcome_section(results: RunResults, weights: dict[str, float]) -> str:
-    """The honest verdict: ExMe vs the best SFT checkpoint (chosen on dev) and vs every baseline, on test."""
-    exme = next((r for r in results.final if r.kind == "exme"), None)
-    if exme is None:
-        return "No ExMe model was evaluated on the test split in this run, so there is no outcome to state."
+def _label(row: FinalRow, sft: FinalRow | None) -> str:
+    if sft is not None and row.name == sft.name:
+        return f"best SFT ({row.name})"
+    return f"{row.name} (extrapolated only)" if row.kind == "expo" else (
+        f"{row.name} (baseline)" if row.kind == "baseline" else row.name)
+
+
+def _items_text(n_items: dict[str, int], split: str) -> str:
+    if not n_items:
+        return f"an unrecorded number of {split} items"
+    return f"{sum(n_items.values())} {split} items ({', '.join(f'{t}: {n}' for t, n in n_items.items())})"
+
+
+def _headline(sft: FinalRow, words: str, a: float, b: float, diff: float, interval: str, items: str) -> str:
+    return (f"**ExMe vs the best SFT checkpoint** ({sft.name}, best on dev) on the test split: "
+            f"{fmt_score(a)} vs {fmt_score(b)}, a difference of {fmt_delta(diff)} ({interval}) over {items}: "
+            f"**{words}**.")
+
+
+def _paired_outcome(results: RunResults, exme: FinalRow) -> list[str]:
+    sft = best_verdict_sft(results.final)
+    test = [c for c in results.comparisons if c.split == "test"]
+    items = _items_text(exme.test.n_items, "test")
+    parts: list[str] = []
+    head = find(test, sft.name) if sft is not None else None
+    if sft is not None and head is not None:
+        parts.append(_headline(sft, head.verdict, exme.test.overall, sft.test.overall, head.diff,
+                               f"paired 95% CI {fmt_delta(head.ci_low)} to {fmt_delta(head.ci_high)}, p = {head.p_value:.3g}",
+                               items))
+        if head.verdict == NO_DIFFERENCE:
+            parts.append("The interval includes 0: this test set cannot tell the two models apart, whatever the "
+                         "sign of the difference.")
+        if head.mdd is not None:
+            parts.append(f"With these items and the observed disagreement between the two models, the smallest "
+                         f"difference this test set detects with 80% power is about {fmt_score(head.mdd)}.")
+    baselines = [(r, find(test, r.name)) for r in results.final if r.kind == "baseline"]
+    groups: dict[str, list[str]] = {}
+    for row, c in baselines:
+        if c is not None:
+            groups.setdefault(c.verdict, []).append(f"{row.name} ({fmt_delta(c.diff)})")
+    if groups:
+        said = {BETTER: "better than", WORSE: "worse than", NO_DIFFERENCE: "no detectable difference from"}
+        parts.append("Against the baselines on test, ExMe is " + "; ".join(
+            f"{said[k]} {', '.join(v)}" for k, v in groups.items()) + ".")
+    text = [" ".join(parts)]
+    rows = []
+    for ref in [r for r in results.final if r.kind in ("sft", "expo", "baseline")]:
+        c = find(test, ref.name)
+        if c is None:
+            continue
+        rows.append([_label(ref, sft), fmt_score(exme.test.overall), fmt_score(ref.test.overall), fmt_delta(c.diff),
+                     f"{fmt_delta(c.ci_low)} to {fmt_delta(c.ci_high)}", f"{c.p_value:.3g}",
+                     "–" if c.mdd is None else fmt_score(c.mdd), c.verdict])
+    if rows:
+        text.append(md_table(["ExMe vs", "ExMe test", "Other test", "Difference", "95% CI", "p", "Detectable (80%)", "Verdict"],
+                             rows, align="lrrrrrrl"))
+    if sft is not None:
+        per_task = [c for c in test if c.b == sft.name and c.task != OVERALL]
+        if per_task:
+            text.append(f"Per task, ExMe vs {sft.name} on test:\n\n" + md_table(
+                ["Task", "Items", "Difference", "95% CI", "p", "Test", "Verdict"],
+                [[c.task, c.n, fmt_delta(c.diff), f"{fmt_delta(c.ci_low)} to {fmt_delta(c.ci_high)}",
+                  f"{c.p_value:.3g}", c.test, c.verdict] for c in per_task],
+                align="lrrrrll"))
+    n_boot = results.config.get("stats", {}).get("bootstrap", "–")
+    text.append(
+        "Statistics are paired over the items both models scored: the difference is Σₜ wₜ·mean(dₜ) with dₜ "
+        "the per-item differences of task t and wₜ the overall score's weights; the 95% interval is a "
+        f"seeded paired bootstrap over items ({n_boot} resamples, stratified by task); p is the exact McNemar "
+        "test for one task of 0/1 scores, else a sign-flip permutation test. \"Better\" or \"worse\" only "
+        "when the interval excludes 0. \"Detectable (80%)\" is the smallest true difference these items "
+        "detect with 80% power at the 5% level, from the observed disagreement of the two models."
+    )
+    return text
+
+
+def _legacy_outcome(results: RunResults, exme: FinalRow, weights: dict[str, float]) -> list[str]:
     diffs = comparisons(results, weights)
-    n_items = exme.test.n_items
-    items = (
-        f"{sum(n_items.values())} test items ({', '.join(f'{t}: {n}' for t, n in n_items.items())})"
-        if n_items else "an unrecorded number of test items"
-    )
+    items = _items_text(exme.test.n_items, "test")
     parts: list[str] = []
     sft_rows = [(row, d) for _, row, d in diffs if row.kind == "sft"]
     if sft_rows:
         (sft, d), others = sft_rows[0], sft_rows[1:]
-        change = f"a gain of {fmt_delta(d.diff)}" if d.diff > 0 else f"a difference of {fmt_delta(d.diff)}"
-        parts.append(
-            f"**ExMe {_beat(d)} the best SFT checkpoint** ({sft.name}, best on dev) on the test split: "
-            f"{fmt_score(d.a)} vs {fmt_score(d.b)}, {change} ({_noise_phrase(d)}), over {items}."
-        )
-        if d.diff > 0 and d.within_noise:
-            parts.append("This gain is within the noise of the test set: on its own it is not evidence that ExMe is better.")
+        parts.append(_headline(sft, _ci_words(d), d.a, d.b, d.diff, _noise_phrase(d), items))
         for row, d2 in others:
             parts.append(
                 f"On test, {row.name} scored higher than the dev-chosen checkpoint "
-                f"({fmt_score(d2.b)} vs {fmt_score(d.b)}); ExMe {_beat(d2)} it ({fmt_delta(d2.diff)})."
+                f"({fmt_score(d2.b)} vs {fmt_score(d.b)}); ExMe − {row.name} = {fmt_delta(d2.diff)} ({_ci_words(d2)})."
             )
     else:
         parts.append(
@@ -322,24 +398,78 @@ def outcome_section(results: RunResults, weights: dict[str, float]) -> str:
         )
     baselines = [(row, d) for _, row, d in diffs if row.kind == "baseline"]
     if baselines:
-        won = [f"{row.name} ({fmt_delta(d.diff)})" for row, d in baselines if d.diff > 0]
-        lost = [f"{row.name} ({fmt_delta(d.diff)})" for row, d in baselines if d.diff <= 0]
-        clauses = ([f"beat {', '.join(won)}"] if won else []) + ([f"did not beat {', '.join(lost)}"] if lost else [])
-        parts.append(f"Against the baselines on test, ExMe {'; '.join(clauses)}.")
+        parts.append("Against the baselines on test, ExMe − baseline: " + ", ".join(
+            f"{row.name} {fmt_delta(d.diff)} ({_ci_words(d)})" for row, d in baselines) + ".")
     text = [" ".join(parts)]
     if diffs:
         text.append(md_table(
             ["ExMe vs", "ExMe test", "Other test", "Difference", "SE", "Difference / SE", "Verdict"],
             [
                 [label, fmt_score(d.a), fmt_score(d.b), fmt_delta(d.diff), fmt_score(d.se),
-                 "–" if d.z is None else f"{d.z:+.1f}".replace("-", "−"), _verdict(d)]
+                 "–" if d.z is None else f"{d.z:+.1f}".replace("-", "−"), _ci_words(d)]
                 for label, _, d in diffs
             ],
             align="lrrrrrl",
         ))
         text.append(_noise_note({d.method for _, _, d in diffs}))
+    return text
+
+
+def _confirm_section(results: RunResults) -> str | None:
+    """Search (dev) vs confirm scores of the chosen models: how much the selection flattered them."""
+    rows = [r for r in results.final if r.confirm is not None and r.dev is not None]
+    if not rows:
+        return None
+    table = md_table(
+        ["Model", "Search (dev) overall", "Confirm overall", "Search − confirm"],
+        [[r.name, fmt_score(r.dev.overall), fmt_score(r.confirm.overall),  # type: ignore[union-attr]
+          fmt_delta(r.dev.overall - r.confirm.overall)] for r in rows],  # type: ignore[union-attr]
+    )
+    split = results.dev_split
+    n_conf = sum(len(v) for v in split.get("confirm", {}).values())
+    n_search = sum(len(v) for v in split.get("search", {}).values())
+    return (
+        f"Dev was divided by a seeded rule (seed {split.get('seed')}, confirm fraction {split.get('confirm_fraction')}) into "
+        f"{n_search} search items, which every choice read, and {n_conf} confirm items, scored once per chosen "
+        "model after all choices were made. A model picked as the best of many candidates on the search items "
+        "scores lower on fresh items (the winner's curse); the last column shows by how much.\n\n" + table
+    )
+
+
+def _recommendation_text(results: RunResults) -> str:
+    rec = results.recommended
+    if rec is None:
+        return "No recommendation: no chosen model had scores to compare."
+    where = f" Its weights are at `{rec.path}`." if rec.path else (
+        " This run did not write its weights; `exme merge` (or `exme extrapolate`) with the settings in the "
+        "final table writes them.")
+    text = f"**Recommended: {rec.name}** — {rec.reason}{where}"
+    if rec.name != "ExMe" and results.final_model:
+        text += f" The ExMe model in `{results.final_model}` is not the recommended one."
+    return text
+
+
+def outcome_section(results: RunResults, weights: dict[str, float]) -> str:
+    """The honest verdict: ExMe vs the best SFT checkpoint (chosen on dev) and vs every baseline, on test."""
+    exme = next((r for r in results.final if r.kind == "exme"), None)
+    if exme is None:
+        return "No ExMe model was evaluated on the test split in this run, so there is no outcome to state."
+    if any(c.split == "test" for c in results.comparisons):
+        text = _paired_outcome(results, exme)
+    else:
+        text = _legacy_outcome(results, exme, weights)
+    flagged = [r.name for r in results.final if r.collapsed]
+    if flagged:
+        text.append(f"Collapsed (generations hit the token limit far more often than the best SFT's): "
+                    f"{', '.join(flagged)}.")
+    confirm = _confirm_section(results)
+    if confirm:
+        text.append(confirm)
+    text.append(_recommendation_text(results))
     text.append(
-        "Selection was on the dev split only: the kept checkpoints, α, β and every baseline's settings were "
+        "Selection was on the dev split only"
+        + (" (its search part)" if results.dev_split.get("confirm") else "")
+        + ": the kept checkpoints, α, β and every baseline's settings were "
         "chosen by dev score; the test split was used once, to score the chosen models."
     )
     return "\n\n".join(text)
@@ -367,6 +497,9 @@ def _inputs_section(results: RunResults) -> str:
     if results.final_model:
         lines.append(f"- Final model written to: `{results.final_model}`")
     lines.append(f"- exme {results.exme_version}, run created {results.created}")
+    search_cfg = cfg.get("search") if isinstance(cfg, dict) else None
+    if isinstance(search_cfg, dict) and search_cfg.get("mode") == "tpe":  # β is searched jointly: its grid is not read
+        cfg = {k: v for k, v in cfg.items() if k != "beta"}
     config = yaml.dump(cfg, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True, default_flow_style=None).strip() if cfg else "{}"
     return "\n".join(lines) + "\n\nConfiguration:\n\n```yaml\n" + config + "\n```"
 
@@ -436,22 +569,59 @@ def _merge_section(results: RunResults, images: dict[str, str]) -> str:
             out.append(f"![β curve]({images['beta']})")
     joint = results.joint_search
     if joint is not None:
+        shown = _normalised_weights(joint.best_params)
         out.append(
-            f"Joint search `{joint.name}`: best {_params(joint.best_params)} "
-            f"(dev overall {fmt_score(joint.best_dev)}, {len(joint.trials)} trials)."
+            f"Joint TPE search over {', '.join(joint.space.get('params', sorted(joint.best_params)))}: best "
+            f"{_params(shown)} (dev overall {fmt_score(joint.best_dev)}, {len(joint.trials)} trials)."
+            + (" The weights wᵢ are shown normalised to sum 1, as the merge uses them (the search draws them "
+               "independently in [0, 1])." if shown != joint.best_params else "")
         )
+        dims = len(joint.space.get("params", joint.best_params))
+        if dims and len(joint.trials) < 10 * dims:
+            out.append(f"Warning: {len(joint.trials)} trials for {dims} searched dimensions is few (TPE needs "
+                       f"about 10 per dimension, {10 * dims} here); the choice may be far from the best setting.")
         if "joint" in images:
             out.append(f"![joint search]({images['joint']})")
     return "\n\n".join(out)
+
+
+def _normalised_weights(params: dict[str, Any]) -> dict[str, Any]:
+    """A joint search's raw ``w_i`` replaced by wᵢ / Σ w (what the merge uses); other keys as they are."""
+    keys = [k for k in params if re.fullmatch(r"w_\d+", k)]
+    total = sum(float(params[k]) for k in keys)
+    if not keys or total <= 0:
+        return dict(params)
+    return {k: (float(v) / total if k in keys else v) for k, v in params.items()}
+
+
+def _same_model_note(results: RunResults) -> str | None:
+    """For two kept checkpoints, linear with w₁ = 0.5 and task arithmetic with λ = 0.5 are one model,
+    θ_b + ½Δ₁ + ½Δ₂; say so when both searched that setting."""
+    if len(results.alpha_search) != 2:
+        return None
+    by = {s.name: s for s in results.baseline_search}
+    lin, ta = by.get("linear"), by.get("task_arithmetic")
+    if lin is None or ta is None:
+        return None
+    lin_has = any(abs(t.params.get("weight_1", -1) - 0.5) < 1e-12 for t in lin.trials)
+    ta_has = any(abs(t.params.get("lambda", -1) - 0.5) < 1e-12 for t in ta.trials)
+    if not (lin_has and ta_has):
+        return None
+    both = (abs(lin.best_params.get("weight_1", -1) - 0.5) < 1e-12 and abs(ta.best_params.get("lambda", -1) - 0.5) < 1e-12)
+    return ("With two checkpoints, linear at w₁ = 0.5 and task_arithmetic at λ = 0.5 are the same model "
+            "(θ_b + ½Δ₁ + ½Δ₂)" + ("; both searches chose it, so these two rows are one model, not two baselines."
+                                   if both else "; the two searches share that point."))
 
 
 def _baselines_section(results: RunResults) -> str:
     rows = [
         [s.name, _params(s.best_params), fmt_score(s.best_dev), len(s.trials)] for s in results.baseline_search
     ]
-    return "Each baseline had its own small search on dev, so the comparison is fair.\n\n" + md_table(
+    text = "Each baseline had its own small search on dev, so the comparison is fair.\n\n" + md_table(
         ["Baseline", "Chosen settings", "Best dev overall", "Trials"], rows, align="llrr"
     )
+    note = _same_model_note(results)
+    return text + (f"\n\n{note}" if note else "")
 
 
 def _final_section(results: RunResults, images: dict[str, str]) -> str:
@@ -464,15 +634,43 @@ def _final_section(results: RunResults, images: dict[str, str]) -> str:
     def table(split: str) -> str:
         rows = []
         for r in results.final:
-            s: SplitScores | None = r.test if split == "test" else r.dev
-            rows.append([name(r), r.kind, _params(r.params),
+            s: SplitScores | None = r.test if split == "test" else (r.dev if split == "dev" else r.confirm)
+            rows.append([name(r) + (" (collapsed)" if r.collapsed and split == "test" else ""), r.kind, _params(r.params),
                          *[fmt_score(s.tasks.get(t) if s else None) for t in tasks], fmt_score(s.overall if s else None)])
         return md_table(["Model", "Kind", "Settings", *tasks, "Overall"], rows, align="lll" + "r" * (len(tasks) + 1))
 
-    out = ["**Test** (held out; never used for a choice):", table("test"), "**Dev** (used for every choice):", table("dev")]
+    out = ["**Test** (held out; never used for a choice):", table("test")]
+    gen = _generation_table(results)
+    if gen:
+        out += ["Generation on test, per generative task: mean new tokens, share of items that hit max_new_tokens, "
+                "share that ended without EOS or a stop string. A model whose hit-the-limit share exceeds the best "
+                f"SFT's by more than {results.collapse.get('margin', '–')} is flagged collapsed "
+                "(a model extrapolated too far stops ending its answers).", gen]
+    if any(r.confirm is not None for r in results.final):
+        out += ["**Confirm** (held-out part of dev; scored once, after every choice):", table("confirm")]
+    out += ["**Dev** (its search part; used for every choice):" if results.dev_split.get("confirm") else
+            "**Dev** (used for every choice):", table("dev")]
     if "final" in images:
         out.append(f"![final table]({images['final']})")
     return "\n\n".join(out)
+
+
+def _generation_table(results: RunResults) -> str | None:
+    tasks = sorted({t for r in results.final for t in r.test.generation})
+    if not tasks:
+        return None
+    rows = []
+    for r in results.final:
+        g = r.test.generation
+        cells = []
+        for t in tasks:
+            s = g.get(t)
+            cells.append("–" if s is None else
+                         f"{s.get('mean_new_tokens', float('nan')):.1f} / {100 * s.get('hit_limit', 0.0):.0f}% / "
+                         f"{100 * s.get('no_stop', 0.0):.0f}%")
+        rows.append([r.name, *cells, "yes" if r.collapsed else ""])
+    return md_table(["Model", *[f"{t} (tokens / hit limit / no stop)" for t in tasks], "Collapsed"], rows,
+                    align="l" + "r" * len(tasks) + "l")
 
 
 def _timings_section(results: RunResults) -> str:
@@ -493,7 +691,8 @@ def report_markdown(results: RunResults, images: dict[str, str]) -> str:
     if results.alpha_search:
         sections.append(("Stage 2 — extrapolate (α per kept checkpoint)", _alpha_section(results, images)))
     if results.beta_search is not None or results.joint_search is not None:
-        sections.append(("Stage 3 — merge (β)", _merge_section(results, images)))
+        title = "Stage 3 — merge (joint TPE search)" if results.joint_search is not None else "Stage 3 — merge (β)"
+        sections.append((title, _merge_section(results, images)))
     if results.baseline_search:
         sections.append(("Baselines", _baselines_section(results)))
     if results.final:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -22,10 +22,21 @@ class SplitScores(_Strict):
     overall: float
     tasks: dict[str, float]
     n_items: dict[str, int] = Field(default_factory=dict)
-    # Optional per-item scores (task -> one score per item, in item order). When two models both
-    # have them, the report's noise estimate is paired (same items), which is tighter and more
-    # honest than treating the two accuracies as independent.
-    per_item: dict[str, list[float]] = Field(default_factory=dict)
+    # Each item's score by task and item id (task -> {id: score}); empty when the evaluator cannot
+    # give them. When two models both have them, comparisons are paired (same items), which is
+    # tighter and more honest than treating the two accuracies as independent. A list (results of
+    # an older version) is read as ids 0, 1, ...
+    per_item: dict[str, dict[str, float]] = Field(default_factory=dict)
+    # Per generative task: mean_new_tokens, hit_limit, no_stop (shares), n (collapse detection).
+    generation: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+    @field_validator("per_item", mode="before")
+    @classmethod
+    def _ids(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {t: ({str(i): v for i, v in enumerate(items)} if isinstance(items, list) else items)
+                    for t, items in value.items()}
+        return value
 
 
 class RankedCheckpoint(_Strict):
@@ -66,8 +77,37 @@ class FinalRow(_Strict):
     kind: str  # "base" | "sft" | "expo" | "exme" | "baseline"
     method: str | None = None  # merge method for exme/expo/baselines
     params: dict[str, Any] = Field(default_factory=dict)
-    dev: SplitScores | None = None
+    dev: SplitScores | None = None  # the search part of dev (all of dev without a confirm split)
     test: SplitScores
+    confirm: SplitScores | None = None  # scored once, after every choice was made
+    collapsed: bool = False  # generations hit the token limit far more often than the best SFT's
+    failed: str | None = None  # why the candidate could not be scored (e.g. non-finite weights)
+
+
+class Comparison(_Strict):
+    """``a − b`` on one split, paired over items (``task`` is ``"overall"`` for the weighted score)."""
+
+    a: str
+    b: str
+    split: str  # "test" | "confirm"
+    task: str
+    n: int
+    diff: float
+    se: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    test: str = "sign-flip"  # "mcnemar" | "sign-flip"
+    mdd: float | None = None  # smallest difference detectable with 80% power on these items
+    verdict: str = "no detectable difference"
+
+
+class Recommendation(_Strict):
+    """The model to use: the best confirm score (ExMe only if its paired confirm gain is positive)."""
+
+    name: str
+    path: str | None = None
+    reason: str
 
 
 class RunResults(_Strict):
@@ -86,3 +126,9 @@ class RunResults(_Strict):
     final_model: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage
     notes: list[str] = Field(default_factory=list)
+    comparisons: list[Comparison] = Field(default_factory=list)
+    recommended: Recommendation | None = None
+    # The search/confirm division of dev: rule (seed, fraction) and the item ids of each part.
+    dev_split: dict[str, Any] = Field(default_factory=dict)
+    collapse: dict[str, Any] = Field(default_factory=dict)  # margin, flagged rows, evaluations saved
+    threads: int | None = None  # torch threads the run used

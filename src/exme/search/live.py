@@ -16,13 +16,22 @@ those the merge engine writes. What is held (``store``):
   Fewer operations per candidate (measured ~1.4× faster on a CPU), but each Δᵢ of a bf16 model
   takes twice its checkpoint's memory; TIES/DARE baselines then read θᵢ from disk per tensor.
 
+* LoRA adapters (PEFT adapter folders, :mod:`exme.io.source`) are held as their A/B factors,
+  whatever ``store`` says: θᵢ = θ_b + Δᵢ of one tensor is rebuilt from them when a candidate is
+  written, so memory is the base, the live model, the adapters and one tensor's temporaries per
+  worker thread — never a full θᵢ per adapter.
+
+Inputs are opened and aligned with the base by the rules of the merge engine
+(:func:`exme.io.align.align_inputs` with the base as tokenizer source): a checkpoint with added
+vocabulary rows is accepted, and its rows beyond the base's are left out (the base tokenizer never
+emits them), as ``exme merge`` leaves them out with ``tokenizer_source: base``.
+
 On a CPU the pass runs in 1 MiB chunks that stay in cache, so float32 temporaries never reach
 main memory.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,37 +41,34 @@ import torch
 
 from exme.errors import ExmeError
 from exme.io import Checkpoint
+from exme.io.align import InputModel, align_inputs
+from exme.io.source import AdapterSource, open_source
+from exme.merge import methods
 
 _CHUNK = 1 << 18  # float32 elements per chunk on CPU: three 1 MiB buffers per worker stay in cache
 
 
-def _open_checked(path: Path, names: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> Checkpoint:
-    """Open a model folder after checking, from the headers only, that it has every tensor in the right shape.
+class NonFiniteCandidate(ExmeError):
+    """A candidate's weights hold NaN or Inf (an overflow in the model dtype, or a bad input).
 
-    So a wrong checkpoint fails in milliseconds, naming the tensor, before anything is read.
+    A distinct type so a search can score that candidate as failed and go on; the model then holds
+    the base weights again.
     """
-    ckpt = Checkpoint.open(path)
-    missing = [n for n in names if not ckpt.has(n)]
-    if missing:
-        raise ExmeError(
-            f"{path}: tensor {missing[0]} of the model is missing ({len(missing)} missing); "
-            "every checkpoint must hold the base model's tensors"
-        )
-    for n in names:
-        spec = ckpt.spec(n)
-        if tuple(spec.shape) != tuple(shapes[n]):
-            raise ExmeError(
-                f"{path}: tensor {n} has shape {tuple(spec.shape)} but the base model's is {tuple(shapes[n])}; "
-                "all checkpoints must share the base architecture and vocabulary"
-            )
-        if not spec.dtype.is_floating_point:
-            raise ExmeError(f"{path}: tensor {n} has dtype {spec.dtype}; expected floating-point weights")
-    return ckpt
 
 
-def _read(path: Path, names: Sequence[str], shapes: dict[str, tuple[int, ...]], device: str) -> dict[str, torch.Tensor]:
-    ckpt = _open_checked(path, names, shapes)
-    return {n: ckpt.get(n, device) for n in names}
+class _Held:
+    """One held checkpoint: where its tensors come from and how they line up with the base."""
+
+    def __init__(self, path: Path, source: Any, reads: dict[str, str], rows: dict[str, int]) -> None:
+        self.path = path
+        self.source = source  # Checkpoint or AdapterSource
+        self.reads = reads  # live target name → tensor name in this checkpoint (tied heads differ)
+        self.rows = rows  # target name → this checkpoint's row count, where it differs from the base's
+        self.tensors: dict[str, torch.Tensor] | None = None  # θᵢ (or Δᵢ in float32) held in memory, full checkpoints only
+
+    @property
+    def lazy(self) -> bool:
+        return self.tensors is None
 
 
 class LiveModel:
@@ -92,9 +98,10 @@ class LiveModel:
         self.targets: dict[str, torch.nn.Parameter] = dict(model.named_parameters())
         self._shapes = {n: tuple(p.shape) for n, p in self.targets.items()}
         self._hold_on = "cpu" if self.device.type == "cpu" else str(self.device)  # where θ_b, θᵢ live
-        self.base = _read(self.base_path, list(self.targets), self._shapes, self._hold_on)
-        self.models: list[dict[str, torch.Tensor]] = []  # θᵢ as stored, or Δᵢ in float32 (``store``)
-        self._checkpoints: list[Checkpoint] = []
+        self._base_ckpt = Checkpoint.open(self.base_path)
+        self._align([])  # the base itself must hold every parameter of the model, in its shape
+        self.base = {n: self._base_ckpt.get(n, self._hold_on) for n in self.targets}
+        self._held: list[_Held] = []
         self.model_paths: list[Path] = []
         self.current: tuple[Any, ...] | None = ("base",)
 
@@ -108,36 +115,91 @@ class LiveModel:
         store: Literal["checkpoints", "float32-deltas"] = "checkpoints",
     ) -> "LiveModel":
         """Load the base model once with ``from_pretrained`` (in ``dtype`` on ``device``); see ``store`` above."""
-        from transformers import AutoModelForCausalLM
+        from exme.common import load_model
 
-        torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
-        except Exception as err:
-            raise ExmeError(f"{base}: transformers cannot load this model ({err})") from None
-        model.to(device).eval()
+        model = load_model(base, dtype=dtype, device=device)
         return cls(model, base, store=store)
 
     # ------------------------------------------------------------------ inputs
+    def _align(self, paths: Sequence[str | Path]) -> list[_Held]:
+        """Open ``paths`` (model or adapter folders) and align them with the base, headers only.
+
+        The rules are the merge engine's (:func:`exme.io.align.align_inputs`), with the base as
+        reference and tokenizer source; every mismatch is one ``ExmeError`` before anything is read.
+        """
+        inputs = [InputModel("base", self._base_ckpt)]
+        for i, path in enumerate(paths, start=1):
+            inputs.append(InputModel(f"model {i}", open_source(path, self._base_ckpt)))
+        alignment = align_inputs(inputs, self.dtype, 0)
+        tasks = {t.name: t for t in alignment.tasks}
+        for name, shape in self._shapes.items():
+            task = tasks.get(name)
+            if task is None:
+                raise ExmeError(f"{self.base_path}: the model's parameter {name} is not stored in the base model folder")
+            if tuple(task.out_spec.shape) != shape or not task.merge:
+                raise ExmeError(
+                    f"{self.base_path}: tensor {name} is stored as {tuple(task.out_spec.shape)} "
+                    f"{task.out_spec.dtype}, but the loaded model's parameter is {shape}"
+                )
+        held = []
+        for i, inp in enumerate(inputs[1:], start=1):
+            reads = {name: tasks[name].reads[i] for name in self.targets}
+            rows = {name: inp.checkpoint.spec(tasks[name].reads[i]).shape[0] for name in self.targets
+                    if tasks[name].common_rows is not None
+                    and inp.checkpoint.spec(tasks[name].reads[i]).shape[0] != self._shapes[name][0]}
+            held.append(_Held(Path(paths[i - 1]), inp.checkpoint, reads, rows))
+        return held
+
     def set_models(self, paths: Sequence[str | Path]) -> None:
-        """Hold the checkpoints θ₁..θ_K (the ones kept after ranking); replaces any held before."""
-        self.models, self._checkpoints, self.model_paths = [], [], []
-        names = list(self.targets)
-        for path in paths:
-            ckpt = _open_checked(Path(path), names, self._shapes)
+        """Hold the checkpoints θ₁..θ_K (the ones kept after ranking); replaces any held before.
+
+        A path may be a full model folder or a PEFT LoRA adapter folder (held as its factors).
+        """
+        held = self._align(paths)
+        for h in held:
+            if isinstance(h.source, AdapterSource):
+                continue  # rebuilt per tensor from the factors: never a full θᵢ in memory
             if self.store == "checkpoints":
-                self.models.append({n: ckpt.get(n, self._hold_on) for n in names})
+                h.tensors = {n: self._theta(h, n) for n in self.targets}
             else:  # Δ = θ − θ_b exactly as the merge methods compute it (float32 subtraction)
-                self.models.append({n: torch.sub(ckpt.get(n, self._hold_on), self.base[n].float()) for n in names})
-            self._checkpoints.append(ckpt)
-            self.model_paths.append(Path(path))
+                h.tensors = {n: torch.sub(self._theta(h, n), self.base[n].float()) for n in self.targets}
+        self._held = held
+        self.model_paths = [h.path for h in held]
         self.current = None
 
+    def _theta(self, h: _Held, name: str) -> torch.Tensor:
+        """θᵢ of one tensor read from its source, lined up with the base's rows.
+
+        Added vocabulary rows are left out; a checkpoint with fewer rows than the base takes the
+        base's rows beyond its own (Δ = 0 there), as the merge engine copies them from the base.
+        """
+        t = h.source.get(h.reads[name], self._hold_on)
+        rows = h.rows.get(name)
+        if rows is None:
+            return t
+        base_rows = self._shapes[name][0]
+        if rows > base_rows:
+            return t[:base_rows]
+        return torch.cat([t, self.base[name][rows:].to(t.dtype)])
+
+    @property
+    def models(self) -> list[Any]:
+        """What is held per checkpoint: a dict of θᵢ (or Δᵢ) tensors, or the adapter source."""
+        return [h.source if h.lazy else h.tensors for h in self._held]
+
     def _model_tensors(self, name: str) -> list[torch.Tensor]:
-        """θᵢ of one tensor for every held checkpoint (read from disk when only Δᵢ are held)."""
+        """θᵢ of one tensor for every held checkpoint (read or rebuilt when only Δᵢ or factors are held)."""
         if self.store == "checkpoints":
-            return [m[name] for m in self.models]
-        return [ck.get(name, self._hold_on) for ck in self._checkpoints]
+            return [self._theta(h, name) if h.lazy else h.tensors[name] for h in self._held]
+        return [self._theta(h, name) for h in self._held]
+
+    def _combine_inputs(self, name: str) -> tuple[list[torch.Tensor], bool]:
+        """The per-checkpoint tensors ``apply`` combines: θᵢ, or Δᵢ in float32 (the bool says which)."""
+        if self.store == "checkpoints":
+            return [self._theta(h, name) if h.lazy else h.tensors[name] for h in self._held], False
+        deltas = [torch.sub(self._theta(h, name), self.base[name].float()) if h.lazy else h.tensors[name]
+                  for h in self._held]
+        return deltas, True
 
     # ------------------------------------------------------------------ candidates
     @torch.no_grad()
@@ -145,13 +207,12 @@ class LiveModel:
         """Copy a checkpoint's weights exactly into the model (to score an SFT checkpoint as it is)."""
         path = Path(path)
         if path in self.model_paths and self.store == "checkpoints":
-            held = self.models[self.model_paths.index(path)]
-            for name, p in self.targets.items():
-                p.copy_(held[name])
+            h = self._held[self.model_paths.index(path)]
         else:  # tensor by tensor: never a second copy of the model in memory
-            ckpt = _open_checked(path, list(self.targets), self._shapes)
-            for name, p in self.targets.items():
-                p.copy_(ckpt.get(name))
+            h = self._align([path])[0]
+        for name, p in self.targets.items():
+            p.copy_(self._theta(h, name) if h.lazy else h.tensors[name])
+        self._check_finite(f"checkpoint {path}")
         self.current = ("checkpoint", str(path))
 
     @torch.no_grad()
@@ -169,15 +230,19 @@ class LiveModel:
         leave the cache), on an accelerator as whole-tensor operations.
         """
         coeffs = [float(c) for c in coeffs]
-        if len(coeffs) != len(self.models):
-            raise ExmeError(f"{len(coeffs)} coefficients given for {len(self.models)} held checkpoints")
-        combine = _combine_into if self.store == "checkpoints" else _combine_deltas_into
+        if len(coeffs) != len(self._held):
+            raise ExmeError(f"{len(coeffs)} coefficients given for {len(self._held)} held checkpoints")
+        def one(name: str, p: torch.nn.Parameter, bufs: dict[str, torch.Tensor]) -> None:
+            tensors, deltas = self._combine_inputs(name)
+            chunk = None if self.device.type != "cpu" else _CHUNK
+            methods.combine_into(p.data, self.base[name], tensors, coeffs, deltas=deltas, chunk=chunk, bufs=bufs)
+
         if self.device.type != "cpu":
             for name, p in self.targets.items():
-                combine(p.data, self.base[name], [m[name] for m in self.models], coeffs, None, {})
+                one(name, p, {})
         else:
-            self._cpu_parallel(lambda name, p, bufs: combine(
-                p.data, self.base[name], [m[name] for m in self.models], coeffs, _CHUNK, bufs))
+            self._cpu_parallel(one)
+        self._check_finite(f"candidate θ_b + Σ cᵢΔᵢ with c = {coeffs}")
         self.current = ("coeffs", tuple(coeffs))
 
     def _cpu_parallel(self, work: Callable[[str, torch.nn.Parameter, dict[str, torch.Tensor]], None]) -> None:
@@ -208,28 +273,22 @@ class LiveModel:
 
     @torch.no_grad()
     def apply_method(self, method: str, *, seed: int = 0, **params: Any) -> None:
-        """Write a merge method's result (``exme.merge.methods.<method>``) tensor by tensor.
+        """Write a merge method's result (:mod:`exme.merge.registry`) tensor by tensor.
 
         For TIES and DARE baselines, whose per-tensor work (top-k masks, random drops) is not a
-        linear combination. DARE masks come from ``tensor_generator(seed, name)``, the same
-        generator the merge engine uses, so a baseline can be written to disk identically.
+        linear combination. ``params`` are the method's function kwargs (``registry.baseline_kwargs``
+        gives them for a baseline setting). DARE masks come from ``tensor_generator(seed, name)``,
+        the same generator the merge engine uses, so a baseline can be written to disk identically.
         """
-        from exme.merge import methods
+        from exme.merge.registry import get_method
 
-        fn = getattr(methods, method, None)
-        if fn is None:
-            raise ExmeError(f"unknown merge method {method!r}")
-        sig = inspect.signature(fn).parameters
+        spec = get_method(method)
 
         def one(name: str, p: torch.nn.Parameter, bufs: dict[str, torch.Tensor] | None = None) -> None:
-            kwargs = dict(params)
-            if "generator" in sig:
-                # A CPU generator, as the merge engine uses: the same masks on every device.
-                kwargs["generator"] = methods.tensor_generator(seed, name, "cpu")
-            if "out_dtype" in sig:
-                kwargs["out_dtype"] = p.dtype
-            models = self._model_tensors(name)
-            out = fn(self.base[name], models, **kwargs) if "base" in sig else fn(models, **kwargs)
+            # A CPU generator, as the merge engine uses: the same masks on every device.
+            generator = methods.tensor_generator(seed, name, "cpu") if spec.random else None
+            base = self.base[name] if spec.needs_base else None
+            out = spec.merge(base, self._model_tensors(name), **params, generator=generator, out_dtype=p.dtype)
             p.data.copy_(out)
 
         if self.device.type == "cpu":
@@ -237,83 +296,22 @@ class LiveModel:
         else:
             for name, p in self.targets.items():
                 one(name, p)
+        self._check_finite(f"{method} with {params}")
         self.current = (method, tuple(sorted(params.items())), seed)
+
+    def _check_finite(self, what: str) -> None:
+        """Refuse NaN/Inf weights: put the base back and raise :class:`NonFiniteCandidate`.
+
+        A finite sum means every element is finite, so the common case costs one reduction per tensor.
+        """
+        for name, p in self.targets.items():
+            if not bool(torch.isfinite(p.data.sum())) and not bool(torch.isfinite(p.data).all()):
+                self.apply_base()
+                raise NonFiniteCandidate(
+                    f"{what}: tensor {name} has NaN or Inf in {str(self.dtype).removeprefix('torch.')} (an overflow, or a "
+                    "non-finite input); this candidate cannot be evaluated"
+                )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The live weights by checkpoint tensor name (views, not copies)."""
         return {name: p.data for name, p in self.targets.items()}
-
-
-def _combine_into(
-    out: torch.Tensor,
-    base: torch.Tensor,
-    models: Sequence[torch.Tensor],
-    coeffs: Sequence[float],
-    chunk: int | None,
-    bufs: dict[str, torch.Tensor],
-) -> None:
-    """out ← cast(b + Σ cᵢ·(mᵢ − b)), all arithmetic in float32, in order i = 1..K."""
-    o, b = out.view(-1), base.reshape(-1)
-    ms = [m.reshape(-1) for m in models]
-    n = o.numel()
-    step = n if chunk is None else chunk
-    size = min(step, n)
-    if chunk is None:
-        b32 = torch.empty(size, dtype=torch.float32, device=o.device)
-        acc, d = torch.empty_like(b32), torch.empty_like(b32)
-    else:
-        if "b32" not in bufs:
-            bufs.update({k: torch.empty(chunk, dtype=torch.float32) for k in ("b32", "acc", "d")})
-        b32, acc, d = bufs["b32"][:size], bufs["acc"][:size], bufs["d"][:size]
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        k = e - s
-        bb, aa, dd = b32[:k], acc[:k], d[:k]
-        bb.copy_(b[s:e])
-        if not ms:
-            aa.copy_(bb)
-        for i, (m, c) in enumerate(zip(ms, coeffs)):
-            dd.copy_(m[s:e])
-            dd.sub_(bb)
-            if i == 0:  # aa = bb + c·dd without first copying bb into aa (same fused multiply-add)
-                torch.add(bb, dd, alpha=c, out=aa)
-            else:
-                aa.add_(dd, alpha=c)
-        o[s:e].copy_(aa)
-
-
-def _combine_deltas_into(
-    out: torch.Tensor,
-    base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
-    coeffs: Sequence[float],
-    chunk: int | None,
-    bufs: dict[str, torch.Tensor],
-) -> None:
-    """out ← cast(b + Σ cᵢ·Δᵢ) with Δᵢ precomputed in float32: the same operations as :func:`_combine_into`
-    minus the per-candidate conversion and subtraction of each checkpoint."""
-    o, b = out.view(-1), base.reshape(-1)
-    ds = [d.reshape(-1) for d in deltas]
-    n = o.numel()
-    step = n if chunk is None else chunk
-    size = min(step, n)
-    if chunk is None:
-        b32 = torch.empty(size, dtype=torch.float32, device=o.device)
-        acc = torch.empty_like(b32)
-    else:
-        if "b32" not in bufs:
-            bufs.update({k: torch.empty(chunk, dtype=torch.float32) for k in ("b32", "acc", "d")})
-        b32, acc = bufs["b32"][:size], bufs["acc"][:size]
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        k = e - s
-        bb, aa = b32[:k], acc[:k]
-        bb.copy_(b[s:e])
-        if not ds:
-            aa.copy_(bb)
-        for i, (d, c) in enumerate(zip(ds, coeffs)):
-            if i == 0:
-                torch.add(bb, d[s:e], alpha=c, out=aa)
-            else:
-                aa.add_(d[s:e], alpha=c)
-        o[s:e].copy_(aa)

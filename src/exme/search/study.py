@@ -73,6 +73,11 @@ class Record:
     seconds: float
     number: int  # the Optuna trial number (-1 for an evaluation just added by this worker)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Each item's score by task and item id (empty when the evaluator cannot give them).
+    per_item: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per generative task: generation statistics (mean tokens, share hitting the limit, ...).
+    generation: dict[str, dict[str, float]] = field(default_factory=dict)
+    failed: str | None = None  # why the candidate could not be scored; never chosen
 
     @property
     def total_items(self) -> int:
@@ -85,15 +90,35 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+#: The value recorded for a candidate that could not be scored (e.g. NaN/Inf weights): finite, so
+#: Optuna and TPE accept it, and far below any real score; :func:`best` never picks such a record.
+FAILED_SCORE = -1e300
+
+
+def failed_scores(reason: str) -> dict[str, Any]:
+    """What an objective returns for a candidate that could not be scored."""
+    return {"overall": FAILED_SCORE, "tasks": {}, "n_items": {}, "failed": reason}
+
+
 def scores_dict(scores: Any) -> dict[str, Any]:
-    """``overall``, ``tasks``, ``n_items`` of an evaluator's scores (an object or a mapping)."""
+    """``overall``, ``tasks``, ``n_items``, ``per_item`` and ``generation`` of an evaluator's scores
+    (an object or a mapping): what a trial stores."""
     get = scores.get if isinstance(scores, dict) else lambda k, d=None: getattr(scores, k, d)
+    if isinstance(scores, dict) and scores.get("failed"):
+        return {"overall": FAILED_SCORE, "tasks": {}, "n_items": {}, "per_item": {}, "generation": {},
+                "failed": str(scores["failed"])}
     overall = float(get("overall"))
     tasks = {str(k): float(v) for k, v in (get("tasks") or {}).items()}
     n_items = {str(k): int(v) for k, v in (get("n_items") or {}).items()}
     if not math.isfinite(overall):
         raise ExmeError(f"the evaluator returned a non-finite overall score ({overall}); check the suite")
-    return {"overall": overall, "tasks": tasks, "n_items": n_items}
+    per_item = {str(t): {str(i): float(v) for i, v in items.items()} for t, items in (get("per_item") or {}).items()}
+    details = get("details") or {}
+    generation = {
+        str(t): {str(k): float(v) for k, v in d["generation"].items()}
+        for t, d in details.items() if isinstance(d, dict) and isinstance(d.get("generation"), dict)
+    }
+    return {"overall": overall, "tasks": tasks, "n_items": n_items, "per_item": per_item, "generation": generation}
 
 
 class StudyStore:
@@ -311,6 +336,7 @@ class StudyStore:
         return Record(
             params=dict(point.params), split=point.split, limit=point.limit, overall=scores["overall"],
             tasks=scores["tasks"], n_items=scores["n_items"], seconds=seconds, number=-1,
+            per_item=scores["per_item"], generation=scores["generation"], failed=scores.get("failed"),
         )
 
     # ---------------------------------------------------------------- TPE
@@ -367,7 +393,8 @@ class StudyStore:
             earlier = self.records(study).get(point.key)
             t0 = time.perf_counter()
             if earlier is not None:  # the same suggestion again: reuse, never re-evaluate
-                scores = {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items}
+                scores = {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items,
+                          "per_item": earlier.per_item, "generation": earlier.generation, "failed": earlier.failed}
             else:
                 scores = scores_dict(objective(point))
             seconds = time.perf_counter() - t0
@@ -376,7 +403,9 @@ class StudyStore:
                 "limit": None, "seconds": seconds, "reused": earlier is not None, **scores,
             })
             study.tell(trial, scores["overall"])
-            rec = Record(point.params, "dev", None, scores["overall"], scores["tasks"], scores["n_items"], seconds, trial.number)
+            rec = Record(point.params, "dev", None, scores["overall"], scores["tasks"], scores["n_items"], seconds,
+                         trial.number, per_item=scores["per_item"], generation=scores["generation"],
+                         failed=scores.get("failed"))
             reported.add(trial.number)
             if on_result:
                 on_result(point, rec, earlier is not None)
@@ -421,6 +450,9 @@ def _record(t: optuna.trial.FrozenTrial) -> Record:
         seconds=float(ua.get("seconds", 0.0)),
         number=t.number,
         extra={"reused": bool(ua.get("reused", False))},
+        per_item={t: {i: float(v) for i, v in items.items()} for t, items in ua.get("per_item", {}).items()},
+        generation={t: dict(g) for t, g in ua.get("generation", {}).items()},
+        failed=ua.get("failed"),
     )
 
 
@@ -464,5 +496,9 @@ def best(records: Iterable[Record]) -> Record:
     records = list(records)
     if not records:
         raise ExmeError("no evaluations to choose from")
+    scored = [r for r in records if r.failed is None]
+    if not scored:
+        raise ExmeError(f"every candidate failed ({records[0].failed}); check the inputs and the dtype")
+    records = scored
     top = max(r.overall for r in records)
     return next(r for r in records if r.overall == top)

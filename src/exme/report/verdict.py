@@ -1,0 +1,171 @@
+"""The verdict of a run: paired comparisons of ExMe with every reference, collapse flags, and the recommendation.
+
+Pure functions over the final table (:class:`~exme.report.schema.FinalRow`), used by the pipeline to
+fill ``results.json`` and by the report and the console to state them. Nothing here reads a file or
+a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from exme.report.schema import Comparison, FinalRow, Recommendation, SplitScores
+from exme.report.stats import paired_comparison
+
+OVERALL = "overall"
+
+
+def best_sft_row(rows: Sequence[FinalRow]) -> FinalRow | None:
+    """The SFT row with the best dev (search) score: the checkpoint to beat, chosen without test or confirm."""
+    sfts = [r for r in rows if r.kind == "sft"]
+    if not sfts:
+        return None
+    if all(r.dev is not None for r in sfts):
+        return max(sfts, key=lambda r: r.dev.overall)  # type: ignore[union-attr]  # ties: the first (rank order)
+    return sfts[0]
+
+
+def references(rows: Sequence[FinalRow]) -> list[FinalRow]:
+    """What ExMe is compared with: the best SFT, each EXPO, each baseline (in table order)."""
+    sft = best_sft_row(rows)
+    return ([sft] if sft is not None else []) + [r for r in rows if r.kind in ("expo", "baseline")]
+
+
+def _scores(row: FinalRow, split: str) -> SplitScores | None:
+    return row.test if split == "test" else row.confirm
+
+
+def compare(rows: Sequence[FinalRow], weights: Mapping[str, float], *, split: str, n_resamples: int,
+            seed: int) -> list[Comparison]:
+    """ExMe − each reference on ``split``, overall (stratified, the overall score's weights) and per task.
+
+    A pair without per-item scores on both sides is left out: the report then says "not available".
+    """
+    exme = next((r for r in rows if r.kind == "exme"), None)
+    if exme is None or _scores(exme, split) is None:
+        return []
+    a = _scores(exme, split)
+    out: list[Comparison] = []
+    for ref in references(rows):
+        b = _scores(ref, split)
+        if b is None or ref.failed or exme.failed:
+            continue
+        for task in [OVERALL, *a.tasks]:
+            stats = paired_comparison(a, b, weights, task=None if task == OVERALL else task,
+                                      n_resamples=n_resamples, seed=seed)
+            if stats is None:
+                continue
+            out.append(Comparison(
+                a=exme.name, b=ref.name, split=split, task=task, n=stats.n, diff=stats.diff, se=stats.se,
+                ci_low=stats.ci_low, ci_high=stats.ci_high, p_value=stats.p_value, test=stats.test,
+                mdd=stats.mdd, verdict=stats.verdict,
+            ))
+    return out
+
+
+def find(comparisons: Sequence[Comparison], b: str, *, split: str = "test", task: str = OVERALL) -> Comparison | None:
+    return next((c for c in comparisons if c.b == b and c.split == split and c.task == task), None)
+
+
+def recommend(rows: Sequence[FinalRow], comparisons: Sequence[Comparison], paths: Mapping[str, str | None]) -> Recommendation | None:
+    """The model to use: the best **confirm** score among the scored models, where ExMe qualifies only
+    if its paired confirm difference over the best SFT is positive; ties go to the earlier row of the
+    table (base, SFT, EXPO, ExMe, baselines), so a tie with an SFT checkpoint keeps the checkpoint.
+
+    Without a confirm split the search scores are used and the reason says how optimistic they are.
+    ``paths`` maps row names to where the model is on disk (``None``: not written by the run).
+    """
+    usable = [r for r in rows if not r.failed and not r.collapsed]
+    with_confirm = [r for r in usable if r.confirm is not None]
+    split = "confirm" if with_confirm else "dev"
+    pool = with_confirm or [r for r in usable if r.dev is not None]
+    if not pool:
+        return None
+
+    def score(r: FinalRow) -> float:
+        s = r.confirm if split == "confirm" else r.dev
+        return s.overall  # type: ignore[union-attr]
+
+    sft = best_sft_row(rows)
+    ranked = sorted(range(len(pool)), key=lambda i: (-score(pool[i]), i))
+    note = ""
+    for i in ranked:
+        row = pool[i]
+        if row.kind == "exme" and sft is not None and split == "confirm":
+            c = find(comparisons, sft.name, split="confirm")
+            diff = c.diff if c is not None else score(row) - score(sft)
+            if diff <= 0:
+                note = (f" ExMe had the best confirm score but its paired confirm difference over the best SFT "
+                        f"({sft.name}) is {diff:+.4f}, not positive, so it is not recommended.")
+                continue
+        top = score(row)
+        if split == "confirm":
+            reason = f"best confirm score ({top:.4f}) among the chosen models"
+            if row.kind == "exme" and sft is not None:
+                c = find(comparisons, sft.name, split="confirm")
+                if c is not None:
+                    reason += (f"; ExMe − {sft.name} on confirm {c.diff:+.4f} "
+                               f"(95% CI {c.ci_low:+.4f} to {c.ci_high:+.4f}: {c.verdict})")
+        else:
+            reason = (f"best dev score ({top:.4f}); no confirm split was held out, so this score is the one the "
+                      "searches maximised and flatters the searched models")
+        return Recommendation(name=row.name, path=paths.get(row.name), reason=reason + "." + note)
+    return None
+
+
+def collapse_flags(rows: Sequence[FinalRow], margin: float, split: str = "test") -> dict[str, list[str]]:
+    """Rows whose share of generations that hit the token limit exceeds the best SFT's by more than
+    ``margin`` on some generative task: ``{row name: [tasks]}``."""
+    sft = best_sft_row(rows)
+    if sft is None:
+        return {}
+    ref = sft.test if split == "test" else sft.dev
+    if ref is None:
+        return {}
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        s = row.test if split == "test" else row.dev
+        if s is None or row is sft:
+            continue
+        tasks = [t for t, g in s.generation.items()
+                 if t in ref.generation and g.get("hit_limit", 0.0) - ref.generation[t].get("hit_limit", 0.0) > margin]
+        if tasks:
+            out[row.name] = tasks
+    return out
+
+
+def is_collapsed(generation: Mapping[str, Mapping[str, float]], reference: Mapping[str, Mapping[str, float]],
+                 margin: float) -> bool:
+    """Whether some task's hit-the-limit share exceeds the reference's by more than ``margin``."""
+    return any(
+        g.get("hit_limit", 0.0) - reference.get(t, {}).get("hit_limit", 0.0) > margin
+        for t, g in generation.items() if t in reference
+    )
+
+
+def summary_lines(results: Any) -> list[str]:
+    """The outcome in a few plain lines (console and the report's first paragraph):
+    ExMe vs the best SFT and each baseline on test with the CI's words, then the recommendation."""
+    rows = results.final
+    exme = next((r for r in rows if r.kind == "exme"), None)
+    lines: list[str] = []
+    if exme is None:
+        return ["No ExMe model was scored on test."]
+    for ref in references(rows):
+        c = find(results.comparisons, ref.name, split="test")
+        label = f"best SFT ({ref.name})" if ref.kind == "sft" else ref.name
+        if c is None:
+            diff = exme.test.overall - ref.test.overall
+            lines.append(f"ExMe vs {label} on test: {exme.test.overall:.4f} vs {ref.test.overall:.4f}, "
+                         f"{diff:+.4f} (paired statistics not available: no per-item scores)")
+        else:
+            lines.append(f"ExMe vs {label} on test: {exme.test.overall:.4f} vs {ref.test.overall:.4f}, "
+                         f"{c.diff:+.4f} (95% CI {c.ci_low:+.4f} to {c.ci_high:+.4f}, p = {c.p_value:.3g}): {c.verdict}")
+    rec = results.recommended
+    if rec is not None:
+        where = f" at {rec.path}" if rec.path else " (not written by this run)"
+        lines.append(f"Recommended: {rec.name}{where} — {rec.reason}")
+        if rec.name != "ExMe" and results.final_model:
+            lines.append(f"The ExMe model is in {results.final_model}, but it is not the recommended model.")
+    return lines

@@ -1,0 +1,58 @@
+"""`exme run` on a LoRA SFT run makes the same choices and test scores as on PEFT's merged full models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from exme.io import Checkpoint
+
+
+def _suite(root):
+    mc = [{"question": f"{a} + {b} =", "choices": [str(a + b), str(a + b + 1), str(a * b + 3)], "label": 0}
+          for a in range(1, 5) for b in range(1, 4)]
+    ppl = [{"text": f"the number {i} comes after {i - 1}."} for i in range(1, 9)]
+    for name, rows in {"mc.jsonl": mc, "ppl.jsonl": ppl}.items():
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    suite = root / "suite.yaml"
+    suite.write_text(
+        "name: tiny\nsplit: {seed: 0, dev_fraction: 0.5}\ntasks:\n"
+        "  - {name: mc, kind: multiple_choice, data: mc.jsonl}\n"
+        "  - {name: ppl, kind: perplexity, data: ppl.jsonl}\n"
+    )
+    return suite
+
+
+def _run(base, checkpoints, suite, output):
+    from exme.pipeline import PipelineConfig, run_pipeline
+
+    config = PipelineConfig.model_validate({
+        "base": str(base), "checkpoints": str(checkpoints), "suite": str(suite), "output": str(output),
+        "alpha": {"grid": [0.0, 0.5, 1.0]}, "beta": {"grid": [0.0, 0.5, 1.0]}, "baselines": ["linear", "ties"], "seed": 1,
+    })
+    return run_pipeline(config, progress=False, report=False)
+
+
+def _choices(results):
+    return {
+        "ranking": [(r.name, r.kept, r.dev.overall) for r in results.ranking],
+        "alpha": [(s.best_params, s.best_dev) for s in results.alpha_search],
+        "beta": (results.beta_search.best_params, results.beta_search.best_dev),
+        "baselines": [(s.name, s.best_params, s.best_dev) for s in results.baseline_search],
+        "final": [(r.name, r.params.get("checkpoint"), r.test.overall, r.test.tasks) for r in results.final],
+    }
+
+
+@pytest.mark.slow
+def test_lora_run_matches_the_run_on_merged_full_models(lora_models, tmp_path):
+    torch.set_num_threads(1)
+    suite = _suite(tmp_path)
+    on_adapters = _run(lora_models.base, lora_models.root / "run", suite, tmp_path / "lora-run")
+    on_full = _run(lora_models.base, lora_models.root / "merged", suite, tmp_path / "full-run")
+    a, f = _choices(on_adapters), _choices(on_full)
+    assert len(a["ranking"]) == 3 and a == f
+    # The written ExMe model is the same, bitwise.
+    ma, mf = Checkpoint.open(tmp_path / "lora-run" / "model"), Checkpoint.open(tmp_path / "full-run" / "model")
+    assert ma.names == mf.names and all(torch.equal(ma.get(n), mf.get(n)) for n in ma.names)

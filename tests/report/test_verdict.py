@@ -1,0 +1,77 @@
+"""The recommendation and the console verdict, on constructed final tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from exme.report.schema import FinalRow, SplitScores
+from exme.report.verdict import collapse_flags, compare, recommend
+
+N = 40
+
+
+def _split(correct: list[int], generation: dict | None = None) -> SplitScores:
+    s = sum(correct) / len(correct)
+    return SplitScores(overall=s, tasks={"t": s}, n_items={"t": len(correct)},
+                       per_item={"t": {str(i): float(c) for i, c in enumerate(correct)}}, generation=generation or {})
+
+
+def _rows(exme_confirm: list[int], sft_confirm: list[int], expo_confirm: list[int] | None = None) -> list[FinalRow]:
+    same = [1] * 20 + [0] * 20
+    rows = [
+        FinalRow(name="base", kind="base", dev=_split([0] * 40), test=_split([0] * 40), confirm=_split([0] * 40)),
+        FinalRow(name="SFT-1", kind="sft", dev=_split([1] * 25 + [0] * 15), test=_split(same), confirm=_split(sft_confirm)),
+        FinalRow(name="SFT-2", kind="sft", dev=_split([1] * 22 + [0] * 18), test=_split(same), confirm=_split([1] * 10 + [0] * 30)),
+        FinalRow(name="EXPO-1", kind="expo", dev=_split([1] * 26 + [0] * 14), test=_split(same),
+                 confirm=_split(expo_confirm or [1] * 5 + [0] * 35)),
+        FinalRow(name="ExMe", kind="exme", dev=_split([1] * 30 + [0] * 10), test=_split(same), confirm=_split(exme_confirm)),
+    ]
+    return rows
+
+
+PATHS = {"ExMe": "/run/model", "SFT-1": "/sft/checkpoint-1", "SFT-2": "/sft/checkpoint-2", "base": "/base"}
+
+
+def _recommend(rows):
+    comps = compare(rows, {"t": 1.0}, split="confirm", n_resamples=200, seed=0)
+    return recommend(rows, comps, PATHS)
+
+
+def test_exme_better_on_confirm_is_recommended_with_its_path():
+    rec = _recommend(_rows(exme_confirm=[1] * 30 + [0] * 10, sft_confirm=[1] * 20 + [0] * 20))
+    assert rec.name == "ExMe" and rec.path == "/run/model"
+    assert "best confirm score (0.7500)" in rec.reason and "ExMe − SFT-1 on confirm +0.2500" in rec.reason
+
+
+def test_exme_worse_on_confirm_gives_the_best_confirm_model():
+    rec = _recommend(_rows(exme_confirm=[1] * 15 + [0] * 25, sft_confirm=[1] * 20 + [0] * 20))
+    assert rec.name == "SFT-1" and rec.path == "/sft/checkpoint-1"
+
+
+def test_exme_tied_with_the_best_sft_is_not_recommended():
+    # Same confirm score as SFT-1, on other items: the paired difference is 0, not positive.
+    rec = _recommend(_rows(exme_confirm=[0] * 10 + [1] * 20 + [0] * 10, sft_confirm=[1] * 20 + [0] * 20))
+    assert rec.name == "SFT-1"
+
+
+def test_an_evaluation_without_paths_says_it_was_not_written():
+    rec = _recommend(_rows(exme_confirm=[1] * 5 + [0] * 35, sft_confirm=[1] * 5 + [0] * 35, expo_confirm=[1] * 39 + [0]))
+    assert rec.name == "EXPO-1" and rec.path is None
+
+
+def test_collapse_flags_compare_hit_limit_share_with_the_best_sft():
+    gen = lambda share: {"g": {"mean_new_tokens": 10.0, "hit_limit": share, "no_stop": share, "n": 40}}  # noqa: E731
+    rows = _rows([1] * 40, [1] * 40)
+    rows[1] = rows[1].model_copy(update={"test": _split([1] * 20 + [0] * 20, gen(0.05))})
+    rows[3] = rows[3].model_copy(update={"test": _split([1] * 20 + [0] * 20, gen(0.30))})
+    rows[4] = rows[4].model_copy(update={"test": _split([1] * 20 + [0] * 20, gen(0.20))})
+    assert collapse_flags(rows, margin=0.2) == {"EXPO-1": ["g"]}
+    assert collapse_flags(rows, margin=0.1) == {"EXPO-1": ["g"], "ExMe": ["g"]}
+
+
+@pytest.mark.parametrize("split", ["test", "confirm"])
+def test_compare_covers_every_reference_overall_and_per_task(split):
+    rows = _rows([1] * 30 + [0] * 10, [1] * 20 + [0] * 20)
+    comps = compare(rows, {"t": 1.0}, split=split, n_resamples=200, seed=0)
+    assert {(c.b, c.task) for c in comps} == {("SFT-1", "overall"), ("SFT-1", "t"), ("EXPO-1", "overall"), ("EXPO-1", "t")}
+    assert all(c.a == "ExMe" and c.split == split and c.n == N for c in comps)
