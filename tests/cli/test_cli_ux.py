@@ -298,3 +298,17 @@ def test_quiet_mode_turns_off_transformers_loading_bars():
     assert hf_logging.is_progress_bar_enabled()
     set_verbose(False)
     assert not hf_logging.is_progress_bar_enabled()
+
+
+def test_tpe_with_few_trials_per_dimension_is_warned_about(pipeline_yaml):
+    from exme.cli.pipeline import _few_trials_warning
+    from exme.pipeline import PipelineConfig
+
+    text = pipeline_yaml.read_text()
+    pipeline_yaml.write_text(text + "search: {mode: tpe, n_trials: 12}\n")
+    warning = _few_trials_warning(PipelineConfig.from_yaml(pipeline_yaml))
+    assert warning is not None and "n_trials 12 for 4 searched parameters" in warning and "n_trials ≥ 40" in warning
+    pipeline_yaml.write_text(text + "search: {mode: tpe, n_trials: 40}\n")
+    assert _few_trials_warning(PipelineConfig.from_yaml(pipeline_yaml)) is None
+    pipeline_yaml.write_text(text)
+    assert _few_trials_warning(PipelineConfig.from_yaml(pipeline_yaml)) is None  # grid search

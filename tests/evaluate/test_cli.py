@@ -85,3 +85,19 @@ def test_bad_model_folder_and_split_exit_2(suite_file, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--suite", str(suite_file), "--split", "train"]) == 2
     assert "--split 'train'" in capsys.readouterr().err
+
+
+def test_split_all_scores_every_item_once_and_output_path_writes_the_same_json(tiny_lm, suite_file, tmp_path):
+    _, _, model_dir = tiny_lm
+    both, every = tmp_path / "both.json", tmp_path / "lm_eval_style"
+    assert main(["eval", str(model_dir), "--suite", str(suite_file), "--json", str(both)]) == 0
+    assert main(["eval", str(model_dir), "--suite", str(suite_file), "--split", "all", "--output_path", str(every)]) == 0
+    halves = json.loads(both.read_text())["scores"]
+    whole = json.loads((every / "results.json").read_text())["scores"]
+    assert list(halves) == ["dev", "test"] and list(whole) == ["all"]
+    for task in ("mc", "gsm"):
+        n_dev, n_test = halves["dev"]["n_items"][task], halves["test"]["n_items"][task]
+        assert whole["all"]["n_items"][task] == n_dev + n_test
+        # Accuracy and exact match are means over items: the whole set is the item-weighted mean of its halves.
+        pooled = (n_dev * halves["dev"]["tasks"][task] + n_test * halves["test"]["tasks"][task]) / (n_dev + n_test)
+        assert whole["all"]["tasks"][task] == pytest.approx(pooled)

@@ -24,6 +24,23 @@ def _start(cfg, threads: Optional[int], verbose: bool, quiet: bool) -> None:
         header=not quiet, threads_source="--threads" if threads is not None else "threads",
         interrupted=f"finished evaluations are kept in {where}; run the same command again to resume",
     )
+    warning = _few_trials_warning(cfg)
+    if warning and not quiet:
+        print(warning)
+
+
+def _few_trials_warning(cfg) -> str | None:
+    """TPE with under 10 trials per searched dimension (α and w per kept checkpoint) is close to random search."""
+    if cfg.search.mode != "tpe":
+        return None
+    dims = 2 * cfg.top_k
+    if cfg.search.n_trials >= 10 * dims:
+        return None
+    return (
+        f"warning: search.n_trials {cfg.search.n_trials} for {dims} searched parameters (α and w for each of top_k "
+        f"{cfg.top_k}); TPE has little to learn from under ~10 trials per parameter, so the choice is close to a "
+        f"random search's: consider n_trials ≥ {10 * dims}"
+    )
 
 
 @app.command("run")
