@@ -37,6 +37,10 @@ def eval_command(
     include_path: Optional[list[Path]] = typer.Option(
         None, "--include-path", help="A folder of lm-eval task YAML files (repeatable), as lm-eval's --include_path."
     ),
+    log_samples: bool = typer.Option(
+        False, "--log-samples", help="Also write each item's record, output and score as samples_<split>.jsonl "
+        "beside the JSON (--output_path DIR or --json FILE's folder), as lm-eval's --log_samples.",
+    ),
     threads: Optional[int] = threads_option(),
     verbose: bool = verbose_option(),
 ) -> None:
@@ -52,6 +56,9 @@ def eval_command(
     if limit is not None and limit < 1:
         raise ExmeError(f"--limit {limit}: give a positive number of items per task, or leave --limit out for all")
     dtype = dtype_option(dtype, "--dtype") or "auto"
+    samples_dir = output_path if output_path is not None else (json_out.parent if json_out is not None else None)
+    if log_samples and samples_dir is None:
+        raise ExmeError("--log-samples needs a place to write: add --output_path DIR (or --json FILE)")
     start(device=device, threads=threads, verbose=verbose, interrupted="nothing was saved (scores are written when every split is done)")
     opts: dict = {} if batch_size is None else {"batch_size": batch_size}
     if parse_evaluator_spec(spec, include_path=include_path or None).kind == "suite":
@@ -61,7 +68,7 @@ def eval_command(
     outputs = [p for p in (json_out, output_path / "results.json" if output_path else None) if p is not None]
     results = evaluate_folder(
         model_dir, spec, split=split, device=device, dtype=dtype, limit=limit,
-        json_out=outputs[0] if outputs else None, **opts,
+        json_out=outputs[0] if outputs else None, log_samples=samples_dir if log_samples else None, **opts,
     )
     for extra in outputs[1:]:
         extra.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +91,7 @@ def eval_command(
             table.add_row(task if name == primary else "", name, *cells)
     table.add_row("overall", "weighted mean", *[f"{results[s].overall:.4f}" for s in splits], style="bold")
     Console().print(table)
-    for path in outputs:
+    for path in outputs + ([samples_dir / f"samples_{s}.jsonl" for s in splits] if log_samples else []):
         Console().print(f"wrote {path}")
 
 

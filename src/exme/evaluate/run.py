@@ -46,20 +46,30 @@ def evaluate_folder(
     dtype: str = "auto",
     limit: int | None = None,
     json_out: str | Path | None = None,
+    log_samples: str | Path | None = None,
     **opts: Any,
 ) -> dict[str, Scores]:
     """Scores of the model in ``model_dir`` on ``split`` (``"both"`` = dev and test), optionally written as JSON.
 
-    The evaluator is loaded first so a bad suite fails before the model is read.
+    The evaluator is loaded first so a bad suite fails before the model is read. ``log_samples``
+    (a folder) writes ``samples_<split>.jsonl`` there: one line per item with its record, the
+    model's output and its score (as lm-eval's ``--log_samples``; suites only).
     """
     from exme.evaluate import load_evaluator
 
     if split not in SPLIT_CHOICES:
         raise ExmeError(f"--split {split!r} is not one of {list(SPLIT_CHOICES)}")
     evaluator = load_evaluator(spec, **opts)
+    if log_samples is not None:
+        if not hasattr(evaluator, "suite") or not hasattr(evaluator, "keep_items"):
+            raise ExmeError("--log-samples works with suite YAML files; lm-eval tasks log samples with lm-eval itself")
+        evaluator.keep_items = True
     model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
     splits = ("dev", "test") if split == "both" else (split,)
     results = {s: evaluator.evaluate(model, tokenizer, s, limit=limit) for s in splits}
+    if log_samples is not None:
+        for s, scores in results.items():
+            write_samples(evaluator.suite, s, scores, Path(log_samples) / f"samples_{s}.jsonl")
     if json_out is not None:
         describe = getattr(evaluator, "describe", None)
         document = {
@@ -73,3 +83,18 @@ def evaluate_folder(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(document, indent=2, default=str) + "\n")
     return results
+
+
+def write_samples(suite: Any, split: str, scores: Scores, path: Path) -> Path:
+    """One JSON line per scored item: task, split, position, the record, and what the model did.
+
+    Moves the per-item records out of ``scores.details`` (they would bloat the scores JSON).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for task in suite.tasks:
+            items = scores.details.get(task.name, {}).pop("items", None) or []
+            for position, (record, item) in enumerate(zip(task.records(split), items)):
+                line = {"task": task.name, "split": split, "position": position, "doc": record, **item}
+                fh.write(json.dumps(line, default=str) + "\n")
+    return path
