@@ -312,3 +312,25 @@ def test_tpe_with_few_trials_per_dimension_is_warned_about(pipeline_yaml):
     assert _few_trials_warning(PipelineConfig.from_yaml(pipeline_yaml)) is None
     pipeline_yaml.write_text(text)
     assert _few_trials_warning(PipelineConfig.from_yaml(pipeline_yaml)) is None  # grid search
+
+
+def test_a_bad_option_value_is_a_usage_error_not_a_traceback(run_cli, tmp_path):
+    code, _, err = run_cli("eval", tmp_path, "--suite", "s.yaml", "--limit", "many")
+    assert code == 2 and "Traceback" not in err and "Invalid value for '--limit'" in err
+    code, _, err = run_cli("merge", "--no-such-option")
+    assert code == 2 and "No such option" in err and "Traceback" not in err
+
+
+def test_threads_auto_is_accepted(run_cli, pipeline_yaml, monkeypatch):
+    import exme.pipeline as pipeline
+    from exme.threads import available_cpus
+
+    monkeypatch.setattr(pipeline, "rank_checkpoints", lambda cfg, progress=True: [])
+    before = torch.get_num_threads()
+    try:
+        code, out, err = run_cli("rank", pipeline_yaml, "--threads", "auto")
+        assert code == 0, err
+        assert re.search(rf"threads: \d+ \(auto: {available_cpus()} CPUs, load", out)
+        assert 1 <= torch.get_num_threads() <= available_cpus()
+    finally:
+        torch.set_num_threads(before)

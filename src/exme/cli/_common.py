@@ -17,7 +17,7 @@ THREADS_HELP = (
 
 
 def threads_option() -> Optional[int]:
-    return typer.Option(None, "--threads", metavar="N", help=THREADS_HELP, show_default=False)
+    return typer.Option(None, "--threads", metavar="N|auto", help=THREADS_HELP, show_default=False)
 
 
 def verbose_option() -> bool:

@@ -28,7 +28,7 @@ def finetune_command(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto."),
     save_optimizer: bool = typer.Option(False, "--save-optimizer", help="Also save optimizer state (resumable, larger)."),
     force: bool = typer.Option(False, "--force", help="Replace checkpoint-* folders already in OUTPUT."),
-    threads: Optional[int] = threads_option(),
+    threads: Optional[str] = threads_option(),
     verbose: bool = verbose_option(),
 ) -> None:
     """Fine-tune MODEL on DATA (loss on completions only) and save checkpoint-* folders for `exme run`."""

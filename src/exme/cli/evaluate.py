@@ -41,7 +41,7 @@ def eval_command(
         False, "--log-samples", help="Also write each item's record, output and score as samples_<split>.jsonl "
         "beside the JSON (--output_path DIR or --json FILE's folder), as lm-eval's --log_samples.",
     ),
-    threads: Optional[int] = threads_option(),
+    threads: Optional[str] = threads_option(),
     verbose: bool = verbose_option(),
 ) -> None:
     """Score a model folder on a suite and print a table (one column per split)."""

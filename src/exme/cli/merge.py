@@ -101,7 +101,7 @@ def merge_command(
     seed: int = _SEED,
     quiet: bool = _QUIET,
     output_format: Optional[str] = _FORMAT,
-    threads: Optional[int] = threads_option(),
+    threads: Optional[str] = threads_option(),
     verbose: bool = verbose_option(),
 ) -> None:
     """Merge models as described by a mergekit-style YAML config.
@@ -138,7 +138,7 @@ def extrapolate_command(
     force: bool = _FORCE,
     quiet: bool = _QUIET,
     output_format: Optional[str] = _FORMAT,
-    threads: Optional[int] = threads_option(),
+    threads: Optional[str] = threads_option(),
     verbose: bool = verbose_option(),
 ) -> None:
     """ExPO: write θ + α(θ − θ_b), the fine-tuned model pushed further along its own task vector.

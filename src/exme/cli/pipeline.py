@@ -16,7 +16,7 @@ _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 _CONFIG = typer.Argument(..., metavar="CONFIG", help="PIPELINE.yaml: base, checkpoints, suite, search, output.")
 
 
-def _start(cfg, threads: Optional[int], verbose: bool, quiet: bool) -> None:
+def _start(cfg, threads: Optional[str], verbose: bool, quiet: bool) -> None:
     """Device and threads (``--threads`` over the file's ``threads:``) before any folder is created."""
     where = cfg.storage or str(Path(cfg.output) / "study.db")
     start(
@@ -49,7 +49,7 @@ def run(
     storage: Optional[str] = _STORAGE,
     device: Optional[str] = _DEVICE,
     quiet: bool = _QUIET,
-    threads: Optional[int] = threads_option(),
+    threads: Optional[str] = threads_option(),
     verbose: bool = verbose_option(),
 ) -> None:
     """Rank the checkpoints, search α and β on dev, evaluate on test, write the model and the report.
@@ -76,7 +76,7 @@ def rank(
     storage: Optional[str] = _STORAGE,
     device: Optional[str] = _DEVICE,
     quiet: bool = _QUIET,
-    threads: Optional[int] = threads_option(),
+    threads: Optional[str] = threads_option(),
     verbose: bool = verbose_option(),
 ) -> None:
     """Score every checkpoint on the dev split and show which top_k are kept (recorded for `exme run`)."""
