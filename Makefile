@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# Install torch first: on a CPU-only machine this keeps pip from pulling a multi-GB CUDA build.
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,lm-eval,peft]'
+	$(PY) -m pip install -q -e '.[test,lm-eval,peft,postgres]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -26,6 +26,8 @@ def test_run_writes_results_report_and_a_model_that_reproduces_its_test_score(tm
     assert main(["run", str(config), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "ExMe" in printed and f"report: {tmp_path / 'run' / 'report.md'}" in printed
+    # the verdict and the recommendation end every run, as in the report
+    assert "ExMe vs best SFT (SFT-" in printed and "\nRecommended: " in printed
 
     run = tmp_path / "run"
     results = load_results(run)  # validates results.json against the schema

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from exme.errors import ExmeError
@@ -246,7 +245,7 @@ def test_a_non_finite_candidate_is_scored_as_failed_never_chosen(tmp_path, sft_r
     flagged, the search goes on and chooses among the others (the optimum α = 0.5 is on the grid)."""
     from synthetic import SyntheticEvaluator
 
-    from conftest import P1, P2
+    from conftest import P1
     from exme.pipeline import stages
     from exme.pipeline.run import Runner
     from exme.search.live import NonFiniteCandidate

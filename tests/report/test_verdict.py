@@ -75,3 +75,47 @@ def test_compare_covers_every_reference_overall_and_per_task(split):
     comps = compare(rows, {"t": 1.0}, split=split, n_resamples=200, seed=0)
     assert {(c.b, c.task) for c in comps} == {("SFT-1", "overall"), ("SFT-1", "t"), ("EXPO-1", "overall"), ("EXPO-1", "t")}
     assert all(c.a == "ExMe" and c.split == split and c.n == N for c in comps)
+
+
+def test_report_states_paired_verdicts_search_vs_confirm_and_the_recommendation(tmp_path):
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_results
+
+    from exme.report import render
+    from exme.report.stats import task_weights
+
+    results = make_results()
+    # per-item 0/1 test and confirm scores matching each row's accuracies (200 test, 30 confirm items per task)
+    for row in results.final:
+        row.test = row.test.model_copy(update={"per_item": {
+            t: {str(i): float(i < round(v * 200)) for i in range(200)} for t, v in row.test.tasks.items()}})
+        conf = {t: round(min(1.0, v + (0.1 if row.kind == "exme" else 0.0)) * 30) / 30 for t, v in row.dev.tasks.items()}
+        row.confirm = _split_tasks(conf, 30)
+    w = task_weights(results.suite, list(results.final[0].test.tasks))
+    comps = compare(results.final, w, split="test", n_resamples=300, seed=0)
+    comps += compare(results.final, w, split="confirm", n_resamples=300, seed=0)
+    paths = {"ExMe": "/runs/x/model"}
+    results = results.model_copy(update={
+        "comparisons": comps, "recommended": recommend(results.final, comps, paths), "final_model": "/runs/x/model",
+        "dev_split": {"seed": 0, "confirm_fraction": 0.3, "search": {"a": list(range(70))}, "confirm": {"a": list(range(30))}},
+    })
+    text = render(results, tmp_path).read_text()
+    outcome = re.search(r"## Outcome\n(.*?)\n## ", text, re.S).group(1)
+    head = next(c for c in comps if c.b == "SFT-1" and c.split == "test" and c.task == "overall")
+    assert f"paired 95% CI {head.ci_low:+.4f} to {head.ci_high:+.4f}".replace("-", "−") in outcome
+    assert f"**{head.verdict}**" in outcome
+    assert "Per task, ExMe vs SFT-1 on test" in outcome
+    assert "| Model | Search (dev) overall | Confirm overall | Search − confirm |" in outcome
+    assert "**Recommended: ExMe**" in outcome and "`/runs/x/model`" in outcome
+    assert "70 search items" in outcome and "30 confirm items" in outcome
+    assert "**Confirm** (held-out part of dev" in text
+
+
+def _split_tasks(tasks: dict[str, float], n: int) -> SplitScores:
+    w = {"arith": 0.25, "choice": 0.25, "code": 0.5}
+    return SplitScores(overall=sum(w[t] * v for t, v in tasks.items()), tasks=tasks, n_items={t: n for t in tasks},
+                       per_item={t: {str(i): float(i < round(v * n)) for i in range(n)} for t, v in tasks.items()})

@@ -28,6 +28,9 @@ def finetune_command(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto."),
     save_optimizer: bool = typer.Option(False, "--save-optimizer", help="Also save optimizer state (resumable, larger)."),
     force: bool = typer.Option(False, "--force", help="Replace checkpoint-* folders already in OUTPUT."),
+    lora_r: int | None = typer.Option(None, "--lora-r", help="Train a LoRA adapter of rank R; checkpoints are PEFT adapters."),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (scaling alpha/r) [default: 2·r]."),
+    lora_targets: str | None = typer.Option(None, "--lora-targets", help="Comma-separated modules, e.g. q_proj,v_proj."),
     threads: Optional[str] = threads_option(),
     verbose: bool = verbose_option(),
 ) -> None:
@@ -38,7 +41,8 @@ def finetune_command(
         model=model, data=data, output=output, learning_rate=learning_rate, epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, max_length=max_length, save_steps=save_steps,
         warmup_ratio=warmup_ratio, lr_scheduler=lr_scheduler, seed=seed, device=device,
-        save_optimizer=save_optimizer, force=force,
+        save_optimizer=save_optimizer, force=force, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None,
     )
     start(
         device=device, threads=threads, verbose=verbose,
@@ -59,6 +63,7 @@ def demo_command(
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (seconds, not minutes): a smoke run of every stage."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the base model and the SFT run."),
     threads: int = typer.Option(1, "--threads", metavar="N", help="torch CPU threads (1 is fastest for the demo's small model on a busy machine; try 2+ on an idle one)."),
+    lora: bool = typer.Option(False, "--lora", help="Fine-tune LoRA adapters (PEFT checkpoints) instead of every weight."),
     verbose: bool = verbose_option(),
 ) -> None:
     """Build a small model here, fine-tune it, and run the whole ExMe pipeline on it, ending in a report."""
@@ -68,4 +73,4 @@ def demo_command(
         threads=threads, verbose=verbose, header=False,
         interrupted=f"the data, base model and SFT run in {workdir} and the finished evaluations in {output} are kept; run the same command again to resume",
     )
-    run_demo(workdir=workdir, output=output, fresh=fresh, quick=quick, seed=seed, threads=threads)
+    run_demo(workdir=workdir, output=output, fresh=fresh, quick=quick, seed=seed, threads=threads, lora=lora)
