@@ -334,3 +334,31 @@ def test_threads_auto_is_accepted(run_cli, pipeline_yaml, monkeypatch):
         assert 1 <= torch.get_num_threads() <= available_cpus()
     finally:
         torch.set_num_threads(before)
+
+
+def test_sigterm_during_a_command_prints_what_was_kept_and_exits_143(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent(
+        """
+        import sys, time
+        import exme.evaluate.run as run
+        def slow(*args, **kwargs):
+            print("started", file=sys.__stderr__, flush=True)
+            time.sleep(60)
+        run.evaluate_folder = slow
+        from exme.cli import main
+        sys.exit(main(["eval", sys.argv[1], "--suite", "s.yaml", "--threads", "1"]))
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stderr.readline().strip() == b"started"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert err.decode().strip() == "exme: terminated; nothing was saved (scores are written when every split is done)"
