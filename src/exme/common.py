@@ -24,12 +24,15 @@ class StrictModel(BaseModel):
 
 
 def describe_validation_error(err: ValidationError) -> str:
-    """The first validation problem as 'key.path: what is wrong' (one line for ``ExmeError``)."""
-    first = err.errors()[0]
+    """The first validation problem as 'key.path: what is wrong' (one line for ``ExmeError``); an
+    unknown key is named first, since it often explains a missing one (``merge_mehtod``)."""
+    first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     loc = ".".join(str(p) for p in first["loc"])
     kind = first["type"]
     if kind == "extra_forbidden":
-        return f"unknown key '{loc}'; check its spelling (exme refuses keys it does not understand)"
+        missing = [".".join(str(p) for p in e["loc"]) for e in err.errors() if e["type"] == "missing"]
+        hint = f" (is it a misspelling of the missing key '{missing[0]}'?)" if missing else ""
+        return f"unknown key '{loc}'{hint}; check its spelling (exme refuses keys it does not understand)"
     if kind == "missing":
         return f"missing key '{loc}'"
     if kind == "literal_error":

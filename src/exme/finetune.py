@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exme.errors import ExmeError
+from exme.runtime import is_verbose
 from exme.io.jsonl import iter_jsonl
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy (and transformers' losses) skip
@@ -273,6 +274,41 @@ def _load_tokenizer(model_dir: Path):
         raise ExmeError(f"{model_dir}: cannot load its tokenizer ({type(err).__name__}); save the tokenizer beside the weights") from None
 
 
+class _TrainingProgress:
+    """Training steps on :class:`exme.progress.Progress`, with the latest logged loss as its info."""
+
+    def __init__(self, enabled: bool):
+        from exme.progress import Progress
+
+        self.progress = Progress(enabled)
+        self.bar = None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        owner = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                owner.progress.__enter__()
+                owner.bar = owner.progress.bar("finetune steps", state.max_steps or None, min_interval=10.0)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if owner.bar is not None:
+                    owner.bar.advance()
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if owner.bar is not None and logs and "loss" in logs:
+                    owner.bar.set_info(f"loss {float(logs['loss']):.4f}")
+
+        return _Callback()
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.progress.stop()
+
+
 def _check_device(device: str) -> None:
     import torch
 
@@ -373,7 +409,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         seed=config.seed,
         use_cpu=config.device == "cpu",
         report_to="none",
-        disable_tqdm=not config.progress,
+        # transformers' own tqdm bar and its raw {'loss': ...} lines only with --verbose; otherwise
+        # exme's progress (a bar with the loss on a terminal, a line every few seconds in a log).
+        disable_tqdm=not (config.progress and is_verbose()),
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
@@ -384,7 +422,18 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         data_collator=lambda feats: pad_batch(feats, pad_id),
         processing_class=tokenizer,
     )
-    trainer.train()
+    bar = None
+    if not is_verbose():
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        bar = _TrainingProgress(config.progress)
+        trainer.add_callback(bar.callback())
+    try:
+        trainer.train()
+    finally:
+        if bar is not None:
+            bar.stop()
     history = [(int(log["step"]), float(log["loss"])) for log in trainer.state.log_history if "loss" in log]
     checkpoints = list_checkpoints(output)
     (output / "exme_finetune.json").write_text(

@@ -14,8 +14,8 @@ Usage::
             bar.advance(info="best 0.4310")      # info: a short text shown after the counts
         bar.close()                              # optional: a finished bar stays on screen
 
-While a display is live, SIGTERM stops it (so the terminal gets its cursor back) and then raises
-:class:`Terminated`, a ``SystemExit`` with code 143, so ``finally`` blocks still run.
+While a display is live, SIGTERM raises :class:`Terminated` (a ``SystemExit`` with code 143), so
+``finally`` blocks run and leaving the ``with`` block stops the display and shows the cursor again.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["Bar", "Progress", "Terminated", "format_seconds", "is_terminal"]
+__all__ = ["Bar", "Progress", "Terminated", "format_seconds", "install_sigterm_exit", "is_terminal", "restore_sigterm"]
 
 
 class Terminated(SystemExit):
@@ -166,7 +166,7 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            console = Console(file=self.stream if self.stream is not None else sys.stderr)
+            console = Console(file=self.stream if self.stream is not None else sys.stderr, force_terminal=True)
             self._rich = RichProgress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -224,13 +224,21 @@ class Progress:
         self._previous_handler = None
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self.stop()
+        # Only raise: the handler may run while this thread holds rich's lock, so stopping here could
+        # deadlock with the refresh thread; ``__exit__`` stops the display once the stack unwinds.
         raise Terminated()
 
 
-def install_sigterm_exit() -> None:
-    """Make SIGTERM raise :class:`Terminated` for the whole process (the CLI calls this once), so
-    ``finally`` blocks and context managers run, a live display restores the cursor, and partial
-    output folders are cleaned up as on Ctrl-C."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+def install_sigterm_exit() -> Any:
+    """Make SIGTERM raise :class:`Terminated` (the CLI does this around a command), so ``finally``
+    blocks and context managers run, a live display restores the cursor, and partial output folders
+    are cleaned up as on Ctrl-C. Returns the previous handler for :func:`restore_sigterm`."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def restore_sigterm(previous: Any) -> None:
+    """Put back the handler :func:`install_sigterm_exit` replaced."""
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)

@@ -2,8 +2,8 @@
 
 Why not torch's default (one thread per core): torch's OpenMP threads spin-wait for each other at
 every operation, so when another process holds some of the cores every operation waits for the
-slowest thread. On a 2-core machine with another job running, ``exme eval`` on the demo checkpoint
-took 50.9 s with torch's default and 10.5 s with one thread (benchmarks/RESULTS.md, "Threads").
+slowest thread. On a shared 2-core machine, ``exme eval`` of a demo-sized model took 114–148 s with
+torch's default (2 threads) and 24–30 s with one (benchmarks/RESULTS.md, "Threads").
 The default here counts the CPUs this process may use (affinity and cgroup quota) and leaves out
 the ones other processes keep busy (the 1-minute load average), so a busy machine gets fewer
 threads and an idle one keeps all of them.

@@ -85,3 +85,42 @@ def test_bad_model_folder_and_split_exit_2(suite_file, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--suite", str(suite_file), "--split", "train"]) == 2
     assert "--split 'train'" in capsys.readouterr().err
+
+
+def test_split_all_scores_every_item_once_and_output_path_writes_the_same_json(tiny_lm, suite_file, tmp_path):
+    _, _, model_dir = tiny_lm
+    both, every = tmp_path / "both.json", tmp_path / "lm_eval_style"
+    assert main(["eval", str(model_dir), "--suite", str(suite_file), "--json", str(both)]) == 0
+    assert main(["eval", str(model_dir), "--suite", str(suite_file), "--split", "all", "--output_path", str(every)]) == 0
+    halves = json.loads(both.read_text())["scores"]
+    whole = json.loads((every / "results.json").read_text())["scores"]
+    assert list(halves) == ["dev", "test"] and list(whole) == ["all"]
+    for task in ("mc", "gsm"):
+        n_dev, n_test = halves["dev"]["n_items"][task], halves["test"]["n_items"][task]
+        assert whole["all"]["n_items"][task] == n_dev + n_test
+        # Accuracy and exact match are means over items: the whole set is the item-weighted mean of its halves.
+        pooled = (n_dev * halves["dev"]["tasks"][task] + n_test * halves["test"]["tasks"][task]) / (n_dev + n_test)
+        assert whole["all"]["tasks"][task] == pytest.approx(pooled)
+
+
+def test_log_samples_writes_one_line_per_scored_item_consistent_with_the_score(tiny_lm, suite_file, tmp_path):
+    _, _, model_dir = tiny_lm
+    out = tmp_path / "out"
+    assert main(["eval", str(model_dir), "--suite", str(suite_file), "--split", "dev", "--output_path", str(out), "--log-samples"]) == 0
+    scores = json.loads((out / "results.json").read_text())["scores"]["dev"]
+    lines = [json.loads(line) for line in (out / "samples_dev.jsonl").read_text().splitlines()]
+    by_task = {}
+    for line in lines:
+        by_task.setdefault(line["task"], []).append(line)
+    assert {t: len(v) for t, v in by_task.items()} == scores["n_items"]
+    # Each task's score is the mean of its items' outcomes, recomputed from the logged lines.
+    gsm = by_task["gsm"]
+    assert sum(bool(x["correct"]) for x in gsm) / len(gsm) == pytest.approx(scores["tasks"]["gsm"])
+    mc = by_task["mc"]
+    assert sum(x["prediction"] == x["label"] for x in mc) / len(mc) == pytest.approx(scores["details"]["mc"]["metrics"]["acc"])
+    assert all("doc" in x and "items" not in scores["details"][x["task"]] for x in lines)
+
+
+def test_log_samples_without_an_output_folder_is_refused_first(tmp_path):
+    code = main(["eval", str(tmp_path / "no_model"), "--suite", "s.yaml", "--log-samples"])
+    assert code == 2

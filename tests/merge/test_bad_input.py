@@ -208,7 +208,7 @@ def test_parameter_out_of_range(models, tmp_path, run_cli, model_files, method, 
 
 def test_negative_alpha_on_the_shortcut(models, tmp_path, run_cli, model_files):
     out = tmp_path / "out"
-    assert_refused(run_cli, ["extrapolate", "--base", models.base, "--model", models.sft1, "--alpha", "-0.2", out], "alpha = -0.2 is out of range", out, [], model_files)
+    assert_refused(run_cli, ["extrapolate", "--base", models.base, "--model", models.sft1, "--alpha", "-0.2", out], "--alpha -0.2 must be a number ≥ 0", out, [], model_files)
 
 
 @pytest.mark.parametrize("where", ["same", "inside"])

@@ -48,7 +48,7 @@ def test_render_writes_every_plot_as_a_real_image_and_links_them(tmp_path, make)
     report = render(make(joint=True), tmp_path)
     assert report == tmp_path / "report.md"
     text = report.read_text()
-    expected = {"ranking", "alpha_checkpoint-500", "alpha_checkpoint-400", "beta", "joint", "final"}
+    expected = {"ranking", "alpha_checkpoint-500", "alpha_checkpoint-400", "beta", "joint", "final", "tasks"}
     assert {p.stem for p in (tmp_path / "plots").glob("*.png")} == expected
     for png in (tmp_path / "plots").glob("*.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC

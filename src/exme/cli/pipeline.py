@@ -7,19 +7,50 @@ from typing import Optional
 
 import typer
 
+from exme.cli._common import start, threads_option, verbose_option
 from exme.cli.app import app
 
 _STORAGE = typer.Option(None, "--storage", help="Optuna storage URL shared by workers (default: sqlite:///<output>/study.db).")
 _DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (overrides the file).")
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+_CONFIG = typer.Argument(..., metavar="CONFIG", help="PIPELINE.yaml: base, checkpoints, suite, search, output.")
+
+
+def _start(cfg, threads: Optional[str], verbose: bool, quiet: bool) -> None:
+    """Device and threads (``--threads`` over the file's ``threads:``) before any folder is created."""
+    where = cfg.storage or str(Path(cfg.output) / "study.db")
+    start(
+        device=cfg.device, threads=threads if threads is not None else cfg.threads, verbose=verbose,
+        header=not quiet, threads_source="--threads" if threads is not None else "threads",
+        interrupted=f"finished evaluations are kept in {where}; run the same command again to resume",
+    )
+    warning = _few_trials_warning(cfg)
+    if warning and not quiet:
+        print(warning)
+
+
+def _few_trials_warning(cfg) -> str | None:
+    """TPE with under 10 trials per searched dimension (α and w per kept checkpoint) is close to random search."""
+    if cfg.search.mode != "tpe":
+        return None
+    dims = 2 * cfg.top_k
+    if cfg.search.n_trials >= 10 * dims:
+        return None
+    return (
+        f"warning: search.n_trials {cfg.search.n_trials} for {dims} searched parameters (α and w for each of top_k "
+        f"{cfg.top_k}); TPE has little to learn from under ~10 trials per parameter, so the choice is close to a "
+        f"random search's: consider n_trials ≥ {10 * dims}"
+    )
 
 
 @app.command("run")
 def run(
-    config: Path = typer.Argument(..., help="PIPELINE.yaml: base, checkpoints, suite, search, output."),
+    config: Path = _CONFIG,
     storage: Optional[str] = _STORAGE,
     device: Optional[str] = _DEVICE,
     quiet: bool = _QUIET,
+    threads: Optional[str] = threads_option(),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Rank the checkpoints, search α and β on dev, evaluate on test, write the model and the report.
 
@@ -31,6 +62,7 @@ def run(
     from exme.search.study import check_storage
 
     cfg = PipelineConfig.from_yaml(config, storage=storage, device=device)
+    _start(cfg, threads, verbose, quiet)
     check_storage(cfg.storage_url)  # before anything is created: a bad URL leaves no output folder
     remove_stale_temp_folders(cfg.output)  # a final write killed mid-way left these behind
     results = run_pipeline(cfg, progress=not quiet)
@@ -44,10 +76,12 @@ def run(
 
 @app.command("rank")
 def rank(
-    config: Path = typer.Argument(..., help="PIPELINE.yaml (its base, checkpoints, suite, top_k and output)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="PIPELINE.yaml (its base, checkpoints, suite, top_k and output)."),
     storage: Optional[str] = _STORAGE,
     device: Optional[str] = _DEVICE,
     quiet: bool = _QUIET,
+    threads: Optional[str] = threads_option(),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Score every checkpoint on the dev split and show which top_k are kept (recorded for `exme run`)."""
     from rich.console import Console
@@ -57,6 +91,7 @@ def rank(
     from exme.search.study import check_storage
 
     cfg = PipelineConfig.from_yaml(config, storage=storage, device=device)
+    _start(cfg, threads, verbose, quiet)
     check_storage(cfg.storage_url)
     ranking = rank_checkpoints(cfg, progress=not quiet)
     order = sorted(ranking, key=lambda c: (-c.dev.overall, -(c.step if c.step is not None else -1)))

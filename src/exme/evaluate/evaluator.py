@@ -31,29 +31,30 @@ class Evaluator(Protocol):
 
 
 def check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ExmeError(f"split {split!r} is not one of {list(SPLITS)}")
+    """``dev``, ``test``, or ``all`` (every item: the number comparable with full-set results)."""
+    if split not in (*SPLITS, "all"):
+        raise ExmeError(f"split {split!r} is not one of {[*SPLITS, 'all']}")
     return split
 
 
 class _Progress:
-    """One rich progress display per evaluate call, one bar per task; a no-op when disabled
-    (a search calls evaluate many times and wants quiet)."""
+    """One progress display per evaluate call, one bar per task (:mod:`exme.progress`: an ETA on a
+    terminal, a plain line every 10 s in a log); a no-op when disabled (a search calls evaluate
+    many times and wants quiet)."""
 
     def __init__(self, enabled: bool):
-        self.display = None
-        if enabled:
-            from rich.progress import Progress
+        from exme.progress import Progress
 
-            self.display = Progress(transient=True)
-            self.display.start()
+        self.display = Progress(enabled, transient=True) if enabled else None
+        if self.display is not None:
+            self.display.__enter__()
 
     def bar(self, total: int, label: str):
         """A callback advancing a new bar of ``total`` steps (``None`` when disabled)."""
         if self.display is None or not total:
             return None
-        task = self.display.add_task(label, total=total)
-        return lambda n: self.display.advance(task, n)
+        bar = self.display.bar(label, total, min_interval=10.0)
+        return lambda n: bar.advance(n)
 
     def close(self) -> None:
         if self.display is not None:

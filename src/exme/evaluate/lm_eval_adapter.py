@@ -310,9 +310,12 @@ class LmEvalEvaluator:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-        positions = {t: list((items or {}).get(t, range(len(ix)))) for t, ix in self.split_indices()[split].items()}
+        indices = self.split_indices()
+        # "all": every document (dev then test order does not matter to lm-eval), as published full-set numbers.
+        by_task = indices[split] if split != "all" else {t: sorted(ix + indices["test"][t]) for t, ix in indices["dev"].items()}
+        positions = {t: list((items or {}).get(t, range(len(ix)))) for t, ix in by_task.items()}
         positions = {t: pos[:limit] if limit else pos for t, pos in positions.items()}
-        samples = {t: [self.split_indices()[split][t][i] for i in pos] for t, pos in positions.items()}
+        samples = {t: [by_task[t][i] for i in pos] for t, pos in positions.items()}
         was_training = getattr(model, "training", False)
         model.eval()
         logging.getLogger("lm_eval").setLevel(logging.WARNING)

@@ -9,7 +9,9 @@ from typing import Any
 from exme.errors import ExmeError
 from exme.evaluate.scores import Scores
 
-SPLIT_CHOICES = ("dev", "test", "all")
+#: ``both``: dev and test, scored separately; ``all``: every item of each task as one split (the
+#: number comparable with published full-set results, since exme divides every task into halves).
+SPLIT_CHOICES = ("dev", "test", "both", "all")
 
 
 def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str = "auto"):
@@ -39,21 +41,24 @@ def evaluate_folder(
     model_dir: str | Path,
     spec: str | Path,
     *,
-    split: str = "all",
+    split: str = "both",
     device: str = "cpu",
     dtype: str = "auto",
     limit: int | None = None,
     json_out: str | Path | None = None,
     backend: str = "hf",
     engine_options: dict[str, Any] | None = None,
+    log_samples: str | Path | None = None,
     **opts: Any,
 ) -> dict[str, Scores]:
-    """Scores of the model in ``model_dir`` on ``split`` (``"all"`` = dev and test), optionally written as JSON.
+    """Scores of the model in ``model_dir`` on ``split`` (``"both"`` = dev and test), optionally written as JSON.
 
     The backend and the evaluator are checked first, so a missing package or a bad suite fails
     before the model is read. ``backend="vllm"`` serves suite tasks from one vLLM engine
     (``engine_options``: ``gpu_memory_utilization``, ``tensor_parallel_size``, ``max_model_len``,
-    ``kv_cache_gib``).
+    ``kv_cache_gib``). ``log_samples`` (a folder) writes ``samples_<split>.jsonl`` there: one line
+    per item with its record, the model's output and its score (as lm-eval's ``--log_samples``;
+    suites only).
     """
     from exme.evaluate import SuiteEvaluator, load_evaluator
     from exme.evaluate.backends import check_backend
@@ -62,6 +67,10 @@ def evaluate_folder(
         raise ExmeError(f"--split {split!r} is not one of {list(SPLIT_CHOICES)}")
     check_backend(backend)
     evaluator = load_evaluator(spec, **opts)
+    if log_samples is not None:
+        if not isinstance(evaluator, SuiteEvaluator):
+            raise ExmeError("--log-samples works with suite YAML files; lm-eval tasks log samples with lm-eval itself")
+        evaluator.keep_items = True
     if json_out is not None and isinstance(evaluator, SuiteEvaluator):
         evaluator.keep_items = True  # the JSON document carries every item's record
     if backend == "vllm":
@@ -73,8 +82,11 @@ def evaluate_folder(
         model, tokenizer = _load_engine(model_dir, device=device, dtype=dtype, **(engine_options or {}))
     else:
         model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
-    splits = ("dev", "test") if split == "all" else (split,)
+    splits = ("dev", "test") if split == "both" else (split,)
     results = {s: evaluator.evaluate(model, tokenizer, s, limit=limit) for s in splits}
+    if log_samples is not None:
+        for s, scores in results.items():
+            write_samples(evaluator.suite, s, scores, Path(log_samples) / f"samples_{s}.jsonl")
     if json_out is not None:
         describe = getattr(evaluator, "describe", None)
         document = {
@@ -105,3 +117,18 @@ def _load_engine(model_dir: str | Path, *, device: str, dtype: str, **engine_opt
     except (OSError, ValueError) as err:
         raise ExmeError(f"{model_dir}: cannot load its tokenizer ({err}); save one beside the weights") from None
     return VLLMBackend(model_dir, device=device, dtype=dtype, **engine_options), tokenizer
+
+
+def write_samples(suite: Any, split: str, scores: Scores, path: Path) -> Path:
+    """One JSON line per scored item: task, split, position, the record, and what the model did.
+
+    The records stay in ``scores.details`` too, so ``--json`` still carries them.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for task in suite.tasks:
+            items = scores.details.get(task.name, {}).get("items") or []
+            for position, (record, item) in enumerate(zip(task.records(split), items)):
+                line = {"task": task.name, "split": split, "position": position, "doc": record, **item}
+                fh.write(json.dumps(line, default=str) + "\n")
+    return path

@@ -144,7 +144,9 @@ class Task:
         return self.spec.kind
 
     def records(self, split: str) -> list[dict[str, Any]]:
-        """The records of ``split`` (``"dev"`` or ``"test"``), in split order."""
+        """The records of ``split`` (``"dev"`` or ``"test"``), in split order; ``"all"``: dev then test."""
+        if split == "all":
+            return self.splits["dev"] + self.splits["test"]
         if split not in SPLITS:
             raise ExmeError(f"split {split!r} is not one of {list(SPLITS)}")
         return self.splits[split]

@@ -437,7 +437,10 @@ def run_merge(
         writer = ShardedSafetensorsWriter(tmp, shards)
         with _progress(progress) as bar:
             if progress:
-                for note in plan.notes:
+                from exme.runtime import is_verbose
+
+                # Tied embeddings are routine (the model card records how they were handled): --verbose shows them.
+                for note in (n for n in plan.notes if is_verbose() or not n.startswith("tied embeddings")):
                     bar.console.print(f"[yellow]note:[/] {note}")
             job = bar.add_task(config.merge_method, total=plan.output_bytes)
             background = _Writer(writer)

@@ -360,10 +360,22 @@ def _format_errors(err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{loc}' (check the spelling; see docs/pipeline.md for the keys)")
+            parts.append(f"unknown key '{loc}' (check the spelling; the keys there are {', '.join(_keys_at(e['loc'][:-1]))})")
         elif e["type"] == "missing":
             parts.append(f"missing key '{loc}'")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             parts.append(f"'{loc}': {msg}")
     return "; ".join(parts)
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys a PIPELINE.yaml accepts at ``loc`` (named in the message: installed users have no docs folder)."""
+    model: Any = PipelineConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(getattr(model, "model_fields", {}))

@@ -8,7 +8,8 @@ figures a run has data for.
 
 from __future__ import annotations
 
-import itertools
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,41 +113,79 @@ def plot_parameter_curve(
     return _save(fig, path)
 
 
-def plot_joint_search(search: SearchResult, path: Path) -> Path:
-    """Each pair of searched parameters as a scatter coloured by dev overall; the best is a star.
+def _searched_values(search: SearchResult) -> dict[str, tuple[str, list[tuple[float, float, int]]]]:
+    """Per searched parameter: (axis label, [(value, dev overall, trial number)]) of unpruned trials.
 
-    Points are drawn worst first, so where several trials project onto one point the best shows.
+    Merge weights ``w_i`` are shown normalised (w_i / Σw), the form the final table and the merged
+    model use; TPE samples them raw in [0, 1], and a raw value alone says little.
     """
-    params = sorted({p for t in search.trials for p in t.params})[:4]
-    pairs = list(itertools.combinations(params, 2)) or [(params[0], params[0])]
-    trials = sorted((t for t in search.trials if not t.pruned), key=lambda t: t.dev.overall)
-    fig = _new_figure(width=4.2 * len(pairs) + 1.0, height=4.0)
-    axes = fig.subplots(1, len(pairs), squeeze=False)[0]
-    lo = min((t.dev.overall for t in trials), default=0.0)
-    hi = max((t.dev.overall for t in trials), default=1.0)
+    names = sorted({p for t in search.trials for p in t.params}, key=_param_order)
+    weights = [n for n in names if re.fullmatch(r"w_\d+", n)]
+    out: dict[str, tuple[str, list[tuple[float, float, int]]]] = {}
+    for name in names:
+        points = []
+        for number, trial in enumerate(search.trials):
+            if trial.pruned or name not in trial.params:
+                continue
+            value = float(trial.params[name])
+            if name in weights and all(w in trial.params for w in weights):
+                total = sum(float(trial.params[w]) for w in weights)
+                value = value / total if total > 0 else float("nan")
+            points.append((value, trial.dev.overall, number))
+        label = _PARAM_LABELS.get(name.split("_")[0], name)
+        suffix = name.split("_", 1)[1] if "_" in name else ""
+        axis = label + suffix.translate(_SUBSCRIPTS) + (" (normalised)" if name in weights else "")
+        out[name] = (axis, points)
+    return out
+
+
+_PARAM_LABELS = {"alpha": "α", "w": "w", "beta": "β", "lambda": "λ", "density": "density", "t": "t"}
+_SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
+
+def _param_order(name: str) -> tuple[int, str, int]:
+    """α₁, α₂, …, then w₁, w₂, …, then anything else (so a row of the grid reads as one kind)."""
+    kind, _, index = name.partition("_")
+    rank = {"alpha": 0, "w": 1, "beta": 2}.get(kind, 3)
+    return (rank, kind, int(index) if index.isdigit() else 0)
+
+
+def plot_joint_search(search: SearchResult, path: Path, *, columns: int = 3) -> Path:
+    """One panel per searched parameter (every one: α₁…α_k and w₁…w_k): dev overall of each trial
+    against the parameter's value, coloured by trial order, the best trial as a red star.
+
+    Panels sit in a grid ``columns`` wide so the figure reads at page width whatever k is (a row of
+    six pair plots did not). Pair plots were dropped: with k = 3 there are 15 pairs, each too small.
+    """
+    values = _searched_values(search)
+    names = list(values) or ["(none)"]
+    rows = math.ceil(len(names) / columns)
+    cols = min(columns, len(names))
+    fig = _new_figure(width=max(6.0, 3.1 * cols + 1.2), height=max(3.6, 2.6 * rows + 0.8))
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    n_trials = max(len(search.trials), 1)
+    best_number = None
+    if search.trials:
+        finished = [(t.dev.overall, i) for i, t in enumerate(search.trials) if not t.pruned]
+        best_number = max(finished)[1] if finished else None
     mappable = None
-    for ax, (px, py) in zip(axes, pairs):
-        pts = [t for t in trials if px in t.params and py in t.params]
+    for ax, name in zip(axes.flat, names):
+        axis, points = values.get(name, (name, []))
         mappable = ax.scatter(
-            [t.params[px] for t in pts],
-            [t.params[py] for t in pts],
-            c=[t.dev.overall for t in pts],
-            cmap="viridis",
-            vmin=lo,
-            vmax=hi,
-            s=70,
-            marker="s",
+            [p[0] for p in points], [p[1] for p in points], c=[p[2] for p in points], cmap="viridis",
+            vmin=0, vmax=n_trials - 1, s=28, alpha=0.9,
         )
-        if px in search.best_params and py in search.best_params:
-            ax.scatter(
-                [search.best_params[px]], [search.best_params[py]], marker="*", s=260,
-                color="tab:red", edgecolors="white",
-            )
-        ax.set_xlabel(px)
-        ax.set_ylabel(py)
+        best = [p for p in points if p[2] == best_number]
+        if best:
+            ax.scatter([best[0][0]], [best[0][1]], marker="*", s=220, color="tab:red", edgecolors="white", zorder=5)
+        ax.set_xlabel(axis)
         ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("dev overall")
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
     if mappable is not None:
-        fig.colorbar(mappable, ax=list(axes), label="dev overall")
+        fig.colorbar(mappable, ax=list(axes.flat), label="trial number", shrink=0.9)
     fig.suptitle(f"Joint search {search.name}: dev overall per trial (red star: best, {search.best_dev:.4f})")
     return _save(fig, path)
 
@@ -161,13 +200,15 @@ def plot_ranking(ranking: Sequence[RankedCheckpoint], path: Path) -> Path:
     bars = ax.bar(names, values, color=[_KEPT_COLOR if c.kept else _OTHER_COLOR for c in ordered])
     ax.bar_label(bars, labels=[f"{v:.4f}" for v in values], fontsize=7, padding=2)
     ax.set_ylabel("dev overall")
+    ax.set_xlabel("checkpoint (in training order)")
     ax.set_title("Checkpoint ranking on dev (kept checkpoints in blue)")
     rotate = len(names) > 5
     ax.set_xticks(range(len(names)), names, rotation=35 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
     ax.margins(y=0.12)
+    # Outside the axes, right of them: inside, it covered a bar whatever corner it took.
     ax.legend(
         [Line2D([], [], color=_KEPT_COLOR, lw=8), Line2D([], [], color=_OTHER_COLOR, lw=8)],
-        ["kept", "not kept"], fontsize=8, loc="lower right",
+        ["kept", "not kept"], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
     )
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
@@ -196,5 +237,34 @@ def plot_final(rows: Sequence[FinalRow], test_errors: Sequence[float | None], pa
     ax.set_title("Final models: dev and test overall")
     ax.margins(y=0.12)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_task_scores(rows: Sequence[FinalRow], path: Path, *, colors: dict[str, str]) -> Path:
+    """Test score per task for every model of the final table: one group of bars per model, one
+    colour per task (the colours of the α and β curves), ExMe's name in bold.
+
+    The overall score can hide a model that gains on one task and loses on another; this shows it.
+    """
+    tasks = sorted({t for r in rows for t in r.test.tasks})
+    fig = _new_figure(width=max(6.5, 0.35 * len(rows) * max(len(tasks), 1) + 2.5))
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(tasks), 1)
+    xs = list(range(len(rows)))
+    for j, task in enumerate(tasks):
+        offset = (j - (len(tasks) - 1) / 2) * width
+        values = [r.test.tasks.get(task, float("nan")) for r in rows]
+        ax.bar([x + offset for x in xs], values, width, color=colors.get(task, f"C{j}"), label=task)
+    rotate = len(rows) > 5
+    ax.set_xticks(xs, [r.name for r in rows], rotation=30 if rotate else 0, ha="right" if rotate else "center")
+    for label, row in zip(ax.get_xticklabels(), rows):
+        if row.kind == "exme":
+            label.set_fontweight("bold")
+    ax.set_xlabel("model")
+    ax.set_ylabel("test score")
+    ax.set_title("Final models: test score per task")
+    ax.margins(y=0.08)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="task", title_fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)

@@ -40,7 +40,7 @@ from exme.report.verdict import best_sft_row as best_verdict_sft
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
-_OWN_PLOT = re.compile(r"^(alpha_.+|beta|joint|ranking|final)\.png$")
+_OWN_PLOT = re.compile(r"^(alpha_.+|beta|joint|ranking|final|tasks)\.png$")
 
 
 # --------------------------------------------------------------------------- reading results.json
@@ -240,6 +240,8 @@ def draw_plots(results: RunResults, plots_dir: Path, weights: dict[str, float]) 
     if results.final:
         errors = [binomial_se(r.test, weights) for r in results.final]
         out["final"] = plots.plot_final(results.final, errors, plots_dir / "final.png")
+        if len(_task_names(results)) > 1:
+            out["tasks"] = plots.plot_task_scores(results.final, plots_dir / "tasks.png", colors=colors)
     return out
 
 
@@ -652,6 +654,8 @@ def _final_section(results: RunResults, images: dict[str, str]) -> str:
             "**Dev** (used for every choice):", table("dev")]
     if "final" in images:
         out.append(f"![final table]({images['final']})")
+    if "tasks" in images:
+        out.append(f"![test score per task]({images['tasks']})")
     return "\n\n".join(out)
 
 
