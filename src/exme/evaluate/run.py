@@ -122,12 +122,13 @@ def _load_engine(model_dir: str | Path, *, device: str, dtype: str, **engine_opt
 def write_samples(suite: Any, split: str, scores: Scores, path: Path) -> Path:
     """One JSON line per scored item: task, split, position, the record, and what the model did.
 
-    The records stay in ``scores.details`` too, so ``--json`` still carries them.
+    Moves the per-item records out of ``scores.details``: with ``--log-samples`` they live in the
+    samples files, not twice in the scores JSON.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as fh:
         for task in suite.tasks:
-            items = scores.details.get(task.name, {}).get("items") or []
+            items = scores.details.get(task.name, {}).pop("items", None) or []
             for position, (record, item) in enumerate(zip(task.records(split), items)):
                 line = {"task": task.name, "split": split, "position": position, "doc": record, **item}
                 fh.write(json.dumps(line, default=str) + "\n")
