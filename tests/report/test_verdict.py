@@ -40,12 +40,13 @@ def _recommend(rows):
 def test_exme_better_on_confirm_is_recommended_with_its_path():
     rec = _recommend(_rows(exme_confirm=[1] * 30 + [0] * 10, sft_confirm=[1] * 20 + [0] * 20))
     assert rec.name == "ExMe" and rec.path == "/run/model"
-    assert "best confirm score (0.7500)" in rec.reason and "ExMe − SFT-1 on confirm +0.2500" in rec.reason
+    assert "best confirm score (0.7500 over 40 confirm items)" in rec.reason and "ExMe − SFT-1 on confirm +0.2500" in rec.reason
 
 
 def test_exme_worse_on_confirm_gives_the_best_confirm_model():
     rec = _recommend(_rows(exme_confirm=[1] * 15 + [0] * 25, sft_confirm=[1] * 20 + [0] * 20))
     assert rec.name == "SFT-1" and rec.path == "/sft/checkpoint-1"
+    assert "ExMe − SFT-1 on confirm −0.1250".replace("−", "-") in rec.reason  # the CI of what was given up
 
 
 def test_exme_tied_with_the_best_sft_is_not_recommended():
