@@ -78,18 +78,13 @@ def test_compare_covers_every_reference_overall_and_per_task(split):
     assert all(c.a == "ExMe" and c.split == split and c.n == N for c in comps)
 
 
-def test_report_states_paired_verdicts_search_vs_confirm_and_the_recommendation(tmp_path):
+def test_report_states_paired_verdicts_search_vs_confirm_and_the_recommendation(tmp_path, make):
     import re
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import make_results
 
     from exme.report import render
     from exme.report.stats import task_weights
 
-    results = make_results()
+    results = make()
     # per-item 0/1 test and confirm scores matching each row's accuracies (200 test, 30 confirm items per task)
     for row in results.final:
         row.test = row.test.model_copy(update={"per_item": {
