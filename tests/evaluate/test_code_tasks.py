@@ -38,7 +38,7 @@ def test_humaneval_pass_at_1_with_hostile_and_fenced_completions(tmp_path):
     tok = char_tokenizer()
     write_jsonl(tmp_path / "he.jsonl", HUMANEVAL)
     suite = Suite.from_yaml(
-        write_suite(tmp_path / "s.yaml", "tasks:\n  - {name: he, kind: humaneval, dev: he.jsonl, test: he.jsonl, timeout: 1.5, stop: [\"\\ndef unrelated\"]}\n")
+        write_suite(tmp_path / "s.yaml", "tasks:\n  - {name: he, kind: humaneval, dev: he.jsonl, test: he.jsonl, timeout: 4, stop: [\"\\ndef unrelated\"]}\n")
     )
     answers = {
         '"""Sum of a and b."""': "    return a + b\ndef unrelated():\n    pass",  # stop string "\ndef " cuts the tail

@@ -21,7 +21,7 @@ from exme.evaluate.sandbox import (
     sandbox_python,
 )
 
-LIMITS = SandboxLimits(timeout=1.5, memory_mb=512, max_procs=8)
+LIMITS = SandboxLimits(timeout=3.0, memory_mb=512, max_procs=8)  # generous: CI machines are shared
 CORRECT = "def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\n"
 
 
@@ -225,6 +225,7 @@ def test_hostile_writes_fail_and_score_zero(open_folder, how):
     source = f"TARGET = {str(target)!r}\nKEEP = {str(keep)!r}\n" + HOSTILE[how] + WRONG
     result = run_program(source, LIMITS, tests=f"import os\nassert os.path.exists(TARGET) or not os.path.exists(KEEP)\n" + TESTS)
     assert not result.passed and result.fs_isolated, result
+    assert "Read-only file system" in result.output  # stopped by the mount, not by a Python guard
     assert not target.exists() and keep.read_text() == "host data"
 
 
@@ -283,3 +284,10 @@ def test_plain_user_gets_the_same_isolation(open_folder):
         pytest.skip("unprivileged user namespaces are disabled on this machine")
     assert (passed, fs, net, ok) == (False, True, True, True), out
     assert (open_folder / "keep.txt").read_text() == "host data"
+
+
+def test_without_filesystem_isolation_the_result_says_so_and_the_guard_still_refuses(tmp_path):
+    limits = SandboxLimits(timeout=5, memory_mb=512, isolate_filesystem=False)
+    result = run_program(f"open({str(tmp_path / 'x')!r}, 'w')\n", limits)
+    assert result.fs_isolated is False and not result.passed and "PermissionError" in result.output
+    assert not (tmp_path / "x").exists()

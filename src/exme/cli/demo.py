@@ -26,6 +26,9 @@ def finetune_command(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto."),
     save_optimizer: bool = typer.Option(False, "--save-optimizer", help="Also save optimizer state (resumable, larger)."),
     force: bool = typer.Option(False, "--force", help="Replace checkpoint-* folders already in OUTPUT."),
+    lora_r: int | None = typer.Option(None, "--lora-r", help="Train a LoRA adapter of rank R; checkpoints are PEFT adapters."),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (scaling alpha/r) [default: 2·r]."),
+    lora_targets: str | None = typer.Option(None, "--lora-targets", help="Comma-separated modules, e.g. q_proj,v_proj."),
 ) -> None:
     """Fine-tune MODEL on DATA (loss on completions only) and save checkpoint-* folders for `exme run`."""
     from exme.finetune import FinetuneConfig, finetune
@@ -34,7 +37,8 @@ def finetune_command(
         model=model, data=data, output=output, learning_rate=learning_rate, epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, max_length=max_length, save_steps=save_steps,
         warmup_ratio=warmup_ratio, lr_scheduler=lr_scheduler, seed=seed, device=device,
-        save_optimizer=save_optimizer, force=force,
+        save_optimizer=save_optimizer, force=force, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None,
     )
     result = finetune(config)
     typer.echo(f"{len(result.checkpoints)} checkpoints in {result.output}: {', '.join(c.name for c in result.checkpoints)}")
@@ -51,8 +55,9 @@ def demo_command(
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (seconds, not minutes): a smoke run of every stage."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the base model and the SFT run."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest on a busy machine; try 2+ on an idle one)."),
+    lora: bool = typer.Option(False, "--lora", help="Fine-tune LoRA adapters (PEFT checkpoints) instead of every weight."),
 ) -> None:
     """Build a small model here, fine-tune it, and run the whole ExMe pipeline on it, ending in a report."""
     from exme.demo.run import run_demo
 
-    run_demo(workdir=workdir, output=output, fresh=fresh, quick=quick, seed=seed, threads=threads)
+    run_demo(workdir=workdir, output=output, fresh=fresh, quick=quick, seed=seed, threads=threads, lora=lora)

@@ -20,6 +20,7 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="At most this many items per task."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Generation batch size (suites, lm-eval)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all scores and the suite description here."),
+    backend: str = typer.Option("hf", "--backend", help="Evaluation engine: hf (transformers) or vllm (suite tasks)."),
     include_path: Optional[list[Path]] = typer.Option(
         None, "--include-path", help="A folder of lm-eval task YAML files (repeatable), as lm-eval's --include_path."
     ),
@@ -38,7 +39,7 @@ def eval_command(
     if include_path:
         opts["include_path"] = list(include_path)
     results = evaluate_folder(
-        model_dir, suite, split=split, device=device, dtype=dtype, limit=limit, json_out=json_out, **opts
+        model_dir, suite, split=split, device=device, dtype=dtype, limit=limit, json_out=json_out, backend=backend, **opts
     )
     splits = list(results)
     table = Table(title=f"{model_dir}")

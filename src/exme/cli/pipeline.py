@@ -26,9 +26,13 @@ def run(
     Run it again after an interruption to resume; run it on several machines with one --storage
     URL to share the evaluations.
     """
+    from exme.io.writer import remove_stale_temp_folders
     from exme.pipeline import PipelineConfig, run_pipeline
+    from exme.search.study import check_storage
 
     cfg = PipelineConfig.from_yaml(config, storage=storage, device=device)
+    check_storage(cfg.storage_url)  # before anything is created: a bad URL leaves no output folder
+    remove_stale_temp_folders(cfg.output)  # a final write killed mid-way left these behind
     results = run_pipeline(cfg, progress=not quiet)
     _print_final(results)
     from exme.report.verdict import summary_lines
@@ -50,8 +54,10 @@ def rank(
     from rich.table import Table
 
     from exme.pipeline import PipelineConfig, rank_checkpoints
+    from exme.search.study import check_storage
 
     cfg = PipelineConfig.from_yaml(config, storage=storage, device=device)
+    check_storage(cfg.storage_url)
     ranking = rank_checkpoints(cfg, progress=not quiet)
     order = sorted(ranking, key=lambda c: (-c.dev.overall, -(c.step if c.step is not None else -1)))
     tasks = list(order[0].dev.tasks) if order else []

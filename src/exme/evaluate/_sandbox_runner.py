@@ -222,6 +222,7 @@ def main() -> None:
         with open(cfg[key], encoding="utf-8") as fh:
             sources.append((cfg[key], fh.read()))
     workdir = os.getcwd()
+    started_as_root = os.getuid() == 0
     mount_ns, net_ns = _enter_namespaces(cfg["unshare_net"]) if cfg["isolate_fs"] else (False, False)
     if not cfg["isolate_fs"] and cfg["unshare_net"] and os.getuid() == 0:
         net_ns = _unshare(CLONE_NEWNET)
@@ -239,7 +240,8 @@ def main() -> None:
     write(result_fd, f"isolation fs={int(isolated_fs)} net={int(net_ns)}\n".encode())
     _limit(cfg)
     _drop_privileges(cfg["uid"])
-    if cfg.get("drop_capabilities") or (mount_ns and os.getuid() != 0):
+    in_user_namespace = not started_as_root and (mount_ns or net_ns)  # which grants every capability inside it
+    if cfg.get("drop_capabilities") or in_user_namespace:
         _drop_capabilities()
     if cfg.get("drop_capabilities"):
         _block_processes()

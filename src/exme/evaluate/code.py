@@ -57,7 +57,8 @@ def score_code(
     )
     passed = [r.passed for r in results]
     items = [
-        {"completion": c, "status": r.status, "seconds": round(r.seconds, 3), "output": r.output[-500:]}
+        {"completion": c, "status": r.status, "seconds": round(r.seconds, 3), "output": r.output[-500:],
+         "fs_isolated": r.fs_isolated}
         for c, r in zip(completions, results)
     ]
     return {"pass@1": sum(passed) / len(passed) if passed else float("nan")}, items

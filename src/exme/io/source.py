@@ -87,8 +87,13 @@ def open_source(path: str | os.PathLike, base: Checkpoint | None = None, *, labe
 def _match_pattern(patterns: dict, module: str):
     """PEFT's rank_pattern/alpha_pattern lookup: a key equal to the module name, a dotted suffix of it, or a regex."""
     for key, value in patterns.items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key, module) or re.fullmatch(rf".*\.{key}", module):
+        if module == key or module.endswith("." + key):
             return value
+        try:
+            if re.fullmatch(rf"(.*\.)?(?:{key})", module):
+                return value
+        except re.error:
+            continue  # not a regex: only the plain comparisons above apply
     return None
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -121,6 +122,48 @@ def _current_umask() -> int:
     return mask
 
 
+_STALE = re.compile(r"^\.(?P<target>.+)\.exme-(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>[^@/]+)@[^@/]*$")
+
+
+def _owner_tag() -> str:
+    """``pid@host@``: lets a later run tell whether the writer of a temporary folder is still alive."""
+    return f"{os.getpid()}@{socket.gethostname()}@"
+
+
+def remove_stale_temp_folders(folder: str | Path, say=print) -> list[Path]:
+    """Remove the temporary folders an :class:`AtomicOutputFolder` in ``folder`` left when its process was killed.
+
+    A folder counts as stale by the rule used for dead workers' claims: written on this host by a
+    process that no longer exists (one from another host, or a live process, is left alone). An
+    ``.exme-old-`` folder still holding the previous output is put back when its target is missing,
+    since the kill came between the two renames. Each action is reported through ``say``.
+    """
+    removed: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        match = _STALE.match(entry.name)
+        if not match or not entry.is_dir() or match["host"] != socket.gethostname():
+            continue
+        try:
+            os.kill(int(match["pid"]), 0)
+            continue  # its writer is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, owned by someone else
+        target, previous = folder / match["target"], entry / "previous"
+        if match["kind"] == "old" and previous.is_dir() and not target.exists():
+            os.rename(previous, target)
+            say(f"restored {target} from {entry.name}, left by a process that was killed while replacing it")
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        shutil.rmtree(entry, ignore_errors=True)
+        say(f"removed {entry} ({size / 1e6:.1f} MB), a temporary folder left by a killed process (pid {match['pid']})")
+        removed.append(entry)
+    return removed
+
+
 class AtomicOutputFolder:
     """A temporary folder beside ``target`` that becomes ``target`` only when everything succeeded.
 
@@ -135,7 +178,7 @@ class AtomicOutputFolder:
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.exme-tmp-", dir=self.target.parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.exme-tmp-{_owner_tag()}", dir=self.target.parent))
         return self.tmp
 
     def __exit__(
@@ -164,7 +207,7 @@ class AtomicOutputFolder:
         if self.target.exists():
             if any(self.target.iterdir()) and not self.force:
                 raise ExmeError(f"output folder {self.target} appeared while merging; pass --force to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.exme-old-", dir=self.target.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.exme-old-{_owner_tag()}", dir=self.target.parent))
             os.rename(self.target, old / "previous")
         try:
             os.rename(self.tmp, self.target)

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exme.common import DTYPES, StrictModel, describe_validation_error, parse_dtype
 from exme.errors import ExmeError

@@ -27,7 +27,7 @@ import torch
 
 from exme.errors import ExmeError
 from exme.io.align import InputModel, TensorTask, align_inputs
-from exme.io.checkpoint import Checkpoint, TensorSpec
+from exme.io.checkpoint import Checkpoint
 from exme.io.source import open_source
 from exme.io.writer import (
     AtomicOutputFolder,

@@ -86,6 +86,15 @@ class SearchSpec(_Strict):
     prune_eta: int = Field(3, ge=2, description="keep the best 1/eta of the points at each rung")
 
 
+class VllmSpec(_Strict):
+    """Engine settings for ``backend: vllm`` (passed to ``vllm.LLM``)."""
+
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=16)
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on a CPU (VLLM_CPU_KVCACHE_SPACE)")
+
+
 class DevSpec(_Strict):
     """How dev is divided: ``search`` (every choice reads only it) and ``confirm`` (scored once, after)."""
 
@@ -141,6 +150,9 @@ class PipelineConfig(_Strict):
     )
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    backend: Literal["hf", "vllm"] = "hf"
+    """Evaluation engine: the live transformers module (hf) or one vLLM engine with weights swapped in (vllm)."""
+    vllm: VllmSpec = Field(default_factory=VllmSpec)
     output: Path
     storage: str | None = None
     seed: int = 0
@@ -183,6 +195,13 @@ class PipelineConfig(_Strict):
             raise ValueError("search.n_trials counts TPE trials, but search.mode is grid (every grid point is evaluated); remove n_trials or set mode: tpe")
         if not self.search.prune and given & {"prune_min_items", "prune_eta"}:
             raise ValueError("search.prune_min_items and search.prune_eta only apply with search.prune: true")
+        if "vllm" in self.model_fields_set and self.backend != "vllm":
+            raise ValueError("vllm settings are given but backend is hf; set backend: vllm or remove the vllm key")
+        if self.backend == "vllm" and not _is_path_spec(self.suite):
+            raise ValueError(
+                f"backend vllm scores suite YAML tasks only, not {self.suite!r} (lm-eval tasks and custom "
+                "evaluators run on the transformers module); use backend: hf"
+            )
         if self.search.mode == "tpe" and "beta" in self.model_fields_set:
             raise ValueError("beta.grid is not used with search.mode: tpe (the merge weights are searched jointly with α); remove beta or set mode: grid")
         return self
@@ -233,6 +252,10 @@ class PipelineConfig(_Strict):
         except ValidationError as err:
             raise ExmeError(f"{source}: {_format_errors(err)}") from None
         config.check_paths(source)
+        if config.backend == "vllm":
+            from exme.evaluate.backends import require_vllm
+
+            require_vllm()
         return config
 
     def check_paths(self, source: str = "pipeline config") -> None:

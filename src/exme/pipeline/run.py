@@ -101,6 +101,7 @@ class Runner:
         self.evaluated = 0
         self._live: Any = None
         self._tokenizer: Any = None
+        self._target: Any = None
         self._store: StudyStore | None = None
         self.bars = _Bars(progress)
 
@@ -209,8 +210,21 @@ class Runner:
         if self.dev_split is not None and point.split in ("dev", "confirm"):
             # "dev" points are scored on the search part only; "confirm" on the held-out part.
             items = self.dev_split.search if point.split == "dev" else self.dev_split.confirm
-            return self.evaluator.evaluate(self.live.model, self.tokenizer, "dev", limit=point.limit, items=items)
-        return self.evaluator.evaluate(self.live.model, self.tokenizer, point.split, limit=point.limit)
+            return self.evaluator.evaluate(self.target(), self.tokenizer, "dev", limit=point.limit, items=items)
+        return self.evaluator.evaluate(self.target(), self.tokenizer, point.split, limit=point.limit)
+
+    def target(self):
+        """What the evaluator scores: the live module (backend hf) or the engine serving its candidate (vllm)."""
+        if self._target is None:
+            from exme.evaluate.backends import LiveTarget
+
+            c = self.config
+            self._target = LiveTarget(
+                c.backend, lambda: self.live, model_path=c.base, device=c.device, dtype=c.dtype, seed=c.seed,
+                tokenizer_path=getattr(self.tokenizer, "name_or_path", None) or None,
+                **(c.vllm.model_dump() if c.backend == "vllm" else {}),
+            )
+        return self._target()
 
     # ------------------------------------------------------------------ Evaluations
     def points(self, stage: str, label: str, points: Sequence[Point],

@@ -173,7 +173,16 @@ class LiveModel:
         Added vocabulary rows are left out; a checkpoint with fewer rows than the base takes the
         base's rows beyond its own (Δ = 0 there), as the merge engine copies them from the base.
         """
-        t = h.source.get(h.reads[name], self._hold_on)
+        source = h.source
+        if isinstance(source, AdapterSource) and name not in source.replaced and not h.rows:
+            # From the base already in memory, not from disk: the same values source.get() reads.
+            delta = source.delta(name, self._hold_on)
+            if delta is None:
+                return self.base[name]  # Δ = 0: θᵢ is θ_b itself, no copy
+            theta = self.base[name].to(torch.float32, copy=True)
+            theta.add_(delta)
+            return theta.to(self.base[name].dtype)
+        t = source.get(h.reads[name], self._hold_on)
         rows = h.rows.get(name)
         if rows is None:
             return t

@@ -121,6 +121,56 @@ def scores_dict(scores: Any) -> dict[str, Any]:
     return {"overall": overall, "tasks": tasks, "n_items": n_items, "per_item": per_item, "generation": generation}
 
 
+def check_storage(url: str, *, timeout_s: int = 5) -> None:
+    """Open the study storage once, before anything is created; one :class:`ExmeError` if it cannot be used.
+
+    A server that is down, a wrong password or database, and a missing driver are each one line
+    naming host and database (the password is never shown), instead of a long SQLAlchemy traceback
+    after the output folder was made. SQLite URLs are left to the run (the file is created there).
+    """
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise ExmeError(f"storage {url!r} is not a database URL; use e.g. sqlite:///run/study.db or postgresql://user@host/db") from None
+    shown = parsed.render_as_string(hide_password=True)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return  # a local file: nothing to reach, and the default one lives in the run folder made later
+    try:
+        dialect = parsed.get_dialect()
+        (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()
+    except Exception as err:
+        if parsed.drivername == "postgresql+psycopg2":
+            hint = "pip install psycopg2-binary, or write postgresql:// and pip install 'exme[postgres]'"
+        elif backend == "postgresql":
+            hint = (
+                "pip install 'exme[postgres]' (psycopg 3, the driver SQLAlchemy 2 uses for postgresql:// URLs; "
+                "with only psycopg2 installed, write postgresql+psycopg2:// instead)"
+            )
+        else:
+            hint = f"install the Python driver for {backend}"
+        raise ExmeError(f"storage {shown}: no database driver ({type(err).__name__}: {err}); {hint}") from None
+    where = f"database {parsed.database!r} on {parsed.host or 'localhost'}" + (f":{parsed.port}" if parsed.port else "")
+    connect_args = {"connect_timeout": timeout_s} if backend == "postgresql" else {}
+    try:
+        engine = sa.create_engine(parsed, poolclass=sa.pool.NullPool, connect_args=connect_args)
+    except Exception as err:
+        raise ExmeError(f"storage {shown}: {err}") from None
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.DBAPIError as err:
+        reason = " ".join(str(getattr(err, "orig", err) or err).split())[:300]
+        raise ExmeError(
+            f"cannot open the study storage: {where} ({reason}); check the --storage URL, that the server is "
+            "running and reachable, and the user, password and database name"
+        ) from None
+    finally:
+        engine.dispose()
+
+
 class StudyStore:
     """Optuna storage for one run plus the claims that make shared grids exactly-once.
 
@@ -128,6 +178,7 @@ class StudyStore:
     """
 
     def __init__(self, url: str, *, grace_s: float = 60.0, heartbeat_s: float = 5.0, poll_s: float = 0.5):
+        check_storage(url)  # one line for an unreachable server or a missing driver, not a traceback
         self.url = url
         self.grace_s = grace_s
         self.poll_s = poll_s

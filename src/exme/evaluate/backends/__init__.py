@@ -132,6 +132,7 @@ class LiveTarget:
         device: str = "cpu",
         dtype: str = "auto",
         seed: int = 0,
+        engine: Any = None,
         **engine_options: Any,
     ):
         self.backend = check_backend(backend)
@@ -142,7 +143,7 @@ class LiveTarget:
         self.dtype = dtype
         self.seed = seed
         self.engine_options = engine_options
-        self.engine = None
+        self.engine = engine  # a running engine to reuse, else one is started on first use
         self._served: Any = object()
 
     def __call__(self) -> Any:

