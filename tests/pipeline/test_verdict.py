@@ -264,3 +264,20 @@ def test_a_non_finite_candidate_is_scored_as_failed_never_chosen(tmp_path, sft_r
     res = run_pipeline(PipelineConfig.from_dict(raw), evaluator=ev, progress=False, write_model=False, report=False)
     assert res.alpha_search[1].best_params["alpha"] == 0.5  # 1.0 would score best, but it failed
     assert any("could not be scored" in n and "Inf" in n for n in res.notes)
+
+
+def test_a_pruned_evaluation_keeps_the_items_it_scored(tmp_path, sft_run, wide_suite):
+    """Successive halving scores most α on a subset first: those partial evaluations keep their items
+    (the first ``prune_min_items`` search items of each task), stored and written to results.json."""
+    cfg = _config(tmp_path, sft_run, wide_suite, alpha={"grid": [0.0, 0.25, 0.5, 0.75, 1.0]}, baselines=[],
+                  search={"prune": True, "prune_min_items": 6, "prune_eta": 3})
+    res = run_pipeline(cfg, evaluator=Recording(wide_suite), progress=False, write_model=False, report=False)
+    search_ids = res.dev_split["search"]
+    pruned = [t for s in res.alpha_search for t in s.trials if t.pruned]
+    assert pruned
+    for trial in pruned:
+        for task, items in trial.dev.per_item.items():
+            n = trial.dev.n_items[task]
+            assert n in (6, 18) and n < len(search_ids[task])  # a rung of 6 or 6·3 items, not all 28
+            assert list(items) == [str(i) for i in search_ids[task][:n]]
+            assert sum(items.values()) / n == pytest.approx(trial.dev.tasks[task], abs=1e-12)

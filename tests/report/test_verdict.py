@@ -40,12 +40,13 @@ def _recommend(rows):
 def test_exme_better_on_confirm_is_recommended_with_its_path():
     rec = _recommend(_rows(exme_confirm=[1] * 30 + [0] * 10, sft_confirm=[1] * 20 + [0] * 20))
     assert rec.name == "ExMe" and rec.path == "/run/model"
-    assert "best confirm score (0.7500)" in rec.reason and "ExMe − SFT-1 on confirm +0.2500" in rec.reason
+    assert "best confirm score (0.7500 over 40 confirm items)" in rec.reason and "ExMe − SFT-1 on confirm +0.2500" in rec.reason
 
 
 def test_exme_worse_on_confirm_gives_the_best_confirm_model():
     rec = _recommend(_rows(exme_confirm=[1] * 15 + [0] * 25, sft_confirm=[1] * 20 + [0] * 20))
     assert rec.name == "SFT-1" and rec.path == "/sft/checkpoint-1"
+    assert "ExMe − SFT-1 on confirm -0.1250 (95% CI" in rec.reason  # what choosing ExMe would have given up
 
 
 def test_exme_tied_with_the_best_sft_is_not_recommended():
@@ -77,18 +78,13 @@ def test_compare_covers_every_reference_overall_and_per_task(split):
     assert all(c.a == "ExMe" and c.split == split and c.n == N for c in comps)
 
 
-def test_report_states_paired_verdicts_search_vs_confirm_and_the_recommendation(tmp_path):
+def test_report_states_paired_verdicts_search_vs_confirm_and_the_recommendation(tmp_path, make):
     import re
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import make_results
 
     from exme.report import render
     from exme.report.stats import task_weights
 
-    results = make_results()
+    results = make()
     # per-item 0/1 test and confirm scores matching each row's accuracies (200 test, 30 confirm items per task)
     for row in results.final:
         row.test = row.test.model_copy(update={"per_item": {

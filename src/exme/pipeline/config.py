@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from exme.common import StrictModel
 from exme.errors import ExmeError
 
 DEFAULT_GRID = [round(0.1 * i, 1) for i in range(11)]
@@ -27,8 +28,7 @@ RUN_FOLDER_FILES = ("study.db", "results.json", "report.md", "model", "model.spe
 _STEP = re.compile(r"checkpoint-(\d+)$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = StrictModel  # one config base for every user-facing document (exme.common)
 
 
 def _check_grid(values: list[float], what: str) -> list[float]:

@@ -141,13 +141,13 @@ class Runner:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from exme.common import load_tokenizer
 
             for source in [self.config.base, *self.checkpoints]:
                 try:
-                    self._tokenizer = AutoTokenizer.from_pretrained(source)
+                    self._tokenizer = load_tokenizer(source)
                     break
-                except Exception:  # no tokenizer files in this folder: try the next one
+                except ExmeError:  # no tokenizer files in this folder: try the next one
                     continue
             else:
                 raise ExmeError(

@@ -475,16 +475,21 @@ def check_dev_split(split: DevSplit, source: str = "pipeline config") -> None:
             raise ExmeError(f"{source}: dev.confirm_fraction {split.confirm_fraction} leaves task {task!r} no search items; lower it")
 
 
-# ---------------------------------------------------------------------- test
-def test(ev: Evaluations, chosen: Sequence[Chosen]) -> TestResult:
-    """Every chosen model scored once on the test split."""
+# ---------------------------------------------------------------------- test and confirm
+def _score_chosen(ev: Evaluations, chosen: Sequence[Chosen], split: str, label: str) -> list[Record]:
+    """Every chosen model scored once on ``split`` (a study of its own, keyed by row and settings)."""
     by_key = {}
     points = []
     for c in chosen:
-        point = _row_point(c.row, "test")
+        point = _row_point(c.row, split)
         by_key[point.key] = c.candidate
         points.append(point)
-    records = ev.points("test", "test split", points, lambda p: by_key[p.key])
+    return ev.points(split, label, points, lambda p: by_key[p.key])
+
+
+def test(ev: Evaluations, chosen: Sequence[Chosen]) -> TestResult:
+    """Every chosen model scored once on the test split."""
+    records = _score_chosen(ev, chosen, "test", "test split")
     rows = [c.row.model_copy(update={"test": split_scores(rec), "failed": rec.failed}) for c, rec in zip(chosen, records)]
     return TestResult(rows=rows, records=records)
 
@@ -494,13 +499,7 @@ test.__test__ = False  # type: ignore[attr-defined]  # a stage, not a pytest tes
 
 def confirm(ev: Evaluations, chosen: Sequence[Chosen]) -> list[Record]:
     """Every chosen model scored once on the confirm part of dev (after every choice was made)."""
-    by_key = {}
-    points = []
-    for c in chosen:
-        point = _row_point(c.row, "confirm")
-        by_key[point.key] = c.candidate
-        points.append(point)
-    return ev.points("confirm", "confirm split", points, lambda p: by_key[p.key])
+    return _score_chosen(ev, chosen, "confirm", "confirm split")
 
 
 # ---------------------------------------------------------------------- final model

@@ -345,7 +345,7 @@ def _paired_outcome(results: RunResults, exme: FinalRow) -> list[str]:
         if c is not None:
             groups.setdefault(c.verdict, []).append(f"{row.name} ({fmt_delta(c.diff)})")
     if groups:
-        said = {BETTER: "better than", WORSE: "worse than", NO_DIFFERENCE: "no detectable difference from"}
+        said = {BETTER: "better than", WORSE: "worse than", NO_DIFFERENCE: "not detectably different from"}
         parts.append("Against the baselines on test, ExMe is " + "; ".join(
             f"{said[k]} {', '.join(v)}" for k, v in groups.items()) + ".")
     text = [" ".join(parts)]

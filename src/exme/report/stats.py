@@ -176,20 +176,26 @@ def bootstrap_ci(diffs: Sequence[np.ndarray], weights: Sequence[float], *, n_res
     return float(low), float(high)
 
 
-def bootstrap_distribution(diffs: Sequence[np.ndarray], weights: Sequence[float], *, n_resamples: int,
-                           seed: int) -> np.ndarray:
-    """The ``n_resamples`` bootstrap values of ``Σ_t w_t mean(d_t)`` (see :func:`bootstrap_ci`)."""
+def _resampled(diffs: Sequence[np.ndarray], weights: Sequence[float], n_resamples: int, seed: int,
+               one_chunk) -> np.ndarray:
+    """``Σ_t w_t · one_chunk(d_t, rng_t, rows)`` over ``n_resamples`` resamples, ``CHUNK`` rows at a time;
+    task t draws from its own generator (``SeedSequence(seed).spawn``), in resample order."""
     out = np.zeros(n_resamples, dtype=np.float64)
     for d, w, rng in zip(diffs, weights, _task_rngs(seed, len(diffs))):
         d = np.asarray(d, dtype=np.float64)
-        n = len(d)
-        if n == 0:
+        if len(d) == 0:
             continue
         for start in range(0, n_resamples, CHUNK):
             rows = min(CHUNK, n_resamples - start)
-            idx = rng.integers(0, n, size=(rows, n))
-            out[start:start + rows] += w * d[idx].mean(axis=1)
+            out[start:start + rows] += w * one_chunk(d, rng, rows)
     return out
+
+
+def bootstrap_distribution(diffs: Sequence[np.ndarray], weights: Sequence[float], *, n_resamples: int,
+                           seed: int) -> np.ndarray:
+    """The ``n_resamples`` bootstrap values of ``Σ_t w_t mean(d_t)`` (see :func:`bootstrap_ci`)."""
+    return _resampled(diffs, weights, n_resamples, seed,
+                      lambda d, rng, rows: d[rng.integers(0, len(d), size=(rows, len(d)))].mean(axis=1))
 
 
 def is_binary(values: np.ndarray) -> bool:
@@ -215,16 +221,8 @@ def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
 def sign_flip_p(diffs: Sequence[np.ndarray], weights: Sequence[float], *, n_resamples: int = 2000, seed: int = 0) -> float:
     """Two-sided sign-flip permutation p-value of ``Σ_t w_t mean(d_t)``: ``(1 + #|T*| ≥ |T|) / (1 + B)``."""
     observed = abs(sum(w * float(np.mean(d)) for d, w in zip(diffs, weights) if len(d)))
-    stats = np.zeros(n_resamples, dtype=np.float64)
-    for d, w, rng in zip(diffs, weights, _task_rngs(seed + 1, len(diffs))):
-        d = np.asarray(d, dtype=np.float64)
-        n = len(d)
-        if n == 0:
-            continue
-        for start in range(0, n_resamples, CHUNK):
-            rows = min(CHUNK, n_resamples - start)
-            signs = rng.integers(0, 2, size=(rows, n)) * 2.0 - 1.0
-            stats[start:start + rows] += w * (signs @ d) / n
+    stats = _resampled(diffs, weights, n_resamples, seed + 1,
+                       lambda d, rng, rows: ((rng.integers(0, 2, size=(rows, len(d))) * 2.0 - 1.0) @ d) / len(d))
     # a tiny tolerance so a resample equal to the observed value (common with 0/1 scores) counts
     hits = int(np.sum(np.abs(stats) >= observed - 1e-12))
     return (1 + hits) / (1 + n_resamples)

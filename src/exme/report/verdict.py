@@ -101,12 +101,13 @@ def recommend(rows: Sequence[FinalRow], comparisons: Sequence[Comparison], paths
                 continue
         top = score(row)
         if split == "confirm":
-            reason = f"best confirm score ({top:.4f}) among the chosen models"
-            if row.kind == "exme" and sft is not None:
-                c = find(comparisons, sft.name, split="confirm")
-                if c is not None:
-                    reason += (f"; ExMe − {sft.name} on confirm {c.diff:+.4f} "
-                               f"(95% CI {c.ci_low:+.4f} to {c.ci_high:+.4f}: {c.verdict})")
+            n = sum(row.confirm.n_items.values()) if row.confirm is not None else 0
+            reason = f"best confirm score ({top:.4f} over {n} confirm items) among the chosen models"
+            versus = sft.name if row.kind == "exme" and sft is not None else row.name
+            c = find(comparisons, versus, split="confirm")
+            if c is not None:
+                reason += (f"; ExMe − {versus} on confirm {c.diff:+.4f} "
+                           f"(95% CI {c.ci_low:+.4f} to {c.ci_high:+.4f}: {c.verdict})")
         else:
             reason = (f"best dev score ({top:.4f}); no confirm split was held out, so this score is the one the "
                       "searches maximised and flatters the searched models")
@@ -126,7 +127,7 @@ def collapse_flags(rows: Sequence[FinalRow], margin: float, split: str = "test")
     out: dict[str, list[str]] = {}
     for row in rows:
         s = row.test if split == "test" else row.dev
-        if s is None or row is sft:
+        if s is None or row is sft or row.kind == "base":  # the base never learnt to answer: not a candidate
             continue
         tasks = [t for t, g in s.generation.items()
                  if t in ref.generation and g.get("hit_limit", 0.0) - ref.generation[t].get("hit_limit", 0.0) > margin]
