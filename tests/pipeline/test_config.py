@@ -146,3 +146,21 @@ def test_lm_eval_include_path_resolves_from_the_file_and_paths_are_normalised(tm
     cfg = PipelineConfig.from_yaml(path)
     assert cfg.lm_eval_include_path == [str(tmp_path / "conf" / "tasks")]
     assert str(cfg.output) == str(tmp_path / "runs" / "r")  # no '..' left for the report to show
+
+
+def test_the_backend_is_part_of_what_recorded_evaluations_are_keyed_by(tmp_path, sft_run, tiny_suite):
+    """A run moved to vLLM must not read back transformers' scores (the engines round differently),
+    while an hf run keeps the key it had before backends existed."""
+    import hashlib
+    import json
+
+    from exme.pipeline.run import _fingerprint
+
+    cfg = PipelineConfig.from_yaml(_write(tmp_path, sft_run, tiny_suite))
+    suite_sha = hashlib.sha256(Path(cfg.suite).read_bytes()).hexdigest()
+    legacy = json.dumps({"base": str(Path(cfg.base).resolve()), "suite": cfg.suite, "suite_sha": suite_sha,
+                         "dtype": cfg.dtype, "seed": cfg.seed}, sort_keys=True)
+    assert _fingerprint(cfg) == hashlib.sha256(legacy.encode()).hexdigest()[:12]
+    vllm = cfg.model_copy(update={"backend": "vllm"})  # no engine needed to compute a key
+    assert _fingerprint(vllm) != _fingerprint(cfg)
+    assert _fingerprint(vllm) == _fingerprint(cfg.model_copy(update={"backend": "vllm"}))

@@ -444,8 +444,10 @@ def _flag_collapsed(rows: list[FinalRow], margin: float) -> list[FinalRow]:
 
 
 def _fingerprint(config: PipelineConfig, split: stages.DevSplit | None = None) -> str:
-    """What the recorded evaluations depend on: base, suite (and its file's bytes), dtype, seed, and
-    the confirm share of dev (the items a "dev" evaluation scores)."""
+    """What the recorded evaluations depend on: base, suite (and its file's bytes), dtype, seed, the
+    confirm share of dev (the items a "dev" evaluation scores), and the evaluation engine when it is
+    not the default one (vLLM's kernels round differently from transformers', so a run moved to
+    another backend re-evaluates instead of mixing the two engines' scores)."""
     suite = config.suite
     suite_bytes = ""
     if Path(suite).is_file():
@@ -454,6 +456,8 @@ def _fingerprint(config: PipelineConfig, split: stages.DevSplit | None = None) -
                              "dtype": config.dtype, "seed": config.seed}
     if split is not None:
         parts["confirm_fraction"] = split.confirm_fraction
+    if config.backend != "hf":  # absent for hf, so existing hf studies keep their names
+        parts["backend"] = config.backend
     text = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
