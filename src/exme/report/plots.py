@@ -39,7 +39,7 @@ def _new_figure(width: float = 7.0, height: float = 4.2) -> Figure:
 
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
+    fig.savefig(path, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.1)  # legends placed outside the axes stay whole
     return path
 
 
@@ -83,7 +83,7 @@ def plot_parameter_curve(
         twin = ax.twinx()
         twin.plot(xs, [h or 0.0 for h in hit], ls=":", marker="s", ms=3, lw=1.2, color="tab:gray", label="hit token limit (share)")
         twin.set_ylim(-0.02, 1.02)
-        twin.set_ylabel("share hitting max_new_tokens", color="tab:gray")
+        twin.set_ylabel("share at max_new_tokens", color="tab:gray")
         if collapse_margin is not None:
             bad = [(x, s.overall) for x, s, h in zip(xs, scores, hit) if h is not None and h - ref_hit > collapse_margin]
             if bad:
@@ -91,7 +91,7 @@ def plot_parameter_curve(
     handles, labels = ax.get_legend_handles_labels()
     if any(h is not None for h in hit):
         handles.append(Line2D([], [], ls=":", marker="s", color="tab:gray"))
-        labels.append("hit token limit (share, right axis)")
+        labels.append("share at token limit (right)")
     if reference is not None:
         for task in tasks:
             if task in reference.tasks:
@@ -108,7 +108,7 @@ def plot_parameter_curve(
     ax.set_xlabel(xlabel)
     ax.set_ylabel("dev score")
     ax.grid(alpha=0.3)
-    right = 1.13 if any(h is not None for h in hit) else 1.01  # clear of the right axis' label
+    right = 1.2 if any(h is not None for h in hit) else 1.01  # clear of the right axis label (1.13 overlapped it)
     ax.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(right, 0.5))
     return _save(fig, path)
 
