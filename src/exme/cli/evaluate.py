@@ -20,7 +20,7 @@ _SPLIT_HELP = (
 
 @app.command("eval")
 def eval_command(
-    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A HF model folder (config.json, weights, tokenizer)."),
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="A HF model folder (config.json, weights, tokenizer), or a LoRA adapter: BASE+ADAPTER, or its folder when adapter_config.json names a local base."),
     suite: Optional[str] = typer.Option(None, "--suite", help="Suite YAML, 'lm-eval:task1,task2', or 'module:function'."),
     tasks: Optional[str] = typer.Option(
         None, "--tasks", help="lm-eval task names, comma-separated (lm-eval's spelling; same as --suite lm-eval:TASKS)."

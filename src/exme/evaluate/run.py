@@ -14,11 +14,48 @@ from exme.evaluate.scores import Scores
 SPLIT_CHOICES = ("dev", "test", "both", "all")
 
 
+def adapter_spec(model_dir: str | Path) -> tuple[Path, Path] | None:
+    """``(base, adapter)`` when ``model_dir`` names a PEFT LoRA adapter, else ``None``.
+
+    mergekit's ``BASE+ADAPTER`` names both; a bare adapter folder is applied to the local folder its
+    ``adapter_config.json`` names as ``base_model_name_or_path`` (as given, or relative to the
+    adapter). A base that is not on disk (a hub name) is an error: nothing is downloaded.
+    """
+    from exme.io.source import ADAPTER_CONFIG, is_adapter, split_base_plus_adapter
+
+    base, adapter = split_base_plus_adapter(model_dir)
+    if base is not None:
+        if not is_adapter(adapter):
+            raise ExmeError(f"{model_dir}: {adapter} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+        return base, adapter
+    if not is_adapter(adapter):
+        return None
+    try:
+        named = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as err:
+        raise ExmeError(f"{adapter / ADAPTER_CONFIG}: cannot read it ({err})") from None
+    for candidate in ([Path(named).expanduser(), adapter / named] if named else []):
+        if (candidate / "config.json").is_file():
+            return candidate, adapter
+    raise ExmeError(
+        f"{adapter} is a LoRA adapter whose base model {named!r} is not a model folder on this machine; "
+        "pass BASE+ADAPTER with BASE the local folder of the model it was trained on"
+    )
+
+
 def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str = "auto"):
-    """(model, tokenizer) from a HF model folder, in eval mode on ``device``."""
+    """(model, tokenizer) from a HF model folder or a LoRA adapter, in eval mode on ``device``.
+
+    An adapter (``BASE+ADAPTER`` or an adapter folder, :func:`adapter_spec`) is read through the
+    checkpoint source: the base is loaded and θ = θ_b + Δ written into it tensor by tensor, the
+    same weights PEFT's ``merge_and_unload()`` gives. The tokenizer is the base's.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    pair = adapter_spec(model_dir)
+    if pair is not None:
+        return _load_adapter(*pair, device=device, dtype=dtype)
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ExmeError(f"{model_dir} is not a model folder (no config.json); pass a folder saved with save_pretrained")
@@ -34,6 +71,27 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str = "auto
     except RuntimeError:
         raise ExmeError(f"device {device!r} is not a valid torch device (e.g. cpu, cuda, cuda:1)") from None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtypes[dtype]).to(device).eval()
+    return model, tokenizer
+
+
+def _load_adapter(base: Path, adapter: Path, *, device: str, dtype: str):
+    """(model, tokenizer): the base with the adapter's weights written in (the live model's path)."""
+    import torch
+
+    from exme.common import load_tokenizer
+    from exme.search.live import LiveModel
+
+    if not (base / "config.json").is_file():
+        raise ExmeError(f"{base} is not a model folder (no config.json); BASE in BASE+ADAPTER must be the model {adapter} was trained on")
+    dtypes = ("auto", "float32", "float16", "bfloat16")
+    if dtype not in dtypes:
+        raise ExmeError(f"dtype {dtype!r} is not one of {list(dtypes)}")
+    tokenizer = load_tokenizer(base)
+    live = LiveModel.load(base, dtype=dtype, device=device)
+    with torch.no_grad():
+        live.load_checkpoint(adapter)
+    model = live.model
+    del live  # the base copy it holds is not needed to score
     return model, tokenizer
 
 
@@ -74,6 +132,11 @@ def evaluate_folder(
     if json_out is not None and isinstance(evaluator, SuiteEvaluator):
         evaluator.keep_items = True  # the JSON document carries every item's record
     if backend == "vllm":
+        if adapter_spec(model_dir) is not None:
+            raise ExmeError(
+                f"{model_dir}: backend vllm scores model folders; for a LoRA adapter use --backend hf, or "
+                "write the merged model first (exme merge)"
+            )
         if not isinstance(evaluator, SuiteEvaluator):
             raise ExmeError(
                 f"backend vllm scores suite YAML tasks only, not {str(spec)!r} (lm-eval tasks and custom "
