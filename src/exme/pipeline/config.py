@@ -154,6 +154,9 @@ class PipelineConfig(_Strict):
     """Evaluation engine: the live transformers module (hf) or one vLLM engine with weights swapped in (vllm)."""
     vllm: VllmSpec = Field(default_factory=VllmSpec)
     output: Path
+    output_format: Literal["model", "peft"] = "model"
+    """How ``<output>/model`` is written: a full model folder, or (checkpoints that are LoRA adapters of
+    ``base``) one PEFT adapter equal to the ExMe merge (``exme merge --format peft``)."""
     storage: str | None = None
     seed: int = 0
     threads: int | None = Field(None, ge=1)
@@ -308,6 +311,15 @@ class PipelineConfig(_Strict):
             raise ExmeError(f"{source}: 'checkpoints' lists the same folder twice")
         for p in paths:
             _check_model_dir(p, "checkpoint", source)
+        if self.output_format == "peft":
+            from exme.io.source import is_adapter
+
+            full = [p for p in paths if not is_adapter(p)]
+            if full:
+                raise ExmeError(
+                    f"{source}: output_format is peft, but {full[0]} is a full model, not a LoRA adapter; "
+                    "output_format: peft needs every checkpoint to be a PEFT adapter of base (or set output_format: model)"
+                )
         return paths
 
     @property

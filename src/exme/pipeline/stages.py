@@ -505,7 +505,7 @@ def confirm(ev: Evaluations, chosen: Sequence[Chosen]) -> list[Record]:
 # ---------------------------------------------------------------------- final model
 def final_model_spec(ranked: RankResult, merged: MergeResult, config: PipelineConfig, out_dtype: str) -> dict[str, Any]:
     """The merge config (method ``exme``) of θ*, as ``exme merge`` reads it."""
-    return {
+    spec: dict[str, Any] = {
         "merge_method": "exme",
         "base_model": str(config.base),
         "models": [
@@ -515,6 +515,10 @@ def final_model_spec(ranked: RankResult, merged: MergeResult, config: PipelineCo
         "dtype": "float32",
         "out_dtype": out_dtype,
     }
+    if config.output_format == "peft":  # one LoRA adapter; its factors are float32, no output dtype
+        spec["output_format"] = "peft"
+        del spec["out_dtype"]
+    return spec
 
 
 # ---------------------------------------------------------------------- helpers
