@@ -51,6 +51,11 @@ def run(
     quiet: bool = _QUIET,
     threads: Optional[str] = threads_option(),
     verbose: bool = verbose_option(),
+    log_samples: bool = typer.Option(
+        False, "--log-samples",
+        help="Write each final-table row's test items (record, output, score) to <output>/samples/<row>_test.jsonl, "
+        "as lm-eval's --log_samples (suite YAML files only; same as log_samples: true in the file).",
+    ),
 ) -> None:
     """Rank the checkpoints, search α and β on dev, evaluate on test, write the model and the report.
 
@@ -61,7 +66,7 @@ def run(
     from exme.pipeline import PipelineConfig, run_pipeline
     from exme.search.study import check_storage
 
-    cfg = PipelineConfig.from_yaml(config, storage=storage, device=device)
+    cfg = PipelineConfig.from_yaml(config, storage=storage, device=device, log_samples=log_samples or None)
     _start(cfg, threads, verbose, quiet)
     check_storage(cfg.storage_url)  # before anything is created: a bad URL leaves no output folder
     remove_stale_temp_folders(cfg.output)  # a final write killed mid-way left these behind

@@ -161,6 +161,9 @@ class PipelineConfig(_Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     """torch CPU threads; ``None``: the CPUs not busy with other work (:func:`exme.threads.default_threads`)."""
+    log_samples: bool = False
+    """Write every final-table row's test items (record, output, score) to ``<output>/samples/<row>_test.jsonl``
+    when the row is evaluated; suite YAML files only (lm-eval and custom objectives keep no per-item records)."""
 
     @field_validator("device")
     @classmethod
@@ -204,6 +207,11 @@ class PipelineConfig(_Strict):
             raise ValueError(
                 f"backend vllm scores suite YAML tasks only, not {self.suite!r} (lm-eval tasks and custom "
                 "evaluators run on the transformers module); use backend: hf"
+            )
+        if self.log_samples and not _is_path_spec(self.suite):
+            raise ValueError(
+                f"log_samples (--log-samples) needs a suite YAML file, but suite {self.suite!r} keeps no per-item "
+                "records (lm-eval tasks and custom objectives); remove log_samples, or log lm-eval samples with lm-eval itself"
             )
         if self.search.mode == "tpe" and "beta" in self.model_fields_set:
             raise ValueError("beta.grid is not used with search.mode: tpe (the merge weights are searched jointly with α); remove beta or set mode: grid")

@@ -93,6 +93,7 @@ class Runner:
             opts = {"include_path": list(config.lm_eval_include_path)} if config.lm_eval_include_path else {}
             evaluator = load_evaluator(config.suite, **opts)
         self.evaluator = evaluator
+        self._check_log_samples()
         self.notes: list[str] = []
         self.dev_split = self._divide_dev()
         self.fingerprint = _fingerprint(config, self.dev_split)
@@ -104,6 +105,22 @@ class Runner:
         self._target: Any = None
         self._store: StudyStore | None = None
         self.bars = _Bars(progress)
+
+    def _check_log_samples(self) -> None:
+        """``log_samples`` needs per-item records, which only suite evaluators keep: refused before any model loads."""
+        from exme.evaluate import SuiteEvaluator
+
+        if self.config.log_samples and not isinstance(self.evaluator, SuiteEvaluator):
+            raise ExmeError(
+                f"log_samples: true (--log-samples) needs a suite YAML file, but the evaluator of {self.config.suite!r} "
+                "keeps no per-item records (lm-eval tasks and custom objectives); remove log_samples, or log "
+                "lm-eval samples with lm-eval itself"
+            )
+
+    def samples_path(self, row: str) -> Path:
+        """Where ``log_samples`` writes a final-table row's test items."""
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in row)
+        return self.output / "samples" / f"{safe}_test.jsonl"
 
     def _divide_dev(self) -> stages.DevSplit | None:
         """The search/confirm division of dev, checked before any model loads; ``None`` when off."""
@@ -211,7 +228,38 @@ class Runner:
             # "dev" points are scored on the search part only; "confirm" on the held-out part.
             items = self.dev_split.search if point.split == "dev" else self.dev_split.confirm
             return self.evaluator.evaluate(self.target(), self.tokenizer, "dev", limit=point.limit, items=items)
+        if self.config.log_samples and point.split == "test":
+            return self._score_logged(point)
         return self.evaluator.evaluate(self.target(), self.tokenizer, point.split, limit=point.limit)
+
+    def _score_logged(self, point: Point) -> Any:
+        """A final-table row scored on test with its items kept and written as JSONL (the samples file).
+
+        Written when the row is evaluated, so the file and the recorded score come from one evaluation;
+        :func:`~exme.evaluate.run.write_samples` moves the items out of the scores, so the study does
+        not store them.
+        """
+        from exme.evaluate.run import write_samples
+
+        before, self.evaluator.keep_items = self.evaluator.keep_items, True
+        try:
+            scores = self.evaluator.evaluate(self.target(), self.tokenizer, "test", limit=point.limit)
+        finally:
+            self.evaluator.keep_items = before
+        write_samples(self.evaluator.suite, "test", scores, self.samples_path(str(point.params["row"])))
+        return scores
+
+    def note_missing_samples(self, rows: Sequence[FinalRow]) -> None:
+        """A row read back from the study keeps the samples file its evaluation wrote; say which are missing."""
+        if not self.config.log_samples:
+            return
+        missing = [r.name for r in rows if not r.failed and not self.samples_path(r.name).is_file()]
+        if missing:
+            self.notes.append(
+                f"log_samples: no samples file for {', '.join(missing)}: their test scores were read back from the "
+                f"study, evaluated before log_samples was on (or the file was removed); a new output folder "
+                f"evaluates them again with their samples"
+            )
 
     def target(self):
         """What the evaluator scores: the live module (backend hf) or the engine serving its candidate (vllm)."""
@@ -391,6 +439,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             with runner.timed("test"):
                 tested = stages.test(runner, chosen)
             rows = tested.rows
+            runner.note_missing_samples(rows)
             if runner.dev_split is not None:
                 with runner.timed("confirm"):
                     confirmed = stages.confirm(runner, chosen)
