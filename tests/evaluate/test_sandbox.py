@@ -194,11 +194,28 @@ needs_isolation = pytest.mark.skipif(
 
 @pytest.fixture
 def open_folder():
-    """A world-writable folder outside every temp folder, holding one file owned by the test."""
+    """A world-writable folder outside every temp folder, holding one file owned by the test.
+
+    Beside this file, unless the checkout itself lies in a temp folder (a clone in /tmp): the sandbox
+    hides those behind tmpfs mounts of its own, so a probe there would not test the read-only mount.
+    Then the first writable, world-traversable folder of home, /srv, /opt, /mnt, /var/lib holds it.
+    """
     import shutil
     import uuid
 
-    folder = Path(__file__).parent / f".sandbox-probe-{uuid.uuid4().hex[:8]}"
+    def outside_temp(path: Path) -> bool:
+        path = path.resolve()
+        return not any(path == Path(t).resolve() or Path(t).resolve() in path.parents for t in ("/tmp", "/var/tmp", "/dev/shm"))
+
+    def usable(path: Path) -> bool:  # the sandboxed program may run as another uid: every parent must be traversable
+        return (path.is_dir() and outside_temp(path) and os.access(path, os.W_OK)
+                and all(p.stat().st_mode & 0o001 for p in [path.resolve(), *path.resolve().parents]))
+
+    candidates = [Path(__file__).parent, Path.home(), Path("/srv"), Path("/opt"), Path("/mnt"), Path("/var/lib")]
+    parent = next((c for c in candidates if usable(c)), None)
+    if parent is None:
+        pytest.skip("no writable folder outside the temp folders to probe the read-only mount with")
+    folder = parent / f".sandbox-probe-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
     folder.chmod(0o777)
     (folder / "keep.txt").write_text("host data")
