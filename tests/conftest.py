@@ -21,3 +21,17 @@ def tiny_models(tmp_path_factory):
     sft1 = make_finetuned(base, root / "sft1", seed=1, scale=0.02, max_shard_size="20KB")
     sft2 = make_finetuned(base, root / "sft2", seed=2, scale=0.02)
     return SimpleNamespace(root=root, base=base, sft1=sft1, sft2=sft2)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``exme ARGS`` in-process; return (exit code, stdout, stderr)."""
+    from exme.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

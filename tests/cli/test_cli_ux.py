@@ -8,22 +8,9 @@ import re
 import pytest
 import torch
 
-from exme.cli import main
 
 NO_CUDA = not torch.cuda.is_available()
 
-
-@pytest.fixture
-def run_cli(capsys):
-    """Run ``exme ARGS`` in-process; return (exit code, stdout, stderr)."""
-
-    def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 @pytest.fixture

@@ -26,14 +26,19 @@ def lora_models(tmp_path_factory):
 
 
 @pytest.fixture
-def run_cli(capsys):
-    """Run ``exme ARGS`` in-process; return (exit code, stdout, stderr)."""
-    from exme.cli import main
+def lora_suite(tmp_path):
+    """A tiny suite with a likelihood task and a perplexity task: scores move with every weight."""
+    import json
 
-    def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
+    mc = [{"question": f"{a} + {b} =", "choices": [str(a + b), str(a + b + 1), str(a * b + 3)], "label": 0}
+          for a in range(1, 5) for b in range(1, 4)]
+    ppl = [{"text": f"the number {i} comes after {i - 1}."} for i in range(1, 9)]
+    for name, rows in {"mc.jsonl": mc, "ppl.jsonl": ppl}.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: tiny\nsplit: {seed: 0, dev_fraction: 0.5}\ntasks:\n"
+        "  - {name: mc, kind: multiple_choice, data: mc.jsonl}\n"
+        "  - {name: ppl, kind: perplexity, data: ppl.jsonl}\n"
+    )
+    return suite

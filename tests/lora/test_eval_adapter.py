@@ -7,23 +7,6 @@ import json
 import pytest
 
 
-
-def _suite(root):
-    """A tiny suite with a likelihood task and a perplexity task: scores move with every weight."""
-    mc = [{"question": f"{a} + {b} =", "choices": [str(a + b), str(a + b + 1), str(a * b + 3)], "label": 0}
-          for a in range(1, 5) for b in range(1, 4)]
-    ppl = [{"text": f"the number {i} comes after {i - 1}."} for i in range(1, 9)]
-    for name, rows in {"mc.jsonl": mc, "ppl.jsonl": ppl}.items():
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    suite = root / "suite.yaml"
-    suite.write_text(
-        "name: tiny\nsplit: {seed: 0, dev_fraction: 0.5}\ntasks:\n"
-        "  - {name: mc, kind: multiple_choice, data: mc.jsonl}\n"
-        "  - {name: ppl, kind: perplexity, data: ppl.jsonl}\n"
-    )
-    return suite
-
-
 def _scores(run_cli, model, suite, out):
     code, _, err = run_cli("eval", model, "--suite", suite, "--json", out, "--threads", "1")
     assert code == 0, err
@@ -31,8 +14,8 @@ def _scores(run_cli, model, suite, out):
 
 
 @pytest.mark.parametrize("index", [0, 2])  # plain LoRA; rsLoRA with modules_to_save
-def test_eval_adapter_matches_peft_merge(lora_models, run_cli, tmp_path, index):
-    suite = _suite(tmp_path)
+def test_eval_adapter_matches_peft_merge(lora_suite, lora_models, run_cli, tmp_path, index):
+    suite = lora_suite
     adapter, merged = lora_models.adapters[index], lora_models.merged[index]
     full = _scores(run_cli, merged, suite, tmp_path / "full.json")
     plus = _scores(run_cli, f"{lora_models.base}+{adapter}", suite, tmp_path / "plus.json")
@@ -43,12 +26,12 @@ def test_eval_adapter_matches_peft_merge(lora_models, run_cli, tmp_path, index):
     assert base != full  # the adapter's weights were written in: a base-only load would not match
 
 
-def test_eval_adapter_without_local_base_is_one_error(lora_models, run_cli, tmp_path):
+def test_eval_adapter_without_local_base_is_one_error(lora_suite, lora_models, run_cli, tmp_path):
     import shutil
 
     adapter = shutil.copytree(lora_models.adapters[0], tmp_path / "adapter")
     cfg = adapter / "adapter_config.json"
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "base_model_name_or_path": "org/not-here-7b"}))
-    code, _, err = run_cli("eval", adapter, "--suite", _suite(tmp_path))
+    code, _, err = run_cli("eval", adapter, "--suite", lora_suite)
     assert code == 2
     assert str(adapter) in err and "BASE+ADAPTER" in err and "Traceback" not in err

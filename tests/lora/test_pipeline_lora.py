@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from exme.io import Checkpoint
 
-
-def _suite(root):
-    mc = [{"question": f"{a} + {b} =", "choices": [str(a + b), str(a + b + 1), str(a * b + 3)], "label": 0}
-          for a in range(1, 5) for b in range(1, 4)]
-    ppl = [{"text": f"the number {i} comes after {i - 1}."} for i in range(1, 9)]
-    for name, rows in {"mc.jsonl": mc, "ppl.jsonl": ppl}.items():
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    suite = root / "suite.yaml"
-    suite.write_text(
-        "name: tiny\nsplit: {seed: 0, dev_fraction: 0.5}\ntasks:\n"
-        "  - {name: mc, kind: multiple_choice, data: mc.jsonl}\n"
-        "  - {name: ppl, kind: perplexity, data: ppl.jsonl}\n"
-    )
-    return suite
 
 
 def _run(base, checkpoints, suite, output):
@@ -49,9 +33,9 @@ def _choices(results):
 
 
 @pytest.mark.slow
-def test_lora_run_matches_the_run_on_merged_full_models(lora_models, tmp_path):
+def test_lora_run_matches_the_run_on_merged_full_models(lora_suite, lora_models, tmp_path):
     torch.set_num_threads(1)
-    suite = _suite(tmp_path)
+    suite = lora_suite
     on_adapters = _run(lora_models.base, lora_models.root / "run", suite, tmp_path / "lora-run")
     on_full = _run(lora_models.base, lora_models.root / "merged", suite, tmp_path / "full-run")
     a, f = _choices(on_adapters), _choices(on_full)

@@ -12,20 +12,6 @@ from exme.errors import ExmeError
 from exme.io import Checkpoint
 
 
-def _suite(root):
-    mc = [{"question": f"{a} + {b} =", "choices": [str(a + b), str(a + b + 1), str(a * b + 3)], "label": 0}
-          for a in range(1, 5) for b in range(1, 4)]
-    ppl = [{"text": f"the number {i} comes after {i - 1}."} for i in range(1, 9)]
-    for name, rows in {"mc.jsonl": mc, "ppl.jsonl": ppl}.items():
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    suite = root / "suite.yaml"
-    suite.write_text(
-        "name: tiny\nsplit: {seed: 0, dev_fraction: 0.5}\ntasks:\n"
-        "  - {name: mc, kind: multiple_choice, data: mc.jsonl}\n"
-        "  - {name: ppl, kind: perplexity, data: ppl.jsonl}\n"
-    )
-    return suite
-
 
 def _spec(base, checkpoints, suite, output, **extra):
     return {
@@ -36,14 +22,14 @@ def _spec(base, checkpoints, suite, output, **extra):
 
 
 @pytest.mark.slow
-def test_peft_output_merged_equals_the_full_exme_model(lora_models, tmp_path):
+def test_peft_output_merged_equals_the_full_exme_model(lora_suite, lora_models, tmp_path):
     from exme.merge.config import MergeConfig
     from exme.merge.engine import run_merge
     from exme.pipeline import PipelineConfig, run_pipeline
     from exme.testing import merge_lora_adapter
 
     torch.set_num_threads(1)
-    suite = _suite(tmp_path)
+    suite = lora_suite
     out = tmp_path / "run"
     config = PipelineConfig.model_validate(_spec(lora_models.base, lora_models.root / "run", suite, out,
                                                  output_format="peft"))
@@ -66,18 +52,18 @@ def test_peft_output_merged_equals_the_full_exme_model(lora_models, tmp_path):
     assert moved > 0  # the chosen merge moved some weights: the comparison is not base against base
 
 
-def test_peft_output_with_full_checkpoints_is_one_error(lora_models, tmp_path):
+def test_peft_output_with_full_checkpoints_is_one_error(lora_suite, lora_models, tmp_path):
     from exme.pipeline import PipelineConfig
 
     out = tmp_path / "run"
     path = tmp_path / "PIPELINE.yaml"
-    path.write_text(yaml.safe_dump(_spec(lora_models.base, lora_models.root / "merged", _suite(tmp_path), out,
+    path.write_text(yaml.safe_dump(_spec(lora_models.base, lora_models.root / "merged", lora_suite, out,
                                          output_format="peft")))
     with pytest.raises(ExmeError, match="output_format") as err:
         PipelineConfig.from_yaml(path)
     assert str(lora_models.root / "merged") in str(err.value)
     assert not out.exists()
     # The default (model) accepts the same full checkpoints.
-    spec = _spec(lora_models.base, lora_models.root / "merged", _suite(tmp_path), out)
+    spec = _spec(lora_models.base, lora_models.root / "merged", lora_suite, out)
     path.write_text(yaml.safe_dump(spec))
     assert PipelineConfig.from_yaml(path).output_format == "model"

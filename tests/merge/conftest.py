@@ -47,16 +47,3 @@ def rewrite_model(src: Path, dst: Path, edit) -> Path:
 def model_files():
     return SimpleNamespace(read_all=read_all, snapshot=snapshot, rewrite_model=rewrite_model)
 
-
-@pytest.fixture
-def run_cli(capsys):
-    """Run ``exme ARGS`` in-process; return (exit code, stdout, stderr)."""
-    from exme.cli import main
-
-    def run(*args: str):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
