@@ -50,28 +50,22 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str = "auto
     checkpoint source: the base is loaded and θ = θ_b + Δ written into it tensor by tensor, the
     same weights PEFT's ``merge_and_unload()`` gives. The tokenizer is the base's.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from exme.common import load_model as load_causal_lm
+    from exme.common import load_tokenizer
 
     pair = adapter_spec(model_dir)
     if pair is not None:
         return _load_adapter(*pair, device=device, dtype=dtype)
+    model_dir = _model_folder(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    return load_causal_lm(model_dir, dtype=dtype, device=device), tokenizer
+
+
+def _model_folder(model_dir: str | Path) -> Path:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ExmeError(f"{model_dir} is not a model folder (no config.json); pass a folder saved with save_pretrained")
-    dtypes = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise ExmeError(f"dtype {dtype!r} is not one of {list(dtypes)}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
-        raise ExmeError(f"{model_dir}: cannot load its tokenizer ({err}); save one beside the weights") from None
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ExmeError(f"device {device!r} is not a valid torch device (e.g. cpu, cuda, cuda:1)") from None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtypes[dtype]).to(device).eval()
-    return model, tokenizer
+    return model_dir
 
 
 def _load_adapter(base: Path, adapter: Path, *, device: str, dtype: str):
@@ -168,17 +162,11 @@ def evaluate_folder(
 
 def _load_engine(model_dir: str | Path, *, device: str, dtype: str, **engine_options: Any):
     """(vLLM engine, tokenizer) for a model folder: the evaluator tokenizes, the engine generates."""
-    from transformers import AutoTokenizer
-
+    from exme.common import load_tokenizer
     from exme.evaluate.backends.vllm import VLLMBackend
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ExmeError(f"{model_dir} is not a model folder (no config.json); pass a folder saved with save_pretrained")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
-        raise ExmeError(f"{model_dir}: cannot load its tokenizer ({err}); save one beside the weights") from None
+    model_dir = _model_folder(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     return VLLMBackend(model_dir, device=device, dtype=dtype, **engine_options), tokenizer
 
 
