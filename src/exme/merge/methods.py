@@ -102,6 +102,13 @@ def extrapolate(
     return _out(theta_c, out_dtype, theta)
 
 
+def exme_coefficients(weights: Sequence[float], alphas: Sequence[float]) -> list[float]:
+    """cᵢ = wᵢ(1 + αᵢ): ExMe (and EXPO, a weight of 1) as θ_b + Σ cᵢΔᵢ. The one place this is written:
+    the merge engine, the registry, the live model and the pipeline's candidates all call it, so the
+    coefficients they apply are the same floats."""
+    return [float(w) * (1.0 + float(a)) for w, a in zip(weights, alphas)]
+
+
 def exme(
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
@@ -128,7 +135,7 @@ def exme(
         raise ExmeError(f"exme alphas must be >= 0, got {als}")
     _check_same_shape([base, *models])
     acc = torch.empty(base.shape, dtype=compute_dtype, device=base.device)
-    combine_into(acc, base, models, [w * (1.0 + a) for w, a in zip(ws, als)], compute_dtype=compute_dtype)
+    combine_into(acc, base, models, exme_coefficients(ws, als), compute_dtype=compute_dtype)
     return _out(acc, out_dtype, base)
 
 

@@ -327,7 +327,7 @@ class Extrapolate(MergeMethod):
         return True
 
     def coefficients(self, kwargs: dict[str, Any]) -> list[float]:
-        return [1.0 + float(kwargs["alpha"])]  # θ + α(θ − θ_b) = θ_b + (1 + α)Δ
+        return methods.exme_coefficients([1.0], [kwargs["alpha"]])  # θ + α(θ − θ_b) = θ_b + (1 + α)Δ
 
 
 class Exme(MergeMethod):
@@ -364,8 +364,7 @@ class Exme(MergeMethod):
         return True
 
     def coefficients(self, kwargs: dict[str, Any]) -> list[float]:
-        # cᵢ = wᵢ(1 + αᵢ): θ* = θ_b + Σ cᵢΔᵢ
-        return [float(w) * (1.0 + float(a)) for w, a in zip(kwargs["weights"], kwargs["alphas"])]
+        return methods.exme_coefficients(kwargs["weights"], kwargs["alphas"])
 
 
 #: Every method, in the order messages list them.

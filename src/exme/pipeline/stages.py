@@ -20,14 +20,12 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, Union
 
 from exme.errors import ExmeError
+from exme.merge.methods import exme_coefficients
 from exme.merge.registry import baseline_kwargs, baseline_space
 from exme.pipeline.config import PipelineConfig, checkpoint_step
 from exme.report.schema import FinalRow, RankedCheckpoint, SearchResult, SplitScores, Trial
 from exme.search.study import Point, Record, best
 
-def exme_coefficients(weights: Sequence[float], alphas: Sequence[float]) -> list[float]:
-    """cᵢ = wᵢ(1 + αᵢ): θ* = θ_b + Σ cᵢΔᵢ, computed exactly as ``exme.merge.methods.exme`` does."""
-    return [float(w) * (1.0 + float(a)) for w, a in zip(weights, alphas)]
 
 
 # ---------------------------------------------------------------------- candidates
@@ -398,7 +396,7 @@ def chosen_models(ranked: RankResult, extrapolated: ExtrapolateResult, merged: M
     alphas = extrapolated.alphas
     for i, (name, choice) in enumerate(zip(ranked.kept_names, extrapolated.choices), start=1):
         coeffs = [0.0] * k
-        coeffs[i - 1] = 1.0 + alphas[i - 1]
+        coeffs[i - 1] = exme_coefficients([1.0], [alphas[i - 1]])[0]
         add(f"EXPO-{i}", "expo", "extrapolate", {"checkpoint": name, "alpha": alphas[i - 1]},
             Combination(models, tuple(coeffs)), choice.best)
     w, a = merged.weights, merged.alphas
