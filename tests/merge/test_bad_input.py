@@ -164,9 +164,10 @@ def test_yaml_syntax_error(tmp_path, run_cli, model_files):
     [
         (lambda d: d.update(paramters={"normalize": True}), "unknown key 'paramters'"),
         (lambda d: d["models"][0]["parameters"].update(wieght=1.0), "unknown key 'models.0.parameters.wieght'"),
-        (lambda d: d.update(slices=[]), "key 'slices' (layer slicing/stacking (frankenmerges)) is a mergekit feature exme does not support"),
+        (lambda d: d.update(modules={}), "key 'modules' (per-module merge definitions) is a mergekit feature exme does not support"),
+        (lambda d: d.update(slices=[]), "give either models or slices"),
         (lambda d: d.update(merge_method="model_stock"), "'merge_method': Input should be"),
-        (lambda d: d["models"][0]["parameters"].update(weight=[0.0, 0.5, 1.0]), "per-layer gradients"),
+        (lambda d: d.update(parameters={"normalize": [True, False]}), "parameters.normalize: a list (a per-layer gradient) needs a numeric parameter"),
         (lambda d: d.update(parameters={"t": 0.5}), "parameters.t has no meaning for merge_method task_arithmetic"),
         (lambda d: d.update(dtype="float8"), "unknown dtype 'float8'"),
         (lambda d: d.pop("base_model"), "merge_method task_arithmetic needs base_model"),
