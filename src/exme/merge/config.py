@@ -65,10 +65,7 @@ def _setting(value: Any, key: str) -> Any:
     The raw value is kept (so the config writes back as it was read); :mod:`exme.merge.parameters`
     checks its shape here and resolves it per tensor later.
     """
-    if value is None:
-        return None
-    Setting.parse(value, key, PARAMS[key].kind)  # type: ignore[arg-type]
-    return value
+    return value  # checked where its full key is known (MergeConfig._build_table)
 
 
 class ModelParameters(_Strict):

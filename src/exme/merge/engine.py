@@ -128,12 +128,6 @@ def _tensor_parameters(config: MergeConfig, plan: MergePlan) -> list[dict | None
     from the headers alone: a filter that matches nothing, slices that miss layers or a value that
     breaks a method's rule stop the merge before the first tensor is read."""
     table = config.table
-    if not table.varies:
-        try:
-            one = tensor_kwargs(config, None)
-        except ValueError as err:
-            raise ExmeError(str(err)) from None
-        return [one if t.merge else None for t in plan.tasks]
     names = sorted({n for t in plan.tasks for n in (t.name, *t.reads)})
     for key, filt in table.unmatched_filters(names):
         raise ExmeError(
@@ -156,6 +150,12 @@ def _tensor_parameters(config: MergeConfig, plan: MergePlan) -> list[dict | None
                 f"slices[{len(stops) - 1}].sources[0].layer_range ends at layer {stops[-1]}, but the models have "
                 f"{layout.num_layers} layers; exme's slices cover every layer (dropping layers is a mergekit frankenmerge)"
             )
+    if not table.varies:
+        try:
+            one = tensor_kwargs(config, None)
+        except ValueError as err:
+            raise ExmeError(str(err)) from None
+        return [one if t.merge else None for t in plan.tasks]
     out: list[dict | None] = []
     for task in plan.tasks:
         if not task.merge:

@@ -266,8 +266,8 @@ class ParameterTable:
 
     @property
     def needs_layers(self) -> bool:
-        """True when a tensor's layer matters (a gradient, or slices with settings of their own)."""
-        return len(self.slices) > 1 or any(s.gradient for s in self.settings())
+        """True when a tensor's layer matters (a gradient, or slices, whose layer ranges must fit the models)."""
+        return any(s.stop is not None for s in self.slices) or any(s.gradient for s in self.settings())
 
     @property
     def slice_starts(self) -> tuple[int, ...]:
