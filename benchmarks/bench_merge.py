@@ -165,7 +165,7 @@ def config_yaml(method: str, paths: dict[str, Path]) -> str:
     if method == "linear":
         models = f"  - model: {paths['ft1']}\n    parameters: {{weight: 0.7}}\n  - model: {paths['ft2']}\n    parameters: {{weight: 0.3}}\n"
         return f"merge_method: linear\nmodels:\n{models}dtype: bfloat16\n"
-    density = ", density: 0.5" if method == "ties" else ""
+    density = ", density: 0.5" if method in ("ties", "dare_ties", "dare_linear") else ""
     models = (
         f"  - model: {paths['ft1']}\n    parameters: {{weight: 0.6{density}}}\n"
         f"  - model: {paths['ft2']}\n    parameters: {{weight: 0.4{density}}}\n"
