@@ -165,7 +165,7 @@ def config_yaml(method: str, paths: dict[str, Path]) -> str:
     if method == "linear":
         models = f"  - model: {paths['ft1']}\n    parameters: {{weight: 0.7}}\n  - model: {paths['ft2']}\n    parameters: {{weight: 0.3}}\n"
         return f"merge_method: linear\nmodels:\n{models}dtype: bfloat16\n"
-    density = ", density: 0.5" if method == "ties" else ""
+    density = ", density: 0.5" if method in ("ties", "dare_ties", "dare_linear") else ""
     models = (
         f"  - model: {paths['ft1']}\n    parameters: {{weight: 0.6{density}}}\n"
         f"  - model: {paths['ft2']}\n    parameters: {{weight: 0.4{density}}}\n"
@@ -309,7 +309,12 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help="only build the models (and mergekit's venv)")
     parser.add_argument("--agreement-only", action="store_true", help="only compare the outputs of an earlier run")
     parser.add_argument("--skip-f32", action="store_true", help="skip the extra mergekit float32 runs for agreement")
+    parser.add_argument("--exme-only", action="store_true",
+                        help="time exme alone (methods and the floor, alternating) and print each method's time over task_arithmetic's")
     args = parser.parse_args()
+    if args.exme_only:
+        exme_ratios(args, build_models(args.size))
+        return
 
     paths = build_models(args.size)
     if args.agreement_only:
@@ -375,6 +380,32 @@ def main() -> None:
     print(table)
     if args.results:
         write_section(args.results, table)
+
+
+def exme_ratios(args, paths: dict[str, Path]) -> None:
+    """exme's own methods against its task arithmetic (and the floor): interleaved, median per method."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    methods = list(dict.fromkeys(["task_arithmetic", *args.methods.split(",")]))
+    times: dict[str, list[float]] = {}
+    print(f"start ({load_snapshot()})", flush=True)
+    for rep in range(args.reps):
+        for method in (methods if rep % 2 == 0 else methods[::-1]):
+            cfg = WORK / f"{method}.yaml"
+            cfg.write_text(config_yaml(method, paths))
+            out = WORK / f"out-exme-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            settle()
+            r = timed(exme_cmd(cfg, out), WORK / f"log-exme-{method}-{rep}.txt")
+            times.setdefault(method, []).append(r["wall_s"])
+            print(f"rep {rep} exme {method:16s} {r['wall_s']:6.1f} s (user {r['user_s']:.1f})  ({load_snapshot()})", flush=True)
+        settle()
+        r = timed(floor_cmd(paths, ["base", "ft1", "ft2"]), WORK / f"log-floor-{rep}.txt")
+        times.setdefault("floor", []).append(r["wall_s"])
+        print(f"rep {rep} floor {r['wall_s']:6.1f} s  ({load_snapshot()})", flush=True)
+    ta = statistics.median(times["task_arithmetic"])
+    for method, vals in times.items():
+        med = statistics.median(vals)
+        print(f"| {method} | {med:.1f} ({min(vals):.1f}–{max(vals):.1f}) | {med / ta:.2f}× |")
 
 
 def agreement_table(methods: list[str], paths: dict[str, Path]) -> dict[str, dict[str, float]]:

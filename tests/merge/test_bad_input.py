@@ -164,9 +164,10 @@ def test_yaml_syntax_error(tmp_path, run_cli, model_files):
     [
         (lambda d: d.update(paramters={"normalize": True}), "unknown key 'paramters'"),
         (lambda d: d["models"][0]["parameters"].update(wieght=1.0), "unknown key 'models.0.parameters.wieght'"),
-        (lambda d: d.update(slices=[]), "key 'slices' (layer slicing/stacking (frankenmerges)) is a mergekit feature exme does not support"),
+        (lambda d: d.update(modules={}), "key 'modules' (per-module merge definitions) is a mergekit feature exme does not support"),
+        (lambda d: d.update(slices=[]), "give either models or slices"),
         (lambda d: d.update(merge_method="model_stock"), "'merge_method': Input should be"),
-        (lambda d: d["models"][0]["parameters"].update(weight=[0.0, 0.5, 1.0]), "per-layer gradients"),
+        (lambda d: d.update(parameters={"normalize": [True, False]}), "parameters.normalize: a list (a per-layer gradient) needs a numeric parameter"),
         (lambda d: d.update(parameters={"t": 0.5}), "parameters.t has no meaning for merge_method task_arithmetic"),
         (lambda d: d.update(dtype="float8"), "unknown dtype 'float8'"),
         (lambda d: d.pop("base_model"), "merge_method task_arithmetic needs base_model"),
@@ -252,3 +253,54 @@ def test_cli_success_prints_the_output_path(models, tmp_path, run_cli):
     assert code == 0 and stdout == ""
     code, stdout, _ = run_cli("merge", write_config(tmp_path / "c.yaml", ta_config(models)), tmp_path / "out2")
     assert code == 0 and stdout.strip() == f"wrote {tmp_path / 'out2'}"
+
+
+def _slices(models, ranges_per_slice):
+    return [{"sources": [{"model": str(m), "layer_range": list(r), "parameters": {"weight": 0.5}} for m, r in zip((models.sft1, models.sft2), rs)]}
+            for rs in ranges_per_slice]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d, m: d["models"][0]["parameters"].update(weight=[{"filter": "mlpp", "value": 0.3}, {"value": 0.5}]),
+         "models[0].parameters.weight: filter 'mlpp' matches no tensor of the models"),
+        (lambda d, m: d.update(parameters={"majority_sign_method": ["sum", "count"]}),
+         "parameters.majority_sign_method: a list (a per-layer gradient) needs a numeric parameter"),
+        (lambda d, m: d.update(merge_method="exme", parameters={"beta": 0.5}, models=[
+            {"model": str(m.sft1), "parameters": {"alpha": [{"filter": "mlp", "value": [0.5, -0.2]}, {"value": 0.1}]}},
+            {"model": str(m.sft2), "parameters": {"alpha": 0.3}}]),
+         "models[0].parameters.alpha[0].value[1] = -0.2 is out of range; it must be >= 0"),
+        (lambda d, m: (d.pop("models"), d.update(slices=_slices(m, [[(0, 2), (0, 1)]]))),
+         "slices[0].sources[1].layer_range [0, 1] differs from slices[0].sources[0]'s [0, 2]"),
+        (lambda d, m: (d.pop("models"), d.update(slices=_slices(m, [[(0, 2), (0, 2)], [(1, 2), (1, 2)]]))),
+         "slices[1].sources[0].layer_range [1, 2]: exme accepts slices that cover the layers in order, each once"),
+        (lambda d, m: (d.pop("models"), d.update(slices=_slices(m, [[(0, 1), (0, 1)]]))),
+         "slices[0].sources[0].layer_range ends at layer 1, but the models have 2 layers"),
+        (lambda d, m: d.update(tokenizer_source="union"), "tokenizer_source: union is not supported"),
+        (lambda d, m: d.update(merge_method="della"), "'merge_method': Input should be"),
+        (lambda d, m: d.update(merge_method="exme", parameters={"beta": 0.5}, models=[
+            {"model": str(m.sft1), "parameters": {"alpha": 0.1, }}, {"model": str(m.sft2), "parameters": {"alpha": 0.3}}],
+            slices=None) or d.pop("slices"),
+         None),
+    ],
+)
+def test_per_tensor_syntax_refusals(models, tmp_path, run_cli, model_files, edit, message):
+    """Refused in one line naming the key, before any tensor is read (the inputs are untouched)."""
+    data = ta_config(models)
+    edit(data, models)
+    cfg = write_config(tmp_path / "m.yaml", data)
+    out = tmp_path / "out"
+    if message is None:  # the control: the same config without the mistake merges
+        code, _, stderr = run_cli("merge", cfg, out, "--quiet")
+        assert code == 0, stderr
+        return
+    assert_refused(run_cli, ["merge", cfg, out], message, out, [models.base, models.sft1, models.sft2], model_files)
+
+
+def test_filter_leaving_a_model_without_weight_names_the_tensor(models, tmp_path, run_cli, model_files):
+    data = ta_config(models)
+    data["models"][1]["parameters"]["weight"] = [{"filter": "mlp", "value": 0.5}]  # nothing for the other tensors
+    cfg = write_config(tmp_path / "m.yaml", data)
+    out = tmp_path / "out"
+    assert_refused(run_cli, ["merge", cfg, out], "needs a weight for every model; no weight entry of", out, [], model_files)

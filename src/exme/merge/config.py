@@ -1,16 +1,20 @@
 """The merge config: mergekit's YAML format for the methods exme implements, plus ExPO and ExMe.
 
 Why mergekit's format: users already have these files. Why strict: a key exme does not understand
-(a typo, or a mergekit feature such as ``slices``) changes what the user believes they merged, so
+(a typo, or a mergekit feature such as ``modules``) changes what the user believes they merged, so
 it is an error that names the key, never silently ignored.
 
 Accepted keys::
 
     merge_method: linear | task_arithmetic | ties | dare_linear | dare_ties | slerp | extrapolate | exme
     base_model: PATH
-    models:
+    models:                            (or slices, below; exactly one of the two)
       - model: PATH
         parameters: {weight: W, density: D, alpha: A}
+    slices:                            (layers kept in place: see _check_slices)
+      - sources:
+          - {model: PATH, layer_range: [0, N], parameters: {...}}
+        parameters: {...}
     parameters: {normalize, lambda, t, beta, alpha, weight, density, majority_sign_method, rescale, int8_mask}
     dtype: float32 | float16 | bfloat16 | float64
     out_dtype: ...
@@ -18,7 +22,8 @@ Accepted keys::
     output_format: model | peft        (exme only: peft writes one LoRA adapter, see docs/merge.md)
 
 A model path may be a full model folder, a PEFT LoRA adapter folder (read over ``base_model``), or
-mergekit's ``BASE+ADAPTER``.
+mergekit's ``BASE+ADAPTER``. Every parameter may be a value, a per-layer gradient list or a list of
+``{filter, value}`` entries, as in mergekit (:mod:`exme.merge.parameters` resolves them per tensor).
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from exme.common import DTYPES, StrictModel, describe_validation_error, parse_dtype
 from exme.errors import ExmeError
+from exme.merge.parameters import ParameterTable, Setting, SliceParameters, TensorPoint
 from exme.merge.registry import METHOD_NAMES, PARAMS, REGISTRY, get_method, methods_reading
 
 #: The method names, from the registry (a pydantic Literal, so a typo lists the known methods).
@@ -41,14 +47,11 @@ METHODS_WITH_BASE = tuple(n for n, m in REGISTRY.items() if m.needs_base)
 
 #: mergekit keys that exist there but are not implemented here, with what they do (for the message).
 UNSUPPORTED_MERGEKIT_KEYS = {
-    "slices": "layer slicing/stacking (frankenmerges)",
     "tokenizer": "tokenizer merging (`tokenizer:` block)",
     "chat_template": "chat template selection",
     "modules": "per-module merge definitions",
     "name": "multi-stage merges",
     "random_seed": "mergekit's global seed (use --seed)",
-    "filter": "per-tensor parameter filters",
-    "layer_range": "layer ranges",
 }
 
 
@@ -56,26 +59,26 @@ class _Strict(StrictModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-def _scalar(value: Any, key: str) -> Any:
-    """Parameters are plain numbers here: mergekit's per-layer gradients and filters are refused."""
-    if isinstance(value, (list, tuple, dict)):
-        raise ValueError(
-            f"'{key}' must be a single number; per-layer gradients (lists) and filters are not supported by exme"
-        )
-    return value
+def _setting(value: Any, key: str) -> Any:
+    """A parameter as mergekit writes it: a value, a per-layer gradient, or ``{filter, value}`` entries.
+
+    The raw value is kept (so the config writes back as it was read); :mod:`exme.merge.parameters`
+    checks its shape here and resolves it per tensor later.
+    """
+    return value  # checked where its full key is known (MergeConfig._build_table)
 
 
 class ModelParameters(_Strict):
-    """Per-model parameters (``models[i].parameters``)."""
+    """Per-model parameters (``models[i].parameters``, or a slice source's)."""
 
-    weight: float | None = None
-    density: float | None = None
-    alpha: float | None = None
+    weight: Any = None
+    density: Any = None
+    alpha: Any = None
 
     @field_validator("weight", "density", "alpha", mode="before")
     @classmethod
-    def _one_number(cls, v: Any, info: Any) -> Any:
-        return _scalar(v, info.field_name)
+    def _valid(cls, v: Any, info: Any) -> Any:
+        return _setting(v, info.field_name)
 
 
 class ModelEntry(_Strict):
@@ -86,23 +89,40 @@ class ModelEntry(_Strict):
 
 
 class GlobalParameters(_Strict):
-    """Method-wide parameters (``parameters``); ``weight``/``density``/``alpha`` are per-model defaults."""
+    """Method-wide parameters (``parameters``, or a slice's); ``weight``/``density``/``alpha`` are per-model defaults."""
 
-    normalize: bool | None = None
-    lambda_: float | None = Field(default=None, alias="lambda")
-    t: float | None = None
-    beta: float | None = None
-    alpha: float | None = None
-    weight: float | None = None
-    density: float | None = None
-    majority_sign_method: Literal["sum", "count"] | None = None
-    rescale: bool | None = None
-    int8_mask: bool | None = None  # accepted for mergekit configs; no effect (exme's masks are bool)
+    normalize: Any = None
+    lambda_: Any = Field(default=None, alias="lambda")
+    t: Any = None
+    beta: Any = None
+    alpha: Any = None
+    weight: Any = None
+    density: Any = None
+    majority_sign_method: Any = None
+    rescale: Any = None
+    int8_mask: Any = None  # accepted for mergekit configs; no effect (exme's masks are bool)
 
-    @field_validator("lambda_", "t", "beta", "alpha", "weight", "density", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _one_number(cls, v: Any, info: Any) -> Any:
-        return _scalar(v, "lambda" if info.field_name == "lambda_" else info.field_name)
+    def _valid(cls, v: Any, info: Any) -> Any:
+        return _setting(v, "lambda" if info.field_name == "lambda_" else info.field_name)
+
+
+class SliceSource(_Strict):
+    """One source of a slice: a model and the layers it gives (``slices[j].sources[i]``)."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: ModelParameters = Field(default_factory=ModelParameters)
+
+
+class SliceEntry(_Strict):
+    """One output slice (``slices[j]``). exme merges slices that keep every layer in place (see :class:`MergeConfig`)."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: GlobalParameters = Field(default_factory=GlobalParameters)
+    base_model: str | None = None
+    residual_weight: float | None = None
 
 
 def _check_range(value: float | None, low: float, high: float, what: str, low_open: bool = False) -> None:
@@ -115,12 +135,23 @@ def _check_range(value: float | None, low: float, high: float, what: str, low_op
         raise ValueError(f"{what} = {value} is out of range; it must be in {bracket}{low:g}, {high:g}]")
 
 
+def _check_values(setting: Setting) -> None:
+    """Every value written for a parameter is in its range (a gradient interpolates between them, so stays in)."""
+    param = PARAMS[setting.key.rsplit(".", 1)[-1]]
+    for where, value in setting.leaves():
+        if param.key == "majority_sign_method" and value not in ("sum", "count"):
+            raise ValueError(f"{where} must be sum or count, got {value!r}")
+        if param.kind == "number" and param.low is not None:
+            _check_range(float(value), param.low, param.high, where, param.low_open)
+
+
 class MergeConfig(_Strict):
     """A validated merge: method, inputs and parameters (see the module docstring for the keys)."""
 
     merge_method: MergeMethod
     base_model: str | None = None
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] | None = None
+    slices: list[SliceEntry] | None = None
     parameters: GlobalParameters = Field(default_factory=GlobalParameters)
     dtype: str | None = None
     out_dtype: str | None = None
@@ -128,6 +159,8 @@ class MergeConfig(_Strict):
     #: ``model``: a full HF model folder. ``peft``: one PEFT LoRA adapter that is exactly the merge
     #: (inputs: LoRA adapters of ``base_model``; a method linear in the task vectors).
     output_format: Literal["model", "peft"] = "model"
+
+    _table: ParameterTable | None = PrivateAttr(default=None)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -138,38 +171,108 @@ class MergeConfig(_Strict):
 
     @model_validator(mode="after")
     def _method_rules(self) -> MergeConfig:
-        method, p = self.merge_method, self.parameters
+        method = self.merge_method
         if method in METHODS_WITH_BASE and not self.base_model:
             raise ValueError(f"merge_method {method} needs base_model")
         if self.tokenizer_source == "union":
             raise ValueError("tokenizer_source: union is not supported; use base or a model path")
-        for i, entry in enumerate(self.models):
-            mp = entry.parameters
-            _check_range(mp.density, 0.0, 1.0, f"models[{i}].parameters.density", low_open=True)
-            _check_range(mp.alpha, 0.0, math.inf, f"models[{i}].parameters.alpha")
-            if mp.weight is not None and not math.isfinite(mp.weight):
-                raise ValueError(f"models[{i}].parameters.weight must be a finite number")
-        for key in ("density", "alpha", "beta", "t"):
-            param = PARAMS[key]
-            _check_range(getattr(p, param.field), param.low, param.high, f"parameters.{key}", param.low_open)
-        if p.lambda_ is not None and not math.isfinite(p.lambda_):
-            raise ValueError("parameters.lambda must be a finite number")
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give either models or slices (exactly one of them)")
+        if self.slices is not None:
+            self._check_slices()
+        if not self.models:
+            raise ValueError("models: give at least one model")
+        self._table = self._build_table()
         spec = REGISTRY[method]
-        for param in PARAMS.values():
-            value = getattr(p, param.field)
-            if value is not None and param.key not in spec.params and not (param.key == "rescale" and value is False):
+        for setting in self._table.settings():
+            _check_values(setting)
+            param = PARAMS[setting.key.rsplit(".", 1)[-1]]
+            if param.key not in spec.params and not (param.key == "rescale" and setting.entries[0].value is False
+                                                      and not setting.varies):
+                if "models[" in setting.key or "sources[" in setting.key:  # a model's own parameters
+                    raise ValueError(f"{setting.key} has no meaning for merge_method {method}; remove it")
                 raise ValueError(
-                    f"parameters.{param.key} has no meaning for merge_method {method} (it applies to "
-                    f"{', '.join(methods_reading(param.key))}); remove it"
+                    f"{setting.key} has no meaning for merge_method {method} (it applies to "
+                    f"{', '.join(methods_reading(param.key)) or 'no method'}); remove it"
                 )
-        for i, entry in enumerate(self.models):
-            for key in ("weight", "density", "alpha"):
-                if getattr(entry.parameters, key) is not None and key not in spec.params:
-                    raise ValueError(
-                        f"models[{i}].parameters.{key} has no meaning for merge_method {method}; remove it"
-                    )
         spec.check(self)
+        if not self._table.varies:  # one value per merge: its numeric rules are checked now, not per tensor
+            spec.check_values(spec.resolve(self), self)
         return self
+
+    def _check_slices(self) -> None:
+        """Slices that keep every layer in place: each slice's sources share one range, slices follow each other.
+
+        Why only these: they are the ``models:`` form with per-slice parameters. Different ranges per
+        source, gaps, repeats or reordering build a different architecture (a frankenmerge), which
+        exme does not write.
+        """
+        assert self.slices is not None
+        first = [s.model for s in self.slices[0].sources]
+        expected_start = 0
+        for j, sl in enumerate(self.slices):
+            if sl.residual_weight is not None:
+                raise ValueError(f"slices[{j}].residual_weight is not supported by exme; remove it or use mergekit")
+            if sl.base_model is not None and _norm(sl.base_model) != _norm(self.base_model or sl.base_model):
+                raise ValueError(f"slices[{j}].base_model differs from base_model; exme merges over one base model")
+            r0 = tuple(sl.sources[0].layer_range)
+            for i, src in enumerate(sl.sources):
+                if tuple(src.layer_range) != r0:
+                    raise ValueError(
+                        f"slices[{j}].sources[{i}].layer_range {list(src.layer_range)} differs from "
+                        f"slices[{j}].sources[0]'s {list(r0)}; exme merges layers in place (every source of a slice "
+                        "covers the same layers): use mergekit for layer stacking"
+                    )
+            if [s.model for s in sl.sources] != first:
+                raise ValueError(f"slices[{j}].sources: list the same models as slices[0], in the same order")
+            if r0[0] != expected_start or r0[1] <= r0[0]:
+                raise ValueError(
+                    f"slices[{j}].sources[0].layer_range {list(r0)}: exme accepts slices that cover the layers in "
+                    f"order, each once (this one should start at layer {expected_start}); repeated, skipped or "
+                    "reordered layers are a mergekit frankenmerge"
+                )
+            expected_start = r0[1]
+        self.models = [ModelEntry(model=s.model, parameters=s.parameters) for s in self.slices[0].sources]
+
+    def _build_table(self) -> ParameterTable:
+        def of(params: BaseModel, prefix: str) -> dict[str, Setting]:
+            out = {}
+            for name in type(params).model_fields:
+                raw = getattr(params, name)
+                if raw is not None:
+                    key = "lambda" if name == "lambda_" else name
+                    out[key] = Setting.parse(raw, f"{prefix}.{key}", PARAMS[key].kind)  # type: ignore[arg-type]
+            return out
+
+        keep = self._merge_indices()
+        if self.slices is None:
+            assert self.models is not None
+            slices = [SliceParameters(0, None, {}, [of(self.models[i].parameters, f"models[{i}].parameters") for i in keep])]
+        else:
+            slices = [
+                SliceParameters(
+                    sl.sources[0].layer_range[0], sl.sources[0].layer_range[1],
+                    of(sl.parameters, f"slices[{j}].parameters"),
+                    [of(sl.sources[i].parameters, f"slices[{j}].sources[{i}].parameters") for i in keep],
+                )
+                for j, sl in enumerate(self.slices)
+            ]
+        return ParameterTable(of(self.parameters, "parameters"), slices)
+
+    def _merge_indices(self) -> list[int]:
+        """Indices in ``models`` of the merged models (the base is not one of them for base-model methods)."""
+        assert self.models is not None
+        if self.merge_method in METHODS_WITH_BASE and self.base_model:
+            base = _norm(self.base_model)
+            return [i for i, e in enumerate(self.models) if _norm(e.model) != base]
+        return list(range(len(self.models)))
+
+    @property
+    def table(self) -> ParameterTable:
+        """Every parameter setting, for per-tensor resolution (:mod:`exme.merge.parameters`)."""
+        if self._table is None:
+            self._table = self._build_table()
+        return self._table
 
     # ----------------------------------------------------------------------- derived values
 
@@ -177,46 +280,51 @@ class MergeConfig(_Strict):
     def merge_models(self) -> list[ModelEntry]:
         """The models whose tensors are combined; for base-model methods the base is not one of them.
 
-        mergekit lets the base also appear in ``models`` for task-vector methods; its task vector
-        is zero and mergekit skips it, so exme does too.
+        mergekit lets the base also appear in ``models`` (and in every slice) for task-vector methods;
+        its task vector is zero and mergekit skips it, so exme does too.
         """
-        if self.merge_method in METHODS_WITH_BASE and self.base_model:
-            base = _norm(self.base_model)
-            return [e for e in self.models if _norm(e.model) != base]
-        return list(self.models)
+        assert self.models is not None
+        return [self.models[i] for i in self._merge_indices()]
 
-    def weights(self) -> list[float | None]:
-        p = self.parameters
+    # Every getter below takes ``at``: the tensor whose value is wanted (:class:`TensorPoint`), or
+    # ``None`` for the one value of a merge whose parameters do not vary per tensor.
+
+    def value(self, key: str, at: TensorPoint | None = None, model: int | None = None) -> Any:
+        """Parameter ``key`` (of merged model ``model``, or shared) at tensor ``at``; ``None`` if unset."""
+        try:
+            return self.table.value(key, at, model)
+        except ValueError as err:
+            raise ExmeError(f"{err} (filters or gradients); this use needs one value per merge") from None
+
+    def weights(self, at: TensorPoint | None = None) -> list[float | None]:
         inputs = self.merge_models
-        if self.merge_method == "exme" and p.beta is not None and len(inputs) == 2:
-            return [p.beta, 1.0 - p.beta]
-        return [e.parameters.weight if e.parameters.weight is not None else p.weight for e in inputs]
+        if self.merge_method == "exme" and len(inputs) == 2:
+            beta = self.value("beta", at)
+            if beta is not None:
+                return [beta, 1.0 - beta]
+        return [self.value("weight", at, i) for i in range(len(inputs))]
 
-    def densities(self) -> list[float]:
-        p = self.parameters
-        return [
-            e.parameters.density if e.parameters.density is not None else (p.density if p.density is not None else 1.0)
-            for e in self.merge_models
-        ]
+    def densities(self, at: TensorPoint | None = None) -> list[float]:
+        return [_or(self.value("density", at, i), 1.0) for i in range(len(self.merge_models))]
 
-    def alphas(self) -> list[float | None]:
-        p = self.parameters
-        return [e.parameters.alpha if e.parameters.alpha is not None else p.alpha for e in self.merge_models]
+    def alphas(self, at: TensorPoint | None = None) -> list[float | None]:
+        return [self.value("alpha", at, i) for i in range(len(self.merge_models))]
 
-    def normalize(self) -> bool:
+    def normalize(self, at: TensorPoint | None = None) -> bool:
         """mergekit's defaults: on for linear and ties, off for task arithmetic and DARE."""
-        if self.parameters.normalize is not None:
-            return self.parameters.normalize
-        return get_method(self.merge_method).normalize_default
+        return _or(self.value("normalize", at), get_method(self.merge_method).normalize_default)
 
-    def rescale(self) -> bool:
-        return True if self.parameters.rescale is None else self.parameters.rescale
+    def rescale(self, at: TensorPoint | None = None) -> bool:
+        return _or(self.value("rescale", at), True)
 
-    def lambda_(self) -> float:
-        return 1.0 if self.parameters.lambda_ is None else self.parameters.lambda_
+    def lambda_(self, at: TensorPoint | None = None) -> float:
+        return _or(self.value("lambda", at), 1.0)
 
-    def majority_sign_method(self) -> Literal["sum", "count"]:
-        return self.parameters.majority_sign_method or "sum"
+    def majority_sign_method(self, at: TensorPoint | None = None) -> Literal["sum", "count"]:
+        return _or(self.value("majority_sign_method", at), "sum")
+
+    def t(self, at: TensorPoint | None = None) -> float | None:
+        return self.value("t", at)
 
     def output_dtype(self, first_input: torch.dtype) -> torch.dtype:
         """``out_dtype``, else ``dtype``, else the first input's dtype (base, or first model)."""
@@ -240,7 +348,12 @@ class MergeConfig(_Strict):
         return list(dict.fromkeys(paths))
 
     def merge_parameters(self) -> dict[str, Any]:
-        """Every parameter that shapes the result, resolved with defaults (for the model card)."""
+        """Every parameter that shapes the result, resolved with defaults (for the model card).
+
+        Parameters that vary per tensor are not one value: the card then points at its config section.
+        """
+        if self.table.varies:
+            return {"merge_method": self.merge_method, "parameters": "vary per tensor (filters, gradients or slices; see Config)"}
         return {"merge_method": self.merge_method, **get_method(self.merge_method).resolve(self)}
 
     @property
@@ -294,9 +407,15 @@ class MergeConfig(_Strict):
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if self.slices is not None:  # models were derived from the slices
+            data.pop("models", None)
         if data.get("output_format") == "model":  # the default; mergekit configs do not have the key
             del data["output_format"]
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _norm(path: str) -> str:

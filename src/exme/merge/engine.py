@@ -41,7 +41,8 @@ from exme.io.writer import (
 )
 from exme.merge import methods
 from exme.merge.config import MergeConfig
-from exme.merge.registry import REGISTRY
+from exme.merge.parameters import LayerLayout, tensor_point
+from exme.merge.registry import REGISTRY, tensor_kwargs
 
 @dataclass
 class MergePlan:
@@ -55,6 +56,8 @@ class MergePlan:
     config_updates: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     tokenizer_source: Path | None = None
+    #: the method's kwargs for each task (``None`` for tensors that are copied, not merged)
+    kwargs: list[dict | None] = field(default_factory=list)
 
     @property
     def reference(self) -> InputModel:
@@ -112,7 +115,57 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     plan.tokenizer_source = tok_folder
     aligned = align_inputs(inputs, out_dtype, tok_index)
     plan.tasks, plan.notes, plan.config_updates = aligned.tasks, aligned.notes, aligned.config_updates
+    plan.kwargs = _tensor_parameters(config, plan)
     return plan
+
+
+#: Config keys that give the number of layers, by architecture family.
+_NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def _tensor_parameters(config: MergeConfig, plan: MergePlan) -> list[dict | None]:
+    """Each merged tensor's parameters (:func:`exme.merge.registry.tensor_kwargs`), all checked here,
+    from the headers alone: a filter that matches nothing, slices that miss layers or a value that
+    breaks a method's rule stop the merge before the first tensor is read."""
+    table = config.table
+    names = sorted({n for t in plan.tasks for n in (t.name, *t.reads)})
+    for key, filt in table.unmatched_filters(names):
+        raise ExmeError(
+            f"{key}: filter {filt!r} matches no tensor of the models (names look like {names[len(names) // 2]!r}); "
+            "a filter is a piece of a tensor name: check its spelling"
+        )
+    layout = None
+    if table.needs_layers:
+        ref_config = plan.reference.checkpoint.config
+        num = next((int(ref_config[k]) for k in _NUM_LAYERS_KEYS if isinstance(ref_config.get(k), int)), None)
+        layout = LayerLayout.from_names(names, num)
+        if layout.prefix is None:
+            raise ExmeError(
+                f"parameters vary over layers (a gradient list or slices), but {plan.reference.describe()} has no "
+                f"numbered layers{f' 0..{num - 1}' if num else ''} in its tensor names; give plain values or filters"
+            )
+        stops = [s.stop for s in table.slices if s.stop is not None]
+        if stops and stops[-1] != layout.num_layers:
+            raise ExmeError(
+                f"slices[{len(stops) - 1}].sources[0].layer_range ends at layer {stops[-1]}, but the models have "
+                f"{layout.num_layers} layers; exme's slices cover every layer (dropping layers is a mergekit frankenmerge)"
+            )
+    if not table.varies:
+        try:
+            one = tensor_kwargs(config, None)
+        except ValueError as err:
+            raise ExmeError(str(err)) from None
+        return [one if t.merge else None for t in plan.tasks]
+    out: list[dict | None] = []
+    for task in plan.tasks:
+        if not task.merge:
+            out.append(None)
+            continue
+        try:
+            out.append(tensor_kwargs(config, tensor_point(task.name, layout, table.slice_starts)))
+        except ValueError as err:
+            raise ExmeError(f"tensor {task.name!r}: {err}") from None
+    return out
 
 
 # ------------------------------------------------------------------------------------------ merge one tensor
@@ -136,17 +189,17 @@ READ_AHEAD_BYTES = 256 * 2**20
 def tensor_merger(
     config: MergeConfig, out_dtype: torch.dtype, compute_dtype: torch.dtype, seed: int
 ) -> Callable[..., torch.Tensor]:
-    """The per-tensor function of this config: ``(name, [input tensors], **kw) -> merged tensor``.
+    """The per-tensor function of this config: ``(name, [input tensors], kwargs) -> merged tensor``.
 
-    Inputs are ordered as in :class:`MergePlan` (base first for methods with a base). For TIES
+    ``kwargs`` are the tensor's parameters (``MergePlan.kwargs``). Inputs are ordered as in
+    :class:`MergePlan` (base first for methods with a base). For TIES
     the engine passes ``selectors=`` so that chunks of one tensor share its global top-k.
     """
     method = config.method
-    kwargs = method.kwargs(method.resolve(config))
     common = {"out_dtype": out_dtype, "compute_dtype": compute_dtype}
     with_base = method.needs_base
 
-    def merge(name: str, ts: list[torch.Tensor], selectors=None) -> torch.Tensor:
+    def merge(name: str, ts: list[torch.Tensor], kwargs: dict, selectors=None) -> torch.Tensor:
         # A CPU generator on every device, so a CUDA merge draws the same masks as a CPU one.
         generator = methods.tensor_generator(seed, name, "cpu") if method.random else None
         base, models = (ts[0], ts[1:]) if with_base else (None, ts)
@@ -354,14 +407,14 @@ def _stream(plan: MergePlan, steps: list[_Step], merger: Callable, device: str, 
                     if selectors is None:  # the magnitude pass of this tensor is complete
                         selectors = [
                             methods.MagnitudeSelector.from_magnitudes(workspace[j][: _region(task)], d)
-                            for j, d in enumerate(plan.config.densities())
+                            for j, d in enumerate(plan.kwargs[step.task]["density"])
                         ]
-                    result = merger(task.name, tensors, selectors=selectors)
+                    result = merger(task.name, tensors, plan.kwargs[step.task], selectors=selectors)
                 else:
                     if step.kind == "whole":
                         shape = (task.common_rows, *task.out_spec.shape[1:]) if task.common_rows is not None else task.out_spec.shape
                         tensors = [t.reshape(shape) for t in tensors]
-                    result = merger(task.name, tensors)
+                    result = merger(task.name, tensors, plan.kwargs[step.task])
                 writer.put("append", _finished(plan, task, result))
             advance(sum(t.numel() for t in tensors[:1]) * plan.out_dtype.itemsize if step.kind != "magnitude" else 0)
         if current >= 0:

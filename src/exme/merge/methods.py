@@ -274,7 +274,13 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def kth_largest_and_count(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-    """The exact k-th largest entry of a flat tensor and how many entries are strictly larger.
+    """The exact k-th largest entry of a flat tensor and how many entries are strictly larger."""
+    value, greater, _ = kth_largest_stats(values, k)
+    return value, greater
+
+
+def kth_largest_stats(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """The exact k-th largest entry, how many entries are strictly larger and how many equal it.
 
     Why not ``argsort``: a full sort of every tensor is what makes TIES slow. Instead a fixed
     sample of 65536 entries estimates the (1 − k/n) quantile; a band around the estimate, wide
@@ -288,7 +294,7 @@ def kth_largest_and_count(values: torch.Tensor, k: int) -> tuple[torch.Tensor, i
         raise ValueError(f"k={k} out of range for {n} values")
     if n <= _DIRECT_SELECTION_MAX:
         value = torch.kthvalue(values, n - k + 1).values
-        return value, int(torch.count_nonzero(values > value))
+        return value, int(torch.count_nonzero(values > value)), int(torch.count_nonzero(values == value))
     # A deterministic sample: results never depend on global RNG state.
     gen = torch.Generator(device="cpu").manual_seed(n * 2654435761 % (2**63))
     idx = torch.randint(0, n, (_THRESHOLD_SAMPLE,), generator=gen).to(values.device)
@@ -308,9 +314,13 @@ def kth_largest_and_count(values: torch.Tensor, k: int) -> tuple[torch.Tensor, i
     band = torch.cat(band_parts)
     if 1 <= need <= band.numel():
         value = torch.kthvalue(band, band.numel() - need + 1).values
-        return value, n_above + int(torch.count_nonzero(band > value))
+        return value, n_above + int(torch.count_nonzero(band > value)), int(torch.count_nonzero(band == value))
     value = torch.kthvalue(values, n - k + 1).values
-    return value, _count_greater(values, value)
+    return value, _count_greater(values, value), _count_equal(values, value)
+
+
+def _count_equal(values: torch.Tensor, x: torch.Tensor) -> int:
+    return sum(int(torch.count_nonzero(values[i : i + SCAN_CHUNK] == x)) for i in range(0, values.numel(), SCAN_CHUNK))
 
 
 class MagnitudeSelector:
@@ -324,9 +334,12 @@ class MagnitudeSelector:
     carry over from one chunk to the next.
     """
 
-    def __init__(self, threshold: torch.Tensor | None, ties_to_keep: int) -> None:
+    def __init__(self, threshold: torch.Tensor | None, ties_to_keep: int, all_ties: bool = False) -> None:
         self.threshold = threshold  # None: keep everything
         self.ties_left = ties_to_keep
+        #: every entry equal to the threshold is kept (the usual case: one entry sits at it), so
+        #: ``>= threshold`` is the whole rule and chunks need no tie bookkeeping
+        self.all_ties = all_ties
 
     @classmethod
     def from_magnitudes(cls, magnitudes: torch.Tensor, density: float) -> MagnitudeSelector:
@@ -337,13 +350,16 @@ class MagnitudeSelector:
         k = max(1, int(density * n))  # as mergekit: a positive density keeps at least one entry
         if k >= n:
             return cls(None, 0)
-        threshold, n_greater = kth_largest_and_count(magnitudes, k)
-        return cls(threshold, k - n_greater)
+        threshold, n_greater, n_equal = kth_largest_stats(magnitudes, k)
+        ties = k - n_greater
+        return cls(threshold, ties, all_ties=ties == n_equal)
 
     def mask(self, magnitudes: torch.Tensor) -> torch.Tensor:
         """Keep-mask of the next chunk of magnitudes (flat, in order)."""
         if self.threshold is None:
             return torch.ones_like(magnitudes, dtype=torch.bool)
+        if self.all_ties:
+            return magnitudes >= self.threshold
         keep = magnitudes > self.threshold
         if self.ties_left > 0:
             tied = magnitudes == self.threshold

@@ -10,8 +10,12 @@ docstring), subclass :class:`MergeMethod` below, add it to :data:`REGISTRY`, and
 
 Vocabulary used by the consumers:
 
-* ``resolve(config) -> dict`` — every parameter that shapes the result, defaults filled in,
-  keyed as the model card prints them.
+* ``resolve(config, at=None) -> dict`` — every parameter that shapes the result for the tensor
+  ``at`` (a :class:`~exme.merge.parameters.TensorPoint`; ``None``: the one value of a merge whose
+  parameters do not vary per tensor), defaults filled in, keyed as the model card prints them.
+  :func:`tensor_kwargs` is the per-tensor resolution the engine reads.
+* ``check_values(resolved, config)`` — the numeric rules of one resolved setting (exme's weights
+  sum to 1, ...): at parse time when nothing varies, else for every tensor before any is read.
 * ``kwargs(resolved) -> dict`` — the keyword arguments of the pure function (``weights``,
   ``lambda_``, ``density``, ...). ``LiveModel.apply_method(name, seed=, **kwargs)`` takes the same.
 * ``merge(base, models, **kwargs, generator=, selectors=, out_dtype=, compute_dtype=)`` — one
@@ -34,6 +38,7 @@ import torch
 
 from exme.errors import ExmeError
 from exme.merge import methods
+from exme.merge.parameters import TensorPoint
 
 
 @dataclass(frozen=True)
@@ -47,22 +52,24 @@ class Param:
     high: float | None = None
     low_open: bool = False
     doc: str = ""
+    #: number (gradients allowed), flag (true/false) or choice (a name); see :mod:`exme.merge.parameters`
+    kind: str = "number"
 
 
 #: Every parameter key a merge config may hold. Which methods read it is declared by the methods.
 PARAMS: dict[str, Param] = {
     p.key: p
     for p in (
-        Param("normalize", "normalize", doc="divide by the sum of weights"),
+        Param("normalize", "normalize", doc="divide by the sum of weights", kind="flag"),
         Param("lambda", "lambda_", doc="scale of the merged task vector"),
         Param("t", "t", low=0.0, high=1.0, doc="SLERP position between base (0) and model (1)"),
         Param("beta", "beta", low=0.0, high=1.0, doc="ExMe weight of the first of two models"),
         Param("alpha", "alpha", per_model=True, low=0.0, high=math.inf, doc="extrapolation strength"),
         Param("weight", "weight", per_model=True, doc="weight of a model"),
         Param("density", "density", per_model=True, low=0.0, high=1.0, low_open=True, doc="fraction of Δ kept"),
-        Param("majority_sign_method", "majority_sign_method", doc="sign election: sum or count"),
-        Param("rescale", "rescale", doc="DARE: divide kept entries by the density"),
-        Param("int8_mask", "int8_mask", doc="accepted for mergekit configs; no effect"),
+        Param("majority_sign_method", "majority_sign_method", doc="sign election: sum or count", kind="choice"),
+        Param("rescale", "rescale", doc="DARE: divide kept entries by the density", kind="flag"),
+        Param("int8_mask", "int8_mask", doc="accepted for mergekit configs; no effect", kind="flag"),
     )
 }
 
@@ -86,9 +93,12 @@ class MergeMethod:
     normalize_default: ClassVar[bool] = False
 
     def check(self, config: Any) -> None:
-        """Method-specific rules on a parsed config; raise ``ValueError`` (the parser names the key)."""
+        """Method-specific rules on a parsed config's structure; raise ``ValueError`` (the parser names the key)."""
 
-    def resolve(self, config: Any) -> dict[str, Any]:
+    def check_values(self, resolved: dict[str, Any], config: Any) -> None:
+        """Rules on one resolved setting (the values for one tensor, or for the whole merge); ``ValueError``."""
+
+    def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
     def kwargs(self, resolved: dict[str, Any]) -> dict[str, Any]:
@@ -118,9 +128,17 @@ class MergeMethod:
 
 
 def _require_weights(config: Any, name: str) -> None:
-    missing = [e.model for e, w in zip(config.merge_models, config.weights()) if w is None]
-    if missing:
-        raise ValueError(f"{name} needs a weight for every model; {missing[0]} has none")
+    """Every model has a weight written somewhere (its own, its slice's or the config's parameters)."""
+    for i, entry in enumerate(config.merge_models):
+        if not config.table.present("weight", i):
+            raise ValueError(f"{name} needs a weight for every model; {entry.model} has none")
+
+
+def _weights_given(resolved: dict[str, Any], config: Any, name: str) -> None:
+    """Filters can leave a model without a weight for some tensor (no entry matches, no default)."""
+    for entry, w in zip(config.merge_models, resolved["weights"]):
+        if w is None:
+            raise ValueError(f"{name} needs a weight for every model; no weight entry of {entry.model} matches this tensor")
 
 
 class Linear(MergeMethod):
@@ -133,8 +151,13 @@ class Linear(MergeMethod):
     def check(self, config: Any) -> None:
         _require_weights(config, self.name)
 
-    def resolve(self, config: Any) -> dict[str, Any]:
-        return {"weights": config.weights(), "normalize": config.normalize()}
+    def check_values(self, resolved: dict[str, Any], config: Any) -> None:
+        _weights_given(resolved, config, self.name)
+        if resolved["normalize"] and abs(sum(resolved["weights"])) < 1e-8:
+            raise ValueError(f"linear weights sum to {sum(resolved['weights'])}; with normalize they must not sum to 0")
+
+    def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
+        return {"weights": config.weights(at), "normalize": config.normalize(at)}
 
     def kwargs(self, resolved: dict[str, Any]) -> dict[str, Any]:
         return {"weights": resolved["weights"], "normalize": resolved["normalize"]}
@@ -171,8 +194,11 @@ class TaskArithmetic(MergeMethod):
     def check(self, config: Any) -> None:
         _require_weights(config, self.name)
 
-    def resolve(self, config: Any) -> dict[str, Any]:
-        return {"weights": config.weights(), "normalize": config.normalize(), "lambda": config.lambda_()}
+    def check_values(self, resolved: dict[str, Any], config: Any) -> None:
+        _weights_given(resolved, config, self.name)
+
+    def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
+        return {"weights": config.weights(at), "normalize": config.normalize(at), "lambda": config.lambda_(at)}
 
     def kwargs(self, resolved: dict[str, Any]) -> dict[str, Any]:
         return {"weights": resolved["weights"], "lambda_": resolved["lambda"], "normalize": resolved["normalize"]}
@@ -206,10 +232,13 @@ class Ties(MergeMethod):
     def check(self, config: Any) -> None:
         _require_weights(config, self.name)
 
-    def resolve(self, config: Any) -> dict[str, Any]:
+    def check_values(self, resolved: dict[str, Any], config: Any) -> None:
+        _weights_given(resolved, config, self.name)
+
+    def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
         return {
-            "weights": config.weights(), "normalize": config.normalize(), "lambda": config.lambda_(),
-            "densities": config.densities(), "majority_sign_method": config.majority_sign_method(),
+            "weights": config.weights(at), "normalize": config.normalize(at), "lambda": config.lambda_(at),
+            "densities": config.densities(at), "majority_sign_method": config.majority_sign_method(at),
         }
 
     def kwargs(self, resolved: dict[str, Any]) -> dict[str, Any]:
@@ -239,10 +268,13 @@ class DareLinear(MergeMethod):
     def check(self, config: Any) -> None:
         _require_weights(config, self.name)
 
-    def resolve(self, config: Any) -> dict[str, Any]:
+    def check_values(self, resolved: dict[str, Any], config: Any) -> None:
+        _weights_given(resolved, config, self.name)
+
+    def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
         return {
-            "weights": config.weights(), "normalize": config.normalize(), "lambda": config.lambda_(),
-            "densities": config.densities(), "rescale": config.rescale(),
+            "weights": config.weights(at), "normalize": config.normalize(at), "lambda": config.lambda_(at),
+            "densities": config.densities(at), "rescale": config.rescale(at),
         }
 
     def kwargs(self, resolved: dict[str, Any]) -> dict[str, Any]:
@@ -266,11 +298,11 @@ class DareTies(DareLinear):
     name = "dare_ties"
     params = ("normalize", "lambda", "weight", "density", "majority_sign_method", "rescale", "int8_mask")
 
-    def resolve(self, config: Any) -> dict[str, Any]:
+    def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
         return {
-            "weights": config.weights(), "normalize": config.normalize(), "lambda": config.lambda_(),
-            "densities": config.densities(), "majority_sign_method": config.majority_sign_method(),
-            "rescale": config.rescale(),
+            "weights": config.weights(at), "normalize": config.normalize(at), "lambda": config.lambda_(at),
+            "densities": config.densities(at), "majority_sign_method": config.majority_sign_method(at),
+            "rescale": config.rescale(at),
         }
 
     def kwargs(self, resolved: dict[str, Any]) -> dict[str, Any]:
@@ -289,11 +321,15 @@ class Slerp(MergeMethod):
     def check(self, config: Any) -> None:
         if len(config.merge_models) != 1:
             raise ValueError("slerp merges base_model with exactly one other model")
-        if config.parameters.t is None:
+        if not config.table.present("t"):
             raise ValueError("slerp needs parameters.t")
 
-    def resolve(self, config: Any) -> dict[str, Any]:
-        return {"t": config.parameters.t}
+    def check_values(self, resolved: dict[str, Any], config: Any) -> None:
+        if resolved["t"] is None:
+            raise ValueError("slerp needs parameters.t; no entry of t matches this tensor")
+
+    def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
+        return {"t": config.t(at)}
 
     def kwargs(self, resolved: dict[str, Any]) -> dict[str, Any]:
         return {"t": float(resolved["t"])}
@@ -310,11 +346,15 @@ class Extrapolate(MergeMethod):
     def check(self, config: Any) -> None:
         if len(config.merge_models) != 1:
             raise ValueError("extrapolate takes base_model and exactly one model")
-        if config.alphas()[0] is None:
+        if not config.table.present("alpha", 0):
             raise ValueError("extrapolate needs alpha (models[0].parameters.alpha or parameters.alpha)")
 
-    def resolve(self, config: Any) -> dict[str, Any]:
-        return {"alphas": config.alphas()}
+    def check_values(self, resolved: dict[str, Any], config: Any) -> None:
+        if resolved["alphas"][0] is None:
+            raise ValueError("extrapolate needs alpha; no entry of alpha matches this tensor")
+
+    def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
+        return {"alphas": config.alphas(at)}
 
     def kwargs(self, resolved: dict[str, Any]) -> dict[str, Any]:
         return {"alpha": float(resolved["alphas"][0])}
@@ -336,22 +376,27 @@ class Exme(MergeMethod):
     elementwise = True
 
     def check(self, config: Any) -> None:
-        p, inputs = config.parameters, config.merge_models
-        if any(a is None for a in config.alphas()):
+        table, inputs = config.table, config.merge_models
+        if not all(table.present("alpha", i) for i in range(len(inputs))):
             raise ValueError("exme needs an alpha for every model (models[i].parameters.alpha or parameters.alpha)")
-        if p.beta is not None:
+        beta = any(s.key.endswith(".beta") for s in table.settings())
+        if beta:
             if len(inputs) != 2:
                 raise ValueError("parameters.beta applies to exactly two models; give per-model weights instead")
-            if any(e.parameters.weight is not None for e in inputs) or p.weight is not None:
+            if any(s.key.endswith(".weight") for s in table.settings()):
                 raise ValueError("give either parameters.beta or per-model weights, not both")
-        ws = config.weights()
-        if any(w is None for w in ws):
+        elif not all(table.present("weight", i) for i in range(len(inputs))):
             raise ValueError("exme needs parameters.beta (two models) or a weight for every model")
+
+    def check_values(self, resolved: dict[str, Any], config: Any) -> None:
+        ws, alphas = resolved["weights"], resolved["alphas"]
+        if any(w is None for w in ws) or any(a is None for a in alphas):
+            raise ValueError("exme needs a weight (or beta) and an alpha for every model; no entry matches this tensor")
         if any(w < 0 for w in ws) or abs(sum(ws) - 1.0) > 1e-6:
             raise ValueError(f"exme weights must be >= 0 and sum to 1, got {ws}")
 
-    def resolve(self, config: Any) -> dict[str, Any]:
-        return {"weights": config.weights(), "alphas": config.alphas()}
+    def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
+        return {"weights": config.weights(at), "alphas": config.alphas(at)}
 
     def kwargs(self, resolved: dict[str, Any]) -> dict[str, Any]:
         return {"weights": resolved["weights"], "alphas": [float(a) for a in resolved["alphas"]]}
@@ -400,3 +445,16 @@ def baseline_space(method: str, k: int) -> dict[str, list[float]]:
 def baseline_kwargs(method: str, params: dict[str, Any], k: int) -> dict[str, Any]:
     """The pure-function kwargs of one baseline setting (``LiveModel.apply_method(method, **kwargs)``)."""
     return get_method(method).baseline_kwargs(params, k)
+
+
+def tensor_kwargs(config: Any, at: TensorPoint | None) -> dict[str, Any]:
+    """The pure-function kwargs of ``config``'s method for the tensor at ``at``: the per-tensor resolution.
+
+    Checked with the method's :meth:`MergeMethod.check_values`; ``ValueError`` names the rule broken.
+    The engine calls this once per output tensor before reading any (``at=None``: a merge whose
+    parameters do not vary).
+    """
+    method = get_method(config.merge_method)
+    resolved = method.resolve(config, at)
+    method.check_values(resolved, config)
+    return method.kwargs(resolved)

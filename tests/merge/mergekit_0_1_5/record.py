@@ -1,0 +1,79 @@
+"""Record mergekit 0.1.5's outputs on its own example configs, adapted to tiny local models.
+
+Run once (it needs mergekit, which the tests do not):
+
+    python benchmarks/bench_merge.py --build-only     # or any venv with mergekit==0.1.5 at benchmarks/.mergekit-venv
+    PYTHONPATH=src python tests/merge/mergekit_0_1_5/record.py
+
+It builds four tiny Llama models (a base and three seeded fine-tunes, float32, 4 layers), writes
+each config of ``configs/`` with the model paths filled in, runs ``mergekit-yaml CONFIG OUT`` from
+``benchmarks/.mergekit-venv``, and stores the inputs and every output tensor in
+``tensors.safetensors`` (keys ``input/<model>/<tensor>`` and ``<config>/<tensor>``), with the
+models' ``config.json``. The test (``tests/merge/test_mergekit_examples.py``) rebuilds the input
+folders from these tensors, so it never depends on seeded initialisation being the same on
+another machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+MERGEKIT = REPO / "benchmarks" / ".mergekit-venv" / "bin" / "mergekit-yaml"
+MODELS = ("base", "ft1", "ft2", "ft3")
+SHAPE = dict(hidden_size=16, num_layers=4, intermediate_size=32, num_heads=4)
+
+
+def read(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+def fill(text: str, paths: dict[str, Path]) -> str:
+    for name, path in paths.items():
+        text = text.replace(f"<{name}>", str(path))
+    return text
+
+
+def main() -> None:
+    from exme.testing import make_finetuned, make_tiny_model
+
+    version = subprocess.run(
+        [str(MERGEKIT.parent / "python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    if version != "0.1.5":
+        sys.exit(f"mergekit {version} at {MERGEKIT}; this fixture records 0.1.5")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = {"base": make_tiny_model(root / "base", seed=0, **SHAPE)}
+        for i in (1, 2, 3):
+            paths[f"ft{i}"] = make_finetuned(paths["base"], root / f"ft{i}", seed=i, scale=0.02)
+        tensors = {f"input/{m}/{k}": v for m in MODELS for k, v in read(paths[m]).items()}
+        for cfg in sorted((HERE / "configs").glob("*.yml")):
+            filled = root / cfg.name
+            filled.write_text(fill(cfg.read_text(), paths))
+            out = root / f"out-{cfg.stem}"
+            subprocess.run([str(MERGEKIT), str(filled), str(out), "--quiet"], check=True)
+            tensors.update({f"{cfg.stem}/{k}": v.contiguous() for k, v in read(out).items()})
+            print(f"{cfg.stem}: {len(read(out))} tensors")
+        save_file(tensors, HERE / "tensors.safetensors", metadata={"mergekit": version})
+        config = json.loads((paths["base"] / "config.json").read_text())
+        (HERE / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
