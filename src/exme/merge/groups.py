@@ -141,6 +141,7 @@ def group_rule(granularity: str, names: Sequence[str], source: str = "alpha.gran
     if n > layers:
         raise ExmeError(f"{source}: layers:{n} asks for more groups than the model's {layers} decoder layers; use at most layers:{layers}")
     bounds = [j * layers // n for j in range(n + 1)]
-    groups = [f"layers {bounds[j]}-{bounds[j + 1] - 1}" for j in range(n)]
+    groups = [f"layers {bounds[j]}-{bounds[j + 1] - 1}" if bounds[j + 1] - bounds[j] > 1 else f"layer {bounds[j]}"
+              for j in range(n)]
     filters = tuple((f"{prefix}{i}.", groups[j]) for j in range(n) for i in range(bounds[j], bounds[j + 1]))
     return GroupRule(granularity, (*groups, OTHER), filters, OTHER)

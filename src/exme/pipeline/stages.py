@@ -412,18 +412,20 @@ def per_module(ev: Evaluations, ranked: RankResult, merged: MergeResult, config:
     else:
         lo, hi = config.alpha.grid[0], config.alpha.grid[-1]
     lo, hi = min(lo, *start_alphas), max(hi, *start_alphas)
-    names = [f"alpha_{i}/{g}" for g in rule.groups for i in range(1, k + 1)]
+    # A checkpoint of weight 0 (β = 0 or 1) contributes nothing whatever its α: its α stay the global ones.
+    names = [f"alpha_{i}/{g}" for g in rule.groups for i in range(1, k + 1) if weights[i - 1] != 0]
     dists = {n: optuna.distributions.FloatDistribution(lo, hi) for n in names} if hi > lo else {}
 
     def alphas_of(params: dict[str, Any]) -> dict[str, list[float]]:
-        return {g: [float(params.get(f"alpha_{i}/{g}", lo)) for i in range(1, k + 1)] for g in rule.groups}
+        return {g: [float(params.get(f"alpha_{i}/{g}", start_alphas[i - 1])) for i in range(1, k + 1)]
+                for g in rule.groups}
 
     def candidate(point: Point) -> Candidate:
         alphas = alphas_of(point.params)
         return Combination(models, GroupCoefficients.from_groups(
             rule, {g: exme_coefficients(weights, a) for g, a in alphas.items()}))
 
-    start = module_params({g: start_alphas for g in rule.groups})
+    start = {n: v for n, v in module_params({g: start_alphas for g in rule.groups}).items() if n in names}
     if dists:
         key = json.dumps({"rule": rule.granularity, "weights": weights, "alphas": start_alphas, "range": [lo, hi]})
         stage = f"module/{rule.granularity}/{hashlib.sha256(key.encode()).hexdigest()[:10]}"
