@@ -16,6 +16,18 @@ fresh subprocess (so each peak is its own), plus the median ``apply`` time of bo
 bitwise comparison of their live weights.
 
     python benchmarks/bench_live.py --lora [--lora-rank 16] [--lora-k 3]
+
+The LoRA run holds the adapters twice, with θᵢ of the targeted tensors cached (``lora_cache=True``,
+what ``"auto"`` picks when memory allows) and with the factors only (``lora_cache=False``), so the
+switch time of each against the full models is one run.
+
+``--per-tensor`` measures ``apply`` with per-tensor coefficients (module groups: attention, MLP, the
+rest, each with its own cᵢ) against global coefficients on the same live model, interleaved (global,
+per-tensor, global, ...) so machine load falls on both alike, and checks that each tensor's weights
+are bitwise those of the global candidate with its group's coefficients. It uses the LoRA run's
+float32 base and PEFT-merged full models as two full checkpoints.
+
+    python benchmarks/bench_live.py --per-tensor [--switches 10]
 """
 
 from __future__ import annotations
@@ -120,14 +132,14 @@ def hwm_gib() -> float:
     return float("nan")
 
 
-def _lora_child(base: str, inputs: list[str], out: str) -> None:
+def _lora_child(base: str, inputs: list[str], out: str, lora_cache: bool = False) -> None:
     """One path of the LoRA benchmark, alone in its process: load, hold, apply; report peak RSS (VmHWM)."""
     from exme.search import LiveModel
 
     peak_rss_gib = hwm_gib  # noqa: N806 - this process's own peak, see hwm_gib
     before = peak_rss_gib()
     t0 = time.perf_counter()
-    live = LiveModel.load(base)
+    live = LiveModel.load(base, lora_cache=lora_cache)
     loaded_base = peak_rss_gib()
     live.set_models(inputs)
     load_s = time.perf_counter() - t0
@@ -153,16 +165,18 @@ def main_lora(args: argparse.Namespace) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     results = {}
-    for name, inputs in (("adapters", adapters), ("full models", merged)):
+    runs = (("adapters", adapters, False), ("adapters cached", adapters, True), ("full models", merged, False))
+    for name, inputs, cache in runs:
         out = args.work / f"{name.replace(' ', '-')}.pt"
         code = ("import sys, json; sys.path.insert(0, %r); import bench_live; "
-                "bench_live._lora_child(%r, json.loads(sys.argv[1]), %r)") % (str(Path(__file__).parent), str(base), str(out))
+                "bench_live._lora_child(%r, json.loads(sys.argv[1]), %r, %r)") % (
+                    str(Path(__file__).parent), str(base), str(out), cache)
         proc = subprocess.run([sys.executable, "-c", code, json.dumps([str(p) for p in inputs])],
                               capture_output=True, text=True, check=True)
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(name, results[name], flush=True)
-    a, f = (torch.load(args.work / f"{n}.pt") for n in ("adapters", "full-models"))
-    identical = all(torch.equal(a[n], f[n]) for n in a)
+    a, c, f = (torch.load(args.work / f"{n}.pt") for n in ("adapters", "adapters-cached", "full-models"))
+    identical = all(torch.equal(a[n], f[n]) and torch.equal(c[n], f[n]) for n in a)
     adapter_mb = sum(sum(p.stat().st_size for p in d.glob("adapter_model.*")) for d in adapters) / 2**20
     model_gb = sum(p.stat().st_size for p in (base).glob("*.safetensors")) / 2**30
     import transformers
@@ -173,12 +187,62 @@ def main_lora(args: argparse.Namespace) -> None:
         "model_gib_float32": round(model_gb, 2), "k": args.lora_k, "rank": args.lora_rank,
         "adapters_mib_total": round(adapter_mb, 1), **{f"{k} ": v for k, v in results.items()},
         "peak_rss_ratio_full_over_adapters": round(results["full models"]["peak_rss_gib"] / results["adapters"]["peak_rss_gib"], 2),
+        "apply_ratio_adapters_over_full": round(results["adapters"]["apply_s_median"] / results["full models"]["apply_s_median"], 2),
+        "apply_ratio_adapters_cached_over_full": round(
+            results["adapters cached"]["apply_s_median"] / results["full models"]["apply_s_median"], 2),
         "live_weights_bitwise_identical": identical,
         "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }
     print(json.dumps(summary, indent=2))
     if not identical:
         sys.exit("live weights from adapters differ from those from the merged full models")
+
+
+def main_per_tensor(args: argparse.Namespace) -> None:
+    """Global vs per-tensor (module groups) ``apply`` on one live model, interleaved; see the module docstring."""
+    from exme.merge.groups import GroupCoefficients, group_rule
+    from exme.search import LiveModel
+
+    root = args.models.parent / "lora-models"
+    base, _, merged = build_lora_inputs(root, max(2, args.lora_k), args.lora_rank)
+    load_before = os.getloadavg()
+    live = LiveModel.load(base)
+    live.set_models(merged[:2])
+    rule = group_rule("module", list(live.targets))
+    by_group = {"attention": (0.9, 0.2), "mlp": (0.3, 1.4), "other": (1.0, 0.5)}
+    per_tensor = GroupCoefficients.from_groups(rule, by_group)
+    glob = [0.6, 0.7]
+    live.apply(glob), live.apply(per_tensor)  # warm-up: pages resident, buffers allocated
+    global_s, per_tensor_s = [], []
+    for _ in range(args.switches):
+        t = time.perf_counter()
+        live.apply(glob)
+        global_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        live.apply(per_tensor)
+        per_tensor_s.append(time.perf_counter() - t)
+    state = {n: p.detach().clone() for n, p in live.targets.items()}
+    identical = True
+    for group, coeffs in by_group.items():
+        live.apply(list(coeffs))
+        identical &= all(torch.equal(state[n], p) for n, p in live.targets.items() if rule.group_of(n) == group)
+    import transformers
+
+    summary = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
+        "params": sum(p.numel() for p in live.targets.values()), "dtype": str(live.dtype), "n": args.switches,
+        "global_apply_s": {"median": round(statistics.median(global_s), 3), "min": round(min(global_s), 3), "max": round(max(global_s), 3)},
+        "per_tensor_apply_s": {"median": round(statistics.median(per_tensor_s), 3), "min": round(min(per_tensor_s), 3),
+                               "max": round(max(per_tensor_s), 3)},
+        "ratio_per_tensor_over_global_median": round(statistics.median(per_tensor_s) / statistics.median(global_s), 3),
+        "ratio_per_tensor_over_global_min": round(min(per_tensor_s) / min(global_s), 3),
+        "bitwise_per_group": identical,
+        "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+    }
+    print(json.dumps(summary, indent=2))
+    if not identical:
+        sys.exit("per-tensor weights differ from the global candidate with the group's coefficients")
 
 
 def main() -> None:
@@ -193,7 +257,11 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true", help="peak RSS with LoRA adapters vs their merged full models")
     ap.add_argument("--lora-k", type=int, default=3, help="adapters held (--lora)")
     ap.add_argument("--lora-rank", type=int, default=16, help="rank of each adapter (--lora)")
+    ap.add_argument("--per-tensor", action="store_true", help="apply with per-tensor coefficients vs global ones")
     args = ap.parse_args()
+    if args.per_tensor:
+        main_per_tensor(args)
+        return
     if args.lora:
         main_lora(args)
         return

@@ -43,10 +43,12 @@ def test_ties_over_adapters_equals_ties_over_full_models(lora_models, tmp_path):
 
 
 @pytest.mark.parametrize("store", ["checkpoints", "float32-deltas"])
-def test_live_model_on_adapters_is_bitwise_the_live_model_on_full_models(lora_models, store):
-    on_adapters = LiveModel.load(lora_models.base, store=store)
+@pytest.mark.parametrize("lora_cache", [False, True])
+def test_live_model_on_adapters_is_bitwise_the_live_model_on_full_models(lora_models, store, lora_cache):
+    on_adapters = LiveModel.load(lora_models.base, store=store, lora_cache=lora_cache)
     on_adapters.set_models(lora_models.adapters)
-    assert all(isinstance(m, AdapterSource) for m in on_adapters.models)  # factors held, never a full θᵢ
+    # Without the cache the factors are held, never a full θᵢ; with it θᵢ of the targeted tensors.
+    assert all(isinstance(m, AdapterSource) for m in on_adapters.models) is (not lora_cache)
     on_full = LiveModel.load(lora_models.base, store=store)
     on_full.set_models(lora_models.merged)
 

@@ -20,6 +20,13 @@ def _config(tmp_path, lora_models, method="exme", **extra):
     return path
 
 
+def _modules(adapter) -> list[str]:
+    from safetensors.torch import load_file
+
+    keys = load_file(str(adapter / "adapter_model.safetensors"))
+    return sorted(k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in keys if k.endswith("lora_A.weight"))
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits.double()
@@ -35,8 +42,10 @@ def test_peft_adapter_is_the_exme_merge(lora_models, tmp_path, run_cli):
     code, _, err = run_cli("merge", cfg, tmp_path / "full", "-q")
     assert code == 0, err
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    # Every layer's projections of these types are targeted, so the types name them exactly.
+    assert written["target_modules"] == ["down_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
     # Rank grows with the adapters that target a module: q_proj is in all three (4 + 2 + 4).
-    ranks = {m: written["rank_pattern"].get(m, written["r"]) for m in written["target_modules"]}
+    ranks = {m: written["rank_pattern"].get(m, written["r"]) for m in _modules(tmp_path / "adapter")}
     assert ranks["model.layers.0.self_attn.q_proj"] == 10 and ranks["model.layers.0.mlp.up_proj"] == 2
     assert all(written["alpha_pattern"].get(m, written["lora_alpha"]) == r for m, r in ranks.items())  # s* = 1
     assert written["modules_to_save"] == ["lm_head"]
@@ -87,3 +96,39 @@ def test_extrapolated_adapter_scales_b_by_one_plus_alpha(lora_models, tmp_path, 
     # s₁ = 8/4 = 2, s* = 1: B* = (1 + α)·2·B₁
     torch.testing.assert_close(out[f"{key}.lora_B.weight"].double(), (1 + alpha) * 2 * src[f"{key}.lora_B.weight"].double(),
                                rtol=1e-6, atol=0)
+
+
+def test_adapter_of_coefficient_zero_is_dropped(lora_models, tmp_path, run_cli):
+    """β = 0 on an adapter: its factors are left out (rank and size shrink), and the adapter is still the merge."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    models = [{"model": str(m), "parameters": p} for m, p in zip(
+        lora_models.adapters, [{"weight": 0.6, "alpha": 0.4}, {"weight": 0.0, "alpha": 0.1}, {"weight": 0.4, "alpha": 0.7}])]
+    cfg = tmp_path / "zero.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "exme", "base_model": str(lora_models.base), "models": models}))
+    assert run_cli("merge", cfg, tmp_path / "adapter", "--format", "peft", "-q")[0] == 0
+    assert run_cli("merge", cfg, tmp_path / "full", "-q")[0] == 0
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    ranks = {m: written["rank_pattern"].get(m, written["r"]) for m in _modules(tmp_path / "adapter")}
+    # up_proj was adapter 2's alone: gone; q_proj holds adapters 1 and 3 only (4 + 4, not 4 + 2 + 4)
+    assert not any(m.endswith("up_proj") for m in ranks)
+    assert ranks["model.layers.0.self_attn.q_proj"] == 8 and ranks["model.layers.0.self_attn.v_proj"] == 4
+    assert written["target_modules"] == ["down_proj", "k_proj", "q_proj", "v_proj"]
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lora_models.base), str(tmp_path / "adapter")).eval()
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full").eval()
+    ids = torch.randint(4, 100, (2, 13), generator=torch.Generator().manual_seed(1))
+    expected = _logits(full, ids)
+    torch.testing.assert_close(_logits(peft_model, ids), expected, rtol=0,
+                               atol=64 * torch.finfo(torch.float32).eps * expected.abs().max().item())
+
+
+def test_target_modules_are_types_only_when_exact():
+    from exme.merge.peft_output import target_module_names
+
+    base = [f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "v_proj")] + ["lm_head.weight"]
+    every = [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    assert target_module_names(every, base) == ["q_proj"]
+    # only layer 0's q_proj: "q_proj" would also select layer 1's, so full paths are kept
+    assert target_module_names(every[:1], base) == every[:1]

@@ -73,7 +73,10 @@ def peft_tensors(config: MergeConfig) -> tuple[dict[str, torch.Tensor], dict]:
     ranks: dict[str, int] = {}
     targets = sorted({t for s in sources for t in s.factors})
     for target in targets:
-        parts = [(s.factors[target], c) for s, c in zip(sources, coeffs) if target in s.factors]
+        # An adapter of coefficient 0 adds nothing: its factors would only raise the rank (and the size).
+        parts = [(s.factors[target], c) for s, c in zip(sources, coeffs) if target in s.factors and c != 0.0]
+        if not parts:
+            continue
         if any(target in s.replaced for s in sources):
             raise ExmeError(
                 f"{target} is both a LoRA target and a saved module in the adapters; --format peft cannot express "
@@ -109,7 +112,7 @@ def peft_tensors(config: MergeConfig) -> tuple[dict[str, torch.Tensor], dict]:
         "rank_pattern": odd,
         "alpha_pattern": dict(odd),
         "use_rslora": False,
-        "target_modules": sorted(ranks),
+        "target_modules": target_module_names(sorted(ranks), base.names),
         "modules_to_save": [t.removesuffix(".weight") for t in saved] or None,
         "fan_in_fan_out": bool(first.get("fan_in_fan_out")),
         "lora_dropout": 0.0,
@@ -118,6 +121,19 @@ def peft_tensors(config: MergeConfig) -> tuple[dict[str, torch.Tensor], dict]:
         "init_lora_weights": True,
     }
     return tensors, adapter_config
+
+
+def target_module_names(modules: list[str], base_names: list[str]) -> list[str]:
+    """``target_modules`` as PEFT users write them: module types (``q_proj``, ``v_proj``) when those select
+    exactly ``modules`` in the base, else the full module paths.
+
+    PEFT targets a module whose name equals an entry or ends with ``"." + entry``, so the types are exact
+    when every base module (a tensor ``<module>.weight``) of those types is one of ``modules``.
+    """
+    types = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    base_modules = {n.removesuffix(".weight") for n in base_names if n.endswith(".weight")}
+    selected = {m for m in base_modules if m.rsplit(".", 1)[-1] in types}
+    return types if selected == set(modules) else list(modules)
 
 
 def write_peft_adapter(config: MergeConfig, out_dir: str | Path, *, force: bool = False, progress: bool = True) -> Path:
@@ -150,7 +166,8 @@ def _card(config: MergeConfig, adapter_config: dict, tensors: dict[str, torch.Te
         "## Parameters", "", "| parameter | value |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in config.merge_parameters().items()],
         f"| rank (r₁ + r₂ + …) | {', '.join(map(str, ranks))} |",
-        f"| modules | {len(adapter_config['target_modules'])} LoRA, {len(adapter_config['modules_to_save'] or [])} saved |",
+        f"| modules | {sum(k.endswith(('lora_A.weight', 'lora_embedding_A')) for k in tensors)} LoRA "
+        f"(target_modules: {', '.join(adapter_config['target_modules'])}), {len(adapter_config['modules_to_save'] or [])} saved |",
         f"| size | {nbytes / 2**20:.2f} MiB |",
         f"| tokenizer files | {', '.join(copied) or 'none found'} |",
         "", "## Config", "", "```yaml", config.to_yaml().rstrip(), "```", "",

@@ -23,7 +23,8 @@ from exme.errors import ExmeError
 DEFAULT_GRID = [round(0.1 * i, 1) for i in range(11)]
 BASELINE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-RUN_FOLDER_FILES = ("study.db", "results.json", "report.md", "model", "model.spec.json", "pipeline.yaml", "preflight.json")
+RUN_FOLDER_FILES = ("study.db", "results.json", "report.md", "model", "model.spec.json", "pipeline.yaml", "preflight.json",
+                    "merge.yaml")
 
 _STEP = re.compile(r"checkpoint-(\d+)$")
 
@@ -52,6 +53,15 @@ class AlphaSpec(_Strict):
     """Stop raising α for a checkpoint after a collapsed point that also scored below its best so far:
     a model pushed further only rambles more (ExPO's known failure), so the larger α are not evaluated."""
 
+    granularity: str = "global"
+    """``global``: one α per kept checkpoint (the paper). ``module``: then one α per checkpoint for each of
+    attention, MLP, and the rest (embeddings, head, norms); ``layers:N``: one per checkpoint for each of N
+    contiguous blocks of decoder layers and one for the tensors outside them. The finer α are searched
+    after the global α and β, starting from their optimum (:func:`exme.pipeline.stages.per_module`)."""
+    n_trials: int = Field(30, ge=1, description="TPE trials of the per-module α search (granularity module or layers:N)")
+    module_range: tuple[float, float] | None = None
+    """[low, high] of each per-module α; default: the α grid's range, widened to hold the global optimum."""
+
     @field_validator("grid")
     @classmethod
     def _grid(cls, v: list[float]) -> list[float]:
@@ -59,6 +69,30 @@ class AlphaSpec(_Strict):
         if v[0] < 0:
             raise ValueError(f"alpha must be >= 0 (extrapolation moves away from the base), got {v[0]}")
         return v
+
+    @field_validator("granularity")
+    @classmethod
+    def _granularity(cls, v: str) -> str:
+        from exme.merge.groups import parse_granularity
+
+        parse_granularity(v)
+        return v
+
+    @field_validator("module_range")
+    @classmethod
+    def _module_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None:
+            lo, hi = v
+            if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi < lo:
+                raise ValueError(f"per-module α must be >= 0 (extrapolation), with low <= high; got [{lo}, {hi}]")
+        return v
+
+    @model_validator(mode="after")
+    def _per_module_keys(self) -> "AlphaSpec":
+        unread = self.model_fields_set & {"n_trials", "module_range"}
+        if self.granularity == "global" and unread:
+            raise ValueError(f"{', '.join('alpha.' + k for k in sorted(unread))} only apply with granularity module or layers:N; remove them or set a granularity")
+        return self
 
 
 class BetaSpec(_Strict):
@@ -213,6 +247,9 @@ class PipelineConfig(_Strict):
                 f"log_samples (--log-samples) needs a suite YAML file, but suite {self.suite!r} keeps no per-item "
                 "records (lm-eval tasks and custom objectives); remove log_samples, or log lm-eval samples with lm-eval itself"
             )
+        if self.alpha.granularity != "global" and self.output_format == "peft":
+            raise ValueError(f"alpha.granularity {self.alpha.granularity} writes the final model with per-tensor "
+                             "coefficients, which output_format: peft does not express yet; set output_format: model or granularity: global")
         if self.search.mode == "tpe" and "beta" in self.model_fields_set:
             raise ValueError("beta.grid is not used with search.mode: tpe (the merge weights are searched jointly with α); remove beta or set mode: grid")
         return self

@@ -96,6 +96,7 @@ class Runner:
         self._check_log_samples()
         self.notes: list[str] = []
         self.dev_split = self._divide_dev()
+        self.group_rule = self._group_rule()
         self.fingerprint = _fingerprint(config, self.dev_split)
         self.timings: dict[str, float] = {}
         self.reused = 0
@@ -138,6 +139,17 @@ class Runner:
         split = stages.dev_split(dict(counts()["dev"]), fraction, self.config.seed)
         stages.check_dev_split(split)
         return split
+
+    def _group_rule(self) -> Any:
+        """The tensor groups of ``alpha.granularity`` from the base's tensor names (headers only), so a
+        granularity the model cannot have is one error before any model loads; ``None`` for global."""
+        if self.config.alpha.granularity == "global":
+            return None
+        from exme.io import Checkpoint
+        from exme.merge.groups import group_rule
+
+        return group_rule(self.config.alpha.granularity, Checkpoint.open(self.config.base).names,
+                          source=f"{self.config.base}: alpha.granularity")
 
     # ------------------------------------------------------------------ resources
     @property
@@ -208,7 +220,7 @@ class Runner:
             if [Path(p) for p in live.model_paths] != list(candidate.models):
                 live.set_models(list(candidate.models))
             if isinstance(candidate, stages.Combination):
-                live.apply(list(candidate.coeffs))
+                live.apply(candidate.coeffs)
             else:
                 kwargs = {key: (list(v) if isinstance(v, tuple) else v) for key, v in candidate.kwargs}
                 live.apply_method(candidate.method, seed=candidate.seed, **kwargs)
@@ -309,7 +321,8 @@ class Runner:
         return full, dropped
 
     def tpe(self, stage: str, label: str, distributions: dict[str, Any], candidate: Callable[[Point], stages.Candidate],
-            *, n_trials: int, seed: int, to_params: Callable[[dict[str, float]], dict[str, Any]]) -> list[Record]:
+            *, n_trials: int, seed: int, to_params: Callable[[dict[str, float]], dict[str, Any]],
+            start: dict[str, float] | None = None) -> list[Record]:
         bar = self.bars.stage(label, n_trials)
 
         def on_result(point: Point, rec: Record, reused: bool) -> None:
@@ -318,7 +331,7 @@ class Runner:
 
         return self.store.tpe(
             self.study_name(stage), distributions, lambda p: self._score(p, candidate(p)), n_trials=n_trials,
-            seed=seed, to_params=to_params, on_result=on_result,
+            seed=seed, to_params=to_params, on_result=on_result, start=start,
         )
 
     def sequence(self, stage: str, label: str, params: list[dict[str, Any]],
@@ -378,6 +391,31 @@ class Runner:
         marker.write_text(json.dumps(spec, indent=2))
         return Path(out)
 
+    def write_final_live(self, candidate: stages.Combination, spec: dict[str, Any]) -> Path:
+        """Write a per-tensor candidate into ``<output>/model`` from the live model (once across workers).
+
+        The live weights are those ``combine_into`` computes per tensor, the kernel the merge engine
+        runs for ``task_arithmetic``; ``spec`` (the ``merge.yaml``) marks what the folder holds.
+        """
+        from exme.io.writer import AtomicOutputFolder, copy_side_files
+
+        target = self.output / "model"
+        marker = self.output / "model.spec.json"
+        if target.is_dir() and marker.is_file() and json.loads(marker.read_text()) == spec:
+            return target
+        key = json.dumps({"host": socket.gethostname(), "out": str(target.resolve()), "spec": spec}, sort_keys=True)
+        if not self.store.claim(self.study_name("final-model"), key):
+            self.notes.append(f"{target} is written by another worker sharing this run folder")
+            return target
+        marker.unlink(missing_ok=True)
+        with self.timed("final model"):
+            self.write(candidate)
+            with AtomicOutputFolder(target, force=True) as tmp:
+                self.live.model.save_pretrained(tmp)
+                copy_side_files(Path(self.config.base), Path(self.config.base), tmp)
+        marker.write_text(json.dumps(spec, indent=2))
+        return target
+
     def suite(self) -> dict[str, Any]:
         """What results.json records about the suite (the evaluator's own description when it has one)."""
         describe = getattr(self.evaluator, "describe", None)
@@ -433,9 +471,17 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             with runner.timed("merge"):
                 merged = stages.merge(runner, ranked, extrapolated, config)
             runner.notes.extend(merged.notes)
+            module = None
+            if runner.group_rule is not None:
+                with runner.timed("per-module α"):
+                    module = stages.per_module(runner, ranked, merged, config, runner.group_rule)
+                runner.notes.append(
+                    f"α per {config.alpha.granularity} group ({len(runner.group_rule.groups)} groups × {len(ranked.kept)} "
+                    f"checkpoints): {len(module.search.trials)} TPE trials on the search split, the first the global optimum"
+                )
             with runner.timed("baselines"):
                 baselined = stages.baselines(runner, ranked, config)
-            chosen = stages.chosen_models(ranked, extrapolated, merged, baselined, config.seed)
+            chosen = stages.chosen_models(ranked, extrapolated, merged, baselined, config.seed, module)
             with runner.timed("test"):
                 tested = stages.test(runner, chosen)
             rows = tested.rows
@@ -456,15 +502,26 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             ranking=ranked.ranking, alpha_search=[c.search for c in extrapolated.choices],
             beta_search=merged.beta_search, joint_search=merged.joint_search,
             baseline_search=baselined.searches, final=rows, comparisons=comparisons,
+            module_search=module.search if module is not None else None,
             collapse={"margin": config.collapse.margin, "stop_on_collapse": config.alpha.stop_on_collapse,
                       "flagged": [r.name for r in rows if r.collapsed],
                       "evaluations_saved": sum(c.saved for c in extrapolated.choices)},
         )
         save_results(runner.results(**parts), out)
+        final_name = "ExMe" if module is None else stages.MODULE_ROW
         if write_model:
-            spec = stages.final_model_spec(ranked, merged, config, str(runner.live.dtype).removeprefix("torch."))
-            parts["final_model"] = str(runner.write_final_model(spec))
-        paths = {"base": str(config.base), "ExMe": parts.get("final_model")}
+            out_dtype = str(runner.live.dtype).removeprefix("torch.")
+            final = stages.Combination(tuple(ranked.kept), merged.coefficients if module is None else module.coefficients)
+            mergekit = stages.mergekit_spec(config.base, ranked.kept, final.coeffs, out_dtype)
+            if module is None:
+                spec = stages.final_model_spec(ranked, merged, config, out_dtype)
+                parts["final_model"] = str(runner.write_final_model(spec))
+            else:
+                parts["final_model"] = str(runner.write_final_live(final, mergekit))
+            (out / "merge.yaml").write_text(
+                "# The final model in mergekit syntax: `exme merge merge.yaml OUT` or `mergekit-yaml merge.yaml OUT`.\n"
+                + yaml.safe_dump(mergekit, sort_keys=False))
+        paths = {"base": str(config.base), final_name: parts.get("final_model")}
         paths.update({r.name: str(p) for r, p in zip([r for r in rows if r.kind == "sft"], ranked.kept)})
         parts["recommended"] = verdict.recommend(rows, comparisons, paths)
         runner.notes.append(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, Union
 
 from exme.errors import ExmeError
+from exme.merge.groups import GroupCoefficients, GroupRule
 from exme.merge.methods import exme_coefficients
 from exme.merge.registry import baseline_kwargs, baseline_space
 from exme.pipeline.config import PipelineConfig, checkpoint_step
@@ -43,10 +44,23 @@ class CheckpointWeights:
 
 @dataclass(frozen=True)
 class Combination:
-    """θ_b + Σ cᵢ(θᵢ − θ_b) over ``models`` (extrapolation and ExMe are both this)."""
+    """θ_b + Σ cᵢ(θᵢ − θ_b) over ``models`` (extrapolation and ExMe are both this).
+
+    ``coeffs``: the same cᵢ for every tensor, or per group of tensors
+    (:class:`~exme.merge.groups.GroupCoefficients`). Canonical: floats, and per-group coefficients
+    equal in every group become the global tuple, so one model is one candidate however it was reached.
+    """
 
     models: tuple[Path, ...]
-    coeffs: tuple[float, ...]
+    coeffs: tuple[float, ...] | GroupCoefficients
+
+    def __post_init__(self) -> None:
+        c = self.coeffs
+        if isinstance(c, GroupCoefficients):
+            uniform = c.uniform()
+            object.__setattr__(self, "coeffs", c if uniform is None else tuple(uniform))
+        else:
+            object.__setattr__(self, "coeffs", tuple(float(x) for x in c))
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,9 @@ class MethodMerge:
     kwargs: tuple[tuple[str, Any], ...]
     seed: int
 
+
+#: The final-table row of ExMe with α per group of tensors (``alpha.granularity`` module or layers:N).
+MODULE_ROW = "ExMe-module"
 
 Candidate = Union[BaseWeights, CheckpointWeights, Combination, MethodMerge]
 
@@ -76,8 +93,9 @@ class Evaluations(Protocol):
         """A grid on the search split: (full records, pruned partial records)."""
 
     def tpe(self, stage: str, label: str, distributions: dict[str, Any], candidate: Callable[[Point], Candidate],
-            *, n_trials: int, seed: int, to_params: Callable[[dict[str, float]], dict[str, Any]]) -> list[Record]:
-        """A seeded, resumable TPE search of ``n_trials`` on the search split."""
+            *, n_trials: int, seed: int, to_params: Callable[[dict[str, float]], dict[str, Any]],
+            start: dict[str, float] | None = None) -> list[Record]:
+        """A seeded, resumable TPE search of ``n_trials`` on the search split (``start``: its first trial)."""
 
     def sequence(self, stage: str, label: str, params: list[dict[str, Any]], candidate: Callable[[Point], Candidate],
                  *, stop: Callable[[list[Record]], bool]) -> list[Record]:
@@ -350,6 +368,83 @@ def _joint(ev: Evaluations, models: tuple[Path, ...], config: PipelineConfig) ->
     return MergeResult(weights=w, alphas=a, dev=chosen, joint_search=search)
 
 
+# ---------------------------------------------------------------------- per-module α
+@dataclass(frozen=True)
+class ModuleResult:
+    """α per checkpoint for each group of tensors (``alpha.granularity``), the merge weights of the
+    global stage kept; searched from the global optimum on the search split."""
+
+    rule: GroupRule
+    weights: list[float]
+    alphas: dict[str, list[float]]  # group → α per kept checkpoint
+    dev: Record
+    search: SearchResult
+
+    @property
+    def coefficients(self) -> GroupCoefficients:
+        return GroupCoefficients.from_groups(self.rule, {g: exme_coefficients(self.weights, a) for g, a in self.alphas.items()})
+
+    @property
+    def params(self) -> dict[str, float]:
+        return module_params(self.alphas)
+
+
+def module_params(alphas: dict[str, Sequence[float]]) -> dict[str, float]:
+    """Flat parameter names of per-group α: ``alpha_<i>/<group>``."""
+    return {f"alpha_{i}/{g}": float(a) for g, al in alphas.items() for i, a in enumerate(al, start=1)}
+
+
+def per_module(ev: Evaluations, ranked: RankResult, merged: MergeResult, config: PipelineConfig,
+               rule: GroupRule) -> ModuleResult:
+    """α per checkpoint and group by TPE (``alpha.n_trials`` trials), the merge weights fixed at the global
+    choice; the first trial is the global optimum itself, so the search never ends below it on the search
+    split (whether the finer α generalize is for the confirm and test splits to say)."""
+    import hashlib
+    import json
+
+    import optuna
+
+    k = len(ranked.kept)
+    models = tuple(ranked.kept)
+    weights, start_alphas = list(merged.weights), list(merged.alphas)
+    if config.alpha.module_range is not None:
+        lo, hi = config.alpha.module_range
+    else:
+        lo, hi = config.alpha.grid[0], config.alpha.grid[-1]
+    lo, hi = min(lo, *start_alphas), max(hi, *start_alphas)
+    # A checkpoint of weight 0 (β = 0 or 1) contributes nothing whatever its α: its α stay the global ones.
+    names = [f"alpha_{i}/{g}" for g in rule.groups for i in range(1, k + 1) if weights[i - 1] != 0]
+    dists = {n: optuna.distributions.FloatDistribution(lo, hi) for n in names} if hi > lo else {}
+
+    def alphas_of(params: dict[str, Any]) -> dict[str, list[float]]:
+        return {g: [float(params.get(f"alpha_{i}/{g}", start_alphas[i - 1])) for i in range(1, k + 1)]
+                for g in rule.groups}
+
+    def candidate(point: Point) -> Candidate:
+        alphas = alphas_of(point.params)
+        return Combination(models, GroupCoefficients.from_groups(
+            rule, {g: exme_coefficients(weights, a) for g, a in alphas.items()}))
+
+    start = {n: v for n, v in module_params({g: start_alphas for g in rule.groups}).items() if n in names}
+    if dists:
+        key = json.dumps({"rule": rule.granularity, "weights": weights, "alphas": start_alphas, "range": [lo, hi]})
+        stage = f"module/{rule.granularity}/{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+        records = ev.tpe(stage, f"α per {'module' if rule.granularity == 'module' else 'layer group'}", dists, candidate,
+                         n_trials=config.alpha.n_trials, seed=config.seed, to_params=lambda raw: {**raw}, start=start)
+    else:  # a one-point range: nothing to search
+        records = ev.points("module/fixed", "α per group", [Point(start)], candidate)
+    chosen = best(records)
+    alphas = alphas_of(chosen.params)
+    search = SearchResult(
+        name=f"module:{rule.granularity}",
+        space={"mode": "tpe", "n_trials": config.alpha.n_trials, "alpha": [lo, hi], "groups": list(rule.groups),
+               "weights": weights, "start": start},
+        trials=trials(records, [], keys=tuple(names)),
+        best_params=module_params(alphas), best_dev=chosen.overall,
+    )
+    return ModuleResult(rule=rule, weights=weights, alphas=alphas, dev=chosen, search=search)
+
+
 # ---------------------------------------------------------------------- baselines
 def baseline_candidate(models: tuple[Path, ...], method: str, params: dict[str, Any], seed: int) -> MethodMerge:
     kwargs = baseline_kwargs(method, params, len(models))
@@ -379,8 +474,8 @@ def baselines(ev: Evaluations, ranked: RankResult, config: PipelineConfig) -> Ba
 
 # ---------------------------------------------------------------------- the chosen models
 def chosen_models(ranked: RankResult, extrapolated: ExtrapolateResult, merged: MergeResult,
-                  baselined: BaselinesResult, seed: int) -> list[Chosen]:
-    """Base, every kept SFT, each EXPO, ExMe and the baselines at their chosen settings."""
+                  baselined: BaselinesResult, seed: int, module: ModuleResult | None = None) -> list[Chosen]:
+    """Base, every kept SFT, each EXPO, ExMe (and per-module ExMe) and the baselines at their chosen settings."""
     models = tuple(ranked.kept)
     k = len(models)
     out: list[Chosen] = []
@@ -406,6 +501,9 @@ def chosen_models(ranked: RankResult, extrapolated: ExtrapolateResult, merged: M
     elif k > 2:
         exme_params.update({f"weight_{i}": w[i - 1] for i in range(1, k + 1)})
     add("ExMe", "exme", "exme", exme_params, Combination(models, tuple(merged.coefficients)), merged.dev)
+    if module is not None:
+        add(MODULE_ROW, "exme_module", "task_arithmetic", {"granularity": module.rule.granularity, **module.params},
+            Combination(models, module.coefficients), module.dev)
     for choice in baselined.choices:
         add(choice.method, "baseline", choice.method, dict(choice.params),
             baseline_candidate(models, choice.method, choice.params, seed), choice.dev)
@@ -517,6 +615,36 @@ def final_model_spec(ranked: RankResult, merged: MergeResult, config: PipelineCo
         spec["output_format"] = "peft"
         del spec["out_dtype"]
     return spec
+
+
+def mergekit_spec(base: Path, models: Sequence[Path], coeffs: Sequence[float] | GroupCoefficients,
+                  out_dtype: str) -> dict[str, Any]:
+    """``merge.yaml``: θ_b + Σ cᵢΔᵢ in mergekit's own syntax, ``task_arithmetic`` with weight cᵢ, no
+    normalisation and λ = 1, so mergekit (and ``exme merge``) make the model from it.
+
+    Per-group coefficients become per-model ``weight`` lists of ``{filter, value}`` entries, the rule's
+    filters in order and a last entry without filter for the default group: mergekit takes the first
+    entry whose filter is a substring of the tensor name, which is :meth:`GroupRule.group_of` exactly.
+    A LoRA adapter is written ``BASE+ADAPTER``, the spelling both tools read.
+    """
+    from exme.io.source import is_adapter
+
+    def weight(i: int) -> Any:
+        if not isinstance(coeffs, GroupCoefficients):
+            return float(coeffs[i])
+        rule = coeffs.rule
+        entries: list[dict[str, Any]] = [{"filter": f, "value": coeffs.of_group(g)[i]} for f, g in rule.filters]
+        return entries + [{"value": coeffs.of_group(rule.default)[i]}]
+
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "parameters": {"normalize": False, "lambda": 1.0},
+        "models": [{"model": f"{base}+{p}" if is_adapter(p) else str(p), "parameters": {"weight": weight(i)}}
+                   for i, p in enumerate(models)],
+        "dtype": "float32",
+        "out_dtype": out_dtype,
+    }
 
 
 # ---------------------------------------------------------------------- helpers

@@ -268,3 +268,27 @@ def plot_task_scores(rows: Sequence[FinalRow], path: Path, *, colors: dict[str, 
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="task", title_fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def plot_group_alphas(search: SearchResult, path: Path) -> Path:
+    """The chosen α per group of tensors (bars, one colour per kept checkpoint) against the global α
+    each group started from (dashed lines): where the finer search moved away from one α per checkpoint."""
+    groups = list(search.space.get("groups", []))
+    start = search.space.get("start", {})
+    k = max((int(name.split("/")[0].removeprefix("alpha_")) for name in search.best_params), default=0)
+    fig = _new_figure(width=max(5.0, 1.1 * len(groups) * max(k, 1) + 2.0))
+    ax = fig.subplots()
+    width = 0.8 / max(k, 1)
+    for i in range(1, k + 1):
+        xs = [j + (i - 1 - (k - 1) / 2) * width for j in range(len(groups))]
+        chosen = [search.best_params.get(f"alpha_{i}/{g}", math.nan) for g in groups]
+        bars = ax.bar(xs, chosen, width=width * 0.9, label=f"α{i} per group")
+        glob = start.get(f"alpha_{i}/{groups[0]}") if groups else None
+        if glob is not None:
+            ax.axhline(glob, linestyle="--", color=bars.patches[0].get_facecolor(), alpha=0.8, label=f"global α{i} = {glob:.3g}")
+    ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 4 else 0)
+    ax.set_ylabel("α (extrapolation)")
+    ax.set_title(f"α per group ({search.name.removeprefix('module:')}), chosen on the search part of dev")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

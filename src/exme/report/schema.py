@@ -122,6 +122,7 @@ class RunResults(_Strict):
     beta_search: SearchResult | None = None
     joint_search: SearchResult | None = None
     baseline_search: list[SearchResult] = Field(default_factory=list)
+    module_search: SearchResult | None = None  # α per group of tensors (alpha.granularity module or layers:N)
     final: list[FinalRow] = Field(default_factory=list)
     final_model: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage

@@ -401,8 +401,11 @@ class StudyStore:
         seed: int,
         to_params: Callable[[dict[str, float]], dict[str, Any]] = dict,
         on_result: Callable[[Point, Record, bool], None] | None = None,
+        start: dict[str, float] | None = None,
     ) -> list[Record]:
         """Run a TPE search until the study holds ``n_trials`` finished trials; all records in order.
+
+        ``start``: parameters of the first trial (enqueued in a new study), e.g. a known good point.
 
         The sampler is re-seeded from ``seed`` and the number of finished trials before each
         suggestion, so the search is a pure function of its history: resumed or not, the same
@@ -411,6 +414,8 @@ class StudyStore:
         extra trial per worker).
         """
         study = self.study(study_name)
+        if start is not None and not study.get_trials(deepcopy=False):
+            study.enqueue_trial(start)
         reported: set[int] = set()
         while True:
             trials = study.get_trials(deepcopy=False)
