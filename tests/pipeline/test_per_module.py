@@ -99,8 +99,24 @@ def test_per_module_search_row_and_merge_yaml(tmp_path, sft_run, tiny_suite):
         theta = b + got_c[0] * (m1.get(name).double() - b) + got_c[1] * (m2.get(name).double() - b)
         torch.testing.assert_close(out.get(name).double(), theta, rtol=0,
                                    atol=4 * torch.finfo(torch.float32).eps * theta.abs().max().item())
-    # layer filters are dotted: no filter of one layer is a substring of another layer's names
     assert json.loads((run / "model.spec.json").read_text()) == spec
+    # `exme merge merge.yaml` (filter lists read by the merge engine) makes model/ bitwise, and model/ is
+    # bitwise what the live model evaluated for the chosen per-group candidate.
+    from exme.merge.config import MergeConfig
+    from exme.merge.engine import run_merge
+    from exme.merge.groups import GroupCoefficients, group_rule
+    from exme.search.live import LiveModel
+
+    again = Checkpoint.open(run_merge(MergeConfig.model_validate(spec), tmp_path / "from_yaml", progress=False))
+    assert again.names == out.names and all(torch.equal(again.get(n), out.get(n)) for n in out.names)
+    rule = group_rule("module", base.names)
+    coeffs = GroupCoefficients.from_groups(rule, {
+        g: [weights[i] * (1.0 + float(module.params[f"alpha_{i + 1}/{g}"])) for i in range(2)] for g in rule.groups})
+    live = LiveModel.load(sft_run.base)
+    live.set_models(sft_run.ckpts[:2])
+    live.apply(coeffs)
+    state = live.state_dict()
+    assert all(torch.equal(state[n], out.get(n)) for n in out.names if n in state)
     assert res.final_model == str(run / "model")
     report = (run / "report.md").read_text()
     assert "Per-module ExMe" in report and (run / "plots" / "alpha_groups.png").is_file()

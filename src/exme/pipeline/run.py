@@ -391,31 +391,6 @@ class Runner:
         marker.write_text(json.dumps(spec, indent=2))
         return Path(out)
 
-    def write_final_live(self, candidate: stages.Combination, spec: dict[str, Any]) -> Path:
-        """Write a per-tensor candidate into ``<output>/model`` from the live model (once across workers).
-
-        The live weights are those ``combine_into`` computes per tensor, the kernel the merge engine
-        runs for ``task_arithmetic``; ``spec`` (the ``merge.yaml``) marks what the folder holds.
-        """
-        from exme.io.writer import AtomicOutputFolder, copy_side_files
-
-        target = self.output / "model"
-        marker = self.output / "model.spec.json"
-        if target.is_dir() and marker.is_file() and json.loads(marker.read_text()) == spec:
-            return target
-        key = json.dumps({"host": socket.gethostname(), "out": str(target.resolve()), "spec": spec}, sort_keys=True)
-        if not self.store.claim(self.study_name("final-model"), key):
-            self.notes.append(f"{target} is written by another worker sharing this run folder")
-            return target
-        marker.unlink(missing_ok=True)
-        with self.timed("final model"):
-            self.write(candidate)
-            with AtomicOutputFolder(target, force=True) as tmp:
-                self.live.model.save_pretrained(tmp)
-                copy_side_files(Path(self.config.base), Path(self.config.base), tmp)
-        marker.write_text(json.dumps(spec, indent=2))
-        return target
-
     def suite(self) -> dict[str, Any]:
         """What results.json records about the suite (the evaluator's own description when it has one)."""
         describe = getattr(self.evaluator, "describe", None)
@@ -513,11 +488,10 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             out_dtype = str(runner.live.dtype).removeprefix("torch.")
             final = stages.Combination(tuple(ranked.kept), merged.coefficients if module is None else module.coefficients)
             mergekit = stages.mergekit_spec(config.base, ranked.kept, final.coeffs, out_dtype)
-            if module is None:
-                spec = stages.final_model_spec(ranked, merged, config, out_dtype)
-                parts["final_model"] = str(runner.write_final_model(spec))
-            else:
-                parts["final_model"] = str(runner.write_final_live(final, mergekit))
+            # Global ExMe is written from its `exme` spec; per-group coefficients from merge.yaml itself
+            # (task_arithmetic with filter lists), so the folder is what `exme merge merge.yaml` makes.
+            spec = stages.final_model_spec(ranked, merged, config, out_dtype) if module is None else mergekit
+            parts["final_model"] = str(runner.write_final_model(spec))
             (out / "merge.yaml").write_text(
                 "# The final model in mergekit syntax: `exme merge merge.yaml OUT` or `mergekit-yaml merge.yaml OUT`.\n"
                 + yaml.safe_dump(mergekit, sort_keys=False))
