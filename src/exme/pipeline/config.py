@@ -150,7 +150,10 @@ class PipelineConfig(_Strict):
     """Evaluation engine, a name in ``exme.evaluate.backends.REGISTRY``: the live transformers module (hf)
     or one vLLM engine with weights swapped in (vllm)."""
     vllm: VllmSpec = Field(default_factory=VllmSpec)
-    """The vllm backend's options; a backend's options are the section named after it."""
+    """The vllm backend's options (its own section, kept from before backends had a registry)."""
+    backend_options: dict[str, Any] | None = None
+    """Options of the chosen backend, validated by its options model (``exme eval --backend-option``);
+    for vllm, the ``vllm:`` section says the same."""
     output: Path
     output_format: Literal["model", "peft"] = "model"
     """How ``<output>/model`` is written: a full model folder, or (checkpoints that are LoRA adapters of
@@ -209,7 +212,15 @@ class PipelineConfig(_Strict):
         for name in _backend_sections():
             if name in self.model_fields_set and name != self.backend:
                 raise ValueError(f"{name} settings are given but backend is {self.backend}; set backend: {name} or remove the {name} key")
-        refusal = get_backend(self.backend).refusal(spec_kind(self.suite), self.suite)
+        entry = get_backend(self.backend)
+        if self.backend_options is not None:
+            if self.backend in _backend_sections() and self.backend in self.model_fields_set:
+                raise ValueError(f"give the {self.backend} options once: in backend_options or in the {self.backend} section")
+            try:
+                entry.parse_options(self.backend_options, where="backend_options key")
+            except ExmeError as err:
+                raise ValueError(str(err)) from None
+        refusal = entry.refusal(spec_kind(self.suite), self.suite)
         if refusal:
             raise ValueError(f"{refusal}; use backend: hf")
         if self.log_samples and spec_kind(self.suite) != "suite":
@@ -275,9 +286,14 @@ class PipelineConfig(_Strict):
         get_backend(config.backend).check()
         return config
 
-    def backend_options(self) -> dict[str, Any]:
-        """The chosen backend's options: the section named after it (``vllm:``), empty when it has none."""
-        return getattr(self, self.backend).model_dump() if self.backend in _backend_sections() else {}
+    def engine_options(self) -> dict[str, Any]:
+        """The chosen backend's options, validated: ``backend_options``, else its own section (``vllm:``)."""
+        entry = get_backend(self.backend)
+        if self.backend_options is not None:
+            return entry.parse_options(self.backend_options).model_dump()
+        if self.backend in _backend_sections():
+            return getattr(self, self.backend).model_dump()
+        return entry.parse_options({}).model_dump()
 
     def evaluator_spec(self):
         """``suite`` (with ``lm_eval_include_path``) parsed by the one parser ``exme eval`` uses too."""

@@ -267,7 +267,7 @@ class Runner:
             c = self.config
             self._target = LiveTarget(
                 c.backend, lambda: self.live, model_path=c.base, device=c.device, dtype=c.dtype, seed=c.seed,
-                tokenizer_path=getattr(self.tokenizer, "name_or_path", None) or None, **c.backend_options(),
+                tokenizer_path=getattr(self.tokenizer, "name_or_path", None) or None, **c.engine_options(),
             )
         return self._target()
 
