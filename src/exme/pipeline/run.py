@@ -135,7 +135,7 @@ class Runner:
         counts = getattr(self.evaluator, "counts", None)
         if not callable(counts) or not capabilities_of(self.evaluator).subset:
             self.notes.append("no confirm split: this evaluator cannot score a chosen subset of dev items "
-                              "(a custom objective), so every dev item was used for the searches")
+                              "(a custom objective, or one that declares no subset capability), so every dev item was used for the searches")
             return None
         split = stages.dev_split(dict(counts()["dev"]), fraction, self.config.seed)
         stages.check_dev_split(split)

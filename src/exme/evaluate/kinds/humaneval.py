@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exme.evaluate.kinds.code import CodeKind
+from exme.evaluate.kinds.sandboxed import CodeKind
 
 
 class HumanEval(CodeKind):

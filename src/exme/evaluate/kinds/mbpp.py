@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from exme.errors import ExmeError
-from exme.evaluate.kinds.code import CodeKind
+from exme.evaluate.kinds.sandboxed import CodeKind
 
 
 class MBPP(CodeKind):
