@@ -42,7 +42,12 @@ __all__ = [
 
 @runtime_checkable
 class Backend(Protocol):
-    """What the evaluators need from an engine. Weights may change between calls (never cached)."""
+    """What the evaluators need from an engine. Weights may change between calls (never cached).
+
+    An engine built by a registry factory (one that holds its own copy of the weights) also has
+    ``load_from(live)``: serve the live model's current candidate, called by :class:`LiveTarget`
+    whenever the candidate changed since the last call.
+    """
 
     name: str
 
