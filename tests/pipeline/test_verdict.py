@@ -7,6 +7,7 @@ import json
 import pytest
 
 from exme.errors import ExmeError
+from exme.evaluate import SuiteEvaluator
 from exme.pipeline import PipelineConfig, run_pipeline
 from exme.pipeline.stages import dev_split
 
@@ -41,6 +42,8 @@ class Recording:
     """The suite evaluator, recording which items each call scored; ``confirm_offset`` is added to
     every score of a call that scores confirm items (to show that no choice reads them)."""
 
+    capabilities = SuiteEvaluator.capabilities  # it forwards items= (and keep_items=) to the suite evaluator
+
     def __init__(self, suite, confirm_ids=None, confirm_offset=0.0, fail_after=None):
         from exme.evaluate import load_evaluator
 
@@ -56,11 +59,11 @@ class Recording:
     def counts(self):
         return self.inner.counts()
 
-    def evaluate(self, model, tokenizer, split, limit=None, items=None):
+    def evaluate(self, model, tokenizer, split, limit=None, items=None, keep_items=None):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise KeyboardInterrupt("simulated interruption")
         self.calls.append((split, items))
-        scores = self.inner.evaluate(model, tokenizer, split, limit=limit, items=items)
+        scores = self.inner.evaluate(model, tokenizer, split, limit=limit, items=items, keep_items=keep_items)
         if items is not None and self.confirm_ids is not None and items == self.confirm_ids:
             shift = self.confirm_offset
             scores = scores.model_copy(update={

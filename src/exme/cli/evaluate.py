@@ -35,6 +35,11 @@ def eval_command(
         None, "--output_path", "--output-path", metavar="DIR", help="Write the same JSON as DIR/results.json (lm-eval's spelling)."
     ),
     backend: str = typer.Option("hf", "--backend", help="Evaluation engine: hf (transformers) or vllm (suite tasks)."),
+    backend_option: Optional[list[str]] = typer.Option(
+        None, "--backend-option", metavar="KEY=VALUE",
+        help="An engine option of the backend (repeatable), e.g. --backend-option max_model_len=2048 for vllm; "
+        "a value is read as YAML (numbers, true/false, null).",
+    ),
     include_path: Optional[list[Path]] = typer.Option(
         None, "--include-path", help="A folder of lm-eval task YAML files (repeatable), as lm-eval's --include_path."
     ),
@@ -54,6 +59,7 @@ def eval_command(
     from exme.evaluate.run import evaluate_folder
 
     spec = _suite_spec(suite, tasks)
+    engine_options = _key_values(backend_option or [], "--backend-option")
     if limit is not None and limit < 1:
         raise ExmeError(f"--limit {limit}: give a positive number of items per task, or leave --limit out for all")
     dtype = dtype_option(dtype, "--dtype") or "auto"
@@ -69,7 +75,7 @@ def eval_command(
     outputs = [p for p in (json_out, output_path / "results.json" if output_path else None) if p is not None]
     results = evaluate_folder(
         model_dir, spec, split=split, device=device, dtype=dtype, limit=limit, backend=backend,
-        json_out=outputs[0] if outputs else None, log_samples=samples_dir if log_samples else None, **opts,
+        engine_options=engine_options, json_out=outputs[0] if outputs else None, log_samples=samples_dir if log_samples else None, **opts,
     )
     for extra in outputs[1:]:
         extra.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +100,26 @@ def eval_command(
     Console().print(table)
     for path in outputs + ([samples_dir / f"samples_{s}.jsonl" for s in splits] if log_samples else []):
         Console().print(f"wrote {path}")
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, object]:
+    """``KEY=VALUE`` pairs as a dict, each value read as YAML (``2048`` an int, ``null`` None); the
+    backend's options model validates them (exme.evaluate.backends.BackendEntry.parse_options)."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ExmeError(f"{flag} {item!r}: write KEY=VALUE, e.g. {flag} max_model_len=2048")
+        if key in out:
+            raise ExmeError(f"{flag} {key!r} is given twice; give each option once")
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key] = value
+    return out
 
 
 def _suite_spec(suite: str | None, tasks: str | None) -> str:

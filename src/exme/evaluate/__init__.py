@@ -13,14 +13,17 @@ from pydantic import BaseModel, ConfigDict
 
 from exme.errors import ExmeError
 from exme.evaluate.custom import CustomEvaluator, import_function
-from exme.evaluate.evaluator import Evaluator, SuiteEvaluator
+from exme.evaluate.evaluator import Capabilities, Evaluator, SuiteEvaluator, capabilities_of
 from exme.evaluate.scores import Scores
 from exme.evaluate.suite import Suite
 
 __all__ = [
-    "Evaluator", "Scores", "Suite", "SuiteEvaluator", "CustomEvaluator", "EvaluatorSpec", "load_evaluator",
-    "parse_evaluator_spec",
+    "Capabilities", "Evaluator", "Scores", "Suite", "SuiteEvaluator", "CustomEvaluator", "EvaluatorSpec",
+    "capabilities_of", "load_evaluator", "parse_evaluator_spec", "spec_kind",
 ]
+
+#: Suffixes that make a spec a suite file even before the file exists (a JSON document is YAML too).
+SUITE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 class EvaluatorSpec(BaseModel):
@@ -41,6 +44,28 @@ class EvaluatorSpec(BaseModel):
     function: str | None = None
 
 
+def spec_kind(spec: str | Path, *, root: str | Path | None = None) -> Literal["suite", "lm-eval", "custom"]:
+    """What a spec names, decided in one place for ``exme eval`` and ``PIPELINE.yaml`` alike.
+
+    ``lm-eval:...``: lm-eval tasks; a path ending in ``.yaml``, ``.yml`` or ``.json``, or any
+    existing file (relative to ``root``): a suite; else ``module:function``: a custom evaluator.
+    Anything else is one line saying what a spec may be.
+    """
+    text = str(spec).strip()
+    if text.startswith("lm-eval:"):
+        return "lm-eval"
+    path = Path(text).expanduser()
+    if root is not None and not path.is_absolute():
+        path = Path(root) / path
+    if path.suffix.lower() in SUITE_SUFFIXES or path.is_file():
+        return "suite"
+    if ":" in text:  # import errors name the module and attribute (custom.import_function)
+        return "custom"
+    raise ExmeError(
+        f"evaluator {text!r} is neither a suite YAML file, 'lm-eval:task1,task2', nor 'module:function'"
+    )
+
+
 def parse_evaluator_spec(
     spec: str | Path,
     *,
@@ -51,17 +76,20 @@ def parse_evaluator_spec(
 
     - ``lm-eval:name1,name2`` or ``lm-eval:path/task.yaml`` (lm-eval tasks; ``include_path``:
       folders of task YAMLs, the CLI's ``--include-path`` or a pipeline's ``lm_eval_include_path``);
-    - ``path/suite.yaml`` (or any existing file): a suite;
+    - ``path/suite.yaml`` (``.yml``, ``.json``, or any existing file): a suite;
     - ``package.module:function``: a custom evaluator.
+
+    Which of the three a spec is comes from :func:`spec_kind`, which the pipeline's config reads too.
     """
     text = str(spec).strip()
     base = Path(root) if root is not None else None
+    kind = spec_kind(text, root=base)
 
     def resolve(value: str | Path) -> Path:
         path = Path(value).expanduser()
         return base / path if base is not None and not path.is_absolute() else path
 
-    if text.startswith("lm-eval:"):
+    if kind == "lm-eval":
         from exme.evaluate.lm_eval_adapter import resolve_task_entries
 
         entries = [e.strip() for e in text.removeprefix("lm-eval:").split(",") if e.strip()]
@@ -77,18 +105,13 @@ def parse_evaluator_spec(
         return EvaluatorSpec(kind="lm-eval", text=text, tasks=tuple(names), include_path=tuple(paths))
     if include_path:
         raise ExmeError(f"an include path applies to lm-eval tasks only, not to {text!r}; remove it or use 'lm-eval:TASK'")
-    path = resolve(text)
-    if path.suffix.lower() in (".yaml", ".yml") or path.is_file():
-        return EvaluatorSpec(kind="suite", text=text, path=path)
-    if ":" in text:  # import errors name the module and attribute (custom.import_function)
-        return EvaluatorSpec(kind="custom", text=text, function=text)
-    raise ExmeError(
-        f"evaluator {text!r} is neither a suite YAML file, 'lm-eval:task1,task2', nor 'module:function'"
-    )
+    if kind == "suite":
+        return EvaluatorSpec(kind="suite", text=text, path=resolve(text))
+    return EvaluatorSpec(kind="custom", text=text, function=text)
 
 
-def load_evaluator(spec: str | Path, **opts: Any) -> Evaluator:
-    """An evaluator from a spec string.
+def load_evaluator(spec: str | Path | EvaluatorSpec, **opts: Any) -> Evaluator:
+    """An evaluator from a spec string (or one already parsed by :func:`parse_evaluator_spec`).
 
     - ``path/to/suite.yaml``: a :class:`SuiteEvaluator` (options: ``batch_size``, ``mc_batch_size``,
       ``workers``, ``keep_items``, ``progress``);
@@ -97,7 +120,12 @@ def load_evaluator(spec: str | Path, **opts: Any) -> Evaluator:
       task names are checked and their data loaded here, before any model is read;
     - ``package.module:function``: a custom function ``(model, tokenizer, split) -> {task: score}``.
     """
-    parsed = parse_evaluator_spec(spec, include_path=opts.pop("include_path", None))
+    if isinstance(spec, EvaluatorSpec):
+        parsed = spec
+        if opts.pop("include_path", None):
+            raise ExmeError("give the include path to parse_evaluator_spec, not with an already parsed spec")
+    else:
+        parsed = parse_evaluator_spec(spec, include_path=opts.pop("include_path", None))
     if parsed.kind == "lm-eval":
         from exme.evaluate.lm_eval_adapter import LmEvalEvaluator
 

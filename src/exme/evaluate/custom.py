@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from exme.errors import ExmeError
+from exme.evaluate.evaluator import Capabilities
 from exme.evaluate.scores import Scores
 
 
@@ -34,8 +35,11 @@ class CustomEvaluator:
     """Wraps ``fn(model, tokenizer, split) -> {task: score}`` (or a :class:`Scores`) as an evaluator.
 
     If ``fn`` also accepts a ``limit`` argument it is passed on; otherwise ``limit`` is ignored and
-    ``n_items`` is left empty, since only the function knows how many items it used.
+    ``n_items`` is left empty, since only the function knows how many items it used. It can score
+    neither a chosen subset of items nor keep per-item records: only the function knows its items.
     """
+
+    capabilities = Capabilities()
 
     def __init__(self, fn: Callable[..., Any], name: str = "custom", weights: dict[str, float] | None = None):
         self.fn = fn

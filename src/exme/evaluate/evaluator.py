@@ -1,4 +1,4 @@
-"""Evaluators: score a live model on a split. The suite evaluator runs the built-in task kinds.
+"""Evaluators: score a live model on a split. The suite evaluator runs the registered task kinds.
 
 The model is whatever object the caller holds; its weights may change between calls (a search
 writes candidates into it in place), so only tokenization and prompt text are cached, keyed by
@@ -7,27 +7,46 @@ task, split and tokenizer, which is what makes the dozens of evaluations of one 
 
 from __future__ import annotations
 
-import math
-import re
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from exme.errors import ExmeError
-from exme.evaluate import prompts
-from exme.evaluate.extract import (
-    normalize_text,
-    score_gsm8k,
-)
-from exme.evaluate.backends import Backend, as_backend, generation_stats
-from exme.evaluate.lm import Continuation
+from exme.evaluate.backends import as_backend
+from exme.evaluate.kinds import ScoringContext
 from exme.evaluate.scores import Scores
 from exme.evaluate.suite import SPLITS, Suite, Task
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an evaluator can do beyond ``evaluate(model, tokenizer, split, limit=None)``, declared by it.
+
+    ``subset``: it has ``counts()`` (items per task per split) and ``evaluate(..., items={task:
+    [ids]})`` scores just those items of a split, which is what a pipeline needs to hold part of dev
+    out as a confirm split. ``item_records``: ``evaluate(..., keep_items=True)`` puts each item's
+    record (output, prediction, score) in ``Scores.details[task]["items"]`` (``--log-samples``,
+    ``--json``). Declared rather than guessed from a signature, so a wrapper that forwards
+    ``**kwargs`` neither gains nor loses them by accident; an object that declares none has none.
+    """
+
+    subset: bool = False
+    item_records: bool = False
+
+
+NO_CAPABILITIES = Capabilities()
+
+
 @runtime_checkable
 class Evaluator(Protocol):
-    """Anything that scores a live model on ``"dev"`` or ``"test"``."""
+    """Anything that scores a live model on ``"dev"`` or ``"test"``; it may declare ``capabilities``."""
 
     def evaluate(self, model, tokenizer, split: str, limit: int | None = None) -> Scores: ...
+
+
+def capabilities_of(evaluator: Any) -> Capabilities:
+    """The capabilities ``evaluator`` declares (its ``capabilities`` attribute), none when it declares none."""
+    caps = getattr(evaluator, "capabilities", None)
+    return caps if isinstance(caps, Capabilities) else NO_CAPABILITIES
 
 
 def check_split(split: str) -> str:
@@ -66,8 +85,11 @@ class SuiteEvaluator:
 
     Options: ``batch_size`` (generation rows per batch), ``mc_batch_size`` (scored sequences per
     forward pass), ``workers`` (parallel sandboxed programs for code tasks), ``keep_items``
-    (per-item records in ``Scores.details``), ``progress`` (rich bars).
+    (per-item records in ``Scores.details`` by default; one call can ask otherwise), ``progress``
+    (rich bars). Each task's kind (:mod:`exme.evaluate.kinds`) prepares and scores its items.
     """
+
+    capabilities = Capabilities(subset=True, item_records=True)
 
     def __init__(
         self,
@@ -100,15 +122,17 @@ class SuiteEvaluator:
         return self.suite.split_rule
 
     def evaluate(self, model, tokenizer, split: str, limit: int | None = None,
-                 items: dict[str, list[int]] | None = None) -> Scores:
+                 items: dict[str, list[int]] | None = None, keep_items: bool | None = None) -> Scores:
         """Score ``model`` on ``split``; ``limit`` keeps the first ``limit`` items of each task's split.
 
         ``model`` is a ``transformers`` module or an evaluation :class:`~exme.evaluate.backends.Backend`.
         ``items`` restricts a task to those item ids (positions in the task's split, in the order
         given) before ``limit`` applies: how a pipeline scores the search and confirm parts of dev.
-        Every item's primary score is returned in ``Scores.per_item`` under its id.
+        Every item's primary score is returned in ``Scores.per_item`` under its id; ``keep_items``
+        (default: the evaluator's setting) also returns each item's record in ``Scores.details``.
         """
         check_split(split)
+        keep_items = self.keep_items if keep_items is None else keep_items
         if limit is not None and limit <= 0:
             raise ExmeError(f"limit must be a positive number of items, got {limit}")
         if tokenizer is not self._cache_tokenizer:
@@ -137,7 +161,7 @@ class SuiteEvaluator:
                 per_item[task.name] = dict(zip(map(str, chosen[task.name][:n]), item_scores(task, scored)))
                 if generation is not None:
                     details[task.name]["generation"] = generation
-                if self.keep_items:
+                if keep_items:
                     details[task.name]["items"] = scored
         finally:
             progress.close()
@@ -158,143 +182,19 @@ class SuiteEvaluator:
         return self._cache[key]
 
     def _prepare(self, task: Task, records: list[dict[str, Any]], tokenizer) -> dict[str, Any]:
-        if task.kind == "perplexity":
-            docs = [list(tokenizer(str(r[task.spec.text_field]), add_special_tokens=True)["input_ids"]) for r in records]
-            n_bytes = [len(str(r[task.spec.text_field]).encode("utf-8")) for r in records]
-            return {"records": records, "docs": docs, "bytes": n_bytes}
-        texts = [prompts.prompt_text(task, r, tokenizer) for r in records]
-        prep: dict[str, Any] = {"records": records, "texts": [t for t, _ in texts]}
-        if task.kind == "multiple_choice":
-            requests, spans, lengths = [], [], []
-            for (text, chat), record in zip(texts, records):
-                ctx = prompts.encode(tokenizer, text, from_chat_template=chat)
-                start = len(requests)
-                for choice in record["choices"]:
-                    cont_text = " " + choice if not chat else choice
-                    whole = prompts.encode(tokenizer, text + cont_text, from_chat_template=chat)
-                    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-                        cont = whole[len(ctx) :]
-                    else:  # the tokenizer merged across the boundary: encode the continuation alone
-                        cont = list(tokenizer(cont_text, add_special_tokens=False)["input_ids"])
-                    requests.append(Continuation(tuple(ctx), tuple(cont)))
-                    lengths.append(len(choice))  # lm-eval's acc_norm: characters of the choice text
-                spans.append((start, len(requests)))
-            prep.update(requests=requests, spans=spans, choice_lengths=lengths)
-        else:
-            prep["ids"] = [prompts.encode(tokenizer, t, from_chat_template=c) for t, c in texts]
-            if task.kind == "generate":
-                prep["regex"] = re.compile(task.spec.regex) if task.spec.regex else None
-        return prep
+        return task.kind_def.prepare(task, records, tokenizer)
 
     # -- scoring (runs the model every time) --
 
-    def _score(self, task: Task, prep: dict[str, Any], n: int, engine: Backend, progress: _Progress):
+    def _score(self, task: Task, prep: dict[str, Any], n: int, engine, progress: _Progress):
         """(metrics, per-item records, generation stats or None) of one task."""
-        if task.kind == "multiple_choice":
-            return (*self._score_mc(task, prep, n, engine, progress), None)
-        if task.kind == "perplexity":
-            return (*self._score_perplexity(task, prep, n, engine, progress), None)
-        rows = engine.generate(
-            prep["ids"][:n],
-            max_new_tokens=task.spec.max_new_tokens,
-            stop=prompts.stop_strings(task),
-            progress=progress.bar(n, f"{task.name}: generating"),
-        )
-        generation = generation_stats(rows, task.spec.max_new_tokens)
-        completions = [r.text for r in rows]
-        records = prep["records"][:n]
-        if task.kind == "gsm8k":
-            scored = [score_gsm8k(c, str(r["answer"]), task.spec.answer_filter) for c, r in zip(completions, records)]
-            preds, correct = [p for p, _ in scored], [ok for _, ok in scored]
-            items = [{"completion": c, "prediction": p, "correct": ok} for c, p, ok in zip(completions, preds, correct)]
-            metrics = {"exact_match": _mean(correct)}
-        elif task.kind == "generate":
-            metrics, items = _score_generate(prep["regex"], completions, records)
-        else:
-            from exme.evaluate.code import score_code
-
-            metrics, items = score_code(
-                task, records, completions, workers=self.workers, progress=progress.bar(n, f"{task.name}: running tests")
-            )
-        for item, row in zip(items, rows):
-            item.update(new_tokens=row.new_tokens, finish=row.finish)
-        return metrics, items, generation
-
-    def _score_mc(self, task, prep, n, engine: Backend, progress: _Progress):
-        spans = prep["spans"][:n]
-        end = spans[-1][1] if spans else 0
-        scored = engine.loglikelihood(prep["requests"][:end], progress=progress.bar(end, f"{task.name}: scoring choices"))
-        acc, acc_norm, items = [], [], []
-        for (start, stop), record in zip(spans, prep["records"][:n]):
-            logps = [scored[i][0] for i in range(start, stop)]
-            normed = [lp / max(1, prep["choice_lengths"][i]) for lp, i in zip(logps, range(start, stop))]
-            pick = max(range(len(logps)), key=logps.__getitem__)
-            pick_norm = max(range(len(normed)), key=normed.__getitem__)
-            acc.append(pick == record["label"])
-            acc_norm.append(pick_norm == record["label"])
-            items.append({"loglik": logps, "prediction": pick, "prediction_norm": pick_norm, "label": record["label"]})
-        return {"acc": _mean(acc), "acc_norm": _mean(acc_norm)}, items
-
-    def _score_perplexity(self, task, prep, n, engine: Backend, progress: _Progress):
-        per_doc = engine.token_nll(prep["docs"][:n], progress=progress.bar(n, f"{task.name}: perplexity"))
-        total_nll = sum(nll for nll, _ in per_doc)
-        total_tokens = sum(k for _, k in per_doc)
-        total_bytes = sum(prep["bytes"][:n])
-        if total_tokens == 0:
-            raise ExmeError(f"task {task.name!r}: the documents have no tokens to predict (each needs 2 or more)")
-        mean_nll = total_nll / total_tokens
-        metrics = {
-            "neg_log_perplexity": -mean_nll,
-            "perplexity": math.exp(mean_nll),
-            "bits_per_byte": total_nll / math.log(2) / max(1, total_bytes),
-            "tokens": float(total_tokens),
-        }
-        items = [{"nll": nll, "tokens": k} for nll, k in per_doc]
-        return metrics, items
+        return task.kind_def.score(task, prep, n, engine, ScoringContext(workers=self.workers, bar=progress.bar))
 
 
 def item_scores(task: Task, items: list[dict[str, Any]]) -> list[float]:
-    """Each item's primary score, so that their mean is the task's score.
+    """Each item's primary score, so that their mean is the task's score (the task kind's rule).
 
     0/1 for accuracy-like metrics; for perplexity each document's share of the pooled score,
     ``−nllᵢ · n / Σ tokens``, whose mean is ``−Σ nll / Σ tokens`` (the task's neg_log_perplexity).
     """
-    metric = task.spec.metric
-    if task.kind == "perplexity":
-        total = sum(it["tokens"] for it in items)
-        return [-float(it["nll"]) * len(items) / total if total else 0.0 for it in items]
-    if task.kind == "multiple_choice":
-        key = "prediction_norm" if metric == "acc_norm" else "prediction"
-        return [float(it[key] == it["label"]) for it in items]
-    if task.kind in ("humaneval", "mbpp"):
-        return [float(it["status"] == "passed") for it in items]
-    key = "contains" if metric == "contains" else "correct"
-    return [float(bool(it[key])) for it in items]
-
-
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return float(sum(bool(v) for v in values) / len(values)) if values else float("nan")
-
-
-def _score_generate(regex, completions: list[str], records: list[dict[str, Any]]):
-    exact, contains, items = [], [], []
-    for completion, record in zip(completions, records):
-        targets = record["target"] if isinstance(record["target"], list) else [record["target"]]
-        targets = [normalize_text(str(t)) for t in targets]
-        answer = completion
-        if regex is not None:
-            match = regex.search(completion)
-            answer = (match.group(1) if match.groups() else match.group(0)) if match else ""
-        answer = normalize_text(answer)
-        exact.append(answer in targets)
-        contains.append(any(t and t in normalize_text(completion) for t in targets))
-        items.append({"completion": completion, "prediction": answer, "correct": exact[-1], "contains": contains[-1]})
-    return {"exact_match": _mean(exact), "contains": _mean(contains)}, items
+    return task.kind_def.item_scores(task, items)

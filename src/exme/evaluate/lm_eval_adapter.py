@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from exme.errors import ExmeError
+from exme.evaluate.evaluator import Capabilities
 from exme.evaluate.scores import Scores
 from exme.evaluate.suite import SplitRule, split_indices
 
@@ -161,6 +162,8 @@ def primary_metric(metrics: dict[str, Any], preferred: str | None = None) -> tup
 
 class LmEvalEvaluator:
     """Named lm-eval tasks on the live model, split into dev/test by a seeded permutation of their docs."""
+
+    capabilities = Capabilities(subset=True)  # positions of a split via items=; no per-item records
 
     def __init__(
         self,

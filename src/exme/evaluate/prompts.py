@@ -1,60 +1,29 @@
-"""Prompt text for each task kind: templates over a record's fields, few-shot blocks, chat templates.
+"""Prompt text for every task kind: templates over a record's fields, few-shot blocks, chat templates.
 
 A template is a ``str.format`` string over the record's fields plus a few derived ones
-(``tests`` for MBPP, ``choices_lettered`` for multiple choice). Defaults follow the prompts the
-public evaluations of each format use, so numbers are comparable with what users already know.
+(``tests`` for MBPP, ``choices_lettered`` for multiple choice), declared by each kind
+(:mod:`exme.evaluate.kinds`) with its default templates and stop strings. Defaults follow the
+prompts the public evaluations of each format use, so numbers are comparable with what users
+already know.
 """
 
 from __future__ import annotations
 
-import string
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exme.errors import ExmeError
-from exme.evaluate.suite import Task
+from exme.evaluate.kinds import get_kind
 
-DEFAULT_PROMPT = {
-    "gsm8k": "Question: {question}\nAnswer:",
-    "generate": "{prompt}",
-    "humaneval": "{prompt}",
-    "mbpp": (
-        "You are an expert Python programmer, and here is your task: {text} "
-        "Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
-    ),
-    "multiple_choice": "Question: {question}\nAnswer:",
-    "perplexity": "{text}",
-}
-DEFAULT_TARGET = {
-    "gsm8k": " {answer}",
-    "generate": " {target}",
-    "humaneval": "{canonical_solution}",
-    "mbpp": "{code}\n[DONE]",
-    "multiple_choice": " {answer_text}",
-    "perplexity": "",
-}
-DEFAULT_STOP = {
-    "gsm8k": ["\n\n", "Question:"],
-    "generate": ["\n\n"],
-    "humaneval": ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("],
-    "mbpp": ["[DONE]", "\n[BEGIN]"],
-    "multiple_choice": [],
-    "perplexity": [],
-}
+if TYPE_CHECKING:
+    from exme.evaluate.suite import Task
 
 
 def fields(record: dict[str, Any], kind: str) -> dict[str, Any]:
-    """The record's fields plus the derived ones templates may use."""
-    view = dict(record)
-    if kind == "mbpp":
-        view.setdefault("tests", "\n".join(record["test_list"]))
-    if kind == "multiple_choice":
-        choices = record["choices"]
-        view.setdefault("choices_lettered", "\n".join(f"{string.ascii_uppercase[i]}. {c}" for i, c in enumerate(choices)))
-        view.setdefault("answer_text", choices[record["label"]])
-    return view
+    """The record's fields plus the derived ones templates of ``kind`` may use."""
+    return get_kind(kind).fields(record)
 
 
-def render(template: str, record: dict[str, Any], task: Task) -> str:
+def render(template: str, record: dict[str, Any], task: "Task") -> str:
     """``template`` filled from ``record``; a missing field is a user error naming the task and field."""
     try:
         return template.format(**fields(record, task.kind))
@@ -67,15 +36,16 @@ def render(template: str, record: dict[str, Any], task: Task) -> str:
         raise ExmeError(f"task {task.name!r}: template {template!r} is not a valid format string ({err})") from None
 
 
-def prompt_text(task: Task, record: dict[str, Any], tokenizer) -> tuple[str, bool]:
+def prompt_text(task: "Task", record: dict[str, Any], tokenizer) -> tuple[str, bool]:
     """The full prompt for one record (few-shot examples first) and whether it came from a chat template.
 
     With ``chat_template: true`` the examples become user/assistant turns and the tokenizer's own
     template renders them (so its special tokens are already in the text).
     """
     spec = task.spec
-    prompt_tpl = spec.prompt or DEFAULT_PROMPT[task.kind]
-    target_tpl = spec.target or DEFAULT_TARGET[task.kind]
+    kind = get_kind(task.kind)
+    prompt_tpl = spec.prompt or kind.prompt
+    target_tpl = spec.target or kind.target
     if spec.chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ExmeError(
@@ -94,17 +64,9 @@ def prompt_text(task: Task, record: dict[str, Any], tokenizer) -> tuple[str, boo
     return head + spec.fewshot_separator.join(shots + [render(prompt_tpl, record, task)]), False
 
 
-def stop_strings(task: Task) -> list[str]:
-    """The task's stop strings (its own, else the kind's defaults).
-
-    Code tasks under a chat template get no default stops: chat models answer with a whole fenced
-    function, which the HumanEval stops (``"\\ndef "``) would cut; their turn ends at EOS instead.
-    """
-    if task.spec.stop is not None:
-        return list(task.spec.stop)
-    if task.spec.chat_template and task.kind in ("humaneval", "mbpp"):
-        return []
-    return list(DEFAULT_STOP[task.kind])
+def stop_strings(task: "Task") -> list[str]:
+    """The task's stop strings (its own, else its kind's defaults: :meth:`TaskKind.stop_strings`)."""
+    return get_kind(task.kind).stop_strings(task)
 
 
 def encode(tokenizer, text: str, *, from_chat_template: bool) -> list[int]:

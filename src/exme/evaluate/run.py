@@ -105,42 +105,46 @@ def evaluate_folder(
 ) -> dict[str, Scores]:
     """Scores of the model in ``model_dir`` on ``split`` (``"both"`` = dev and test), optionally written as JSON.
 
-    The backend and the evaluator are checked first, so a missing package or a bad suite fails
-    before the model is read. ``backend="vllm"`` serves suite tasks from one vLLM engine
-    (``engine_options``: ``gpu_memory_utilization``, ``tensor_parallel_size``, ``max_model_len``,
+    The backend, its options and the evaluator are checked first, so a missing package, a bad
+    option or a bad suite fails before the model is read. ``backend`` names an entry of
+    :data:`exme.evaluate.backends.REGISTRY`; ``engine_options`` are validated by its options model
+    (``vllm``: ``gpu_memory_utilization``, ``tensor_parallel_size``, ``max_model_len``,
     ``kv_cache_gib``). ``log_samples`` (a folder) writes ``samples_<split>.jsonl`` there: one line
     per item with its record, the model's output and its score (as lm-eval's ``--log_samples``;
-    suites only).
+    evaluators that keep per-item records, i.e. suites).
     """
-    from exme.evaluate import SuiteEvaluator, load_evaluator
-    from exme.evaluate.backends import check_backend
+    from exme.evaluate import capabilities_of, load_evaluator, parse_evaluator_spec
+    from exme.evaluate.backends import get_backend
 
     if split not in SPLIT_CHOICES:
         raise ExmeError(f"--split {split!r} is not one of {list(SPLIT_CHOICES)}")
-    check_backend(backend)
-    evaluator = load_evaluator(spec, **opts)
-    if log_samples is not None:
-        if not isinstance(evaluator, SuiteEvaluator):
-            raise ExmeError("--log-samples works with suite YAML files; lm-eval tasks log samples with lm-eval itself")
-        evaluator.keep_items = True
-    if json_out is not None and isinstance(evaluator, SuiteEvaluator):
-        evaluator.keep_items = True  # the JSON document carries every item's record
-    if backend == "vllm":
-        if adapter_spec(model_dir) is not None:
+    entry = get_backend(backend).check()
+    options = entry.parse_options(engine_options, where="--backend-option")
+    parsed = parse_evaluator_spec(spec, include_path=opts.pop("include_path", None))
+    evaluator = load_evaluator(parsed, **opts)
+    records = capabilities_of(evaluator).item_records
+    if log_samples is not None and not records:
+        raise ExmeError("--log-samples works with suite YAML files; lm-eval tasks log samples with lm-eval itself")
+    refusal = entry.refusal(parsed.kind, str(spec))
+    if refusal:
+        raise ExmeError(f"{refusal}; use --backend hf")
+    if entry.factory is None:
+        model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
+    else:
+        if not entry.adapters and adapter_spec(model_dir) is not None:
             raise ExmeError(
-                f"{model_dir}: backend vllm scores model folders; for a LoRA adapter use --backend hf, or "
+                f"{model_dir}: backend {backend} scores model folders; for a LoRA adapter use --backend hf, or "
                 "write the merged model first (exme merge)"
             )
-        if not isinstance(evaluator, SuiteEvaluator):
-            raise ExmeError(
-                f"backend vllm scores suite YAML tasks only, not {str(spec)!r} (lm-eval tasks and custom "
-                "evaluators run on the transformers module); use --backend hf"
-            )
-        model, tokenizer = _load_engine(model_dir, device=device, dtype=dtype, **(engine_options or {}))
-    else:
-        model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
+        from exme.common import load_tokenizer
+
+        folder = _model_folder(model_dir)
+        tokenizer = load_tokenizer(folder)  # the evaluator tokenizes; the engine only runs the model
+        model = entry.factory(folder, device=device, dtype=dtype, **options.model_dump())
+    # The JSON document and the samples files carry every item's record, when the evaluator keeps them.
+    keep = {"keep_items": True} if records and (json_out is not None or log_samples is not None) else {}
     splits = ("dev", "test") if split == "both" else (split,)
-    results = {s: evaluator.evaluate(model, tokenizer, s, limit=limit) for s in splits}
+    results = {s: evaluator.evaluate(model, tokenizer, s, limit=limit, **keep) for s in splits}
     if log_samples is not None:
         for s, scores in results.items():
             write_samples(evaluator.suite, s, scores, Path(log_samples) / f"samples_{s}.jsonl")
@@ -158,16 +162,6 @@ def evaluate_folder(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(document, indent=2, default=str) + "\n")
     return results
-
-
-def _load_engine(model_dir: str | Path, *, device: str, dtype: str, **engine_options: Any):
-    """(vLLM engine, tokenizer) for a model folder: the evaluator tokenizes, the engine generates."""
-    from exme.common import load_tokenizer
-    from exme.evaluate.backends.vllm import VLLMBackend
-
-    model_dir = _model_folder(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    return VLLMBackend(model_dir, device=device, dtype=dtype, **engine_options), tokenizer
 
 
 def write_samples(suite: Any, split: str, scores: Scores, path: Path) -> Path:

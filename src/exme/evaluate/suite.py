@@ -17,29 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exme.errors import ExmeError
+from exme.evaluate.kinds import REGISTRY as KINDS
+from exme.evaluate.kinds import TaskKind, get_kind, kind_names
 from exme.io.jsonl import iter_jsonl
 
-Kind = Literal["gsm8k", "generate", "humaneval", "mbpp", "multiple_choice", "perplexity"]
 SPLITS = ("dev", "test")
-
-# Per kind: the fields every record must have, the metrics it can report (first = default).
-REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
-    "gsm8k": ("question", "answer"),
-    "generate": ("prompt", "target"),
-    "humaneval": ("task_id", "prompt", "test", "entry_point"),
-    "mbpp": ("text", "test_list"),
-    "multiple_choice": ("question", "choices", "label"),
-    "perplexity": ("text",),
-}
-METRICS: dict[str, tuple[str, ...]] = {
-    "gsm8k": ("exact_match",),
-    "generate": ("exact_match", "contains"),
-    "humaneval": ("pass@1",),
-    "mbpp": ("pass@1",),
-    "multiple_choice": ("acc", "acc_norm"),
-    "perplexity": ("neg_log_perplexity",),
-}
-GENERATIVE = ("gsm8k", "generate", "humaneval", "mbpp")
 
 
 class _Strict(BaseModel):
@@ -60,7 +42,7 @@ class TaskSpec(_Strict):
     """One task of a suite, as written in YAML."""
 
     name: str
-    kind: Kind
+    kind: str  # a name in exme.evaluate.kinds.REGISTRY
     data: str | None = None  # one file, split by the suite's rule
     dev: str | None = None  # or explicit files per split
     test: str | None = None
@@ -81,6 +63,13 @@ class TaskSpec(_Strict):
     text_field: str = "text"  # perplexity
     answer_filter: Literal["exme", "strict-match", "flexible-extract"] = "exme"  # gsm8k: see extract.py
 
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value not in KINDS:
+            raise ValueError(f"unknown kind {value!r}; use one of {kind_names()}")
+        return value
+
     @field_validator("regex")
     @classmethod
     def _regex_compiles(cls, value: str | None) -> str | None:
@@ -99,15 +88,18 @@ class TaskSpec(_Strict):
             raise ValueError("give either 'data' (split by the suite's rule) or both 'dev' and 'test' files")
         if has_split_files and (self.dev is None or self.test is None):
             raise ValueError("explicit split files need both 'dev' and 'test'")
-        allowed = METRICS[self.kind]
+        kind = KINDS[self.kind]
+        allowed = kind.metrics
         if self.metric is None:
             self.metric = allowed[0]
         elif self.metric not in allowed:
             raise ValueError(f"metric {self.metric!r} is not one of {list(allowed)} for kind {self.kind!r}")
-        if self.kind != "gsm8k" and "answer_filter" in self.model_fields_set:
-            raise ValueError(f"answer_filter applies to gsm8k tasks only, not kind {self.kind!r}")
-        if self.kind == "perplexity" and self.fewshot:
-            raise ValueError("perplexity tasks take no few-shot examples")
+        for key in sorted(self.model_fields_set - set(kind.own_keys)):
+            owners = [name for name, other in KINDS.items() if key in other.own_keys]
+            if owners:
+                raise ValueError(f"{key} applies to {' and '.join(owners)} tasks only, not kind {self.kind!r}")
+        if not kind.fewshot and self.fewshot:
+            raise ValueError(f"{self.kind} tasks take no few-shot examples")
         return self
 
 
@@ -142,6 +134,11 @@ class Task:
     @property
     def kind(self) -> str:
         return self.spec.kind
+
+    @property
+    def kind_def(self) -> TaskKind:
+        """The registered :class:`~exme.evaluate.kinds.TaskKind` that reads, prompts and scores this task."""
+        return get_kind(self.spec.kind)
 
     def records(self, split: str) -> list[dict[str, Any]]:
         """The records of ``split`` (``"dev"`` or ``"test"``), in split order; ``"all"``: dev then test."""
@@ -266,65 +263,34 @@ def _explain(err: ValidationError, raw: dict[str, Any]) -> str:
             pass
     if first["type"] == "extra_forbidden":
         return f"{label}: unknown key; remove it or fix its spelling"
-    if first["type"] == "literal_error" and loc and loc[-1] == "kind":
-        return f"{label}: unknown kind {first.get('input')!r}; use one of {list(REQUIRED_FIELDS)}"
     msg = first["msg"].removeprefix("Value error, ")
     return f"{label}: {msg}"
 
 
-def read_records(path: Path, kind: str, *, text_field: str = "text", limit: int | None = None) -> list[dict[str, Any]]:
-    """Records of a JSONL file (or, for perplexity, a plain text file: one document per blank-line block).
+def read_records(path: Path, spec: TaskSpec, *, limit: int | None = None) -> list[dict[str, Any]]:
+    """Records of a JSONL file (or what the kind reads from another file, e.g. perplexity's plain text).
 
     Each record is checked for the fields its kind needs; a bad record is reported with file and line.
     """
     if not path.is_file():
         raise ExmeError(f"data file {path} does not exist; paths in a suite are relative to the suite file")
-    if kind == "perplexity" and path.suffix.lower() not in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        docs = [block.strip() for block in re.split(r"\n\s*\n", text) if block.strip()]
-        if not docs:
-            raise ExmeError(f"data file {path} is empty; it needs at least one paragraph of text")
-        return [{text_field: d} for d in docs[:limit]]
-    required = REQUIRED_FIELDS[kind]
-    if kind == "perplexity":
-        required = (text_field,)
-    records: list[dict[str, Any]] = []
+    kind = get_kind(spec.kind)
+    records = kind.read_text(path, spec, limit)
+    if records is not None:
+        return records
+    required = kind.required_fields(spec)
+    records = []
     for lineno, record in iter_jsonl(path):
         missing = [f for f in required if f not in record]
         if missing:
-            raise ExmeError(f"{path}:{lineno}: record lacks field(s) {missing} that a {kind!r} task needs")
-        _check_record(record, kind, f"{path}:{lineno}")
+            raise ExmeError(f"{path}:{lineno}: record lacks field(s) {missing} that a {spec.kind!r} task needs")
+        kind.check_record(record, f"{path}:{lineno}")
         records.append(record)
         if limit is not None and len(records) >= limit:
             break
     if not records:
         raise ExmeError(f"data file {path} is empty; it needs at least one JSON record")
     return records
-
-
-def _check_record(record: dict[str, Any], kind: str, where: str) -> None:
-    """Kind-specific checks of one record (``where`` names it in messages); ARC-style fields are normalised."""
-    if kind == "multiple_choice":
-        choices, label = record["choices"], record["label"]
-        if isinstance(choices, dict) and "text" in choices:  # ARC's {"text": [...], "label": [...]}
-            letters = list(choices.get("label", []))
-            record["choices"] = choices = list(choices["text"])
-            if isinstance(label, str) and label in letters:
-                record["label"] = label = letters.index(label)
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise ExmeError(f"{where}: 'choices' must be a list of at least two strings")
-        if isinstance(label, str) and len(label) == 1 and label.isalpha():
-            record["label"] = label = ord(label.upper()) - ord("A")
-        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-            raise ExmeError(f"{where}: 'label' must be an index into 'choices' (0..{len(choices) - 1}), got {label!r}")
-    elif kind == "gsm8k":
-        from exme.evaluate.extract import gsm8k_target
-
-        if gsm8k_target(str(record["answer"])) is None:
-            raise ExmeError(f"{where}: 'answer' must hold exactly one '#### <number>' (GSM8K format)")
-    elif kind == "mbpp":
-        if not isinstance(record["test_list"], list) or not record["test_list"]:
-            raise ExmeError(f"{where}: 'test_list' must be a non-empty list of assert statements")
 
 
 def split_indices(n: int, rule: SplitRule, task_name: str) -> tuple[list[int], list[int]]:
@@ -346,7 +312,8 @@ def _load_task(spec: TaskSpec, rule: SplitRule, base_dir: Path) -> Task:
         q = Path(p).expanduser()
         return q if q.is_absolute() else base_dir / q
 
-    read = lambda p: read_records(resolve(p), spec.kind, text_field=spec.text_field, limit=spec.limit)  # noqa: E731
+    kind = get_kind(spec.kind)
+    read = lambda p: read_records(resolve(p), spec, limit=spec.limit)  # noqa: E731
     if spec.data is not None:
         records = read(spec.data)
         dev_idx, test_idx = split_indices(len(records), rule, spec.name)
@@ -355,15 +322,15 @@ def _load_task(spec: TaskSpec, rule: SplitRule, base_dir: Path) -> Task:
         splits = {"dev": read(spec.dev), "test": read(spec.test)}
     fewshot: list[dict[str, Any]] = []
     if isinstance(spec.fewshot, str):
-        fewshot = read_records(resolve(spec.fewshot), spec.kind, text_field=spec.text_field)
+        fewshot = read_records(resolve(spec.fewshot), spec)
     elif spec.fewshot:
         for i, record in enumerate(spec.fewshot):
-            missing = [f for f in REQUIRED_FIELDS[spec.kind] if f not in record]
+            missing = [f for f in kind.required_fields(spec) if f not in record]
             if missing:
                 raise ExmeError(f"task {spec.name!r}: few-shot example {i} lacks field(s) {missing}")
         fewshot = [dict(r) for r in spec.fewshot]
         for i, record in enumerate(fewshot):
-            _check_record(record, spec.kind, f"task {spec.name!r} few-shot example {i}")
+            kind.check_record(record, f"task {spec.name!r} few-shot example {i}")
     if spec.num_fewshot is not None:
         if spec.num_fewshot > len(fewshot):
             raise ExmeError(

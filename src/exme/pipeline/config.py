@@ -19,6 +19,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from exme.common import StrictModel
 from exme.errors import ExmeError
+from exme.evaluate import spec_kind
+from exme.evaluate.backends import VllmOptions, backend_names, get_backend
 
 DEFAULT_GRID = [round(0.1 * i, 1) for i in range(11)]
 BASELINE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -120,13 +122,7 @@ class SearchSpec(_Strict):
     prune_eta: int = Field(3, ge=2, description="keep the best 1/eta of the points at each rung")
 
 
-class VllmSpec(_Strict):
-    """Engine settings for ``backend: vllm`` (passed to ``vllm.LLM``)."""
-
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    tensor_parallel_size: int = Field(1, ge=1)
-    max_model_len: int | None = Field(None, ge=16)
-    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on a CPU (VLLM_CPU_KVCACHE_SPACE)")
+VllmSpec = VllmOptions  # the ``vllm:`` section: the vllm backend's options model (exme.evaluate.backends)
 
 
 class DevSpec(_Strict):
@@ -184,9 +180,14 @@ class PipelineConfig(_Strict):
     )
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    backend: Literal["hf", "vllm"] = "hf"
-    """Evaluation engine: the live transformers module (hf) or one vLLM engine with weights swapped in (vllm)."""
+    backend: str = "hf"
+    """Evaluation engine, a name in ``exme.evaluate.backends.REGISTRY``: the live transformers module (hf)
+    or one vLLM engine with weights swapped in (vllm)."""
     vllm: VllmSpec = Field(default_factory=VllmSpec)
+    """The vllm backend's options (its own section, kept from before backends had a registry)."""
+    backend_options: dict[str, Any] | None = None
+    """Options of the chosen backend, validated by its options model (``exme eval --backend-option``);
+    for vllm, the ``vllm:`` section says the same."""
     output: Path
     output_format: Literal["model", "peft"] = "model"
     """How ``<output>/model`` is written: a full model folder, or (checkpoints that are LoRA adapters of
@@ -204,6 +205,13 @@ class PipelineConfig(_Strict):
     def _device(cls, v: str) -> str:
         if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", v):
             raise ValueError(f"device {v!r} is not one of cpu, cuda, cuda:N, mps")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in backend_names():
+            raise ValueError(f"backend {v!r} is not one of {backend_names()}")
         return v
 
     @field_validator("storage")
@@ -235,14 +243,21 @@ class PipelineConfig(_Strict):
             raise ValueError("search.n_trials counts TPE trials, but search.mode is grid (every grid point is evaluated); remove n_trials or set mode: tpe")
         if not self.search.prune and given & {"prune_min_items", "prune_eta"}:
             raise ValueError("search.prune_min_items and search.prune_eta only apply with search.prune: true")
-        if "vllm" in self.model_fields_set and self.backend != "vllm":
-            raise ValueError("vllm settings are given but backend is hf; set backend: vllm or remove the vllm key")
-        if self.backend == "vllm" and not _is_path_spec(self.suite):
-            raise ValueError(
-                f"backend vllm scores suite YAML tasks only, not {self.suite!r} (lm-eval tasks and custom "
-                "evaluators run on the transformers module); use backend: hf"
-            )
-        if self.log_samples and not _is_path_spec(self.suite):
+        for name in _backend_sections():
+            if name in self.model_fields_set and name != self.backend:
+                raise ValueError(f"{name} settings are given but backend is {self.backend}; set backend: {name} or remove the {name} key")
+        entry = get_backend(self.backend)
+        if self.backend_options is not None:
+            if self.backend in _backend_sections() and self.backend in self.model_fields_set:
+                raise ValueError(f"give the {self.backend} options once: in backend_options or in the {self.backend} section")
+            try:
+                entry.parse_options(self.backend_options, where="backend_options key")
+            except ExmeError as err:
+                raise ValueError(str(err)) from None
+        refusal = entry.refusal(spec_kind(self.suite), self.suite)
+        if refusal:
+            raise ValueError(f"{refusal}; use backend: hf")
+        if self.log_samples and spec_kind(self.suite) != "suite":
             raise ValueError(
                 f"log_samples (--log-samples) needs a suite YAML file, but suite {self.suite!r} keeps no per-item "
                 "records (lm-eval tasks and custom objectives); remove log_samples, or log lm-eval samples with lm-eval itself"
@@ -293,18 +308,35 @@ class PipelineConfig(_Strict):
         if isinstance(inc, list):
             raw["lm_eval_include_path"] = [str(_resolve(root, p)) if isinstance(p, str) else p for p in inc]
         suite = raw.get("suite")
-        if isinstance(suite, str) and _is_path_spec(suite):
-            raw["suite"] = str(_resolve(root, suite))
+        if isinstance(suite, str):
+            try:
+                kind = spec_kind(suite, root=root)
+            except ExmeError as err:
+                raise ExmeError(f"{source}: 'suite': {err}; fix the 'suite' key") from None
+            if kind == "suite":
+                raw["suite"] = str(_resolve(root, suite))
         try:
             config = cls.model_validate(raw)
         except ValidationError as err:
             raise ExmeError(f"{source}: {_format_errors(err)}") from None
         config.check_paths(source)
-        if config.backend == "vllm":
-            from exme.evaluate.backends import require_vllm
-
-            require_vllm()
+        get_backend(config.backend).check()
         return config
+
+    def engine_options(self) -> dict[str, Any]:
+        """The chosen backend's options, validated: ``backend_options``, else its own section (``vllm:``)."""
+        entry = get_backend(self.backend)
+        if self.backend_options is not None:
+            return entry.parse_options(self.backend_options).model_dump()
+        if self.backend in _backend_sections():
+            return getattr(self, self.backend).model_dump()
+        return entry.parse_options({}).model_dump()
+
+    def evaluator_spec(self):
+        """``suite`` (with ``lm_eval_include_path``) parsed by the one parser ``exme eval`` uses too."""
+        from exme.evaluate import parse_evaluator_spec
+
+        return parse_evaluator_spec(self.suite, include_path=list(self.lm_eval_include_path or []) or None)
 
     def check_paths(self, source: str = "pipeline config") -> None:
         """Every input exists and looks like a model folder; the output is not inside an input."""
@@ -314,7 +346,7 @@ class PipelineConfig(_Strict):
             raise ExmeError(
                 f"{source}: top_k is {self.top_k} but only {len(ckpts)} checkpoint(s) were found; lower top_k"
             )
-        if _is_path_spec(self.suite) and not Path(self.suite).is_file():
+        if spec_kind(self.suite) == "suite" and not Path(self.suite).is_file():
             raise ExmeError(f"{source}: suite file {self.suite} not found; fix the 'suite' key")
         out = self.output.resolve()
         for name, inp in [("base", self.base), *[("checkpoint", p) for p in ckpts]]:
@@ -391,11 +423,11 @@ def _resolve(root: Path, value: str) -> Path:
     return Path(os.path.normpath(os.path.abspath(p if p.is_absolute() else root / p)))
 
 
-def _is_path_spec(suite: str) -> bool:
-    """A suite given as a file (not ``module:function`` nor ``lm-eval:tasks``)."""
-    if suite.startswith("lm-eval:"):
-        return False
-    return suite.endswith((".yaml", ".yml", ".json")) or ":" not in suite
+def _backend_sections() -> list[str]:
+    """Backends whose options have a section of their own here (a field named after the backend, typed
+    by its options model)."""
+    fields = PipelineConfig.model_fields
+    return [n for n in backend_names() if n in fields and fields[n].annotation is get_backend(n).options]
 
 
 def _check_model_dir(path: Path, what: str, source: str) -> None:

@@ -10,7 +10,6 @@ only evaluated for the final table.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import socket
@@ -78,7 +77,9 @@ class Runner:
     one live model, scored by the evaluator, recorded in the run's Optuna study, shown on the bars.
 
     ``evaluator`` overrides ``config.suite`` (any object with ``evaluate(model, tokenizer, split,
-    limit=None)``), which is how code-defined objectives are plugged in from Python.
+    limit=None)``), which is how code-defined objectives are plugged in from Python; what else it can
+    do (score a subset of dev for the confirm split, keep per-item records for ``log_samples``) it
+    declares in ``capabilities`` (:class:`exme.evaluate.Capabilities`).
     """
 
     def __init__(self, config: PipelineConfig, *, progress: bool = True, evaluator: Any = None):
@@ -90,8 +91,7 @@ class Runner:
         if evaluator is None:
             from exme.evaluate import load_evaluator
 
-            opts = {"include_path": list(config.lm_eval_include_path)} if config.lm_eval_include_path else {}
-            evaluator = load_evaluator(config.suite, **opts)
+            evaluator = load_evaluator(config.evaluator_spec())
         self.evaluator = evaluator
         self._check_log_samples()
         self.notes: list[str] = []
@@ -108,10 +108,11 @@ class Runner:
         self.bars = _Bars(progress)
 
     def _check_log_samples(self) -> None:
-        """``log_samples`` needs per-item records, which only suite evaluators keep: refused before any model loads."""
-        from exme.evaluate import SuiteEvaluator
+        """``log_samples`` needs per-item records, which only some evaluators keep (they declare it, see
+        :class:`~exme.evaluate.Capabilities`): refused before any model loads."""
+        from exme.evaluate import capabilities_of
 
-        if self.config.log_samples and not isinstance(self.evaluator, SuiteEvaluator):
+        if self.config.log_samples and not capabilities_of(self.evaluator).item_records:
             raise ExmeError(
                 f"log_samples: true (--log-samples) needs a suite YAML file, but the evaluator of {self.config.suite!r} "
                 "keeps no per-item records (lm-eval tasks and custom objectives); remove log_samples, or log "
@@ -130,11 +131,12 @@ class Runner:
             self.notes.append("no confirm split (dev.confirm_fraction: 0): every dev item was used for the searches, "
                               "so the dev scores of the chosen models are optimistic and nothing confirms them")
             return None
+        from exme.evaluate import capabilities_of
+
         counts = getattr(self.evaluator, "counts", None)
-        takes_items = "items" in inspect.signature(self.evaluator.evaluate).parameters
-        if not callable(counts) or not takes_items:
+        if not callable(counts) or not capabilities_of(self.evaluator).subset:
             self.notes.append("no confirm split: this evaluator cannot score a chosen subset of dev items "
-                              "(a custom objective), so every dev item was used for the searches")
+                              "(a custom objective, or one that declares no subset capability), so every dev item was used for the searches")
             return None
         split = stages.dev_split(dict(counts()["dev"]), fraction, self.config.seed)
         stages.check_dev_split(split)
@@ -253,11 +255,7 @@ class Runner:
         """
         from exme.evaluate.run import write_samples
 
-        before, self.evaluator.keep_items = self.evaluator.keep_items, True
-        try:
-            scores = self.evaluator.evaluate(self.target(), self.tokenizer, "test", limit=point.limit)
-        finally:
-            self.evaluator.keep_items = before
+        scores = self.evaluator.evaluate(self.target(), self.tokenizer, "test", limit=point.limit, keep_items=True)
         write_samples(self.evaluator.suite, "test", scores, self.samples_path(str(point.params["row"])))
         return scores
 
@@ -281,8 +279,7 @@ class Runner:
             c = self.config
             self._target = LiveTarget(
                 c.backend, lambda: self.live, model_path=c.base, device=c.device, dtype=c.dtype, seed=c.seed,
-                tokenizer_path=getattr(self.tokenizer, "name_or_path", None) or None,
-                **(c.vllm.model_dump() if c.backend == "vllm" else {}),
+                tokenizer_path=getattr(self.tokenizer, "name_or_path", None) or None, **c.engine_options(),
             )
         return self._target()
 
