@@ -30,7 +30,7 @@ from exme.report import save_results
 from exme.report import verdict
 from exme.report.schema import FinalRow, RankedCheckpoint, RunResults
 from exme.report.stats import task_weights
-from exme.search.study import Point, Record, StudyStore, failed_scores, successive_halving
+from exme.search.study import Point, Record, StudyStore, failed_scores, scores_dict, successive_halving
 
 __all__ = ["Runner", "exme_coefficients", "rank_checkpoints", "run_pipeline"]
 
@@ -97,9 +97,12 @@ class Runner:
         self.notes: list[str] = []
         self.dev_split = self._divide_dev()
         self.fingerprint = _fingerprint(config, self.dev_split)
+        self.search_item_ids = self.search_items()
         self.timings: dict[str, float] = {}
         self.reused = 0
         self.evaluated = 0
+        self.shared = 0
+        self.costs: Any = None  # the cost projection (exme.search.cost.CostProjection), set by run_pipeline
         self._live: Any = None
         self._tokenizer: Any = None
         self._target: Any = None
@@ -215,15 +218,74 @@ class Runner:
         else:
             raise TypeError(f"not a candidate: {candidate!r}")
 
+    def search_items(self) -> dict[str, list[int]] | None:
+        """Each task's search items (ids in its dev split), or ``None`` when the evaluator cannot score chosen items."""
+        if self.dev_split is not None:
+            return self.dev_split.search
+        counts = getattr(self.evaluator, "counts", None)
+        if callable(counts) and "items" in inspect.signature(self.evaluator.evaluate).parameters:
+            return {t: list(range(n)) for t, n in counts()["dev"].items()}
+        return None
+
+    def evaluation_key(self, point: Point, candidate: stages.Candidate) -> str:
+        """What one evaluation *is*: the model (:func:`~exme.pipeline.stages.candidate_key`) and the items scored.
+
+        Two points with the same key are one evaluation, whatever stage or parameter names they
+        come from. A limit that covers every item of every task is a full evaluation.
+        """
+        limit = point.limit
+        if limit is not None and point.split == "dev":
+            items = self.search_item_ids
+            if items and limit >= max(len(v) for v in items.values()):
+                limit = None
+        doc: dict[str, Any] = {"model": stages.candidate_key(candidate), "split": point.split, "limit": limit}
+        if point.chunk is not None:
+            doc["chunk"] = list(point.chunk)
+        return json.dumps(doc, sort_keys=True)
+
+    def _earlier(self, key: str) -> Record | None:
+        """The recorded evaluation of ``key`` in this run, or ``None`` once this worker holds the claim to make it.
+
+        While another live worker holds the claim this waits for its record, so an equal model is
+        scored once across workers as well as across stages and resumes.
+        """
+        prefix = self.study_name("")
+        while True:
+            rec = self.store.find_model(prefix, key)
+            if rec is not None:
+                return rec
+            if self.store.claim(self.study_name("models"), key):
+                return self.store.find_model(prefix, key)  # finished just before its owner died
+            time.sleep(self.store.poll_s)
+
     def _score(self, point: Point, candidate: stages.Candidate) -> Any:
+        key = self.evaluation_key(point, candidate)
+        earlier = self._earlier(key)
+        if earlier is not None:  # the same model on the same items: read its scores back
+            self.shared += 1
+            return {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items,
+                    "per_item": earlier.per_item, "generation": earlier.generation, "failed": earlier.failed,
+                    "model": key, "shared": True}
+        self.evaluated += 1
+        t0 = time.perf_counter()
+        scores = self._evaluate(point, candidate)
+        out = {**scores_dict(scores), "model": key}
+        if self.costs is not None:
+            self.costs.add(out, time.perf_counter() - t0)
+        return out
+
+    def _evaluate(self, point: Point, candidate: stages.Candidate) -> Any:
         from exme.search.live import NonFiniteCandidate
 
-        self.evaluated += 1
         try:
             self.write(candidate)
         except NonFiniteCandidate as err:  # recorded as failed: never chosen, flagged in the report
             self.notes.append(f"candidate {point.params} could not be scored: {err}")
             return failed_scores(str(err))
+        if point.chunk is not None:  # a race's chunk: the same positions of each task's search items
+            start, stop = point.chunk
+            items = {t: ids[start:stop] for t, ids in (self.search_item_ids or {}).items() if ids[start:stop]}
+            return self.evaluator.evaluate(self.target(), self.tokenizer, "dev", items=items)
         if self.dev_split is not None and point.split in ("dev", "confirm"):
             # "dev" points are scored on the search part only; "confirm" on the held-out part.
             items = self.dev_split.search if point.split == "dev" else self.dev_split.confirm
@@ -231,6 +293,16 @@ class Runner:
         if self.config.log_samples and point.split == "test":
             return self._score_logged(point)
         return self.evaluator.evaluate(self.target(), self.tokenizer, point.split, limit=point.limit)
+
+    def evaluation_summary(self) -> dict[str, Any]:
+        """Evaluations run, candidates that read an equal model's score, items per purpose: over the
+        whole run (every worker, every resume), read from the studies."""
+        records = self.store.run_records(self.study_name(""))
+        fresh = [r for r in records if not r.shared and not r.extra.get("reused")]
+        items = {"search": 0, "confirm": 0, "test": 0}
+        for r in fresh:
+            items["search" if r.split == "dev" else r.split] = items.get("search" if r.split == "dev" else r.split, 0) + r.total_items
+        return {"evaluations": len(fresh), "shared": sum(r.shared for r in records), "items": items}
 
     def _score_logged(self, point: Point) -> Any:
         """A final-table row scored on test with its items kept and written as JSONL (the samples file).
@@ -469,8 +541,10 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
         parts["recommended"] = verdict.recommend(rows, comparisons, paths)
         runner.notes.append(
             f"this invocation evaluated {runner.evaluated} candidates"
+            + (f"; {runner.shared} candidates were a model already scored and read its score back" if runner.shared else "")
             + (f"; {runner.reused} finished evaluations were read back from the study (resumed or shared run)" if runner.reused else "")
         )
+        parts["evaluations"] = runner.evaluation_summary()
         results = runner.results(**parts)
         save_results(results, out)
         # Only what was given (paths resolved): the file stays a valid PIPELINE.yaml to run again, and

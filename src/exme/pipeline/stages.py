@@ -62,6 +62,68 @@ class MethodMerge:
 Candidate = Union[BaseWeights, CheckpointWeights, Combination, MethodMerge]
 
 
+def canonical_coefficient(value: float) -> float:
+    """One float per coefficient however it was computed: 12 significant digits, and −0.0 as 0.0.
+
+    Why: the same model is reached by different arithmetic — β(1 + α) with α = 0 is β exactly, but
+    1 − 0.7 is 0.30000000000000004 while a linear weight 0.3 normalised is 0.3. Rounding to 12
+    significant digits joins such one-ulp twins and never two settings anyone would search apart.
+    """
+    return float(f"{float(value):.12g}") + 0.0
+
+
+def candidate_key(candidate: Candidate) -> dict[str, Any]:
+    """What model a candidate *is*, independent of the parameter names that produced it.
+
+    The one place that decides when two candidates are the same model, so an evaluation is recorded
+    once and read back by every stage that meets the same weights again (SFT-i is EXPO-i at α = 0,
+    EXPO-i is ExMe at β ∈ {0, 1}, linear 0.5 is task arithmetic at λ = 0.5 ...):
+
+    - a candidate linear in the task vectors (base, a checkpoint, a :class:`Combination`, a merge
+      method whose registry entry gives ``coefficients()``) is ``{"linear": {path: cᵢ}}`` with
+      θ = θ_b + Σ cᵢΔᵢ, zero coefficients dropped, paths resolved, numbers canonical;
+    - any other :class:`MethodMerge` is its exact recipe: method, models in order, canonical kwargs, seed.
+
+    A candidate kind with finer coefficients (per tensor) extends the ``linear`` value here.
+    """
+    if isinstance(candidate, BaseWeights):
+        return {"linear": {}}
+    if isinstance(candidate, CheckpointWeights):
+        return {"linear": {str(Path(candidate.path).resolve()): 1.0}}
+    if isinstance(candidate, Combination):
+        return {"linear": _linear_key(candidate.models, candidate.coeffs)}
+    if isinstance(candidate, MethodMerge):
+        from exme.merge.registry import get_method
+
+        kwargs = dict(candidate.kwargs)
+        method = get_method(candidate.method)
+        coeffs = method.coefficients({k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}) \
+            if method.linear else None
+        if coeffs is not None:
+            return {"linear": _linear_key(candidate.models, coeffs)}
+        return {"method": candidate.method, "models": [str(Path(p).resolve()) for p in candidate.models],
+                "kwargs": {k: _canonical_value(v) for k, v in sorted(kwargs.items())}, "seed": candidate.seed}
+    raise TypeError(f"not a candidate: {candidate!r}")
+
+
+def _linear_key(models: Sequence[Path], coeffs: Sequence[float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for path, c in zip(models, coeffs):
+        name = str(Path(path).resolve())
+        out[name] = canonical_coefficient(out.get(name, 0.0) + float(c))
+    return {name: c for name, c in sorted(out.items()) if c != 0.0}
+
+
+def _canonical_value(value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return canonical_coefficient(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical_value(v) for v in value]
+    return str(value)
+
+
 class Evaluations(Protocol):
     """What a stage needs from the orchestrator: scores of candidates, recorded and resumable.
 

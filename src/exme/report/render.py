@@ -681,7 +681,14 @@ def _timings_section(results: RunResults) -> str:
     total = sum(results.timings.values())
     rows = [[stage, fmt_seconds(s), f"{100 * s / total:.1f} %" if total > 0 else "–"] for stage, s in results.timings.items()]
     rows.append(["**total**", fmt_seconds(total), "100.0 %" if total > 0 else "–"])
-    return md_table(["Stage", "Time", "Share"], rows)
+    text = md_table(["Stage", "Time", "Share"], rows)
+    ev = results.evaluations
+    if ev:
+        items = ev.get("items", {})
+        text += (f"\n\n{ev.get('evaluations', 0)} evaluations scored {sum(items.values())} items "
+                 f"({', '.join(f'{v} {k}' for k, v in items.items())}); {ev.get('shared', 0)} more candidates were "
+                 "a model already scored and read its score back.")
+    return text
 
 
 def report_markdown(results: RunResults, images: dict[str, str]) -> str:
