@@ -84,6 +84,19 @@ class SearchSpec(_Strict):
     """Successive halving on grids: score every point on a small dev subset first, keep the best 1/eta."""
     prune_min_items: int = Field(8, ge=1, description="items per task on the first pruning rung")
     prune_eta: int = Field(3, ge=2, description="keep the best 1/eta of the points at each rung")
+    race: bool = False
+    """Race the checkpoints of the rank stage on growing chunks of the search items: one that k others
+    beat with confidence stops early; the rest are scored on every search item (:mod:`exme.search.racing`)."""
+    race_error_rate: float = 0.05
+    """The chance that a checkpoint which is not worse than the k-th best stops early (in (0, 0.5))."""
+    race_chunk: int = Field(8, ge=1, description="search items per task added to the race at each look")
+
+    @field_validator("race_error_rate")
+    @classmethod
+    def _race_error_rate(cls, v: float) -> float:
+        if not 0.0 < v < 0.5:
+            raise ValueError(f"must lie in (0, 0.5) (the chance a checkpoint that is not worse stops early), got {v}")
+        return v
 
 
 class VllmSpec(_Strict):
@@ -201,6 +214,8 @@ class PipelineConfig(_Strict):
             raise ValueError("search.n_trials counts TPE trials, but search.mode is grid (every grid point is evaluated); remove n_trials or set mode: tpe")
         if not self.search.prune and given & {"prune_min_items", "prune_eta"}:
             raise ValueError("search.prune_min_items and search.prune_eta only apply with search.prune: true")
+        if not self.search.race and given & {"race_error_rate", "race_chunk"}:
+            raise ValueError("search.race_error_rate and search.race_chunk only apply with search.race: true")
         if "vllm" in self.model_fields_set and self.backend != "vllm":
             raise ValueError("vllm settings are given but backend is hf; set backend: vllm or remove the vllm key")
         if self.backend == "vllm" and not _is_path_spec(self.suite):

@@ -410,6 +410,16 @@ class Runner:
                 break
         return records
 
+    def race_chunks(self, chunk: int) -> list[tuple[int, int]] | None:
+        from exme.search.racing import chunk_bounds
+
+        if not self.search_item_ids:
+            return None
+        return chunk_bounds(max(len(v) for v in self.search_item_ids.values()), chunk)
+
+    def task_weights(self) -> dict[str, float]:
+        return task_weights(self.suite(), list(self.search_item_ids or {}))
+
     def _note_pruning(self, stage: str, label: str, params: list[dict[str, Any]], full: list[Record], dropped: list[Record]) -> None:
         """How many items successive halving scored, against scoring every point in full."""
         study = self.store.study(self.study_name(stage))
@@ -477,7 +487,7 @@ def rank_checkpoints(config: PipelineConfig, *, progress: bool = True, evaluator
     try:
         runner.preflight()
         with runner.bars.active(), runner.timed("rank"):
-            return stages.rank(runner, runner.checkpoints, runner.names, config.top_k).ranking
+            return stages.rank(runner, runner.checkpoints, runner.names, config.top_k, config.search).ranking
     finally:
         runner.close()
 
@@ -497,7 +507,8 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             runner.preflight()
         with runner.bars.active():
             with runner.timed("rank"):
-                ranked = stages.rank(runner, runner.checkpoints, runner.names, config.top_k)
+                ranked = stages.rank(runner, runner.checkpoints, runner.names, config.top_k, config.search)
+            runner.notes.extend(ranked.notes)
             save_results(runner.results(ranking=ranked.ranking), out)
             with runner.timed("extrapolate"):
                 extrapolated = stages.extrapolate(runner, ranked, config)

@@ -145,6 +145,12 @@ class Evaluations(Protocol):
                  *, stop: Callable[[list[Record]], bool]) -> list[Record]:
         """Points on the search split one after another, until ``stop(records so far)`` is true."""
 
+    def race_chunks(self, chunk: int) -> list[tuple[int, int]] | None:
+        """Chunks of ``chunk`` search items per task, or ``None`` when the evaluator cannot score chosen items."""
+
+    def task_weights(self) -> dict[str, float]:
+        """Each task's weight in the overall score."""
+
 
 # ---------------------------------------------------------------------- results
 @dataclass(frozen=True)
@@ -153,9 +159,10 @@ class RankResult:
 
     ranking: list[RankedCheckpoint]
     base_dev: Record
-    sft_dev: dict[str, Record]  # by checkpoint name
+    sft_dev: dict[str, Record]  # by checkpoint name (a raced-out checkpoint: its chunks so far)
     kept: list[Path]
     kept_names: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -234,8 +241,14 @@ class TestResult:
 
 
 # ---------------------------------------------------------------------- stage 1: rank
-def rank(ev: Evaluations, checkpoints: Sequence[Path], names: Sequence[str], top_k: int) -> RankResult:
-    """Score the base and every checkpoint on the search split; keep the top k (ties: the later step)."""
+def rank(ev: Evaluations, checkpoints: Sequence[Path], names: Sequence[str], top_k: int,
+         search: Any = None) -> RankResult:
+    """Score the base and every checkpoint on the search split; keep the top k (ties: the later step).
+
+    With ``search.race`` the checkpoints race on chunks of the search items first
+    (:func:`exme.search.racing.race`); those that stop early keep the scores of their chunks and rank
+    below every finisher, the finishers are scored on every search item as without racing.
+    """
     points = [Point({"model": "base"})] + [
         Point({"checkpoint": name, "path": str(p.resolve())}) for name, p in zip(names, checkpoints)
     ]
@@ -245,24 +258,65 @@ def rank(ev: Evaluations, checkpoints: Sequence[Path], names: Sequence[str], top
             return BaseWeights()
         return CheckpointWeights(Path(point.params["path"]))
 
-    records = ev.points("rank", "rank checkpoints", points, candidate)
+    chunks = ev.race_chunks(search.race_chunk) if search is not None and search.race else None
+    notes: list[str] = []
+    stopped: dict[int, Record] = {}
+    if chunks is not None and len(checkpoints) > top_k and len(chunks) > 1:
+        from exme.search import racing
+
+        def score(alive: list[int], j: int) -> list[dict[str, dict[str, float]]]:
+            recs = ev.points("rank", f"race checkpoints (chunk {j + 1}/{len(chunks)})",
+                             [Point(points[i + 1].params, chunk=chunks[j]) for i in alive], candidate)
+            chunk_records[j] = dict(zip(alive, recs))
+            return [r.per_item for r in recs]
+
+        chunk_records: dict[int, dict[int, Record]] = {}
+        weights = ev.task_weights()
+        result = racing.race(len(checkpoints), len(chunks), top_k, score, error_rate=search.race_error_rate,
+                             weights=weights)
+        for i, last in result.stopped.items():
+            stopped[i] = _joined([chunk_records[j][i] for j in range(last + 1)], weights)
+        notes.append(
+            f"rank: checkpoints raced on chunks of {search.race_chunk} search items per task ({racing.TEST}; "
+            f"error rate {search.race_error_rate:g}, z = {result.z:.2f}); "
+            + (f"{len(result.stopped)} of {len(checkpoints)} stopped early: "
+               + ", ".join(f"{names[i]} after {last + 1} chunk(s)" for i, last in sorted(result.stopped.items()))
+               if result.stopped else "none stopped early")
+        )
+    finishers = [i for i in range(len(checkpoints)) if i not in stopped]
+    full = ev.points("rank", "rank checkpoints", [points[0]] + [points[i + 1] for i in finishers], candidate)
+    records: dict[int, Record] = {**dict(zip(finishers, full[1:])), **stopped}
     order = sorted(
         range(len(checkpoints)),
-        key=lambda i: (records[i + 1].overall, _step_or_position(checkpoints[i], i)),
+        key=lambda i: (i not in stopped, records[i].overall, _step_or_position(checkpoints[i], i)),
         reverse=True,
     )
     kept = set(order[:top_k])
     ranking = [
         RankedCheckpoint(
             name=names[i], path=str(checkpoints[i]), step=checkpoint_step(checkpoints[i]),
-            dev=split_scores(records[i + 1]), kept=i in kept,
+            dev=split_scores(records[i]), kept=i in kept, stopped_early=i in stopped,
         )
         for i in range(len(checkpoints))
     ]
     return RankResult(
-        ranking=ranking, base_dev=records[0], sft_dev={names[i]: records[i + 1] for i in range(len(checkpoints))},
-        kept=[checkpoints[i] for i in order[:top_k]], kept_names=[names[i] for i in order[:top_k]],
+        ranking=ranking, base_dev=full[0], sft_dev={names[i]: records[i] for i in range(len(checkpoints))},
+        kept=[checkpoints[i] for i in order[:top_k]], kept_names=[names[i] for i in order[:top_k]], notes=notes,
     )
+
+
+def _joined(records: Sequence[Record], weights: dict[str, float]) -> Record:
+    """One record of a raced-out checkpoint: its chunks' items together (task score: the mean of its items)."""
+    from exme.search.racing import weighted_mean
+
+    per_item: dict[str, dict[str, float]] = {}
+    for r in records:
+        for t, items in r.per_item.items():
+            per_item.setdefault(t, {}).update(items)
+    tasks = {t: sum(v.values()) / len(v) for t, v in per_item.items() if v}
+    return Record(params=dict(records[0].params), split="dev", limit=None, overall=weighted_mean(per_item, weights),
+                  tasks=tasks, n_items={t: len(v) for t, v in per_item.items()},
+                  seconds=sum(r.seconds for r in records), number=-1, per_item=per_item)
 
 
 # ---------------------------------------------------------------------- stage 2: extrapolate

@@ -47,6 +47,7 @@ class RankedCheckpoint(_Strict):
     step: int | None = None
     dev: SplitScores
     kept: bool = False
+    stopped_early: bool = False  # raced out: ``dev`` holds only the chunks of search items it was scored on
 
 
 class Trial(_Strict):
