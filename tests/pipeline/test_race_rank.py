@@ -36,6 +36,9 @@ class FakeEvaluations:
                               n_items={"t": len(items)}, seconds=0.0, number=-1, per_item={"t": items}))
         return out
 
+    def search(self, stage, label, params, candidate, strategy):
+        return strategy.run(params, lambda pts: self.points(stage, label, pts, candidate))
+
     def race_chunks(self, chunk):
         from exme.search.racing import chunk_bounds
 
@@ -87,3 +90,28 @@ def test_bad_racing_keys_are_one_line_and_exit_2(tmp_path, sft_run, tiny_suite, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("exme: error:") and key in err[0]
     assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_a_raced_pipeline_on_a_real_suite_scores_chunks_then_finishers_in_full(tmp_path, sft_run, tiny_suite):
+    """The runner's side of racing on the tiny suite: chunk points score their slice of each task's items."""
+    from exme.evaluate import load_evaluator
+    from exme.pipeline import PipelineConfig, run_pipeline
+    from exme.search.study import StudyStore
+
+    raw = {"base": str(sft_run.base), "checkpoints": str(sft_run.run), "suite": str(tiny_suite),
+           "output": str(tmp_path / "run"), "alpha": {"grid": [0.0, 0.5]}, "beta": {"grid": [0.5]}, "baselines": [],
+           "dev": {"confirm_fraction": 0}, "search": {"race": True, "race_chunk": 2, "race_error_rate": 0.4}}
+    config = PipelineConfig.from_dict(raw)
+    evaluator = load_evaluator(str(tiny_suite))
+    res = run_pipeline(config, evaluator=evaluator, progress=False, write_model=False, report=False)
+    dev = evaluator.counts()["dev"]
+    store = StudyStore(config.storage_url)
+    try:
+        recs = store.run_records("exme-")
+    finally:
+        store.close()
+    chunked = [r for r in recs if '"chunk"' in (r.model or "")]
+    assert chunked and all(n <= 2 for r in chunked for n in r.n_items.values())
+    for row in res.ranking:
+        assert row.dev.n_items == dev or row.stopped_early  # finishers: every dev item of every task
+    assert sum(r.kept for r in res.ranking) == 2

@@ -30,7 +30,7 @@ from exme.report import save_results
 from exme.report import verdict
 from exme.report.schema import FinalRow, RankedCheckpoint, RunResults
 from exme.report.stats import task_weights
-from exme.search.study import Point, Record, StudyStore, failed_scores, scores_dict, successive_halving
+from exme.search.study import Point, Record, StudyStore, failed_scores, scores_dict
 
 __all__ = ["Runner", "exme_coefficients", "rank_checkpoints", "run_pipeline"]
 
@@ -359,12 +359,15 @@ class Runner:
             self.study_name(stage), points, lambda p: self._score(p, candidate(p)), on_result=on_result
         )
 
-    def grid(self, stage: str, label: str, params: list[dict[str, Any]],
-             candidate: Callable[[Point], stages.Candidate], *, prune: bool) -> tuple[list[Record], list[Record]]:
-        if not prune or len(params) <= 1:
-            return self.points(stage, label, [Point(p) for p in params], candidate), []
-        s = self.config.search
-        bar = self.bars.stage(label + " (pruned)", len(params))
+    def search(self, stage: str, label: str, params: list[dict[str, Any]],
+               candidate: Callable[[Point], stages.Candidate], strategy: Any) -> Any:
+        """Run a search strategy (:mod:`exme.search.strategy`) over ``params`` on the stage's study.
+
+        The strategy decides which points to score and on how many items; each call of its
+        ``evaluate`` goes through the study (recorded, claimed across workers, read back when
+        finished before or when an equal model was scored). One bar step per point of the space.
+        """
+        bar = self.bars.stage(label, len(params))
         seen: set[str] = set()
 
         def on_result(point: Point, rec: Record, reused: bool) -> None:
@@ -373,12 +376,24 @@ class Runner:
             bar(point, rec, reused, 0 if key in seen else 1)  # one step per candidate, the best on every result
             seen.add(key)
 
-        full, dropped = successive_halving(
-            self.store, self.study_name(stage), params, lambda p: self._score(p, candidate(p)),
-            min_items=s.prune_min_items, eta=s.prune_eta, on_result=on_result,
-        )
-        self._note_pruning(stage, label, params, full, dropped)
-        return full, dropped
+        def evaluate(points: Sequence[Point]) -> list[Record]:
+            return self.store.evaluate(self.study_name(stage), points, lambda p: self._score(p, candidate(p)),
+                                       on_result=on_result)
+
+        return strategy.run(params, evaluate)
+
+    def grid(self, stage: str, label: str, params: list[dict[str, Any]],
+             candidate: Callable[[Point], stages.Candidate], *, prune: bool) -> tuple[list[Record], list[Record]]:
+        from exme.search.strategy import Grid, Halving
+
+        if not prune or len(params) <= 1:
+            return self.search(stage, label, params, candidate, Grid()).records, []
+        s = self.config.search
+        items = self.search_item_ids
+        strategy = Halving(s.prune_min_items, s.prune_eta, max(len(v) for v in items.values()) if items else None)
+        out = self.search(stage, label + " (pruned)", params, candidate, strategy)
+        self._note_pruning(stage, label, params, out.records, out.dropped)
+        return out.records, out.dropped
 
     def tpe(self, stage: str, label: str, distributions: dict[str, Any], candidate: Callable[[Point], stages.Candidate],
             *, n_trials: int, seed: int, to_params: Callable[[dict[str, float]], dict[str, Any]]) -> list[Record]:
@@ -395,20 +410,9 @@ class Runner:
 
     def sequence(self, stage: str, label: str, params: list[dict[str, Any]],
                  candidate: Callable[[Point], stages.Candidate], *, stop: Callable[[list[Record]], bool]) -> list[Record]:
-        bar = self.bars.stage(label, len(params))
-        records: list[Record] = []
-        for p in params:
-            point = Point(p)
+        from exme.search.strategy import Sequential
 
-            def on_result(point: Point, rec: Record, reused: bool) -> None:
-                self.reused += int(reused)
-                bar(point, rec, reused)
-
-            records += self.store.evaluate(self.study_name(stage), [point], lambda q: self._score(q, candidate(q)),
-                                           on_result=on_result)
-            if stop(records):
-                break
-        return records
+        return self.search(stage, label, params, candidate, Sequential(stop)).records
 
     def race_chunks(self, chunk: int) -> list[tuple[int, int]] | None:
         from exme.search.racing import chunk_bounds
@@ -426,7 +430,7 @@ class Runner:
         spent = 0
         keys = {json.dumps(p, sort_keys=True) for p in params}
         for rec in self.store.records(study).values():
-            if json.dumps(rec.params, sort_keys=True) in keys:
+            if json.dumps(rec.params, sort_keys=True) in keys and not rec.shared:
                 spent += rec.total_items
         per_full = max((r.total_items for r in full), default=0)
         unpruned = per_full * len(params)

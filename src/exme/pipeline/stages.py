@@ -145,6 +145,10 @@ class Evaluations(Protocol):
                  *, stop: Callable[[list[Record]], bool]) -> list[Record]:
         """Points on the search split one after another, until ``stop(records so far)`` is true."""
 
+    def search(self, stage: str, label: str, params: list[dict[str, Any]], candidate: Callable[[Point], Candidate],
+               strategy: Any) -> Any:
+        """``strategy.run`` (:mod:`exme.search.strategy`) on the search split: its :class:`~exme.search.strategy.Outcome`."""
+
     def race_chunks(self, chunk: int) -> list[tuple[int, int]] | None:
         """Chunks of ``chunk`` search items per task, or ``None`` when the evaluator cannot score chosen items."""
 
@@ -261,28 +265,18 @@ def rank(ev: Evaluations, checkpoints: Sequence[Path], names: Sequence[str], top
     chunks = ev.race_chunks(search.race_chunk) if search is not None and search.race else None
     notes: list[str] = []
     stopped: dict[int, Record] = {}
-    if chunks is not None and len(checkpoints) > top_k and len(chunks) > 1:
-        from exme.search import racing
+    if chunks is not None:
+        from exme.search.racing import Race
 
-        def score(alive: list[int], j: int) -> list[dict[str, dict[str, float]]]:
-            recs = ev.points("rank", f"race checkpoints (chunk {j + 1}/{len(chunks)})",
-                             [Point(points[i + 1].params, chunk=chunks[j]) for i in alive], candidate)
-            chunk_records[j] = dict(zip(alive, recs))
-            return [r.per_item for r in recs]
-
-        chunk_records: dict[int, dict[int, Record]] = {}
-        weights = ev.task_weights()
-        result = racing.race(len(checkpoints), len(chunks), top_k, score, error_rate=search.race_error_rate,
-                             weights=weights)
-        for i, last in result.stopped.items():
-            stopped[i] = _joined([chunk_records[j][i] for j in range(last + 1)], weights)
-        notes.append(
-            f"rank: checkpoints raced on chunks of {search.race_chunk} search items per task ({racing.TEST}; "
-            f"error rate {search.race_error_rate:g}, z = {result.z:.2f}); "
-            + (f"{len(result.stopped)} of {len(checkpoints)} stopped early: "
-               + ", ".join(f"{names[i]} after {last + 1} chunk(s)" for i, last in sorted(result.stopped.items()))
-               if result.stopped else "none stopped early")
-        )
+        strategy = Race(top_k, chunks, search.race_error_rate, ev.task_weights())
+        out = ev.search("rank", "race checkpoints", [p.params for p in points[1:]], candidate, strategy)
+        index = {names[i]: i for i in range(len(checkpoints))}
+        stopped = {index[r.params["checkpoint"]]: r for r in out.dropped}
+        if out.dropped:
+            notes += [f"rank: {n}: " + ", ".join(f"{names[i]} after {stopped[i].total_items} items" for i in sorted(stopped))
+                      for n in out.notes]
+        else:
+            notes += [f"rank: {n}" for n in out.notes]
     finishers = [i for i in range(len(checkpoints)) if i not in stopped]
     full = ev.points("rank", "rank checkpoints", [points[0]] + [points[i + 1] for i in finishers], candidate)
     records: dict[int, Record] = {**dict(zip(finishers, full[1:])), **stopped}
@@ -303,20 +297,6 @@ def rank(ev: Evaluations, checkpoints: Sequence[Path], names: Sequence[str], top
         ranking=ranking, base_dev=full[0], sft_dev={names[i]: records[i] for i in range(len(checkpoints))},
         kept=[checkpoints[i] for i in order[:top_k]], kept_names=[names[i] for i in order[:top_k]], notes=notes,
     )
-
-
-def _joined(records: Sequence[Record], weights: dict[str, float]) -> Record:
-    """One record of a raced-out checkpoint: its chunks' items together (task score: the mean of its items)."""
-    from exme.search.racing import weighted_mean
-
-    per_item: dict[str, dict[str, float]] = {}
-    for r in records:
-        for t, items in r.per_item.items():
-            per_item.setdefault(t, {}).update(items)
-    tasks = {t: sum(v.values()) / len(v) for t, v in per_item.items() if v}
-    return Record(params=dict(records[0].params), split="dev", limit=None, overall=weighted_mean(per_item, weights),
-                  tasks=tasks, n_items={t: len(v) for t, v in per_item.items()},
-                  seconds=sum(r.seconds for r in records), number=-1, per_item=per_item)
 
 
 # ---------------------------------------------------------------------- stage 2: extrapolate
@@ -483,11 +463,12 @@ def baselines(ev: Evaluations, ranked: RankResult, config: PipelineConfig) -> Ba
         def candidate(point: Point, method: str = method) -> Candidate:
             return baseline_candidate(models, method, point.params, config.seed)
 
-        full, _ = ev.grid(f"baseline/{method}", f"baseline {method}", product(space), candidate, prune=False)
+        full, dropped = ev.grid(f"baseline/{method}", f"baseline {method}", product(space), candidate,
+                                prune=config.search.prune)
         chosen = best(full)
         search = SearchResult(
             name=method, space={key: list(v) for key, v in space.items()},
-            trials=trials(full, [], keys=tuple(space)), best_params=dict(chosen.params), best_dev=chosen.overall,
+            trials=trials(full, dropped, keys=tuple(space)), best_params=dict(chosen.params), best_dev=chosen.overall,
         )
         choices.append(BaselineChoice(method=method, params=dict(chosen.params), dev=chosen, search=search))
     return BaselinesResult(choices=choices)

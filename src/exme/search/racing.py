@@ -22,7 +22,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from exme.search.study import Point, Record
 
 PerItem = Mapping[str, Mapping[str, float]]  # task -> item id -> score
 
@@ -123,3 +125,47 @@ def race(
             stopped[c] = j
         alive = [i for i in alive if i not in out]
     return RaceResult(survivors=alive, stopped=stopped, chunks_scored=scored, z=z)
+
+
+def joined(records: Sequence[Record], weights: Mapping[str, float]) -> Record:
+    """One record of a point that stopped early: its chunks' items together (task score: the mean of its items)."""
+    per_item: dict[str, dict[str, float]] = {}
+    for r in records:
+        for t, items in r.per_item.items():
+            per_item.setdefault(t, {}).update(items)
+    tasks = {t: sum(v.values()) / len(v) for t, v in per_item.items() if v}
+    return Record(params=dict(records[0].params), split="dev", limit=None, overall=weighted_mean(per_item, weights),
+                  tasks=tasks, n_items={t: len(v) for t, v in per_item.items()},
+                  seconds=sum(r.seconds for r in records), number=-1, per_item=per_item)
+
+
+@dataclass(frozen=True)
+class Race:
+    """The racing search strategy (:mod:`exme.search.strategy`): the points race on ``chunks`` of the
+    search items for the ``k`` best places; the finishers are then scored on every search item, and
+    the dropped records of the others hold the chunks they were scored on."""
+
+    k: int
+    chunks: Sequence[tuple[int, int]]
+    error_rate: float
+    weights: Mapping[str, float] = field(default_factory=dict)
+
+    def run(self, params: Sequence[dict[str, Any]], evaluate: Callable[[Sequence[Point]], list[Record]]) -> Any:
+        from exme.search.strategy import Grid, Outcome
+
+        if len(params) <= self.k or len(self.chunks) <= 1:
+            return Grid().run(params, evaluate)
+        by_chunk: dict[int, dict[int, Record]] = {}
+
+        def score(alive: list[int], j: int) -> list[PerItem]:
+            recs = evaluate([Point(params[i], chunk=tuple(self.chunks[j])) for i in alive])
+            by_chunk[j] = dict(zip(alive, recs))
+            return [r.per_item for r in recs]
+
+        result = race(len(params), len(self.chunks), self.k, score, error_rate=self.error_rate, weights=self.weights)
+        full = evaluate([Point(params[i]) for i in result.survivors])
+        dropped = [joined([by_chunk[j][i] for j in range(last + 1)], self.weights)
+                   for i, last in sorted(result.stopped.items())]
+        note = (f"raced on chunks of {self.chunks[0][1] - self.chunks[0][0]} search items per task ({TEST}; error "
+                f"rate {self.error_rate:g}, z = {result.z:.2f}); {len(result.stopped)} of {len(params)} stopped early")
+        return Outcome(full, dropped, [note])

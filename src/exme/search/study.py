@@ -547,29 +547,12 @@ def successive_halving(
     eta: int,
     on_result: Callable[[Point, Record, bool], None] | None = None,
 ) -> tuple[list[Record], list[Record]]:
-    """Score all points on ``min_items`` items per task, keep the best 1/eta, grow the subset by eta, repeat.
+    """:class:`exme.search.strategy.Halving` on one study: (full evaluations of the survivors, last
+    partial evaluation of each dropped point)."""
+    from exme.search.strategy import Halving
 
-    Returns (full evaluations of the survivors, last partial evaluation of each dropped point).
-    The last rung is always a full evaluation (``limit=None``), so the chosen point's score is
-    comparable with unpruned searches. Ties keep the earlier point.
-    """
-    alive = list(params)
-    dropped: list[Record] = []
-    limit: int | None = min_items
-    while True:
-        if len(alive) <= 1:
-            limit = None
-        recs = store.evaluate(study_name, [Point(p, limit=limit) for p in alive], objective, on_result=on_result)
-        if limit is None:
-            return recs, dropped
-        keep = max(1, math.ceil(len(alive) / eta))
-        order = sorted(range(len(alive)), key=lambda i: -recs[i].overall)  # stable: ties keep order
-        kept = sorted(order[:keep])
-        dropped.extend(recs[i] for i in order[keep:])
-        # A subset that already held every item of every task cannot grow: the next rung is full.
-        exhausted = all(n < limit for i in kept for n in recs[i].n_items.values())
-        alive = [alive[i] for i in kept]
-        limit = None if exhausted else limit * eta
+    out = Halving(min_items, eta).run(params, lambda pts: store.evaluate(study_name, pts, objective, on_result=on_result))
+    return out.records, out.dropped
 
 
 def best(records: Iterable[Record]) -> Record:
