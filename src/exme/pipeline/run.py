@@ -294,6 +294,14 @@ class Runner:
             return self._score_logged(point)
         return self.evaluator.evaluate(self.target(), self.tokenizer, point.split, limit=point.limit)
 
+    def item_counts(self) -> dict[str, int | None]:
+        """Items of one evaluation per purpose (search, confirm, test); ``None`` where the evaluator does not say."""
+        counts = getattr(self.evaluator, "counts", None)
+        test = sum(counts()["test"].values()) if callable(counts) else None
+        return {"search": sum(len(v) for v in self.search_item_ids.values()) if self.search_item_ids else None,
+                "confirm": sum(len(v) for v in self.dev_split.confirm.values()) if self.dev_split is not None else 0,
+                "test": test}
+
     def evaluation_summary(self) -> dict[str, Any]:
         """Evaluations run, candidates that read an equal model's score, items per purpose: over the
         whole run (every worker, every resume), read from the studies."""
@@ -507,29 +515,41 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
     runner = Runner(config, progress=progress, evaluator=evaluator)
     out = Path(config.output)
     try:
+        from exme.search.cost import CostProjection, pipeline_plan
+
         with runner.timed("preflight"):
             runner.preflight()
         with runner.bars.active():
+            costs = runner.costs = CostProjection(
+                pipeline_plan(config, len(runner.checkpoints), runner.item_counts()),
+                runner.bars.display.print if progress else (lambda line: None),
+            )
             with runner.timed("rank"):
                 ranked = stages.rank(runner, runner.checkpoints, runner.names, config.top_k, config.search)
+            costs.stage_done("rank")
             runner.notes.extend(ranked.notes)
             save_results(runner.results(ranking=ranked.ranking), out)
             with runner.timed("extrapolate"):
                 extrapolated = stages.extrapolate(runner, ranked, config)
+            costs.stage_done("extrapolate")
             runner.notes.extend(extrapolated.notes)
             with runner.timed("merge"):
                 merged = stages.merge(runner, ranked, extrapolated, config)
+            costs.stage_done("merge")
             runner.notes.extend(merged.notes)
             with runner.timed("baselines"):
                 baselined = stages.baselines(runner, ranked, config)
+            costs.stage_done("baselines")
             chosen = stages.chosen_models(ranked, extrapolated, merged, baselined, config.seed)
             with runner.timed("test"):
                 tested = stages.test(runner, chosen)
+            costs.stage_done("test")
             rows = tested.rows
             runner.note_missing_samples(rows)
             if runner.dev_split is not None:
                 with runner.timed("confirm"):
                     confirmed = stages.confirm(runner, chosen)
+                costs.stage_done("confirm")
                 rows = [r.model_copy(update={"confirm": stages.split_scores(rec)}) for r, rec in zip(rows, confirmed)]
         rows = _flag_collapsed(rows, config.collapse.margin)
         weights = task_weights(runner.suite(), list(rows[0].test.tasks) if rows else [])
@@ -560,6 +580,8 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             + (f"; {runner.reused} finished evaluations were read back from the study (resumed or shared run)" if runner.reused else "")
         )
         parts["evaluations"] = runner.evaluation_summary()
+        if costs.first_line:
+            runner.notes.append(f"{costs.first_line} (projected; {parts['evaluations']['evaluations']} evaluations ran)")
         results = runner.results(**parts)
         save_results(results, out)
         # Only what was given (paths resolved): the file stays a valid PIPELINE.yaml to run again, and
