@@ -12,16 +12,16 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from exme.common import StrictModel
 from exme.errors import ExmeError
+from exme.merge.registry import BASELINE_METHODS  # the registry decides which methods are baselines
 
 DEFAULT_GRID = [round(0.1 * i, 1) for i in range(11)]
-BASELINE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 RUN_FOLDER_FILES = ("study.db", "results.json", "report.md", "model", "model.spec.json", "pipeline.yaml", "preflight.json")
 
@@ -40,6 +40,12 @@ def _check_grid(values: list[float], what: str) -> list[float]:
     if len(set(values)) != len(values):
         raise ValueError(f"{what} grid repeats a value: {values}")
     return sorted(values)
+
+
+def _baseline_method(name: str) -> str:
+    if name not in BASELINE_METHODS:
+        raise ValueError(f"{name!r} is not a baseline merge method; use one of {', '.join(BASELINE_METHODS)}")
+    return name
 
 
 class AlphaSpec(_Strict):
@@ -158,9 +164,10 @@ class PipelineConfig(_Strict):
     dev: DevSpec = Field(default_factory=DevSpec)
     collapse: CollapseSpec = Field(default_factory=CollapseSpec)
     stats: StatsSpec = Field(default_factory=StatsSpec)
-    baselines: list[Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]] = Field(
+    baselines: list[Annotated[str, AfterValidator(_baseline_method)]] = Field(
         default_factory=lambda: list(BASELINE_METHODS)
     )
+    """Merge methods searched as baselines: every registry method with a baseline grid (``baseline_space``)."""
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend: Literal["hf", "vllm"] = "hf"
