@@ -151,8 +151,9 @@ def _search_param(search: SearchResult, prefer: str) -> str | None:
 
 
 def ranked(ranking: Sequence[RankedCheckpoint]) -> list[RankedCheckpoint]:
-    """Best dev overall first; ties go to the later step (the pipeline's keep rule)."""
-    return sorted(ranking, key=lambda c: (-c.dev.overall, -(c.step if c.step is not None else -1)))
+    """Best dev overall first; ties go to the later step (the pipeline's keep rule); raced-out checkpoints
+    (scored on fewer items) after every finisher."""
+    return sorted(ranking, key=lambda c: (c.stopped_early, -c.dev.overall, -(c.step if c.step is not None else -1)))
 
 
 def checkpoint_of(search: SearchResult, ranking: Sequence[RankedCheckpoint], index: int) -> RankedCheckpoint | None:
@@ -528,7 +529,8 @@ def _ranking_section(results: RunResults) -> str:
     tasks = _task_names(results)
     rows = [
         [i, c.name, "–" if c.step is None else c.step, fmt_score(c.dev.overall),
-         *[fmt_score(c.dev.tasks.get(t)) for t in tasks], "yes" if c.kept else ""]
+         *[fmt_score(c.dev.tasks.get(t)) for t in tasks],
+         "yes" if c.kept else (f"stopped early ({sum(c.dev.n_items.values())} items)" if c.stopped_early else "")]
         for i, c in enumerate(ranked(results.ranking), start=1)
     ]
     return md_table(["Rank", "Checkpoint", "Step", "Dev overall", *tasks, "Kept"], rows, align="rlrr" + "r" * len(tasks) + "l")
