@@ -263,6 +263,8 @@ class Runner:
         earlier = self._earlier(key)
         if earlier is not None:  # the same model on the same items: read its scores back
             self.shared += 1
+            if self.config.log_samples and point.split == "test" and "row" in earlier.params:
+                self._copy_samples(str(earlier.params["row"]), str(point.params["row"]))
             return {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items,
                     "per_item": earlier.per_item, "generation": earlier.generation, "failed": earlier.failed,
                     "model": key, "shared": True}
@@ -328,6 +330,15 @@ class Runner:
             self.evaluator.keep_items = before
         write_samples(self.evaluator.suite, "test", scores, self.samples_path(str(point.params["row"])))
         return scores
+
+    def _copy_samples(self, source: str, row: str) -> None:
+        """A row equal to one already scored gets that row's samples file (the same model's test items)."""
+        import shutil
+
+        src, dst = self.samples_path(source), self.samples_path(row)
+        if src.is_file() and src != dst:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
 
     def note_missing_samples(self, rows: Sequence[FinalRow]) -> None:
         """A row read back from the study keeps the samples file its evaluation wrote; say which are missing."""
