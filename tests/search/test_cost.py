@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-
 from exme.search.cost import CostProjection, StagePlan, pipeline_plan
 
 
