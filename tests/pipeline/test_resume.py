@@ -62,10 +62,19 @@ def reference(sft_run, tiny_suite, tmp_path_factory):
 
     from exme.pipeline import PipelineConfig, run_pipeline
 
+    import torch
+
     root = tmp_path_factory.mktemp("reference")
     config = _config(root / "p.yaml", sft_run, tiny_suite, root / "out")
     ev = LoggingEvaluator(root / "log", None, 0.0, sft_run.base, sft_run.ckpts[0], sft_run.ckpts[1], P1, P2, W1, W2)
-    run_pipeline(PipelineConfig.from_yaml(config), evaluator=ev, progress=False, write_model=False, report=False)
+    # One thread, as the workers (OMP_NUM_THREADS=1): a module fixture runs before the per-test one-thread
+    # fixture, and float64 sums over two threads differ in the last bits from the workers' scores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_pipeline(PipelineConfig.from_yaml(config), evaluator=ev, progress=False, write_model=False, report=False)
+    finally:
+        torch.set_num_threads(before)
     lines = (root / "log").read_text().splitlines()
     return {"lines": lines, "choices": _choices(root / "out")}
 

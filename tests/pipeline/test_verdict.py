@@ -38,6 +38,18 @@ def _config(tmp_path, sft_run, suite, name="out", **extra) -> PipelineConfig:
     return PipelineConfig.from_dict(raw)
 
 
+def _coefficients(row, kept: list[str]) -> tuple[float, ...]:
+    """θ = θ_b + Σ cᵢΔᵢ of a final-table row (base, SFT, EXPO, ExMe, linear) over the kept checkpoints."""
+    p, c = row.params, [0.0] * len(kept)
+    if row.kind in ("sft", "expo"):
+        c[kept.index(p["checkpoint"])] = 1.0 + p.get("alpha", 0.0)
+    elif row.kind == "exme":
+        c = [p["beta"] * (1 + p["alpha_1"]), (1 - p["beta"]) * (1 + p["alpha_2"])]
+    elif row.name == "linear":
+        c = [p["weight_1"], 1 - p["weight_1"]]
+    return tuple(round(x, 9) + 0.0 for x in c)
+
+
 class Recording:
     """The suite evaluator, recording which items each call scored; ``confirm_offset`` is added to
     every score of a call that scores confirm items (to show that no choice reads them)."""
@@ -108,7 +120,10 @@ def test_selection_never_reads_confirm_and_confirm_scores_are_kept(tmp_path, sft
     dev_calls = [items for s, items in plain_ev.calls if s == "dev"]
     assert dev_calls and all(items in (search_ids, confirm_ids) for items in dev_calls)
     n_confirm_calls = sum(items == confirm_ids for items in dev_calls)
-    assert n_confirm_calls == len(plain.final)  # each chosen model once
+    # each distinct model once: rows that are the same weights (EXPO-i at α = 0 is SFT-i, ExMe at β = 1
+    # is EXPO-1 ...) share one evaluation; coefficients over the kept checkpoints computed here
+    kept = [c.name for c in plain.ranking if c.kept]
+    assert n_confirm_calls == len({_coefficients(r, kept) for r in plain.final})
     for row in plain.final:
         assert set(row.confirm.per_item["mc"]) == {str(i) for i in confirm_ids["mc"]}
         assert set(row.dev.per_item["mc"]) == {str(i) for i in search_ids["mc"]}

@@ -12,18 +12,18 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from exme.common import StrictModel
 from exme.errors import ExmeError
 from exme.evaluate import spec_kind
 from exme.evaluate.backends import VllmOptions, backend_names, get_backend
+from exme.merge.registry import BASELINE_METHODS  # the registry decides which methods are baselines
 
 DEFAULT_GRID = [round(0.1 * i, 1) for i in range(11)]
-BASELINE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 RUN_FOLDER_FILES = ("study.db", "results.json", "report.md", "model", "model.spec.json", "pipeline.yaml", "preflight.json",
                     "merge.yaml")
@@ -43,6 +43,12 @@ def _check_grid(values: list[float], what: str) -> list[float]:
     if len(set(values)) != len(values):
         raise ValueError(f"{what} grid repeats a value: {values}")
     return sorted(values)
+
+
+def _baseline_method(name: str) -> str:
+    if name not in BASELINE_METHODS:
+        raise ValueError(f"{name!r} is not a baseline merge method; use one of {', '.join(BASELINE_METHODS)}")
+    return name
 
 
 class AlphaSpec(_Strict):
@@ -120,6 +126,19 @@ class SearchSpec(_Strict):
     """Successive halving on grids: score every point on a small dev subset first, keep the best 1/eta."""
     prune_min_items: int = Field(8, ge=1, description="items per task on the first pruning rung")
     prune_eta: int = Field(3, ge=2, description="keep the best 1/eta of the points at each rung")
+    race: bool = False
+    """Race the checkpoints of the rank stage on growing chunks of the search items: one that k others
+    beat with confidence stops early; the rest are scored on every search item (:mod:`exme.search.racing`)."""
+    race_error_rate: float = 0.05
+    """The chance that a checkpoint which is not worse than the k-th best stops early (in (0, 0.5))."""
+    race_chunk: int = Field(8, ge=1, description="search items per task added to the race at each look")
+
+    @field_validator("race_error_rate")
+    @classmethod
+    def _race_error_rate(cls, v: float) -> float:
+        if not 0.0 < v < 0.5:
+            raise ValueError(f"must lie in (0, 0.5) (the chance a checkpoint that is not worse stops early), got {v}")
+        return v
 
 
 VllmSpec = VllmOptions  # the ``vllm:`` section: the vllm backend's options model (exme.evaluate.backends)
@@ -175,9 +194,10 @@ class PipelineConfig(_Strict):
     dev: DevSpec = Field(default_factory=DevSpec)
     collapse: CollapseSpec = Field(default_factory=CollapseSpec)
     stats: StatsSpec = Field(default_factory=StatsSpec)
-    baselines: list[Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]] = Field(
+    baselines: list[Annotated[str, AfterValidator(_baseline_method)]] = Field(
         default_factory=lambda: list(BASELINE_METHODS)
     )
+    """Merge methods searched as baselines: every registry method with a baseline grid (``baseline_space``)."""
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend: str = "hf"
@@ -243,6 +263,8 @@ class PipelineConfig(_Strict):
             raise ValueError("search.n_trials counts TPE trials, but search.mode is grid (every grid point is evaluated); remove n_trials or set mode: tpe")
         if not self.search.prune and given & {"prune_min_items", "prune_eta"}:
             raise ValueError("search.prune_min_items and search.prune_eta only apply with search.prune: true")
+        if not self.search.race and given & {"race_error_rate", "race_chunk"}:
+            raise ValueError("search.race_error_rate and search.race_chunk only apply with search.race: true")
         for name in _backend_sections():
             if name in self.model_fields_set and name != self.backend:
                 raise ValueError(f"{name} settings are given but backend is {self.backend}; set backend: {name} or remove the {name} key")

@@ -29,7 +29,7 @@ from exme.report import save_results
 from exme.report import verdict
 from exme.report.schema import FinalRow, RankedCheckpoint, RunResults
 from exme.report.stats import task_weights
-from exme.search.study import Point, Record, StudyStore, failed_scores, successive_halving
+from exme.search.study import Point, Record, StudyStore, failed_scores, scores_dict
 
 __all__ = ["Runner", "exme_coefficients", "rank_checkpoints", "run_pipeline"]
 
@@ -98,9 +98,12 @@ class Runner:
         self.dev_split = self._divide_dev()
         self.group_rule = self._group_rule()
         self.fingerprint = _fingerprint(config, self.dev_split)
+        self.search_item_ids = self.search_items()
         self.timings: dict[str, float] = {}
         self.reused = 0
         self.evaluated = 0
+        self.shared = 0
+        self.costs: Any = None  # the cost projection (exme.search.cost.CostProjection), set by run_pipeline
         self._live: Any = None
         self._tokenizer: Any = None
         self._target: Any = None
@@ -229,15 +232,76 @@ class Runner:
         else:
             raise TypeError(f"not a candidate: {candidate!r}")
 
+    def search_items(self) -> dict[str, list[int]] | None:
+        """Each task's search items (ids in its dev split), or ``None`` when the evaluator cannot score chosen items."""
+        if self.dev_split is not None:
+            return self.dev_split.search
+        counts = getattr(self.evaluator, "counts", None)
+        if callable(counts) and "items" in inspect.signature(self.evaluator.evaluate).parameters:
+            return {t: list(range(n)) for t, n in counts()["dev"].items()}
+        return None
+
+    def evaluation_key(self, point: Point, candidate: stages.Candidate) -> str:
+        """What one evaluation *is*: the model (:func:`~exme.pipeline.stages.candidate_key`) and the items scored.
+
+        Two points with the same key are one evaluation, whatever stage or parameter names they
+        come from. A limit that covers every item of every task is a full evaluation.
+        """
+        limit = point.limit
+        if limit is not None and point.split == "dev":
+            items = self.search_item_ids
+            if items and limit >= max(len(v) for v in items.values()):
+                limit = None
+        doc: dict[str, Any] = {"model": stages.candidate_key(candidate), "split": point.split, "limit": limit}
+        if point.chunk is not None:
+            doc["chunk"] = list(point.chunk)
+        return json.dumps(doc, sort_keys=True)
+
+    def _earlier(self, key: str) -> Record | None:
+        """The recorded evaluation of ``key`` in this run, or ``None`` once this worker holds the claim to make it.
+
+        While another live worker holds the claim this waits for its record, so an equal model is
+        scored once across workers as well as across stages and resumes.
+        """
+        prefix = self.study_name("")
+        while True:
+            rec = self.store.find_model(prefix, key)
+            if rec is not None:
+                return rec
+            if self.store.claim(self.study_name("models"), key):
+                return self.store.find_model(prefix, key)  # finished just before its owner died
+            time.sleep(self.store.poll_s)
+
     def _score(self, point: Point, candidate: stages.Candidate) -> Any:
+        key = self.evaluation_key(point, candidate)
+        earlier = self._earlier(key)
+        if earlier is not None:  # the same model on the same items: read its scores back
+            self.shared += 1
+            if self.config.log_samples and point.split == "test" and "row" in earlier.params:
+                self._copy_samples(str(earlier.params["row"]), str(point.params["row"]))
+            return {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items,
+                    "per_item": earlier.per_item, "generation": earlier.generation, "failed": earlier.failed,
+                    "model": key, "shared": True}
+        self.evaluated += 1
+        t0 = time.perf_counter()
+        scores = self._evaluate(point, candidate)
+        out = {**scores_dict(scores), "model": key}
+        if self.costs is not None:
+            self.costs.add(out, time.perf_counter() - t0)
+        return out
+
+    def _evaluate(self, point: Point, candidate: stages.Candidate) -> Any:
         from exme.search.live import NonFiniteCandidate
 
-        self.evaluated += 1
         try:
             self.write(candidate)
         except NonFiniteCandidate as err:  # recorded as failed: never chosen, flagged in the report
             self.notes.append(f"candidate {point.params} could not be scored: {err}")
             return failed_scores(str(err))
+        if point.chunk is not None:  # a race's chunk: the same positions of each task's search items
+            start, stop = point.chunk
+            items = {t: ids[start:stop] for t, ids in (self.search_item_ids or {}).items() if ids[start:stop]}
+            return self.evaluator.evaluate(self.target(), self.tokenizer, "dev", items=items)
         if self.dev_split is not None and point.split in ("dev", "confirm"):
             # "dev" points are scored on the search part only; "confirm" on the held-out part.
             items = self.dev_split.search if point.split == "dev" else self.dev_split.confirm
@@ -245,6 +309,24 @@ class Runner:
         if self.config.log_samples and point.split == "test":
             return self._score_logged(point)
         return self.evaluator.evaluate(self.target(), self.tokenizer, point.split, limit=point.limit)
+
+    def item_counts(self) -> dict[str, int | None]:
+        """Items of one evaluation per purpose (search, confirm, test); ``None`` where the evaluator does not say."""
+        counts = getattr(self.evaluator, "counts", None)
+        test = sum(counts()["test"].values()) if callable(counts) else None
+        return {"search": sum(len(v) for v in self.search_item_ids.values()) if self.search_item_ids else None,
+                "confirm": sum(len(v) for v in self.dev_split.confirm.values()) if self.dev_split is not None else 0,
+                "test": test}
+
+    def evaluation_summary(self) -> dict[str, Any]:
+        """Evaluations run, candidates that read an equal model's score, items per purpose: over the
+        whole run (every worker, every resume), read from the studies."""
+        records = self.store.run_records(self.study_name(""))
+        fresh = [r for r in records if not r.shared and not r.extra.get("reused")]
+        items = {"search": 0, "confirm": 0, "test": 0}
+        for r in fresh:
+            items["search" if r.split == "dev" else r.split] = items.get("search" if r.split == "dev" else r.split, 0) + r.total_items
+        return {"evaluations": len(fresh), "shared": sum(r.shared for r in records), "items": items}
 
     def _score_logged(self, point: Point) -> Any:
         """A final-table row scored on test with its items kept and written as JSONL (the samples file).
@@ -258,6 +340,15 @@ class Runner:
         scores = self.evaluator.evaluate(self.target(), self.tokenizer, "test", limit=point.limit, keep_items=True)
         write_samples(self.evaluator.suite, "test", scores, self.samples_path(str(point.params["row"])))
         return scores
+
+    def _copy_samples(self, source: str, row: str) -> None:
+        """A row equal to one already scored gets that row's samples file (the same model's test items)."""
+        import shutil
+
+        src, dst = self.samples_path(source), self.samples_path(row)
+        if src.is_file() and src != dst:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
 
     def note_missing_samples(self, rows: Sequence[FinalRow]) -> None:
         """A row read back from the study keeps the samples file its evaluation wrote; say which are missing."""
@@ -296,12 +387,15 @@ class Runner:
             self.study_name(stage), points, lambda p: self._score(p, candidate(p)), on_result=on_result
         )
 
-    def grid(self, stage: str, label: str, params: list[dict[str, Any]],
-             candidate: Callable[[Point], stages.Candidate], *, prune: bool) -> tuple[list[Record], list[Record]]:
-        if not prune or len(params) <= 1:
-            return self.points(stage, label, [Point(p) for p in params], candidate), []
-        s = self.config.search
-        bar = self.bars.stage(label + " (pruned)", len(params))
+    def search(self, stage: str, label: str, params: list[dict[str, Any]],
+               candidate: Callable[[Point], stages.Candidate], strategy: Any) -> Any:
+        """Run a search strategy (:mod:`exme.search.strategy`) over ``params`` on the stage's study.
+
+        The strategy decides which points to score and on how many items; each call of its
+        ``evaluate`` goes through the study (recorded, claimed across workers, read back when
+        finished before or when an equal model was scored). One bar step per point of the space.
+        """
+        bar = self.bars.stage(label, len(params))
         seen: set[str] = set()
 
         def on_result(point: Point, rec: Record, reused: bool) -> None:
@@ -310,12 +404,24 @@ class Runner:
             bar(point, rec, reused, 0 if key in seen else 1)  # one step per candidate, the best on every result
             seen.add(key)
 
-        full, dropped = successive_halving(
-            self.store, self.study_name(stage), params, lambda p: self._score(p, candidate(p)),
-            min_items=s.prune_min_items, eta=s.prune_eta, on_result=on_result,
-        )
-        self._note_pruning(stage, label, params, full, dropped)
-        return full, dropped
+        def evaluate(points: Sequence[Point]) -> list[Record]:
+            return self.store.evaluate(self.study_name(stage), points, lambda p: self._score(p, candidate(p)),
+                                       on_result=on_result)
+
+        return strategy.run(params, evaluate)
+
+    def grid(self, stage: str, label: str, params: list[dict[str, Any]],
+             candidate: Callable[[Point], stages.Candidate], *, prune: bool) -> tuple[list[Record], list[Record]]:
+        from exme.search.strategy import Grid, Halving
+
+        if not prune or len(params) <= 1:
+            return self.search(stage, label, params, candidate, Grid()).records, []
+        s = self.config.search
+        items = self.search_item_ids
+        strategy = Halving(s.prune_min_items, s.prune_eta, max(len(v) for v in items.values()) if items else None)
+        out = self.search(stage, label + " (pruned)", params, candidate, strategy)
+        self._note_pruning(stage, label, params, out.records, out.dropped)
+        return out.records, out.dropped
 
     def tpe(self, stage: str, label: str, distributions: dict[str, Any], candidate: Callable[[Point], stages.Candidate],
             *, n_trials: int, seed: int, to_params: Callable[[dict[str, float]], dict[str, Any]],
@@ -333,20 +439,19 @@ class Runner:
 
     def sequence(self, stage: str, label: str, params: list[dict[str, Any]],
                  candidate: Callable[[Point], stages.Candidate], *, stop: Callable[[list[Record]], bool]) -> list[Record]:
-        bar = self.bars.stage(label, len(params))
-        records: list[Record] = []
-        for p in params:
-            point = Point(p)
+        from exme.search.strategy import Sequential
 
-            def on_result(point: Point, rec: Record, reused: bool) -> None:
-                self.reused += int(reused)
-                bar(point, rec, reused)
+        return self.search(stage, label, params, candidate, Sequential(stop)).records
 
-            records += self.store.evaluate(self.study_name(stage), [point], lambda q: self._score(q, candidate(q)),
-                                           on_result=on_result)
-            if stop(records):
-                break
-        return records
+    def race_chunks(self, chunk: int) -> list[tuple[int, int]] | None:
+        from exme.search.racing import chunk_bounds
+
+        if not self.search_item_ids:
+            return None
+        return chunk_bounds(max(len(v) for v in self.search_item_ids.values()), chunk)
+
+    def task_weights(self) -> dict[str, float]:
+        return task_weights(self.suite(), list(self.search_item_ids or {}))
 
     def _note_pruning(self, stage: str, label: str, params: list[dict[str, Any]], full: list[Record], dropped: list[Record]) -> None:
         """How many items successive halving scored, against scoring every point in full."""
@@ -354,7 +459,7 @@ class Runner:
         spent = 0
         keys = {json.dumps(p, sort_keys=True) for p in params}
         for rec in self.store.records(study).values():
-            if json.dumps(rec.params, sort_keys=True) in keys:
+            if json.dumps(rec.params, sort_keys=True) in keys and not rec.shared:
                 spent += rec.total_items
         per_full = max((r.total_items for r in full), default=0)
         unpruned = per_full * len(params)
@@ -415,7 +520,7 @@ def rank_checkpoints(config: PipelineConfig, *, progress: bool = True, evaluator
     try:
         runner.preflight()
         with runner.bars.active(), runner.timed("rank"):
-            return stages.rank(runner, runner.checkpoints, runner.names, config.top_k).ranking
+            return stages.rank(runner, runner.checkpoints, runner.names, config.top_k, config.search).ranking
     finally:
         runner.close()
 
@@ -431,17 +536,27 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
     runner = Runner(config, progress=progress, evaluator=evaluator)
     out = Path(config.output)
     try:
+        from exme.search.cost import CostProjection, pipeline_plan
+
         with runner.timed("preflight"):
             runner.preflight()
         with runner.bars.active():
+            costs = runner.costs = CostProjection(
+                pipeline_plan(config, len(runner.checkpoints), runner.item_counts()),
+                runner.bars.display.print if progress else (lambda line: None),
+            )
             with runner.timed("rank"):
-                ranked = stages.rank(runner, runner.checkpoints, runner.names, config.top_k)
+                ranked = stages.rank(runner, runner.checkpoints, runner.names, config.top_k, config.search)
+            costs.stage_done("rank")
+            runner.notes.extend(ranked.notes)
             save_results(runner.results(ranking=ranked.ranking), out)
             with runner.timed("extrapolate"):
                 extrapolated = stages.extrapolate(runner, ranked, config)
+            costs.stage_done("extrapolate")
             runner.notes.extend(extrapolated.notes)
             with runner.timed("merge"):
                 merged = stages.merge(runner, ranked, extrapolated, config)
+            costs.stage_done("merge")
             runner.notes.extend(merged.notes)
             module = None
             if runner.group_rule is not None:
@@ -453,14 +568,17 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
                 )
             with runner.timed("baselines"):
                 baselined = stages.baselines(runner, ranked, config)
+            costs.stage_done("baselines")
             chosen = stages.chosen_models(ranked, extrapolated, merged, baselined, config.seed, module)
             with runner.timed("test"):
                 tested = stages.test(runner, chosen)
+            costs.stage_done("test")
             rows = tested.rows
             runner.note_missing_samples(rows)
             if runner.dev_split is not None:
                 with runner.timed("confirm"):
                     confirmed = stages.confirm(runner, chosen)
+                costs.stage_done("confirm")
                 rows = [r.model_copy(update={"confirm": stages.split_scores(rec)}) for r, rec in zip(rows, confirmed)]
         rows = _flag_collapsed(rows, config.collapse.margin)
         weights = task_weights(runner.suite(), list(rows[0].test.tasks) if rows else [])
@@ -497,8 +615,12 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
         parts["recommended"] = verdict.recommend(rows, comparisons, paths)
         runner.notes.append(
             f"this invocation evaluated {runner.evaluated} candidates"
+            + (f"; {runner.shared} candidates were a model already scored and read its score back" if runner.shared else "")
             + (f"; {runner.reused} finished evaluations were read back from the study (resumed or shared run)" if runner.reused else "")
         )
+        parts["evaluations"] = runner.evaluation_summary()
+        if costs.first_line:
+            runner.notes.append(f"{costs.first_line} (projected; {parts['evaluations']['evaluations']} evaluations ran)")
         results = runner.results(**parts)
         save_results(results, out)
         # Only what was given (paths resolved): the file stays a valid PIPELINE.yaml to run again, and

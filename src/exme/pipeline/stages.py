@@ -79,6 +79,77 @@ MODULE_ROW = "ExMe-module"
 Candidate = Union[BaseWeights, CheckpointWeights, Combination, MethodMerge]
 
 
+def canonical_coefficient(value: float) -> float:
+    """One float per coefficient however it was computed: 12 significant digits, and −0.0 as 0.0.
+
+    Why: the same model is reached by different arithmetic — β(1 + α) with α = 0 is β exactly, but
+    1 − 0.7 is 0.30000000000000004 while a linear weight 0.3 normalised is 0.3. Rounding to 12
+    significant digits joins such one-ulp twins and never two settings anyone would search apart.
+    """
+    return float(f"{float(value):.12g}") + 0.0
+
+
+def candidate_key(candidate: Candidate) -> dict[str, Any]:
+    """What model a candidate *is*, independent of the parameter names that produced it.
+
+    The one place that decides when two candidates are the same model, so an evaluation is recorded
+    once and read back by every stage that meets the same weights again (SFT-i is EXPO-i at α = 0,
+    EXPO-i is ExMe at β ∈ {0, 1}, linear 0.5 is task arithmetic at λ = 0.5 ...):
+
+    - a candidate linear in the task vectors (base, a checkpoint, a :class:`Combination`, a merge
+      method whose registry entry gives ``coefficients()``) is ``{"linear": {path: cᵢ}}`` with
+      θ = θ_b + Σ cᵢΔᵢ, zero coefficients dropped, paths resolved, numbers canonical;
+    - any other :class:`MethodMerge` is its exact recipe: method, models in order, canonical kwargs, seed.
+
+    - a :class:`Combination` with per-group coefficients is ``{"linear_groups": ...}``: its group rule and
+      each group's linear key.
+    """
+    if isinstance(candidate, BaseWeights):
+        return {"linear": {}}
+    if isinstance(candidate, CheckpointWeights):
+        return {"linear": {str(Path(candidate.path).resolve()): 1.0}}
+    if isinstance(candidate, Combination):
+        if isinstance(candidate.coeffs, GroupCoefficients):
+            # Per-group coefficients (a Combination whose groups all agree is already a plain tuple):
+            # the rule's filters in order and each group's linear key.
+            rule = candidate.coeffs.rule
+            return {"linear_groups": {
+                "filters": [list(f) for f in rule.filters], "default": rule.default,
+                "groups": {g: _linear_key(candidate.models, candidate.coeffs.of_group(g)) for g in rule.groups},
+            }}
+        return {"linear": _linear_key(candidate.models, candidate.coeffs)}
+    if isinstance(candidate, MethodMerge):
+        from exme.merge.registry import get_method
+
+        kwargs = dict(candidate.kwargs)
+        method = get_method(candidate.method)
+        coeffs = method.coefficients({k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}) \
+            if method.linear else None
+        if coeffs is not None:
+            return {"linear": _linear_key(candidate.models, coeffs)}
+        return {"method": candidate.method, "models": [str(Path(p).resolve()) for p in candidate.models],
+                "kwargs": {k: _canonical_value(v) for k, v in sorted(kwargs.items())}, "seed": candidate.seed}
+    raise TypeError(f"not a candidate: {candidate!r}")
+
+
+def _linear_key(models: Sequence[Path], coeffs: Sequence[float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for path, c in zip(models, coeffs):
+        name = str(Path(path).resolve())
+        out[name] = canonical_coefficient(out.get(name, 0.0) + float(c))
+    return {name: c for name, c in sorted(out.items()) if c != 0.0}
+
+
+def _canonical_value(value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return canonical_coefficient(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical_value(v) for v in value]
+    return str(value)
+
+
 class Evaluations(Protocol):
     """What a stage needs from the orchestrator: scores of candidates, recorded and resumable.
 
@@ -101,6 +172,16 @@ class Evaluations(Protocol):
                  *, stop: Callable[[list[Record]], bool]) -> list[Record]:
         """Points on the search split one after another, until ``stop(records so far)`` is true."""
 
+    def search(self, stage: str, label: str, params: list[dict[str, Any]], candidate: Callable[[Point], Candidate],
+               strategy: Any) -> Any:
+        """``strategy.run`` (:mod:`exme.search.strategy`) on the search split: its :class:`~exme.search.strategy.Outcome`."""
+
+    def race_chunks(self, chunk: int) -> list[tuple[int, int]] | None:
+        """Chunks of ``chunk`` search items per task, or ``None`` when the evaluator cannot score chosen items."""
+
+    def task_weights(self) -> dict[str, float]:
+        """Each task's weight in the overall score."""
+
 
 # ---------------------------------------------------------------------- results
 @dataclass(frozen=True)
@@ -109,9 +190,10 @@ class RankResult:
 
     ranking: list[RankedCheckpoint]
     base_dev: Record
-    sft_dev: dict[str, Record]  # by checkpoint name
+    sft_dev: dict[str, Record]  # by checkpoint name (a raced-out checkpoint: its chunks so far)
     kept: list[Path]
     kept_names: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -190,8 +272,14 @@ class TestResult:
 
 
 # ---------------------------------------------------------------------- stage 1: rank
-def rank(ev: Evaluations, checkpoints: Sequence[Path], names: Sequence[str], top_k: int) -> RankResult:
-    """Score the base and every checkpoint on the search split; keep the top k (ties: the later step)."""
+def rank(ev: Evaluations, checkpoints: Sequence[Path], names: Sequence[str], top_k: int,
+         search: Any = None) -> RankResult:
+    """Score the base and every checkpoint on the search split; keep the top k (ties: the later step).
+
+    With ``search.race`` the checkpoints race on chunks of the search items first
+    (:func:`exme.search.racing.race`); those that stop early keep the scores of their chunks and rank
+    below every finisher, the finishers are scored on every search item as without racing.
+    """
     points = [Point({"model": "base"})] + [
         Point({"checkpoint": name, "path": str(p.resolve())}) for name, p in zip(names, checkpoints)
     ]
@@ -201,23 +289,40 @@ def rank(ev: Evaluations, checkpoints: Sequence[Path], names: Sequence[str], top
             return BaseWeights()
         return CheckpointWeights(Path(point.params["path"]))
 
-    records = ev.points("rank", "rank checkpoints", points, candidate)
+    chunks = ev.race_chunks(search.race_chunk) if search is not None and search.race else None
+    notes: list[str] = []
+    stopped: dict[int, Record] = {}
+    if chunks is not None:
+        from exme.search.racing import Race
+
+        strategy = Race(top_k, chunks, search.race_error_rate, ev.task_weights())
+        out = ev.search("rank", "race checkpoints", [p.params for p in points[1:]], candidate, strategy)
+        index = {names[i]: i for i in range(len(checkpoints))}
+        stopped = {index[r.params["checkpoint"]]: r for r in out.dropped}
+        if out.dropped:
+            notes += [f"rank: {n}: " + ", ".join(f"{names[i]} after {stopped[i].total_items} items" for i in sorted(stopped))
+                      for n in out.notes]
+        else:
+            notes += [f"rank: {n}" for n in out.notes]
+    finishers = [i for i in range(len(checkpoints)) if i not in stopped]
+    full = ev.points("rank", "rank checkpoints", [points[0]] + [points[i + 1] for i in finishers], candidate)
+    records: dict[int, Record] = {**dict(zip(finishers, full[1:])), **stopped}
     order = sorted(
         range(len(checkpoints)),
-        key=lambda i: (records[i + 1].overall, _step_or_position(checkpoints[i], i)),
+        key=lambda i: (i not in stopped, records[i].overall, _step_or_position(checkpoints[i], i)),
         reverse=True,
     )
     kept = set(order[:top_k])
     ranking = [
         RankedCheckpoint(
             name=names[i], path=str(checkpoints[i]), step=checkpoint_step(checkpoints[i]),
-            dev=split_scores(records[i + 1]), kept=i in kept,
+            dev=split_scores(records[i]), kept=i in kept, stopped_early=i in stopped,
         )
         for i in range(len(checkpoints))
     ]
     return RankResult(
-        ranking=ranking, base_dev=records[0], sft_dev={names[i]: records[i + 1] for i in range(len(checkpoints))},
-        kept=[checkpoints[i] for i in order[:top_k]], kept_names=[names[i] for i in order[:top_k]],
+        ranking=ranking, base_dev=full[0], sft_dev={names[i]: records[i] for i in range(len(checkpoints))},
+        kept=[checkpoints[i] for i in order[:top_k]], kept_names=[names[i] for i in order[:top_k]], notes=notes,
     )
 
 
@@ -462,11 +567,12 @@ def baselines(ev: Evaluations, ranked: RankResult, config: PipelineConfig) -> Ba
         def candidate(point: Point, method: str = method) -> Candidate:
             return baseline_candidate(models, method, point.params, config.seed)
 
-        full, _ = ev.grid(f"baseline/{method}", f"baseline {method}", product(space), candidate, prune=False)
+        full, dropped = ev.grid(f"baseline/{method}", f"baseline {method}", product(space), candidate,
+                                prune=config.search.prune)
         chosen = best(full)
         search = SearchResult(
             name=method, space={key: list(v) for key, v in space.items()},
-            trials=trials(full, [], keys=tuple(space)), best_params=dict(chosen.params), best_dev=chosen.overall,
+            trials=trials(full, dropped, keys=tuple(space)), best_params=dict(chosen.params), best_dev=chosen.overall,
         )
         choices.append(BaselineChoice(method=method, params=dict(chosen.params), dev=chosen, search=search))
     return BaselinesResult(choices=choices)

@@ -152,8 +152,9 @@ def _search_param(search: SearchResult, prefer: str) -> str | None:
 
 
 def ranked(ranking: Sequence[RankedCheckpoint]) -> list[RankedCheckpoint]:
-    """Best dev overall first; ties go to the later step (the pipeline's keep rule)."""
-    return sorted(ranking, key=lambda c: (-c.dev.overall, -(c.step if c.step is not None else -1)))
+    """Best dev overall first; ties go to the later step (the pipeline's keep rule); raced-out checkpoints
+    (scored on fewer items) after every finisher."""
+    return sorted(ranking, key=lambda c: (c.stopped_early, -c.dev.overall, -(c.step if c.step is not None else -1)))
 
 
 def checkpoint_of(search: SearchResult, ranking: Sequence[RankedCheckpoint], index: int) -> RankedCheckpoint | None:
@@ -532,7 +533,8 @@ def _ranking_section(results: RunResults) -> str:
     tasks = _task_names(results)
     rows = [
         [i, c.name, "–" if c.step is None else c.step, fmt_score(c.dev.overall),
-         *[fmt_score(c.dev.tasks.get(t)) for t in tasks], "yes" if c.kept else ""]
+         *[fmt_score(c.dev.tasks.get(t)) for t in tasks],
+         "yes" if c.kept else (f"stopped early ({sum(c.dev.n_items.values())} items)" if c.stopped_early else "")]
         for i, c in enumerate(ranked(results.ranking), start=1)
     ]
     return md_table(["Rank", "Checkpoint", "Step", "Dev overall", *tasks, "Kept"], rows, align="rlrr" + "r" * len(tasks) + "l")
@@ -685,7 +687,14 @@ def _timings_section(results: RunResults) -> str:
     total = sum(results.timings.values())
     rows = [[stage, fmt_seconds(s), f"{100 * s / total:.1f} %" if total > 0 else "–"] for stage, s in results.timings.items()]
     rows.append(["**total**", fmt_seconds(total), "100.0 %" if total > 0 else "–"])
-    return md_table(["Stage", "Time", "Share"], rows)
+    text = md_table(["Stage", "Time", "Share"], rows)
+    ev = results.evaluations
+    if ev:
+        items = ev.get("items", {})
+        text += (f"\n\n{ev.get('evaluations', 0)} evaluations scored {sum(items.values())} items "
+                 f"({', '.join(f'{v} {k}' for k, v in items.items())}); {ev.get('shared', 0)} more candidates were "
+                 "a model already scored and read its score back.")
+    return text
 
 
 def _module_section(results: RunResults, images: dict[str, str], weights: dict[str, float]) -> str:

@@ -47,6 +47,7 @@ class RankedCheckpoint(_Strict):
     step: int | None = None
     dev: SplitScores
     kept: bool = False
+    stopped_early: bool = False  # raced out: ``dev`` holds only the chunks of search items it was scored on
 
 
 class Trial(_Strict):
@@ -133,3 +134,6 @@ class RunResults(_Strict):
     dev_split: dict[str, Any] = Field(default_factory=dict)
     collapse: dict[str, Any] = Field(default_factory=dict)  # margin, flagged rows, evaluations saved
     threads: int | None = None  # torch threads the run used
+    # Evaluations run (``evaluations``), candidates that read an equal model's score (``shared``), and
+    # items scored per purpose (``items``: search, confirm, test), over every worker and resume.
+    evaluations: dict[str, Any] = Field(default_factory=dict)

@@ -52,12 +52,17 @@ class Point:
     params: dict[str, Any]
     split: str = "dev"
     limit: int | None = None
+    # (start, stop): positions within each task's search items, for a race's chunk; None: every item.
+    chunk: tuple[int, int] | None = None
 
     @property
     def key(self) -> str:
         """Canonical text of the point: equal points have equal keys, across processes and runs."""
         params = {k: _canonical(v) for k, v in sorted(self.params.items())}
-        return json.dumps({"params": params, "split": self.split, "limit": self.limit}, sort_keys=True)
+        doc: dict[str, Any] = {"params": params, "split": self.split, "limit": self.limit}
+        if self.chunk is not None:  # absent otherwise, so studies recorded before chunks keep their keys
+            doc["chunk"] = list(self.chunk)
+        return json.dumps(doc, sort_keys=True)
 
 
 @dataclass
@@ -78,6 +83,8 @@ class Record:
     # Per generative task: generation statistics (mean tokens, share hitting the limit, ...).
     generation: dict[str, dict[str, float]] = field(default_factory=dict)
     failed: str | None = None  # why the candidate could not be scored; never chosen
+    model: str | None = None  # the evaluation key of the model scored (see ``Runner.evaluation_key``)
+    shared: bool = False  # the scores were read from an earlier evaluation of the same model
 
     @property
     def total_items(self) -> int:
@@ -104,9 +111,11 @@ def scores_dict(scores: Any) -> dict[str, Any]:
     """``overall``, ``tasks``, ``n_items``, ``per_item`` and ``generation`` of an evaluator's scores
     (an object or a mapping): what a trial stores."""
     get = scores.get if isinstance(scores, dict) else lambda k, d=None: getattr(scores, k, d)
+    # Which model was scored and whether the scores were read back from its earlier evaluation.
+    origin = {k: scores[k] for k in ("model", "shared") if isinstance(scores, dict) and k in scores}
     if isinstance(scores, dict) and scores.get("failed"):
         return {"overall": FAILED_SCORE, "tasks": {}, "n_items": {}, "per_item": {}, "generation": {},
-                "failed": str(scores["failed"])}
+                "failed": str(scores["failed"]), **origin}
     overall = float(get("overall"))
     tasks = {str(k): float(v) for k, v in (get("tasks") or {}).items()}
     n_items = {str(k): int(v) for k, v in (get("n_items") or {}).items()}
@@ -118,7 +127,10 @@ def scores_dict(scores: Any) -> dict[str, Any]:
         str(t): {str(k): float(v) for k, v in d["generation"].items()}
         for t, d in details.items() if isinstance(d, dict) and isinstance(d.get("generation"), dict)
     }
-    return {"overall": overall, "tasks": tasks, "n_items": n_items, "per_item": per_item, "generation": generation}
+    if not generation and isinstance(scores, dict) and isinstance(scores.get("generation"), dict):
+        generation = {str(t): {str(k): float(v) for k, v in g.items()} for t, g in scores["generation"].items()}
+    return {"overall": overall, "tasks": tasks, "n_items": n_items, "per_item": per_item, "generation": generation,
+            **origin}
 
 
 def check_storage(url: str, *, timeout_s: int = 5) -> None:
@@ -279,6 +291,20 @@ class StudyStore:
             out[key] = _record(t)
         return out
 
+    def run_records(self, prefix: str) -> list[Record]:
+        """Every finished evaluation of every study whose name starts with ``prefix`` (one run's stages)."""
+        out: list[Record] = []
+        for summary in self.storage.get_all_studies():
+            if summary.study_name.startswith(prefix):
+                trials = self.storage.get_all_trials(summary._study_id, deepcopy=False,
+                                                     states=(optuna.trial.TrialState.COMPLETE,))
+                out += [_record(t) for t in trials if RESULT_ATTR in t.user_attrs]
+        return out
+
+    def find_model(self, prefix: str, model: str) -> Record | None:
+        """A finished evaluation of the model ``model`` in any study of the run ``prefix``, or ``None``."""
+        return next((r for r in self.run_records(prefix) if r.model == model), None)
+
     # ---------------------------------------------------------------- claims
     def _alive(self, owner: str) -> bool:
         with self.storage.engine.connect() as conn:
@@ -380,7 +406,7 @@ class StudyStore:
             value=scores["overall"],
             user_attrs={RESULT_ATTR: {
                 "key": point.key, "owner": self.owner, "params": point.params, "split": point.split,
-                "limit": point.limit, "seconds": seconds, **scores,
+                "limit": point.limit, "chunk": list(point.chunk) if point.chunk else None, "seconds": seconds, **scores,
             }},
         )
         study.add_trial(trial)
@@ -388,6 +414,7 @@ class StudyStore:
             params=dict(point.params), split=point.split, limit=point.limit, overall=scores["overall"],
             tasks=scores["tasks"], n_items=scores["n_items"], seconds=seconds, number=-1,
             per_item=scores["per_item"], generation=scores["generation"], failed=scores.get("failed"),
+            model=scores.get("model"), shared=bool(scores.get("shared", False)),
         )
 
     # ---------------------------------------------------------------- TPE
@@ -461,7 +488,8 @@ class StudyStore:
             study.tell(trial, scores["overall"])
             rec = Record(point.params, "dev", None, scores["overall"], scores["tasks"], scores["n_items"], seconds,
                          trial.number, per_item=scores["per_item"], generation=scores["generation"],
-                         failed=scores.get("failed"))
+                         failed=scores.get("failed"), model=scores.get("model"),
+                         shared=bool(scores.get("shared", False)))
             reported.add(trial.number)
             if on_result:
                 on_result(point, rec, earlier is not None)
@@ -509,6 +537,8 @@ def _record(t: optuna.trial.FrozenTrial) -> Record:
         per_item={t: {i: float(v) for i, v in items.items()} for t, items in ua.get("per_item", {}).items()},
         generation={t: dict(g) for t, g in ua.get("generation", {}).items()},
         failed=ua.get("failed"),
+        model=ua.get("model"),
+        shared=bool(ua.get("shared", False)),
     )
 
 
@@ -522,29 +552,12 @@ def successive_halving(
     eta: int,
     on_result: Callable[[Point, Record, bool], None] | None = None,
 ) -> tuple[list[Record], list[Record]]:
-    """Score all points on ``min_items`` items per task, keep the best 1/eta, grow the subset by eta, repeat.
+    """:class:`exme.search.strategy.Halving` on one study: (full evaluations of the survivors, last
+    partial evaluation of each dropped point)."""
+    from exme.search.strategy import Halving
 
-    Returns (full evaluations of the survivors, last partial evaluation of each dropped point).
-    The last rung is always a full evaluation (``limit=None``), so the chosen point's score is
-    comparable with unpruned searches. Ties keep the earlier point.
-    """
-    alive = list(params)
-    dropped: list[Record] = []
-    limit: int | None = min_items
-    while True:
-        if len(alive) <= 1:
-            limit = None
-        recs = store.evaluate(study_name, [Point(p, limit=limit) for p in alive], objective, on_result=on_result)
-        if limit is None:
-            return recs, dropped
-        keep = max(1, math.ceil(len(alive) / eta))
-        order = sorted(range(len(alive)), key=lambda i: -recs[i].overall)  # stable: ties keep order
-        kept = sorted(order[:keep])
-        dropped.extend(recs[i] for i in order[keep:])
-        # A subset that already held every item of every task cannot grow: the next rung is full.
-        exhausted = all(n < limit for i in kept for n in recs[i].n_items.values())
-        alive = [alive[i] for i in kept]
-        limit = None if exhausted else limit * eta
+    out = Halving(min_items, eta).run(params, lambda pts: store.evaluate(study_name, pts, objective, on_result=on_result))
+    return out.records, out.dropped
 
 
 def best(records: Iterable[Record]) -> Record:
