@@ -236,8 +236,10 @@ class Runner:
         """Each task's search items (ids in its dev split), or ``None`` when the evaluator cannot score chosen items."""
         if self.dev_split is not None:
             return self.dev_split.search
+        from exme.evaluate import capabilities_of
+
         counts = getattr(self.evaluator, "counts", None)
-        if callable(counts) and "items" in inspect.signature(self.evaluator.evaluate).parameters:
+        if callable(counts) and capabilities_of(self.evaluator).subset:
             return {t: list(range(n)) for t, n in counts()["dev"].items()}
         return None
 
