@@ -122,6 +122,9 @@ def evaluate_folder(
     if log_samples is not None:
         if not isinstance(evaluator, SuiteEvaluator):
             raise ExmeError("--log-samples works with suite YAML files; lm-eval tasks log samples with lm-eval itself")
+        from exme.io.writer import check_output_location
+
+        check_output_location(Path(log_samples), what="--log-samples folder")  # before the evaluation, not after
         evaluator.keep_items = True
     if json_out is not None and isinstance(evaluator, SuiteEvaluator):
         evaluator.keep_items = True  # the JSON document carries every item's record
@@ -176,11 +179,14 @@ def write_samples(suite: Any, split: str, scores: Scores, path: Path) -> Path:
     Moves the per-item records out of ``scores.details``: with ``--log-samples`` they live in the
     samples files, not twice in the scores JSON.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        for task in suite.tasks:
-            items = scores.details.get(task.name, {}).pop("items", None) or []
-            for position, (record, item) in enumerate(zip(task.records(split), items)):
-                line = {"task": task.name, "split": split, "position": position, "doc": record, **item}
-                fh.write(json.dumps(line, default=str) + "\n")
+    from exme.io.writer import write_faults
+
+    with write_faults(path, "writing samples to"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as fh:
+            for task in suite.tasks:
+                items = scores.details.get(task.name, {}).pop("items", None) or []
+                for position, (record, item) in enumerate(zip(task.records(split), items)):
+                    line = {"task": task.name, "split": split, "position": position, "doc": record, **item}
+                    fh.write(json.dumps(line, default=str) + "\n")
     return path

@@ -243,6 +243,27 @@ def _owner_tag() -> str:
     return f"{os.getpid()}@{socket.gethostname()}@"
 
 
+_STALE_FILE = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)@(?P<host>[^@/]+)\.tmp$")
+
+
+def temp_file_name(name: str) -> str:
+    """``.NAME.PID@HOST.tmp``: the temporary name a file is written under before its atomic rename,
+    tagged so that :func:`remove_stale_temp_folders` can tell a killed writer's leftover."""
+    return f".{name}.{os.getpid()}@{socket.gethostname()}.tmp"
+
+
+def _dead_here(pid: str, host: str) -> bool:
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def remove_stale_temp_folders(folder: str | Path, say=print) -> list[Path]:
     """Remove the temporary folders an :class:`AtomicOutputFolder` in ``folder`` left when its process was killed.
 
@@ -256,6 +277,12 @@ def remove_stale_temp_folders(folder: str | Path, say=print) -> list[Path]:
     if not folder.is_dir():
         return removed
     for entry in sorted(folder.iterdir()):
+        file_match = _STALE_FILE.match(entry.name)
+        if file_match and entry.is_file() and _dead_here(file_match["pid"], file_match["host"]):
+            entry.unlink(missing_ok=True)
+            say(f"removed {entry}, a half-written file left by a killed process (pid {file_match['pid']})")
+            removed.append(entry)
+            continue
         match = _STALE.match(entry.name)
         if not match or not entry.is_dir() or match["host"] != socket.gethostname():
             continue
