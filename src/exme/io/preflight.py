@@ -213,7 +213,7 @@ def check_inputs(
     *,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
-    rescan_changed: bool = False,
+    refuse_changed: bool = False,
 ) -> PreflightReport:
     """Open and align ``base`` and every checkpoint (model or adapter folder), then scan all values.
 
@@ -221,8 +221,9 @@ def check_inputs(
     missing or mis-shaped against the base, a dtype mismatch, a bad adapter, a NaN/Inf value.
     ``cache_dir`` (e.g. the run folder) keeps ``preflight.json`` so unchanged files are not rescanned;
     it is written (creating ``cache_dir``) only when every input is fine, so a failed check leaves nothing.
-    An input whose files differ from the ones this cache recorded is refused (the run folder's
-    evaluations were made with the old files) unless ``rescan_changed``.
+    With ``refuse_changed`` (a pipeline resuming in its run folder), an input whose files differ from
+    the ones the cache recorded is refused: the folder's evaluations were made with the old files.
+    Without it such an input is scanned again.
     """
     base_ckpt = Checkpoint.open(base)
     report = PreflightReport()
@@ -244,7 +245,7 @@ def check_inputs(
         nbytes = sum(t.numel() * t.element_size() if t is not None else source.spec(n).nbytes for _, t, n in items)
         previous = cache.get(str(Path(source.path).resolve()))
         hit = previous == key
-        if previous is not None and not hit and not rescan_changed:
+        if previous is not None and not hit and refuse_changed:
             # This run folder checked (and evaluated) another version of the input: resuming would mix them.
             raise ExmeError(_resume_change(source.path, json.loads(previous), json.loads(key), cache_file))
         report.inputs.append(InputCheck(Path(source.path), source.format, len(items), nbytes, cached=hit,

@@ -194,7 +194,8 @@ class Runner:
         """Open, align and scan every input once before the first evaluation (cached in the run folder)."""
         from exme.io.preflight import check_inputs
 
-        report = check_inputs(self.config.base, self.checkpoints, cache_dir=self.output, progress=self.progress)
+        report = check_inputs(self.config.base, self.checkpoints, cache_dir=self.output, progress=self.progress,
+                              refuse_changed=True)
         self.notes.extend(report.notes)
         self.inputs = report
 
