@@ -131,9 +131,10 @@ def _fault_parts(err: OSError) -> tuple[str, str]:
     return f"{cause} ({name})", todo
 
 
-def write_fault_message(err: OSError, path: str | os.PathLike | None, what: str = "writing") -> str:
-    """One line: the path (the file the system named, else ``path``), the cause, and what to do."""
-    where = err.filename if err.filename else path
+def write_fault_message(err: OSError, path: str | os.PathLike | None, what: str = "writing", *, exact: bool = False) -> str:
+    """One line: the path (the file the system named, else ``path``; always ``path`` when ``exact``:
+    a temporary file's name means nothing to the user), the cause, and what to do."""
+    where = err.filename if err.filename and not exact else path
     cause, todo = _fault_parts(err)
     return f"{what} {where} failed: {cause}; {todo}"
 
@@ -336,7 +337,7 @@ class AtomicOutputFolder:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if exc is not None and is_write_fault(exc):
-                raise ExmeError(write_fault_message(exc, self.target, "writing")
+                raise ExmeError(write_fault_message(exc, self.target, "writing", exact=True)
                                 + " (nothing was written: the output appears only once complete)") from None
             return
         try:
@@ -344,7 +345,7 @@ class AtomicOutputFolder:
         except BaseException as err:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if is_write_fault(err):
-                raise ExmeError(write_fault_message(err, self.target, "writing")
+                raise ExmeError(write_fault_message(err, self.target, "writing", exact=True)
                                 + " (nothing was written: the output appears only once complete)") from None
             raise
 
