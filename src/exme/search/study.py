@@ -189,8 +189,11 @@ def _storage_faults(method: Callable) -> Callable:
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except sa.exc.OperationalError as err:
-            text = str(getattr(err, "orig", err)).lower()
+        except (sa.exc.OperationalError, optuna.exceptions.StorageInternalError) as err:
+            found = err  # Optuna wraps SQLAlchemy's error in its own: look down the chain
+            while found is not None and not isinstance(found, sa.exc.OperationalError):
+                found = found.__cause__
+            text = str(getattr(found, "orig", found)).lower() if found is not None else ""
             cause = next((v for k, v in _SQLITE_FAULTS.items() if k in text), None)
             if cause is None:
                 raise
