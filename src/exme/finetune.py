@@ -461,14 +461,15 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         trainer.add_callback(bar.callback())
     try:
         trainer.train()
-    except OSError as err:
-        from exme.io.writer import is_write_fault, write_fault_message
+    except Exception as err:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+        from exme.io.writer import write_fault_message, write_fault_of
 
-        if not is_write_fault(err):
+        fault = write_fault_of(err)
+        if fault is None:
             raise
         cut = _remove_incomplete_checkpoints(output)
         kept = f"; removed the incomplete {', '.join(c.name for c in cut)}" if cut else ""
-        raise ExmeError(write_fault_message(err, output, "writing a checkpoint into") + kept
+        raise ExmeError(write_fault_message(fault, output, "writing a checkpoint into") + kept
                         + f"; the complete checkpoints already in {output} are kept") from None
     finally:
         if bar is not None:

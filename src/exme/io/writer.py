@@ -114,8 +114,23 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def is_write_fault(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in WRITE_FAULTS
+def write_fault_of(err: BaseException | None) -> OSError | None:
+    """The disk fault behind ``err``, if any: an ``OSError`` of :data:`WRITE_FAULTS`, or a library error
+    that reports one only in its text (safetensors' Rust writer says ``... (os error 28)``)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in WRITE_FAULTS:
+            return err
+        match = re.search(r"\(os error (\d+)\)", str(err)) if not isinstance(err, OSError) else None
+        if match and int(match.group(1)) in WRITE_FAULTS:
+            code = int(match.group(1))
+            return OSError(code, os.strerror(code))
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def is_write_fault(err: BaseException | None) -> bool:
+    return write_fault_of(err) is not None
 
 
 def _fault_parts(err: OSError) -> tuple[str, str]:
@@ -337,7 +352,7 @@ class AtomicOutputFolder:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if exc is not None and is_write_fault(exc):
-                raise ExmeError(write_fault_message(exc, self.target, "writing", exact=True)
+                raise ExmeError(write_fault_message(write_fault_of(exc), self.target, "writing", exact=True)
                                 + " (nothing was written: the output appears only once complete)") from None
             return
         try:
@@ -345,7 +360,7 @@ class AtomicOutputFolder:
         except BaseException as err:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if is_write_fault(err):
-                raise ExmeError(write_fault_message(err, self.target, "writing", exact=True)
+                raise ExmeError(write_fault_message(write_fault_of(err), self.target, "writing", exact=True)
                                 + " (nothing was written: the output appears only once complete)") from None
             raise
 
