@@ -7,6 +7,7 @@ the ``pgserver`` wheel, a test dependency that bundles them, so a fresh machine 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -83,6 +84,13 @@ def pg_cluster():
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+    with throwaway_cluster(bindir) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def throwaway_cluster(bindir: Path):
+    """Start a cluster from the server binaries in ``bindir`` (also used by benchmarks/soak_workers.py)."""
     root = Path(tempfile.mkdtemp(prefix="exme-pg-"))
     started = False
     try:
@@ -147,3 +155,19 @@ def pg_cluster():
                     pass
                 time.sleep(0.5)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def create_database(cluster: Cluster, name: str) -> str:
+    """A fresh, empty database on ``cluster`` (a test that counts rows must not share one); its URL."""
+    import psycopg
+
+    with psycopg.connect(host=cluster.host, port=cluster.port, user=USER, password=PASSWORD, dbname="postgres",
+                         autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return cluster.url(database=name)
+
+
+@pytest.fixture
+def pg_database(pg_cluster):
+    """``make(name)``: a fresh database on the session's cluster, its URL."""
+    return lambda name: create_database(pg_cluster, name)
