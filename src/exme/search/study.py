@@ -374,8 +374,9 @@ class StudyStore:
         killed ends with no row of theirs. Dead is :meth:`_alive`'s rule, the one claims are taken over by;
         each claim is deleted only as it was read (same owner and attempt), so a concurrent take-over wins."""
         with self.storage.engine.connect() as conn:
-            workers = conn.execute(sa.select(self._workers.c.owner)).scalars().all()
+            # Claims first: a claim's owner registered before claiming, so it is in the later list unless gone.
             claims = conn.execute(sa.select(self._claims)).all()
+            workers = conn.execute(sa.select(self._workers.c.owner)).scalars().all()
         dead = {w for w in workers if w != self.owner and not self._alive(w)}
         known = set(workers)
         c = self._claims.c
