@@ -59,6 +59,7 @@ def lines(log: Path) -> list[str]:
 @dataclass
 class SoakResult:
     kills: int
+    kills_mid_evaluation: int  # aimed at a worker within its evaluation (its log line just written)
     incarnations: int
     seconds: float
     evaluations: int
@@ -70,7 +71,11 @@ class SoakResult:
 
 def soak(config: Path, storage: str, logs: Path, base: Path, ckpts: list[Path], reference_log: Path, *,
          kills: int, seed: int, sleep: float, kill_after: tuple[float, float], timeout_s: float) -> SoakResult:
-    """Run three workers until all exit 0, killing one at random ``kills`` times; return the evaluation count."""
+    """Run three workers until all exit 0, killing one ``kills`` times; return what was evaluated.
+
+    Half of the kills (by the seeded coin) wait for a worker that has just logged an evaluation and kill
+    it inside that evaluation; the others hit a random live worker at a random moment (start-up, the
+    study, between evaluations, the final model and report writes)."""
     rng = random.Random(seed)
     logs.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -79,7 +84,8 @@ def soak(config: Path, storage: str, logs: Path, base: Path, ckpts: list[Path], 
     incarnation: dict[int, int] = {}
     killed_logs: list[Path] = []
     done: set[int] = set()
-    n_kills = 0
+    n_kills = mid = 0
+    aim = rng.random() < 0.5
 
     def log_of(slot: int) -> Path:
         return logs / f"worker{slot}-{incarnation[slot]:03d}.log"
@@ -105,15 +111,26 @@ def soak(config: Path, storage: str, logs: Path, base: Path, ckpts: list[Path], 
                 raise AssertionError(f"worker {slot} exited {p.returncode}:\n{p.stderr.read()[-3000:]}")
             done.add(slot)
         alive = [s for s, p in procs.items() if s not in done and p.poll() is None]
-        if n_kills < kills and alive and time.monotonic() >= next_kill:
-            slot = rng.choice(alive)
-            os.killpg(procs[slot].pid, signal.SIGKILL)
-            procs[slot].wait()
-            killed_logs.append(log_of(slot))
-            n_kills += 1
-            launch(slot)
-            next_kill = time.monotonic() + rng.uniform(*kill_after)
-        time.sleep(0.05)
+        now = time.monotonic()
+        if n_kills < kills and alive and now >= next_kill:
+            if aim:  # a worker whose log line is under 0.1 s old is inside that evaluation (it sleeps after logging)
+                busy = [s for s in alive if log_of(s).exists() and time.time() - log_of(s).stat().st_mtime < 0.1]
+                slot = rng.choice(busy) if busy else None
+                if slot is None and now - next_kill > 20:
+                    slot = rng.choice(alive)  # nobody evaluating for a long time: a plain kill
+            else:
+                slot = rng.choice(alive)
+            if slot is not None:
+                os.killpg(procs[slot].pid, signal.SIGKILL)
+                procs[slot].wait()
+                killed_logs.append(log_of(slot))
+                n_kills += 1
+                mid += int(aim and slot is not None and time.time() - log_of(slot).stat().st_mtime < 0.25
+                           if log_of(slot).exists() else 0)
+                launch(slot)
+                next_kill = time.monotonic() + rng.uniform(*kill_after)
+                aim = rng.random() < 0.5
+        time.sleep(0.01)
     seconds = time.monotonic() - started
 
     every = [line for log in sorted(logs.glob("worker*.log")) for line in lines(log)]
@@ -124,7 +141,7 @@ def soak(config: Path, storage: str, logs: Path, base: Path, ckpts: list[Path], 
     # An extra evaluation is explained by a kill: it is the last line an incarnation logged before it was killed.
     last_of_killed = Counter(lines(log)[-1] for log in killed_logs if lines(log))
     unexplained = sorted(c for c, n in extra.items() if n > last_of_killed[c])
-    return SoakResult(n_kills, sum(incarnation.values()) + 3, seconds, len(every), sum(reference.values()),
+    return SoakResult(n_kills, mid, sum(incarnation.values()) + 3, seconds, len(every), sum(reference.values()),
                       extra, unexplained, missing)
 
 

@@ -34,7 +34,7 @@ def test_workers_killed_again_and_again_end_like_one_uninterrupted_run(pg_databa
     result = soak(write_config(tmp_path / "shared.yaml", sft_run.base, sft_run.run, out, alphas, betas), storage,
                   tmp_path / "logs", sft_run.base, sft_run.ckpts, tmp_path / "ref.log",
                   kills=6, seed=seed, sleep=0.25, kill_after=(1.0, 6.0), timeout_s=600)
-    assert result.reference_evaluations >= 20 and result.kills == 6, result
+    assert result.reference_evaluations >= 20 and result.kills == 6 and result.kills_mid_evaluation >= 1, result
     # Every candidate evaluated; each extra evaluation is the one a killed worker was doing when it died.
     assert result.missing == [] and result.unexplained == [], result
     assert result.evaluations - result.reference_evaluations == sum(result.extra.values()) <= result.kills
