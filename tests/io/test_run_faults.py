@@ -159,3 +159,12 @@ def _study_names(url: str) -> list[str]:
     import optuna
 
     return [s.study_name for s in optuna.get_all_study_summaries(storage=url)]
+
+
+def test_a_sqlite_study_on_a_read_only_disk_is_one_line_before_anything(tmpfs, run_cli):
+    from exme.search.study import check_storage
+
+    ro = tmpfs(256, readonly=True)
+    with pytest.raises(ExmeError) as err:
+        check_storage(f"sqlite:///{ro}/run/study.db")
+    assert f"study folder {ro}/run: cannot create a file in {ro}" in str(err.value) and "(EROFS)" in str(err.value)

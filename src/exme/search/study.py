@@ -137,7 +137,14 @@ def check_storage(url: str, *, timeout_s: int = 5) -> None:
     shown = parsed.render_as_string(hide_password=True)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        return  # a local file: nothing to reach, and the default one lives in the run folder made later
+        # A local file: nothing to reach, but its folder (made later, for the default one) must take files.
+        if parsed.database and parsed.database != ":memory:":
+            from pathlib import Path
+
+            from exme.io.writer import check_output_location
+
+            check_output_location(Path(parsed.database).parent, what="study folder")
+        return
     try:
         dialect = parsed.get_dialect()
         (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()
