@@ -45,7 +45,7 @@ def start_worker(config: Path, storage: str | None, log: Path, base: Path, ckpts
         "EXME_PG_LOG": str(log), "EXME_PG_SLEEP": str(sleep), "EXME_PG_KILL_AT": "",
         "EXME_PG_BASE": str(base), "EXME_PG_SFT1": str(ckpts[0]), "EXME_PG_SFT2": str(ckpts[1]),
     }
-    cmd = [sys.executable, "-c", "from exme.cli import _entry; _entry()", "run", str(config), "--quiet"]
+    cmd = [sys.executable, "-c", "from exme.cli import _entry; _entry()", "run", str(config), "--quiet", "--threads", "1"]
     if storage:
         cmd += ["--storage", storage]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

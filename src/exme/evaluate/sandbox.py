@@ -209,6 +209,9 @@ def sandbox_view(python: str) -> tuple[str, ...]:
             if os.path.islink(path) and os.path.realpath(path) in libs:
                 links.append(path)
     view = [*found["exe"], *found["paths"], *sorted(libs), *sorted(links), "/etc/ld.so.cache"]
+    # One bind mount per path costs time per program: a path inside a folder already shown needs none.
+    folders = [f.rstrip("/") + "/" for f in found["paths"] if os.path.isdir(f)]
+    view = [p for p in view if p in found["paths"] or not any(p.startswith(f) for f in folders)]
     return tuple(dict.fromkeys(p for p in view if os.path.exists(p)))
 
 
