@@ -32,6 +32,7 @@ sys.modules[_spec.name] = _pipeline
 _spec.loader.exec_module(_pipeline)
 sft_run = _pipeline.sft_run
 tiny_suite = _pipeline.tiny_suite
+_one_torch_thread = _pipeline._one_torch_thread  # in-process runs sum as the --threads 1 workers do
 
 USER, PASSWORD, DATABASE = "exme", "exme-test-pw", "exme_test"
 
