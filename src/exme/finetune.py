@@ -318,6 +318,31 @@ def _check_device(device: str) -> None:
         raise ExmeError("device 'mps' requested but MPS is not available; use --device cpu or auto")
 
 
+def _remove_incomplete_checkpoints(output: Path) -> list[Path]:
+    """Checkpoint folders a write fault cut short: transformers writes ``trainer_state.json`` last,
+    so a folder without it never finished and is removed (it must never be taken for a checkpoint)."""
+    cut = [c for c in list_checkpoints(output) if not (c / "trainer_state.json").is_file()]
+    for folder in cut:
+        shutil.rmtree(folder, ignore_errors=True)
+    return cut
+
+
+def _planned_checkpoint_bytes(model: Any, config: FinetuneConfig, n_examples: int) -> int:
+    """Bytes every checkpoint of the run takes together: the saved weights (the adapter's trainable
+    factors with LoRA) times the number of saves, optimizer state (2 moments) when kept."""
+    params = [p for p in model.parameters() if p.requires_grad or config.lora_r is None]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    if config.save_optimizer:
+        weights += 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    if config.max_steps is not None:
+        total = config.max_steps
+    else:
+        batches = math.ceil(n_examples / config.batch_size)
+        total = math.ceil(math.ceil(batches / config.gradient_accumulation_steps) * (config.epochs or 1.0))
+    saves = total // config.save_steps + (1 if total % config.save_steps else 0)
+    return max(1, saves) * weights
+
+
 def _warmup_steps(config: FinetuneConfig, n_examples: int) -> int:
     """Warmup as a step count (transformers versions disagree on how a ratio is passed)."""
     if config.warmup_ratio == 0:
@@ -389,9 +414,14 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if config.lora_r is not None:
         model = _with_lora(model, config, model_dir)
+    from exme.io.writer import SIDE_FILES_SLACK, check_output_location, write_faults
+
+    check_output_location(output, _planned_checkpoint_bytes(model, config, len(encoded)) + SIDE_FILES_SLACK,
+                          what="finetune output")
     for old in existing:  # only reached with force=True
         shutil.rmtree(old)
-    output.mkdir(parents=True, exist_ok=True)
+    with write_faults(output, "creating"):
+        output.mkdir(parents=True, exist_ok=True)
     args = TrainingArguments(
         output_dir=str(output),
         learning_rate=config.learning_rate,
@@ -431,6 +461,16 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         trainer.add_callback(bar.callback())
     try:
         trainer.train()
+    except Exception as err:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+        from exme.io.writer import write_fault_message, write_fault_of
+
+        fault = write_fault_of(err)
+        if fault is None:
+            raise
+        cut = _remove_incomplete_checkpoints(output)
+        kept = f"; removed the incomplete {', '.join(c.name for c in cut)}" if cut else ""
+        raise ExmeError(write_fault_message(fault, output, "writing a checkpoint into") + kept
+                        + f"; the complete checkpoints already in {output} are kept") from None
     finally:
         if bar is not None:
             bar.stop()

@@ -117,6 +117,16 @@ def test_parallel_workers_keep_input_order_and_overlap():
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]  # the two sleeps ran at the same time
 
 
+# The effective capability sets from capget(2) (no /proc inside the sandbox's minimal view).
+CAPGET = (
+    "import ctypes\n"
+    "class H(ctypes.Structure): _fields_ = [('version', ctypes.c_uint32), ('pid', ctypes.c_int)]\n"
+    "class D(ctypes.Structure): _fields_ = [('effective', ctypes.c_uint32), ('permitted', ctypes.c_uint32), ('inheritable', ctypes.c_uint32)]\n"
+    "h, d = H(0x20080522, 0), (D * 2)()\n"
+    "assert ctypes.CDLL(None).capget(ctypes.byref(h), d) == 0\n"
+)
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="the capability-dropping fallback exists only for root")
 def test_root_without_a_readable_interpreter_drops_capabilities(monkeypatch, tmp_path):
     from exme.evaluate import sandbox
@@ -124,7 +134,7 @@ def test_root_without_a_readable_interpreter_drops_capabilities(monkeypatch, tmp
     monkeypatch.setattr(sandbox, "sandbox_python", lambda: (sys.executable, False))
     forks = run_program("import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\n", LIMITS)
     assert forks.status == "failed" and "creating processes is disabled" in forks.output  # uid 0 ignores RLIMIT_NPROC
-    caps = run_program("caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0]\nassert int(caps.split()[1], 16) == 0, caps\n", LIMITS)
+    caps = run_program(CAPGET + "assert [d[0].effective, d[1].effective] == [0, 0], list(d)\n", LIMITS)
     assert caps.passed, caps.output
     target = tmp_path / "escaped.txt"
     assert not run_program(f"open({str(target)!r}, 'w').write('x')\n", LIMITS).passed and not target.exists()
@@ -242,8 +252,68 @@ def test_hostile_writes_fail_and_score_zero(open_folder, how):
     source = f"TARGET = {str(target)!r}\nKEEP = {str(keep)!r}\n" + HOSTILE[how] + WRONG
     result = run_program(source, LIMITS, tests=f"import os\nassert os.path.exists(TARGET) or not os.path.exists(KEEP)\n" + TESTS)
     assert not result.passed and result.fs_isolated, result
-    assert "Read-only file system" in result.output  # stopped by the mount, not by a Python guard
+    # Stopped by the mounts, not by a Python guard: the folder is read-only, or (minimal view) not there at all.
+    assert "Read-only file system" in result.output or (result.reads_isolated and "No such file or directory" in result.output)
     assert not target.exists() and keep.read_text() == "host data"
+
+
+@needs_isolation
+@pytest.mark.parametrize("how", ["fileio", "mkdir", "ctypes"])
+def test_hostile_writes_into_what_the_program_can_see_meet_a_read_only_mount(how):
+    """The standard library is visible to the program, and read-only."""
+    import sysconfig
+
+    from exme.evaluate.sandbox import sandbox_python
+
+    python = sandbox_python()[0]
+    stdlib = subprocess.run([python, "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    target = Path(stdlib) / "exme-escaped"
+    source = f"TARGET = {str(target)!r}\nKEEP = ''\n" + HOSTILE[how] + WRONG
+    result = run_program(source, LIMITS, tests=TESTS)
+    assert not result.passed and "Read-only file system" in result.output, result
+    assert not target.exists() and sysconfig
+
+
+@needs_isolation
+def test_reading_a_world_readable_file_outside_the_programs_folder_fails(open_folder):
+    """Only the interpreter, its standard library and the program's own folder are visible."""
+    from exme.evaluate import sandbox
+
+    if not sandbox_isolation()["reads"]:
+        pytest.skip("this machine gives the sandbox no minimal filesystem view")
+    secret = open_folder / "keep.txt"
+    secret.chmod(0o644)
+    here = Path(sandbox.__file__).resolve()  # exme's own source: world-readable, outside the folder
+    for path in (secret, here, Path("/etc/passwd"), Path("/etc/hostname")):
+        if not path.exists():
+            continue
+        program = f"import _io\ndata = _io.FileIO({str(path)!r}).read()\n"
+        result = run_program(program, LIMITS)
+        assert not result.passed and result.reads_isolated and "No such file or directory" in result.output, (path, result)
+        # The same read succeeds outside the sandbox: the test can fail.
+        assert path.read_bytes() is not None
+    listing = run_program("import os\nprint(sorted(os.listdir('/')))\nassert not os.path.exists('/proc/1') and not os.path.exists('/home')\n", LIMITS)
+    assert listing.passed, listing.output
+
+
+@needs_isolation
+def test_the_standard_library_stays_importable_in_the_minimal_view():
+    """What code benchmarks' reference solutions import (MBPP: re, math, heapq, collections, ...), and the
+    modules whose C parts load shared libraries of their own (sqlite3, ssl, lzma, bz2, zlib, ctypes, decimal)."""
+    modules = ["re", "math", "heapq", "collections", "itertools", "functools", "operator", "string", "bisect", "cmath",
+               "random", "statistics", "fractions", "decimal", "datetime", "json", "hashlib", "array", "struct",
+               "copy", "typing", "unicodedata", "textwrap", "sqlite3", "ssl", "lzma", "bz2", "zlib", "ctypes",
+               "zoneinfo", "csv", "pickle", "io", "tempfile", "enum", "dataclasses", "difflib", "queue", "uuid"]
+    program = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules) + (
+        "import sqlite3, hashlib, lzma, zlib, decimal\n"
+        "assert sqlite3.connect(':memory:').execute('select 6 * 7').fetchone() == (42,)\n"
+        "assert hashlib.sha256(b'abc').hexdigest().startswith('ba7816bf')\n"
+        "assert lzma.decompress(lzma.compress(b'x' * 100)) == b'x' * 100 and zlib.crc32(b'abc') == 891568578\n"
+        "assert str(decimal.Decimal(1) / decimal.Decimal(8)) == '0.125'\n"
+    )
+    result = run_program(program, LIMITS)
+    assert result.passed, result.output
 
 
 @needs_isolation

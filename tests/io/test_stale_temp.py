@@ -60,3 +60,33 @@ def test_previous_output_moved_aside_is_put_back(tmp_path):
     remove_stale_temp_folders(tmp_path, say=said.append)
     assert (tmp_path / "model" / "config.json").read_text() == "{}" and not old.exists()
     assert any("restored" in line for line in said)
+
+
+def test_a_killed_writers_half_written_file_is_removed_a_live_or_foreign_one_kept(tmp_path, monkeypatch):
+    """results.json, report.md and preflight.json are written as .NAME.PID@HOST.tmp then renamed."""
+    from exme.io.writer import temp_file_name
+    from exme.report.render import _write_atomic
+
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from exme.io.writer import temp_file_name\n"
+        "tmp = Path(sys.argv[1]) / temp_file_name('results.json')\n"
+        "tmp.write_text('{\"half\": ')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", script, str(tmp_path)]).returncode == -signal.SIGKILL
+    dead = [p for p in tmp_path.iterdir() if p.name.startswith(".results.json.")]
+    live = tmp_path / temp_file_name("report.md")
+    live.write_text("being written")
+    foreign = tmp_path / f".results.json.{_dead_pid()}@not-{socket.gethostname()}.tmp"
+    foreign.write_text("another host's")
+    said: list[str] = []
+    assert remove_stale_temp_folders(tmp_path, say=said.append) == dead and len(dead) == 1
+    assert live.exists() and foreign.exists() and "killed" in said[0]
+    # The report writer's temporary name is one the cleanup knows.
+    renamed: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(Path(src).name) or real_replace(src, dst))
+    _write_atomic(tmp_path / "results.json", "{}")
+    assert renamed == [temp_file_name("results.json")] and (tmp_path / "results.json").read_text() == "{}"

@@ -7,6 +7,7 @@ the ``pgserver`` wheel, a test dependency that bundles them, so a fresh machine 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -31,6 +32,7 @@ sys.modules[_spec.name] = _pipeline
 _spec.loader.exec_module(_pipeline)
 sft_run = _pipeline.sft_run
 tiny_suite = _pipeline.tiny_suite
+_one_torch_thread = _pipeline._one_torch_thread  # in-process runs sum as the --threads 1 workers do
 
 USER, PASSWORD, DATABASE = "exme", "exme-test-pw", "exme_test"
 
@@ -83,6 +85,13 @@ def pg_cluster():
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+    with throwaway_cluster(bindir) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def throwaway_cluster(bindir: Path):
+    """Start a cluster from the server binaries in ``bindir`` (also used by benchmarks/soak_workers.py)."""
     root = Path(tempfile.mkdtemp(prefix="exme-pg-"))
     started = False
     try:
@@ -147,3 +156,19 @@ def pg_cluster():
                     pass
                 time.sleep(0.5)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def create_database(cluster: Cluster, name: str) -> str:
+    """A fresh, empty database on ``cluster`` (a test that counts rows must not share one); its URL."""
+    import psycopg
+
+    with psycopg.connect(host=cluster.host, port=cluster.port, user=USER, password=PASSWORD, dbname="postgres",
+                         autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return cluster.url(database=name)
+
+
+@pytest.fixture
+def pg_database(pg_cluster):
+    """``make(name)``: a fresh database on the session's cluster, its URL."""
+    return lambda name: create_database(pg_cluster, name)

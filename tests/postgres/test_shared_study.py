@@ -32,7 +32,7 @@ def _exme_run(config: Path, storage: str | None, log: Path, sft_run, *, kill_at:
         "EXME_PG_LOG": str(log), "EXME_PG_SLEEP": str(sleep), "EXME_PG_KILL_AT": "" if kill_at is None else str(kill_at),
         "EXME_PG_BASE": str(sft_run.base), "EXME_PG_SFT1": str(sft_run.ckpts[0]), "EXME_PG_SFT2": str(sft_run.ckpts[1]),
     }
-    cmd = [sys.executable, "-c", "from exme.cli import _entry; _entry()", "run", str(config), "--quiet"]
+    cmd = [sys.executable, "-c", "from exme.cli import _entry; _entry()", "run", str(config), "--quiet", "--threads", "1"]
     if storage:
         cmd += ["--storage", storage]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

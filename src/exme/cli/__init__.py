@@ -35,6 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     except ExmeError as err:
         print(f"exme: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # A full, read-only or failing disk met somewhere no writer named the path: still one line.
+        import errno
+
+        from exme.io.writer import write_fault_message
+
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO):
+            raise
+        print(f"exme: error: {write_fault_message(err, 'a file')}", file=sys.stderr)
+        return 2
     except exits as exit_:
         return exit_.exit_code
     except usage_errors as err:

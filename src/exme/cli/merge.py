@@ -61,8 +61,19 @@ def _parents_of(out: Path) -> Iterator[None]:
     while not parent.exists():
         created.append(parent)
         parent = parent.parent
-    for folder in reversed(created):
-        folder.mkdir()
+    from exme.io.writer import write_faults
+
+    try:
+        for folder in reversed(created):
+            with write_faults(folder, "creating the output's parent folder"):
+                folder.mkdir()
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
     try:
         yield
     except BaseException:
@@ -150,6 +161,11 @@ def extrapolate_command(
     from exme.merge.config import MergeConfig
     from exme.merge.engine import run_merge
 
+    if base.expanduser().resolve() == model.expanduser().resolve():
+        raise ExmeError(
+            f"--base and --model are the same folder ({base.expanduser().resolve()}); give the fine-tuned model's folder "
+            "as --model and the model it was fine-tuned from as --base"
+        )
     if not math.isfinite(alpha) or alpha < 0:
         raise ExmeError(f"--alpha {alpha} must be a number ≥ 0 (0 copies the fine-tuned model; ExPO uses e.g. 0.1 to 0.5)")
     start(device=device, threads=threads, verbose=verbose, header=verbose and not quiet, interrupted=_INTERRUPTED)

@@ -24,7 +24,13 @@ import types
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
-MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 16384, 1 << 18
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+#: pivot_root has no libc wrapper; its number differs by architecture (a missing one falls back to chroot).
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+#: Device files a Python program may need (os.devnull, randomness); nothing else of /dev is shown.
+DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
+OLD_ROOT = "/.exme-old-root"
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture (added in Linux 5.12)
 TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
@@ -73,15 +79,64 @@ def _enter_namespaces(want_net: bool) -> tuple[bool, bool]:
     return True, True
 
 
-def _private_filesystem(workdir: str, owner: int, tmpfs_mb: int) -> None:
+def _minimal_root(libc, workdir: str, view: list) -> None:
+    """Make a fresh tmpfs the root, holding only bind mounts of ``view`` (the interpreter, its standard
+    library, the shared libraries they load) and a few device files; the rest of the host's tree is
+    detached. Built on the work folder (a new, empty folder), so no host path is hidden while binding.
+    """
+    new = workdir.rstrip("/")
+    _check(libc.mount(b"tmpfs", new.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755"), "mount the new root")
+    # The host's top-level links (/lib -> usr/lib on merged-/usr systems), so library paths resolve the same way.
+    for entry in os.listdir("/"):
+        if os.path.islink("/" + entry):
+            os.symlink(os.readlink("/" + entry), new + "/" + entry)
+    for path in [*view, *DEVICES]:
+        if not os.path.exists(path):
+            continue
+        real = os.path.realpath(path)
+        dest = new + real
+        if os.path.isdir(real):
+            os.makedirs(dest, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            if not os.path.exists(dest):
+                open(dest, "w").close()
+        if libc.mount(real.encode(), dest.encode(), None, MS_BIND | MS_REC, None) != 0 and path not in DEVICES:
+            err = ctypes.get_errno()
+            raise OSError(err, f"bind {real}: {os.strerror(err)}")
+        if real != path and not os.path.lexists(new + path):  # the interpreter's own (venv) name for it
+            os.makedirs(os.path.dirname(new + path), exist_ok=True)
+            os.symlink(real, new + path)
+    for folder in (*TEMP_DIRS, workdir):
+        os.makedirs(new + folder, exist_ok=True)
+    os.makedirs(new + OLD_ROOT)
+    import platform
+
+    number = SYS_PIVOT_ROOT.get(platform.machine())
+    if number is not None and libc.syscall(number, new.encode(), (new + OLD_ROOT).encode()) == 0:
+        os.chdir("/")
+        _check(libc.umount2(OLD_ROOT.encode(), MNT_DETACH), "detach the old root")
+        os.rmdir(OLD_ROOT)
+    else:  # no pivot_root (an initramfs root): chroot, which the dropped capabilities make final
+        os.chdir(new)
+        os.chroot(new)
+        os.chdir("/")
+
+
+def _private_filesystem(workdir: str, owner: int, tmpfs_mb: int, view: list | None = None) -> None:
     """Everything read-only; fresh, size-limited tmpfs over the temp folders and the work folder.
 
+    With ``view`` the root holds only those paths (see :func:`_minimal_root`): the program can read
+    the interpreter, its standard library and its own folder, and nothing else of the host.
     The mounts live in this process's own mount namespace: the host never sees them, and they
     vanish with the last process of the sandbox.
     """
     libc = _libc()
     libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+    if view:
+        _minimal_root(libc, workdir, view)
     attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
     _check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)),
            "make every mount read-only (mount_setattr)")
@@ -226,18 +281,27 @@ def main() -> None:
     mount_ns, net_ns = _enter_namespaces(cfg["unshare_net"]) if cfg["isolate_fs"] else (False, False)
     if not cfg["isolate_fs"] and cfg["unshare_net"] and os.getuid() == 0:
         net_ns = _unshare(CLONE_NEWNET)
-    isolated_fs = False
+    isolated_fs = minimal_view = False
     if mount_ns:
+        view = cfg.get("view") or []
         try:
-            _private_filesystem(workdir, cfg["uid"] or os.getuid(), cfg["tmpfs_mb"])
-            isolated_fs = True
+            _private_filesystem(workdir, cfg["uid"] or os.getuid(), cfg["tmpfs_mb"], view)
+            isolated_fs, minimal_view = True, bool(view)
         except OSError as err:
-            sys.stderr.write(f"exme sandbox: no private filesystem ({err})\n")
+            if view:  # the whole host tree, read-only, rather than none
+                sys.stderr.write(f"exme sandbox: no minimal filesystem view ({err}); the host's files stay readable\n")
+                try:
+                    _private_filesystem(workdir, cfg["uid"] or os.getuid(), cfg["tmpfs_mb"])
+                    isolated_fs = True
+                except OSError as again:
+                    sys.stderr.write(f"exme sandbox: no private filesystem ({again})\n")
+            else:
+                sys.stderr.write(f"exme sandbox: no private filesystem ({err})\n")
         if isolated_fs:  # the work folder is a fresh tmpfs now: put the sources back for tracebacks
             for path, text in sources:
                 with open(path, "w", encoding="utf-8") as fh:
                     fh.write(text)
-    write(result_fd, f"isolation fs={int(isolated_fs)} net={int(net_ns)}\n".encode())
+    write(result_fd, f"isolation fs={int(isolated_fs)} net={int(net_ns)} reads={int(minimal_view)}\n".encode())
     _limit(cfg)
     _drop_privileges(cfg["uid"])
     in_user_namespace = not started_as_root and (mount_ns or net_ns)  # which grants every capability inside it

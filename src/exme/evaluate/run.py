@@ -125,6 +125,10 @@ def evaluate_folder(
     records = capabilities_of(evaluator).item_records
     if log_samples is not None and not records:
         raise ExmeError("--log-samples works with suite YAML files; lm-eval tasks log samples with lm-eval itself")
+    if log_samples is not None:
+        from exme.io.writer import check_output_location
+
+        check_output_location(Path(log_samples), what="--log-samples folder")  # before the evaluation, not after
     refusal = entry.refusal(parsed.kind, str(spec))
     if refusal:
         raise ExmeError(f"{refusal}; use --backend hf")
@@ -170,11 +174,14 @@ def write_samples(suite: Any, split: str, scores: Scores, path: Path) -> Path:
     Moves the per-item records out of ``scores.details``: with ``--log-samples`` they live in the
     samples files, not twice in the scores JSON.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        for task in suite.tasks:
-            items = scores.details.get(task.name, {}).pop("items", None) or []
-            for position, (record, item) in enumerate(zip(task.records(split), items)):
-                line = {"task": task.name, "split": split, "position": position, "doc": record, **item}
-                fh.write(json.dumps(line, default=str) + "\n")
+    from exme.io.writer import write_faults
+
+    with write_faults(path, "writing samples to"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as fh:
+            for task in suite.tasks:
+                items = scores.details.get(task.name, {}).pop("items", None) or []
+                for position, (record, item) in enumerate(zip(task.records(split), items)):
+                    line = {"task": task.name, "split": split, "position": position, "doc": record, **item}
+                    fh.write(json.dumps(line, default=str) + "\n")
     return path

@@ -61,6 +61,7 @@ class ExecResult:
     output: str  # the last 2,000 characters of stdout+stderr
     fs_isolated: bool | None = None  # ran in a private, read-only filesystem (None: not reported)
     net_isolated: bool | None = None  # ran in its own network namespace
+    reads_isolated: bool | None = None  # saw only the interpreter, its standard library and its own folder
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class SandboxLimits:
     file_mb: int = 16  # largest file it may write
     isolate_network: bool = True
     isolate_filesystem: bool = True  # private mount namespace (read-only /, tmpfs temp folders)
+    minimal_view: bool = True  # ... whose root shows only the interpreter, its standard library and the program's folder
     tmpfs_mb: int = 64  # size of each fresh tmpfs (/tmp, /var/tmp, /dev/shm, the work folder)
 
 
@@ -158,6 +160,61 @@ def sandbox_python() -> tuple[str, bool]:
     return sys.executable, False
 
 
+#: The program in its own process: after these imports, /proc/self/maps lists every shared library the
+#: interpreter and its standard library's extension modules load.
+_VIEW_PROBE = r"""
+import json, os, sys, sysconfig, importlib
+paths = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"], os.path.dirname(os.__file__)}
+dynload = [p for p in sys.path if p.endswith("lib-dynload")]
+for folder in dynload:
+    paths.add(folder)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".so"):
+            try:
+                importlib.import_module(name.split(".")[0])
+            except BaseException:
+                pass
+libs = set()
+with open("/proc/self/maps") as fh:
+    for line in fh:
+        part = line.split(None, 5)
+        if len(part) == 6 and part[5].strip().startswith("/") and ".so" in part[5]:
+            libs.add(part[5].strip())
+print(json.dumps({"exe": [sys.executable, os.path.realpath(sys.executable)], "paths": sorted(paths), "libs": sorted(libs)}))
+"""
+
+
+@functools.lru_cache(maxsize=4)
+def sandbox_view(python: str) -> tuple[str, ...]:
+    """What a sandboxed program may read: the interpreter, its standard library (with lib-dynload), the
+    shared libraries they load, and the loader's cache to find them. Found once per interpreter by
+    importing every extension module of the standard library in a throwaway process; empty when that
+    fails (the program then sees the whole host tree read-only, as ``reads_isolated=False`` reports)."""
+    try:
+        done = subprocess.run([python, "-I", "-c", _VIEW_PROBE], capture_output=True, text=True, timeout=120,
+                              env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, stdin=subprocess.DEVNULL)
+        found = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return ()
+    libs = set(found["libs"])
+    # The loader opens a library by its soname (libz.so.1), a link beside the file the maps name.
+    links = []
+    for folder in sorted({os.path.dirname(lib) for lib in libs}):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.islink(path) and os.path.realpath(path) in libs:
+                links.append(path)
+    view = [*found["exe"], *found["paths"], *sorted(libs), *sorted(links), "/etc/ld.so.cache"]
+    # One bind mount per path costs time per program: a path inside a folder already shown needs none.
+    folders = [f.rstrip("/") + "/" for f in found["paths"] if os.path.isdir(f)]
+    view = [p for p in view if p in found["paths"] or not any(p.startswith(f) for f in folders)]
+    return tuple(dict.fromkeys(p for p in view if os.path.exists(p)))
+
+
 def run_program(source: str, limits: SandboxLimits = SandboxLimits(), *, slot: int = 0, tests: str = "") -> ExecResult:
     """Run ``source`` then ``tests`` (one module namespace) under the sandbox; never raises for their failures.
 
@@ -188,6 +245,7 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits(), *, slot: i
         "drop_capabilities": is_root and not uid,
         "unshare_net": limits.isolate_network,
         "isolate_fs": limits.isolate_filesystem,
+        "view": list(sandbox_view(python)) if limits.isolate_filesystem and limits.minimal_view else [],
         "tmpfs_mb": int(limits.tmpfs_mb),
         "memory_bytes": int(limits.memory_mb) * 1024 * 1024,
         "cpu_seconds": int(limits.timeout) + 1,
@@ -240,10 +298,11 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits(), *, slot: i
                 os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
     lines = report.splitlines()
-    fs_isolated = net_isolated = None
+    fs_isolated = net_isolated = reads_isolated = None
     if lines and lines[0].startswith("isolation "):
         flags = dict(part.split("=") for part in lines[0].split()[1:])
         fs_isolated, net_isolated = flags.get("fs") == "1", flags.get("net") == "1"
+        reads_isolated = flags.get("reads") == "1"
         if limits.isolate_filesystem and not fs_isolated and not _warned_unisolated:
             _warned_unisolated = True
             log.warning(
@@ -252,9 +311,10 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits(), *, slot: i
             )
     completed = f"pass {nonce}" in lines
     if timed_out:
-        return ExecResult(False, "timeout", None, seconds, output, fs_isolated, net_isolated)
+        return ExecResult(False, "timeout", None, seconds, output, fs_isolated, net_isolated, reads_isolated)
     passed = completed and proc.returncode == 0
-    return ExecResult(passed, "passed" if passed else "failed", proc.returncode, seconds, output, fs_isolated, net_isolated)
+    return ExecResult(passed, "passed" if passed else "failed", proc.returncode, seconds, output, fs_isolated, net_isolated,
+                      reads_isolated)
 
 
 def _read_available(fd: int) -> str:
@@ -276,9 +336,11 @@ def _read_available(fd: int) -> str:
 
 @functools.lru_cache(maxsize=1)
 def sandbox_isolation() -> dict[str, bool]:
-    """What this machine gives a sandboxed program: ``{"filesystem": bool, "network": bool}``."""
+    """What this machine gives a sandboxed program: ``{"filesystem": bool, "network": bool, "reads": bool}``
+    (``reads``: only the interpreter, its standard library and the program's own folder are visible)."""
     result = run_program("pass\n", SandboxLimits(timeout=30))
-    return {"filesystem": bool(result.fs_isolated), "network": bool(result.net_isolated)}
+    return {"filesystem": bool(result.fs_isolated), "network": bool(result.net_isolated),
+            "reads": bool(result.reads_isolated)}
 
 
 def run_programs(

@@ -25,6 +25,7 @@ import torch
 from exme.errors import ExmeError
 from exme.io.align import InputModel, align_inputs
 from exme.io.checkpoint import Checkpoint
+from exme.io.writer import temp_file_name
 from exme.io.source import ADAPTER_CONFIG, AdapterSource, open_source
 
 CACHE_FILE = "preflight.json"
@@ -42,6 +43,8 @@ class InputCheck:
     tensors: int
     nbytes: int
     cached: bool
+    #: [resolved file, size, mtime_ns] of every file deciding this input's tensors, as checked.
+    files: list[list] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +62,33 @@ class PreflightReport:
     def cached(self) -> int:
         return sum(i.cached for i in self.inputs)
 
+    def verify_unchanged(self, paths: Sequence[str | os.PathLike] | None = None) -> None:
+        """Raise one line when a file of an input (all, or those at ``paths``) changed or vanished since the check.
+
+        Called before an input is read and after its evaluation is scored, so no score and no final
+        model ever mixes the checked file with another one written under the same name.
+        """
+        wanted = None if paths is None else {Path(p).expanduser().resolve() for p in paths}
+        for check in self.inputs:
+            if wanted is not None and Path(check.path).expanduser().resolve() not in wanted:
+                continue
+            for name, size, mtime in check.files:
+                try:
+                    st = os.stat(name)
+                except FileNotFoundError:
+                    raise ExmeError(_changed(check.path, name, "disappeared")) from None
+                if st.st_size != size:
+                    raise ExmeError(_changed(check.path, name, f"changed size ({size} → {st.st_size} bytes)"))
+                if st.st_mtime_ns != mtime:
+                    raise ExmeError(_changed(check.path, name, "was modified (its mtime changed)"))
+
+
+def _changed(input_path: Path, file: str, how: str, since: str = "the preflight check of this run") -> str:
+    return (
+        f"input {input_path}: {file} {how} since {since}; a candidate would mix the checked file with "
+        "another one: restore the file, or start over in a new output folder once it is complete"
+    )
+
 
 def _files(source: Any) -> list[Path]:
     """The files whose content decides this input's tensors (weights, and the adapter's config)."""
@@ -73,6 +103,50 @@ def _identity(files: Sequence[Path]) -> list[list]:
         st = os.stat(f)
         out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
     return out
+
+
+def planned_model_bytes(base: str | os.PathLike, dtype: str | None = None) -> int:
+    """Bytes of a model folder's tensors with the base's names and shapes, written in ``dtype``
+    (``None``/``"auto"``: each tensor keeps its own): the size of a merged or extrapolated model."""
+    ckpt = Checkpoint.open(base)
+    try:
+        target = None
+        if dtype not in (None, "auto"):
+            from exme.common import parse_dtype
+
+            target = parse_dtype(dtype, "dtype")
+        total = 0
+        for name in ckpt.names:
+            spec = ckpt.spec(name)
+            size = target.itemsize if target is not None and spec.dtype.is_floating_point else spec.dtype.itemsize
+            total += spec.numel * size
+        return total
+    finally:
+        ckpt.close()
+
+
+def _resume_change(path: Path, before: list[list], now: list[list], cache_file: Path | None) -> str:
+    """The first file of an input that differs from what the run folder's earlier check saw."""
+    old = {f: (size, mtime) for f, size, mtime in before}
+    new = {f: (size, mtime) for f, size, mtime in now}
+    for f, (size, mtime) in old.items():
+        if f not in new:
+            how = "is no longer part of it"
+        elif new[f][0] != size:
+            how = f"changed size ({size} → {new[f][0]} bytes)"
+        elif new[f][1] != mtime:
+            how = "was modified (its mtime changed)"
+        else:
+            continue
+        break
+    else:
+        f = next(iter(set(new) - set(old)), str(path))
+        how = "is new"
+    return (
+        f"input {path}: {f} {how} since this run folder's earlier check ({cache_file}), so the evaluations "
+        "recorded there were made with the old file and would be mixed with the new one: restore the file, "
+        "or run into a new output folder"
+    )
 
 
 def _scan_items(source: Any) -> list[tuple[str, Any, str]]:
@@ -139,6 +213,7 @@ def check_inputs(
     *,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    refuse_changed: bool = False,
 ) -> PreflightReport:
     """Open and align ``base`` and every checkpoint (model or adapter folder), then scan all values.
 
@@ -146,6 +221,9 @@ def check_inputs(
     missing or mis-shaped against the base, a dtype mismatch, a bad adapter, a NaN/Inf value.
     ``cache_dir`` (e.g. the run folder) keeps ``preflight.json`` so unchanged files are not rescanned;
     it is written (creating ``cache_dir``) only when every input is fine, so a failed check leaves nothing.
+    With ``refuse_changed`` (a pipeline resuming in its run folder), an input whose files differ from
+    the ones the cache recorded is refused: the folder's evaluations were made with the old files.
+    Without it such an input is scanned again.
     """
     base_ckpt = Checkpoint.open(base)
     report = PreflightReport()
@@ -165,8 +243,13 @@ def check_inputs(
         key = json.dumps(_identity(_files(source)))
         items = _scan_items(source)
         nbytes = sum(t.numel() * t.element_size() if t is not None else source.spec(n).nbytes for _, t, n in items)
-        hit = cache.get(str(Path(source.path).resolve())) == key
-        report.inputs.append(InputCheck(Path(source.path), source.format, len(items), nbytes, cached=hit))
+        previous = cache.get(str(Path(source.path).resolve()))
+        hit = previous == key
+        if previous is not None and not hit and refuse_changed:
+            # This run folder checked (and evaluated) another version of the input: resuming would mix them.
+            raise ExmeError(_resume_change(source.path, json.loads(previous), json.loads(key), cache_file))
+        report.inputs.append(InputCheck(Path(source.path), source.format, len(items), nbytes, cached=hit,
+                                        files=json.loads(key)))
         if not hit:
             todo.append((label, source, key, nbytes))
 
@@ -184,7 +267,7 @@ def check_inputs(
             cache[str(Path(source.path).resolve())] = key
     if cache_file is not None and todo:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".json.tmp")
+        tmp = cache_file.with_name(temp_file_name(cache_file.name))
         tmp.write_text(json.dumps({"version": _CACHE_VERSION, "finite": cache}, indent=1))
         os.replace(tmp, cache_file)
     return report

@@ -12,13 +12,15 @@ never a whole shard.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -81,6 +83,133 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# ------------------------------------------------------------------------------------- write faults
+
+#: What a failed write means to the user, by errno. These are faults of the place written to (a
+#: full or read-only disk, a dying device, a folder removed under the run), never of exme: each
+#: becomes one :class:`ExmeError` line naming the path.
+WRITE_FAULTS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "the file is larger than this filesystem or the file size limit allows",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EIO: "an I/O error on the device",
+    errno.ENOENT: "the folder does not exist (it was removed, or cannot hold files)",
+    errno.ENOTDIR: "a part of the path is not a folder",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted there",
+    errno.ESTALE: "the network filesystem handle went stale",
+}
+
+#: Added to the planned bytes of a model folder: safetensors headers, config.json, the model card.
+SIDE_FILES_SLACK = 2**20
+
+
+def human_bytes(n: float) -> str:
+    """``1536000`` → ``"1.5 MB"`` (decimal units, as ``df -H`` and the shard sizes are written)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def write_fault_of(err: BaseException | None) -> OSError | None:
+    """The disk fault behind ``err``, if any: an ``OSError`` of :data:`WRITE_FAULTS`, or a library error
+    that reports one only in its text (safetensors' Rust writer says ``... (os error 28)``)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in WRITE_FAULTS:
+            return err
+        match = re.search(r"\(os error (\d+)\)", str(err)) if not isinstance(err, OSError) else None
+        if match and int(match.group(1)) in WRITE_FAULTS:
+            code = int(match.group(1))
+            return OSError(code, os.strerror(code))
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def is_write_fault(err: BaseException | None) -> bool:
+    return write_fault_of(err) is not None
+
+
+def _fault_parts(err: OSError) -> tuple[str, str]:
+    """(cause with its errno name, what to do) of a write fault."""
+    cause = WRITE_FAULTS.get(err.errno, err.strerror or str(err))
+    name = errno.errorcode.get(err.errno, str(err.errno)) if err.errno else type(err).__name__
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        todo = "free space there or choose another output folder, then run the command again"
+    elif err.errno == errno.EIO:
+        todo = "check the device (dmesg) or choose another output folder"
+    else:
+        todo = "choose an output folder you can write to"
+    return f"{cause} ({name})", todo
+
+
+def write_fault_message(err: OSError, path: str | os.PathLike | None, what: str = "writing", *, exact: bool = False) -> str:
+    """One line: the path (the file the system named, else ``path``; always ``path`` when ``exact``:
+    a temporary file's name means nothing to the user), the cause, and what to do."""
+    where = err.filename if err.filename and not exact else path
+    cause, todo = _fault_parts(err)
+    return f"{what} {where} failed: {cause}; {todo}"
+
+
+@contextlib.contextmanager
+def write_faults(path: str | os.PathLike, what: str = "writing") -> Iterator[None]:
+    """Turn a fault of the place written to (:data:`WRITE_FAULTS`) into one :class:`ExmeError` line."""
+    try:
+        yield
+    except OSError as err:
+        if not is_write_fault(err):
+            raise
+        raise ExmeError(write_fault_message(err, path, what)) from None
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of ``folder``."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_location(folder: str | os.PathLike, needed: int | None = None, *, what: str = "output") -> int:
+    """Before any long work: ``folder`` (or the folder that will hold it) accepts a file, and has room.
+
+    Writability is probed by creating and removing a file there (``os.access`` says yes on a
+    read-only filesystem to root, and knows nothing of ``/proc``). ``needed`` is the planned size in
+    bytes, when the plan knows it. Returns the free bytes; raises one line saying what is needed and
+    what is free.
+    """
+    folder = Path(folder).expanduser().absolute()
+    where = _existing_ancestor(folder)
+    if not where.is_dir():
+        raise ExmeError(f"{what} {folder}: {where} is a file, not a folder; choose another {what} path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".exme-probe-", dir=where)
+        try:
+            os.close(fd)
+        finally:
+            os.unlink(probe)
+    except OSError as err:
+        if not is_write_fault(err):
+            raise
+        cause, todo = _fault_parts(err)
+        raise ExmeError(f"{what} {folder}: cannot create a file in {where}: {cause}; {todo}") from None
+    free = free_bytes(where)
+    if needed is not None and needed > free:
+        raise ExmeError(
+            f"{what} {folder}: needs {human_bytes(needed)}, {human_bytes(free)} free on its filesystem; "
+            f"free space there or choose another {what} folder"
+        )
+    return free
+
+
 # ------------------------------------------------------------------------------------- atomic folder
 
 
@@ -130,6 +259,27 @@ def _owner_tag() -> str:
     return f"{os.getpid()}@{socket.gethostname()}@"
 
 
+_STALE_FILE = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)@(?P<host>[^@/]+)\.tmp$")
+
+
+def temp_file_name(name: str) -> str:
+    """``.NAME.PID@HOST.tmp``: the temporary name a file is written under before its atomic rename,
+    tagged so that :func:`remove_stale_temp_folders` can tell a killed writer's leftover."""
+    return f".{name}.{os.getpid()}@{socket.gethostname()}.tmp"
+
+
+def _dead_here(pid: str, host: str) -> bool:
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def remove_stale_temp_folders(folder: str | Path, say=print) -> list[Path]:
     """Remove the temporary folders an :class:`AtomicOutputFolder` in ``folder`` left when its process was killed.
 
@@ -143,6 +293,12 @@ def remove_stale_temp_folders(folder: str | Path, say=print) -> list[Path]:
     if not folder.is_dir():
         return removed
     for entry in sorted(folder.iterdir()):
+        file_match = _STALE_FILE.match(entry.name)
+        if file_match and entry.is_file() and _dead_here(file_match["pid"], file_match["host"]):
+            entry.unlink(missing_ok=True)
+            say(f"removed {entry}, a half-written file left by a killed process (pid {file_match['pid']})")
+            removed.append(entry)
+            continue
         match = _STALE.match(entry.name)
         if not match or not entry.is_dir() or match["host"] != socket.gethostname():
             continue
@@ -170,15 +326,23 @@ class AtomicOutputFolder:
     Use as a context manager: write files into :attr:`tmp`; on a clean exit every file is fsynced
     and the folder renamed to ``target`` (an existing target is replaced only when ``force``); on
     an exception the temporary folder is removed and ``target`` is left exactly as it was.
+
+    ``needed_bytes`` (the planned size) is checked against the free space on entering, before any
+    work; a fault of the disk while writing (:data:`WRITE_FAULTS`) becomes one :class:`ExmeError`
+    line naming the output, after the temporary folder is gone.
     """
 
-    def __init__(self, target: Path, force: bool = False) -> None:
+    def __init__(self, target: Path, force: bool = False, needed_bytes: int | None = None) -> None:
         self.target = Path(target)
         self.force = force
+        self.needed_bytes = needed_bytes
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.exme-tmp-{_owner_tag()}", dir=self.target.parent))
+        needed = None if self.needed_bytes is None else self.needed_bytes + SIDE_FILES_SLACK
+        check_output_location(self.target, needed, what="output")
+        with write_faults(self.target, "creating a temporary folder beside"):
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.exme-tmp-{_owner_tag()}", dir=self.target.parent))
         return self.tmp
 
     def __exit__(
@@ -187,11 +351,17 @@ class AtomicOutputFolder:
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if exc is not None and is_write_fault(exc):
+                raise ExmeError(write_fault_message(write_fault_of(exc), self.target, "writing", exact=True)
+                                + " (nothing was written: the output appears only once complete)") from None
             return
         try:
             self._commit()
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if is_write_fault(err):
+                raise ExmeError(write_fault_message(write_fault_of(err), self.target, "writing", exact=True)
+                                + " (nothing was written: the output appears only once complete)") from None
             raise
 
     def _commit(self) -> None:
@@ -385,6 +555,16 @@ def write_config(config: dict, folder: Path, dtype: torch.dtype, updates: dict |
     if "torch_dtype" in out:  # transformers 4.x spelling, kept consistent when the source had it
         out["torch_dtype"] = dtype_name(dtype)
     (folder / "config.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+
+
+def side_files_bytes(*sources: Path | None) -> int:
+    """Bytes :func:`copy_side_files` copies from these folders (planned with the weights)."""
+    total = 0
+    for source in {Path(s) for s in sources if s is not None}:
+        for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
+            if (source / name).is_file():
+                total += (source / name).stat().st_size
+    return total
 
 
 def copy_side_files(tokenizer_source: Path, generation_source: Path, folder: Path) -> list[str]:

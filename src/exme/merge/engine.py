@@ -37,6 +37,7 @@ from exme.io.writer import (
     dtype_name,
     parse_size,
     plan_shards,
+    side_files_bytes,
     write_config,
 )
 from exme.merge import methods
@@ -486,7 +487,7 @@ def run_merge(
     shards = plan_shards([(t.name, t.out_spec) for t in plan.tasks], shard_bytes)
     steps = _schedule(plan, max(1, int(chunk_elements)))
 
-    with AtomicOutputFolder(target, force=force) as tmp, _single_threaded_arithmetic(device):
+    with AtomicOutputFolder(target, force=force, needed_bytes=plan.output_bytes + side_files_bytes(plan.tokenizer_source or plan.reference.checkpoint.path)) as tmp, _single_threaded_arithmetic(device):
         writer = ShardedSafetensorsWriter(tmp, shards)
         with _progress(progress) as bar:
             if progress:

@@ -108,6 +108,7 @@ class Runner:
         self._tokenizer: Any = None
         self._target: Any = None
         self._store: StudyStore | None = None
+        self.inputs: Any = None  # the preflight report: what every input's files were when checked
         self.bars = _Bars(progress)
 
     def _check_log_samples(self) -> None:
@@ -160,9 +161,26 @@ class Runner:
     @property
     def store(self) -> StudyStore:
         if self._store is None:
-            self.output.mkdir(parents=True, exist_ok=True)
+            from exme.io.writer import write_faults
+
+            with write_faults(self.output, "creating the run folder"):
+                self.output.mkdir(parents=True, exist_ok=True)
             self._store = StudyStore(self.config.storage_url)
         return self._store
+
+    def check_output(self, *, write_model: bool) -> None:
+        """Before the first evaluation: the run folder takes files and has room for the final model.
+
+        The final model is the one large write (the base's tensors in the run's dtype); the study,
+        results, report and samples are small beside it.
+        """
+        from exme.io.preflight import planned_model_bytes
+        from exme.io.writer import SIDE_FILES_SLACK, check_output_location
+
+        needed = planned_model_bytes(self.config.base, self.config.dtype) + SIDE_FILES_SLACK if write_model else None
+        if needed is not None and (self.output / "model").is_dir():
+            needed = None  # written by an earlier invocation: it is replaced only when the choices changed
+        check_output_location(self.output, needed, what="run folder")
 
     @property
     def live(self) -> Any:
@@ -193,8 +211,15 @@ class Runner:
         """Open, align and scan every input once before the first evaluation (cached in the run folder)."""
         from exme.io.preflight import check_inputs
 
-        report = check_inputs(self.config.base, self.checkpoints, cache_dir=self.output, progress=self.progress)
+        report = check_inputs(self.config.base, self.checkpoints, cache_dir=self.output, progress=self.progress,
+                              refuse_changed=True)
         self.notes.extend(report.notes)
+        self.inputs = report
+
+    def inputs_unchanged(self) -> None:
+        """Every input file is still the one preflight checked (a cheap ``stat`` per file)."""
+        if self.inputs is not None:
+            self.inputs.verify_unchanged()
 
     def close(self) -> None:
         if self._store is not None:
@@ -286,7 +311,9 @@ class Runner:
                     "model": key, "shared": True}
         self.evaluated += 1
         t0 = time.perf_counter()
+        self.inputs_unchanged()  # before reading: never a candidate made of a changed file
         scores = self._evaluate(point, candidate)
+        self.inputs_unchanged()  # and after: a file replaced during the evaluation is never recorded
         out = {**scores_dict(scores), "model": key}
         if self.costs is not None:
             self.costs.add(out, time.perf_counter() - t0)
@@ -488,11 +515,20 @@ class Runner:
         if not self.store.claim(self.study_name("final-model"), key):
             self.notes.append(f"{target} is written by another worker sharing this run folder")
             return target
+        if target.is_dir() and marker.is_file() and json.loads(marker.read_text()) == spec:
+            self.store.release(self.study_name("final-model"), key)  # written by a worker that just finished
+            return target
+        from exme.io.writer import write_faults
+
         marker.unlink(missing_ok=True)
+        self.inputs_unchanged()
         with self.timed("final model"):
             out = run_merge(config, target, device=self.config.device, force=True, seed=self.config.seed,
                             progress=self.progress)
-        marker.write_text(json.dumps(spec, indent=2))
+        self.inputs_unchanged()  # every tensor streamed came from the checked files
+        with write_faults(marker):
+            marker.write_text(json.dumps(spec, indent=2))
+        self.store.release(self.study_name("final-model"), key)
         return Path(out)
 
     def suite(self) -> dict[str, Any]:
@@ -520,6 +556,7 @@ def rank_checkpoints(config: PipelineConfig, *, progress: bool = True, evaluator
     """Stage 1 alone (``exme rank``): every checkpoint scored on dev, recorded in the run's study."""
     runner = Runner(config, progress=progress, evaluator=evaluator)
     try:
+        runner.check_output(write_model=False)
         runner.preflight()
         with runner.bars.active(), runner.timed("rank"):
             return stages.rank(runner, runner.checkpoints, runner.names, config.top_k, config.search).ranking
@@ -540,6 +577,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
     try:
         from exme.search.cost import CostProjection, pipeline_plan
 
+        runner.check_output(write_model=write_model)
         with runner.timed("preflight"):
             runner.preflight()
         with runner.bars.active():
@@ -551,7 +589,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
                 ranked = stages.rank(runner, runner.checkpoints, runner.names, config.top_k, config.search)
             costs.stage_done("rank")
             runner.notes.extend(ranked.notes)
-            save_results(runner.results(ranking=ranked.ranking), out)
+            _save(runner.results(ranking=ranked.ranking), out)
             with runner.timed("extrapolate"):
                 extrapolated = stages.extrapolate(runner, ranked, config)
             costs.stage_done("extrapolate")
@@ -599,7 +637,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
                       "flagged": [r.name for r in rows if r.collapsed],
                       "evaluations_saved": sum(c.saved for c in extrapolated.choices)},
         )
-        save_results(runner.results(**parts), out)
+        _save(runner.results(**parts), out)
         final_name = "ExMe" if module is None else stages.MODULE_ROW
         if write_model:
             out_dtype = str(runner.live.dtype).removeprefix("torch.")
@@ -624,21 +662,33 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
         if costs.first_line:
             runner.notes.append(f"{costs.first_line} (projected; {parts['evaluations']['evaluations']} evaluations ran)")
         results = runner.results(**parts)
-        save_results(results, out)
+        _save(results, out)
+        from exme.io.writer import write_faults
+
         # Only what was given (paths resolved): the file stays a valid PIPELINE.yaml to run again, and
         # results.json keeps the full configuration with every default.
-        (out / "pipeline.yaml").write_text(
-            yaml.safe_dump(json.loads(config.model_dump_json(exclude_unset=True)), sort_keys=False)
-        )
+        with write_faults(out / "pipeline.yaml"):
+            (out / "pipeline.yaml").write_text(
+                yaml.safe_dump(json.loads(config.model_dump_json(exclude_unset=True)), sort_keys=False)
+            )
         if report:
             from exme.report import render
 
-            render(results, out)
+            with write_faults(out / "report.md", "writing the report"):
+                render(results, out)
         return results
     finally:
         runner.close()
 
 # ---------------------------------------------------------------------- helpers
+def _save(results: RunResults, out: Path) -> None:
+    """results.json, with a disk fault as one line (the evaluations stay in the study)."""
+    from exme.io.writer import write_faults
+
+    with write_faults(out / "results.json"):
+        save_results(results, out)
+
+
 def _flag_collapsed(rows: list[FinalRow], margin: float) -> list[FinalRow]:
     flagged = verdict.collapse_flags(rows, margin)
     return [r.model_copy(update={"collapsed": True}) if r.name in flagged else r for r in rows]

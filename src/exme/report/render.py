@@ -766,7 +766,9 @@ def report_markdown(results: RunResults, images: dict[str, str]) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write beside the target then rename, so a reader never sees half a report."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from exme.io.writer import temp_file_name
+
+    tmp = path.with_name(temp_file_name(path.name))
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)

@@ -149,7 +149,14 @@ def check_storage(url: str, *, timeout_s: int = 5) -> None:
     shown = parsed.render_as_string(hide_password=True)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        return  # a local file: nothing to reach, and the default one lives in the run folder made later
+        # A local file: nothing to reach, but its folder (made later, for the default one) must take files.
+        if parsed.database and parsed.database != ":memory:":
+            from pathlib import Path
+
+            from exme.io.writer import check_output_location
+
+            check_output_location(Path(parsed.database).parent, what="study folder")
+        return
     try:
         dialect = parsed.get_dialect()
         (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()
@@ -183,12 +190,48 @@ def check_storage(url: str, *, timeout_s: int = 5) -> None:
         engine.dispose()
 
 
+#: SQLite's words for a fault of the disk under the study file, and what each means.
+_SQLITE_FAULTS = {
+    "database or disk is full": "the disk holding it is full",
+    "disk i/o error": "an I/O error on the disk holding it",
+    "attempt to write a readonly database": "it is on a read-only filesystem or not writable",
+    "unable to open database file": "its folder cannot be written (removed, read-only or not permitted)",
+}
+
+
+def _storage_faults(method: Callable) -> Callable:
+    """A disk fault under the study becomes one line; SQLite keeps every transaction committed
+    before it (one evaluation is one commit), so the run resumes with every finished evaluation."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (sa.exc.OperationalError, optuna.exceptions.StorageInternalError) as err:
+            found = err  # Optuna wraps SQLAlchemy's error in its own: look down the chain
+            while found is not None and not isinstance(found, sa.exc.OperationalError):
+                found = found.__cause__
+            text = str(getattr(found, "orig", found)).lower() if found is not None else ""
+            cause = next((v for k, v in _SQLITE_FAULTS.items() if k in text), None)
+            if cause is None:
+                raise
+            url = getattr(self, "url", None) or (args[0] if args else "")
+            raise ExmeError(
+                f"study {url}: {cause} ({text}); every evaluation finished before this one is kept in it: "
+                "free space (or make the folder writable) and run the same command again to resume"
+            ) from None
+
+    return wrapper
+
+
 class StudyStore:
     """Optuna storage for one run plus the claims that make shared grids exactly-once.
 
     ``url`` is any SQLAlchemy URL Optuna accepts (``sqlite:///run/study.db``, ``postgresql://...``).
     """
 
+    @_storage_faults
     def __init__(self, url: str, *, grace_s: float = 60.0, heartbeat_s: float = 5.0, poll_s: float = 0.5):
         check_storage(url)  # one line for an unreachable server or a missing driver, not a traceback
         self.url = url
@@ -243,6 +286,7 @@ class StudyStore:
                     owner=self.owner, host=socket.gethostname(), pid=os.getpid(), heartbeat=time.time()
                 )
             )
+        self.prune_dead()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, args=(heartbeat_s,), daemon=True)
         self._beat.start()
@@ -252,8 +296,12 @@ class StudyStore:
         """Stop the heartbeat and remove this worker (its unfinished claims become free at once)."""
         self._stop.set()
         self._beat.join(timeout=5)
-        with self.storage.engine.begin() as conn:
-            conn.execute(self._workers.delete().where(self._workers.c.owner == self.owner))
+        try:
+            with self.storage.engine.begin() as conn:
+                conn.execute(self._workers.delete().where(self._workers.c.owner == self.owner))
+            self.prune_dead()
+        except sa.exc.SQLAlchemyError:  # a full disk or a lost server: the row is pruned by the next worker
+            pass
         self.storage.engine.dispose()
 
     def __enter__(self) -> "StudyStore":
@@ -320,6 +368,7 @@ class StudyStore:
                 pass
         return time.time() - row.heartbeat <= self.grace_s
 
+    @_storage_faults
     def claim(self, study_name: str, key: str) -> bool:
         """Take the point ``key`` for this worker; ``True`` when this worker must evaluate it."""
         point = hashlib.sha1(key.encode()).hexdigest()
@@ -346,7 +395,34 @@ class StudyStore:
             )
         return res.rowcount == 1
 
+    def release(self, study_name: str, key: str) -> None:
+        """Drop this worker's claim on a point once its result is recorded (the trial now answers for it)."""
+        point = hashlib.sha1(key.encode()).hexdigest()
+        c = self._claims.c
+        with self.storage.engine.begin() as conn:
+            conn.execute(self._claims.delete().where(c.study == study_name, c.point == point, c.owner == self.owner))
+
+    def prune_dead(self) -> None:
+        """Remove the heartbeat rows of dead workers and the claims they left, so a run whose workers were
+        killed ends with no row of theirs. Dead is :meth:`_alive`'s rule, the one claims are taken over by;
+        each claim is deleted only as it was read (same owner and attempt), so a concurrent take-over wins."""
+        with self.storage.engine.connect() as conn:
+            # Claims first: a claim's owner registered before claiming, so it is in the later list unless gone.
+            claims = conn.execute(sa.select(self._claims)).all()
+            workers = conn.execute(sa.select(self._workers.c.owner)).scalars().all()
+        dead = {w for w in workers if w != self.owner and not self._alive(w)}
+        known = set(workers)
+        c = self._claims.c
+        with self.storage.engine.begin() as conn:
+            if dead:
+                conn.execute(self._workers.delete().where(self._workers.c.owner.in_(sorted(dead))))
+            for row in claims:
+                if row.owner != self.owner and (row.owner in dead or row.owner not in known):
+                    conn.execute(self._claims.delete().where(
+                        c.study == row.study, c.point == row.point, c.owner == row.owner, c.attempt == row.attempt))
+
     # ---------------------------------------------------------------- evaluation
+    @_storage_faults
     def evaluate(
         self,
         study_name: str,
@@ -384,8 +460,10 @@ class StudyStore:
                 done = self.records(study)  # a dead owner may have finished it just before dying
                 if p.key in done:
                     results[p.key] = done[p.key]
+                    self.release(study_name, p.key)
                     continue
                 rec = self._run(study, p, objective)
+                self.release(study_name, p.key)
                 results[p.key] = rec
                 reported.add(p.key)
                 if on_result:
@@ -418,6 +496,7 @@ class StudyStore:
         )
 
     # ---------------------------------------------------------------- TPE
+    @_storage_faults
     def tpe(
         self,
         study_name: str,
