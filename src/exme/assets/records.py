@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from exme.errors import ExmeError
+from exme.evaluate.prompts import DEFAULT_CHAT_PROMPT, DEFAULT_CHAT_STOP
 
 TASKS = ("gsm8k", "mbpp", "humaneval", "arc_easy", "arc_challenge", "mmlu", "hellaswag")
 
@@ -199,19 +200,14 @@ READERS: dict[str, Callable[[zipfile.ZipFile], dict[str, list[dict[str, Any]]]]]
 
 # -- suites: lm-eval's prompts, stops and lengths; "_chat" the instruct variants --
 
-_LM_EVAL_GSM8K_STOP = ["Question:", "</s>", "<|im_end|>"]
-_GSM8K_CHAT_PROMPT = (
-    "Given the following problem, reason and give a final answer to the problem.\nProblem: {question}\n"
-    'Your response should end with "The final answer is [answer]" where [answer] is the response to the problem.\n'
-)
+_LM_EVAL_GSM8K_STOP = DEFAULT_CHAT_STOP["gsm8k"]  # lm-eval's gsm8k stops, with or without a chat template
+_GSM8K_CHAT_PROMPT = DEFAULT_CHAT_PROMPT["gsm8k"]
 _HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
-_HUMANEVAL_CHAT_PROMPT = (
-    "Write a solution to the following problem and make sure that it passes the tests:\n```python\n{prompt}\n```\n"
-)
+_HUMANEVAL_CHAT_PROMPT = DEFAULT_CHAT_PROMPT["humaneval"]
 _MBPP_PROMPT = (
     "You are an expert Python programmer, and here is your task: {text} Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
 )
-_MBPP_CHAT_PROMPT = "You are an expert Python programmer, and here is your task:\n{text}\nYour code should pass these tests:\n{tests}"
+_MBPP_CHAT_PROMPT = DEFAULT_CHAT_PROMPT["mbpp"]
 
 
 def suite_tasks(task: str, chat: bool) -> list[dict[str, Any]]:
@@ -234,9 +230,9 @@ def suite_tasks(task: str, chat: bool) -> list[dict[str, Any]]:
     if task == "mbpp":
         if chat:  # lm-eval's mbpp_instruct user turn, without [BEGIN]
             return [{**common, "kind": "mbpp", "data": data("test"), "prompt": _MBPP_CHAT_PROMPT, "stop": [],
-                     "max_new_tokens": 512, "timeout": 10}]
+                     "max_new_tokens": 512, "timeout": 20}]
         return [{**common, "kind": "mbpp", "data": data("test"), "prompt": _MBPP_PROMPT, "stop": ["[DONE]"],
-                 "max_new_tokens": 512, "timeout": 10}]
+                 "max_new_tokens": 512, "timeout": 20}]
     if task in ("arc_easy", "arc_challenge", "mmlu"):
         return [{**common, "kind": "multiple_choice", "dev": data("validation"), "test": data("test"),
                  "prompt": "{query}", "metric": "acc_norm" if task != "mmlu" else "acc"}]

@@ -218,6 +218,7 @@ class SuiteEvaluator:
             )
         for item, row in zip(items, rows):
             item.update(new_tokens=row.new_tokens, finish=row.finish)
+        _label_items(items, prep, records)
         return metrics, items, generation
 
     def _score_mc(self, task, prep, n, engine: Backend, progress: _Progress):
@@ -233,6 +234,7 @@ class SuiteEvaluator:
             acc.append(pick == record["label"])
             acc_norm.append(pick_norm == record["label"])
             items.append({"loglik": logps, "prediction": pick, "prediction_norm": pick_norm, "label": record["label"]})
+        _label_items(items, prep, prep["records"][:n])
         return {"acc": _mean(acc), "acc_norm": _mean(acc_norm)}, items
 
     def _score_perplexity(self, task, prep, n, engine: Backend, progress: _Progress):
@@ -251,6 +253,18 @@ class SuiteEvaluator:
         }
         items = [{"nll": nll, "tokens": k} for nll, k in per_doc]
         return metrics, items
+
+
+_ID_FIELDS = ("id", "task_id", "ind", "doc_id")
+
+
+def _label_items(items: list[dict[str, Any]], prep: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """Each item's prompt as the model saw it, and its record's own id (``id``, ``task_id``, ...) when it has one."""
+    for item, text, record in zip(items, prep["texts"], records):
+        item["prompt"] = text
+        key = next((f for f in _ID_FIELDS if f in record), None)
+        if key is not None:
+            item["id"] = record[key]
 
 
 def item_scores(task: Task, items: list[dict[str, Any]]) -> list[float]:

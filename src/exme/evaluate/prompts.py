@@ -24,6 +24,16 @@ DEFAULT_PROMPT = {
     "multiple_choice": "Question: {question}\nAnswer:",
     "perplexity": "{text}",
 }
+# Under a chat template a user turn must say what to do (and MBPP's "[BEGIN]" means nothing to a chat
+# model): the instructions of lm-eval's instruct variants (gsm8k-cot-llama, humaneval_instruct, mbpp_instruct).
+DEFAULT_CHAT_PROMPT = {
+    "gsm8k": (
+        "Given the following problem, reason and give a final answer to the problem.\nProblem: {question}\n"
+        'Your response should end with "The final answer is [answer]" where [answer] is the response to the problem.\n'
+    ),
+    "humaneval": "Write a solution to the following problem and make sure that it passes the tests:\n```python\n{prompt}\n```\n",
+    "mbpp": "You are an expert Python programmer, and here is your task:\n{text}\nYour code should pass these tests:\n{tests}",
+}
 DEFAULT_TARGET = {
     "gsm8k": " {answer}",
     "generate": " {target}",
@@ -40,6 +50,8 @@ DEFAULT_STOP = {
     "multiple_choice": [],
     "perplexity": [],
 }
+# lm-eval's gsm8k stops: a chat answer's reasoning has blank lines, so "\n\n" would cut it before its number.
+DEFAULT_CHAT_STOP = {"gsm8k": ["Question:", "</s>", "<|im_end|>"]}
 
 
 def fields(record: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -74,7 +86,7 @@ def prompt_text(task: Task, record: dict[str, Any], tokenizer) -> tuple[str, boo
     template renders them (so its special tokens are already in the text).
     """
     spec = task.spec
-    prompt_tpl = spec.prompt or DEFAULT_PROMPT[task.kind]
+    prompt_tpl = spec.prompt or (DEFAULT_CHAT_PROMPT.get(task.kind) if spec.chat_template else None) or DEFAULT_PROMPT[task.kind]
     target_tpl = spec.target or DEFAULT_TARGET[task.kind]
     if spec.chat_template:
         if not getattr(tokenizer, "chat_template", None):
@@ -104,6 +116,8 @@ def stop_strings(task: Task) -> list[str]:
         return list(task.spec.stop)
     if task.spec.chat_template and task.kind in ("humaneval", "mbpp"):
         return []
+    if task.spec.chat_template and task.kind in DEFAULT_CHAT_STOP:
+        return list(DEFAULT_CHAT_STOP[task.kind])
     return list(DEFAULT_STOP[task.kind])
 
 
