@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -93,3 +94,23 @@ def test_converted_model_folders(real_model_dir):
     assert tok.get("eos_token") == "<|im_end|>"
     assert "<|im_start|>" in ((real_model_dir / "chat_template.jinja").read_text()
                               if (real_model_dir / "chat_template.jinja").exists() else tok.get("chat_template", ""))
+
+
+@pytest.mark.parametrize("task, kind, breaks", [
+    ("mbpp", "mbpp", lambda r: r.pop("test_list")),
+    ("gsm8k", "gsm8k", lambda r: r.update(answer=r["answer"] + "\n#### 7")),  # two markers
+    ("hellaswag", "multiple_choice", lambda r: r.update(label="9")),  # past the four endings
+])
+def test_a_real_record_a_scorer_cannot_read_is_one_line_naming_file_and_line(real, tmp_path, task, kind, breaks):
+    from exme.evaluate.suite import Suite
+
+    split = "validation" if task == "hellaswag" else "test"
+    lines = real.data(task, split).read_text(encoding="utf-8").splitlines()[:20]
+    record = json.loads(lines[6])
+    breaks(record)
+    lines[6] = json.dumps(record)
+    data = tmp_path / f"{task}.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ExmeError, match=rf"^{re.escape(str(data))}:7: ") as err:
+        Suite.from_dict({"name": "s", "tasks": [{"name": task, "kind": kind, "data": str(data)}]})
+    assert "\n" not in str(err.value)
