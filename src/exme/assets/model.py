@@ -97,8 +97,13 @@ def convert_gguf(gguf_path: str | Path, outputs: dict[str, Path]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from exme.common import parse_dtype
+    from transformers.utils import logging as hf_logging
 
+    from exme.common import parse_dtype
+    from exme.runtime import is_verbose
+
+    if not is_verbose():  # the one line per step of python -m exme.assets is enough
+        hf_logging.disable_progress_bar()
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
