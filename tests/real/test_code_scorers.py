@@ -76,6 +76,17 @@ def test_humaneval_canonical_pass_and_wrong_bodies_fail(real):
     assert run_batched(wrong, False) == []
 
 
+def test_humaneval_canonical_as_a_fenced_whole_function_without_imports_passes(real):
+    """How chat models answer: the whole function in a fence, the prompt's imports left out, then prose."""
+    records = read_jsonl(real.data("humaneval", "test"))
+    answers = []
+    for r in records:
+        function = "".join(line for line in (r["prompt"] + r["canonical_solution"]).splitlines(keepends=True)
+                           if not line.startswith(("import ", "from ")))
+        answers.append((r["task_id"], *humaneval_program(r, f"Here it is:\n```python\n{function}```\nThis works.")))
+    assert run_batched(answers, True) == []
+
+
 def test_mbpp_references_pass_with_setup_and_wrong_ones_fail(real):
     records = read_jsonl(real.data("mbpp", "test"))
     assert len(records) == 500

@@ -94,12 +94,15 @@ def _is_main_guard(node: ast.stmt) -> bool:
 def humaneval_program(record: dict[str, Any], completion: str) -> tuple[str, str]:
     """(prompt + completion, tests + ``check(entry_point)``), as HumanEval's own harness runs them.
 
-    A completion that restates the whole function (chat models often do) is run without the prompt.
+    A completion that restates the whole function (chat models often do) runs after the prompt, not
+    appended to it: the prompt's imports and helpers (``from typing import List``, which chat answers
+    leave out) are defined first, and the answer's ``def`` replaces the prompt's docstring-only one.
     The two parts run in one namespace; the sandbox counts a pass only when the second ran to its end.
     """
     code = strip_fence(completion, prefix=record["prompt"])
     entry = record["entry_point"]
-    body = code if re.search(rf"^def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE) else record["prompt"] + code
+    whole = re.search(rf"^def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE)
+    body = record["prompt"] + ("\n" + code if whole else code)
     return f"{drop_example_usage(body)}\n", f"{record['test']}\n\ncheck({entry})\n"
 
 
