@@ -29,11 +29,6 @@ def recorded() -> dict:
     return json.loads(FIXTURE.read_text())["tasks"]
 
 
-def _records(real, task: str) -> list[dict]:
-    suite = Suite.from_dict({"name": task, "tasks": [{"name": task, "kind": task, "data": str(real.data(task, "test"))}]})
-    return suite.tasks[0].records("dev")
-
-
 def _chat_task(kind: str, data: Path):
     return Suite.from_dict({"name": "t", "tasks": [{"name": "t", "kind": kind, "data": str(data), "chat_template": True}]}).tasks[0]
 
@@ -52,10 +47,11 @@ def test_gsm8k_chat_stops_keep_the_answer(real, recorded):
 
 
 def test_gsm8k_chat_prompt_asks_for_the_answer_format(real, recorded):
-    record = _records(real, "gsm8k")[0]
-    before, now = recorded["gsm8k_before"][0], recorded["gsm8k_now"][0]
-    assert record["question"] in before["prompt"] and record["question"] in now["prompt"]
-    assert "The final answer is [answer]" not in before["prompt"] and "The final answer is [answer]" in now["prompt"]
+    questions = [r["question"] for r in read_jsonl(real.data("gsm8k", "test"))]
+    for name in ("gsm8k_before", "gsm8k_now"):
+        for item in recorded[name]:
+            assert any(q in item["prompt"] for q in questions)
+            assert ("The final answer is [answer]" in item["prompt"]) == (name == "gsm8k_now")
     said = {name: sum("final answer is" in it["completion"].lower() for it in recorded[name])
             for name in ("gsm8k_before", "gsm8k_now")}
     assert said["gsm8k_now"] > said["gsm8k_before"], said  # the format reaches the model
