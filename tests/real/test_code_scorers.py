@@ -37,7 +37,7 @@ for _key, _program, _tests in _items:
         _ok = False
     if _ok != _expect:
         mismatched.append(_key)
-print("MISMATCHED", json.dumps(mismatched))
+print("MISMATCHED", json.dumps(mismatched), flush=True)  # the runner exits without flushing on failure
 """
 
 
