@@ -31,6 +31,7 @@ def test_second_call_reuses_the_cache(real, monkeypatch):
     assert again.counts["mmlu"] == {"dev": 285, "validation": 1531, "test": 14042}
 
 
+@pytest.mark.slow
 def test_no_network_and_no_cache_is_one_line(tmp_path):
     empty = tmp_path / "links"
     empty.mkdir()

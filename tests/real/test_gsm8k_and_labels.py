@@ -105,6 +105,7 @@ def test_mmlu_labels_are_the_answer_index(real):
     assert anatomy[0]["query"].startswith("The following are questions (with answers) about anatomy.\n\nQuestion: ")
 
 
+@pytest.mark.slow
 def test_hellaswag_labels_and_lm_eval_preprocessing(real):
     path = real.data("hellaswag", "validation")
     records = read_records(path, "multiple_choice")  # exme's reader, in file order ("ind" is not unique)
