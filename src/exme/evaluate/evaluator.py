@@ -188,7 +188,24 @@ class SuiteEvaluator:
 
     def _score(self, task: Task, prep: dict[str, Any], n: int, engine, progress: _Progress):
         """(metrics, per-item records, generation stats or None) of one task."""
-        return task.kind_def.score(task, prep, n, engine, ScoringContext(workers=self.workers, bar=progress.bar))
+        metrics, items, generation = task.kind_def.score(
+            task, prep, n, engine, ScoringContext(workers=self.workers, bar=progress.bar))
+        _label_items(items, prep, prep.get("records", [])[:n])
+        return metrics, items, generation
+
+
+_ID_FIELDS = ("id", "task_id", "ind", "doc_id")
+
+
+def _label_items(items: list[dict[str, Any]], prep: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """Each item's prompt as the model saw it, and its record's own id (``id``, ``task_id``, ...) when it has one."""
+    texts = prep.get("texts") or [None] * len(records)
+    for item, text, record in zip(items, texts, records):
+        if text is not None:
+            item["prompt"] = text
+        key = next((f for f in _ID_FIELDS if f in record), None)
+        if key is not None:
+            item["id"] = record[key]
 
 
 def item_scores(task: Task, items: list[dict[str, Any]]) -> list[float]:

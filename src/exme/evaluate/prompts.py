@@ -44,7 +44,9 @@ def prompt_text(task: "Task", record: dict[str, Any], tokenizer) -> tuple[str, b
     """
     spec = task.spec
     kind = get_kind(task.kind)
-    prompt_tpl = spec.prompt or kind.prompt
+    # Under a chat template a user turn must say what to do (and MBPP's "[BEGIN]" means nothing to a chat
+    # model): a kind's chat_prompt carries the instruction of lm-eval's instruct variant.
+    prompt_tpl = spec.prompt or (kind.chat_prompt if spec.chat_template else None) or kind.prompt
     target_tpl = spec.target or kind.target
     if spec.chat_template:
         if not getattr(tokenizer, "chat_template", None):

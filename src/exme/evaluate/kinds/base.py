@@ -39,7 +39,8 @@ class TaskKind:
     its log-likelihood (``False``). ``required``: fields every record must hold (checked when the
     suite loads, with file and line). ``metrics``: what it can report, the first being the default
     ``metric``. ``prompt`` / ``target``: default ``str.format`` templates of the question and of a
-    few-shot answer. ``stop``: default stop strings; ``chat_stop``: those under a chat template when
+    few-shot answer; ``chat_prompt``: the question's template under a chat template, when it
+    differs (an instruction a chat model needs). ``stop``: default stop strings; ``chat_stop``: those under a chat template when
     they differ. ``fewshot``: whether few-shot examples apply. ``own_keys``: task keys that only
     kinds declaring them read (given for another kind, they are an error rather than ignored).
     """
@@ -49,6 +50,7 @@ class TaskKind:
     metrics: ClassVar[tuple[str, ...]]
     generative: ClassVar[bool] = True
     prompt: ClassVar[str] = "{prompt}"
+    chat_prompt: ClassVar[str | None] = None
     target: ClassVar[str] = ""
     stop: ClassVar[tuple[str, ...]] = ()
     chat_stop: ClassVar[tuple[str, ...] | None] = None

@@ -14,7 +14,13 @@ class GSM8K(GenerativeKind):
     metrics = ("exact_match",)
     prompt = "Question: {question}\nAnswer:"
     target = " {answer}"
+    chat_prompt = (  # lm-eval's gsm8k-cot-llama instruction
+        "Given the following problem, reason and give a final answer to the problem.\nProblem: {question}\n"
+        'Your response should end with "The final answer is [answer]" where [answer] is the response to the problem.\n'
+    )
     stop = ("\n\n", "Question:")
+    # lm-eval's gsm8k stops: a chat answer's reasoning has blank lines, so "\n\n" would cut it before its number.
+    chat_stop = ("Question:", "</s>", "<|im_end|>")
     own_keys = ("answer_filter",)
 
     def check_record(self, record: dict[str, Any], where: str) -> None:

@@ -9,6 +9,7 @@ class HumanEval(CodeKind):
     name = "humaneval"
     required = ("task_id", "prompt", "test", "entry_point")
     prompt = "{prompt}"
+    chat_prompt = "Write a solution to the following problem and make sure that it passes the tests:\n```python\n{prompt}\n```\n"
     target = "{canonical_solution}"
     stop = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(")
 

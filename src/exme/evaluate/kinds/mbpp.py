@@ -15,6 +15,7 @@ class MBPP(CodeKind):
         "You are an expert Python programmer, and here is your task: {text} "
         "Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
     )
+    chat_prompt = "You are an expert Python programmer, and here is your task:\n{text}\nYour code should pass these tests:\n{tests}"
     target = "{code}\n[DONE]"
     stop = ("[DONE]", "\n[BEGIN]")
 

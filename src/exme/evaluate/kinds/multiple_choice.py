@@ -30,6 +30,8 @@ class MultipleChoice(TaskKind):
             raise ExmeError(f"{where}: 'choices' must be a list of at least two strings")
         if isinstance(label, str) and len(label) == 1 and label.isalpha():
             record["label"] = label = ord(label.upper()) - ord("A")
+        elif isinstance(label, str) and label.strip().isdigit():  # HellaSwag's "3": an index written as text
+            record["label"] = label = int(label)
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
             raise ExmeError(f"{where}: 'label' must be an index into 'choices' (0..{len(choices) - 1}), got {label!r}")
 
