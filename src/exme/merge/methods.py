@@ -283,8 +283,10 @@ def kth_largest_stats(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, 
     """The exact k-th largest entry, how many entries are strictly larger and how many equal it.
 
     Why not ``argsort``: a full sort of every tensor is what makes TIES slow. Instead a fixed
-    sample of 65536 entries estimates the (1 − k/n) quantile; a band around the estimate, wide
-    enough to contain the true value with overwhelming probability, is cut out with two
+    sample of 65536 entries estimates the (1 − k/n) quantile, with a band around the estimate wide
+    enough to contain the true value with overwhelming probability. Non-negative float32 values
+    (magnitudes, the TIES case) are then counted per distinct value inside the band with one
+    histogram pass (:func:`_bits_select`); other values have the band cut out with two
     comparisons, and ``kthvalue`` runs only on that band. If the band misses (a pathological
     distribution), the exact ``kthvalue`` on the whole tensor is the fallback, so the answer is
     always exact.
@@ -304,6 +306,8 @@ def kth_largest_stats(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, 
     margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / m) / m) + 2.0 / m
     lo = sample[max(0, math.floor((q - margin) * m))]
     hi = sample[min(m - 1, math.ceil((q + margin) * m))]
+    if values.dtype == torch.float32 and int(values.view(torch.int32).amin()) >= 0:  # no sign bit set
+        return _bits_select(values, k, lo, hi)
     n_above = 0
     band_parts = []
     for i in range(0, n, SCAN_CHUNK):
@@ -318,6 +322,66 @@ def kth_largest_stats(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, 
     value = torch.kthvalue(values, n - k + 1).values
     return value, _count_greater(values, value), _count_equal(values, value)
 
+
+
+#: Counters of one histogram pass of :func:`_bits_select` (small, so they stay in cache).
+_HIST_BINS = 1 << 12
+#: Entries per histogram step (the int32 scratch of one step; in cache).
+_HIST_STEP = 1 << 18
+
+
+def _band_histogram(bits: torch.Tensor, lo: int, hi: int, shift: int) -> torch.Tensor:
+    """Counts of the int32 keys ``bits``: below ``lo``, in each bin of 2**shift keys of [lo, hi], above ``hi``.
+
+    Why a histogram: counting with ``bincount`` over clamped keys is integer work in cache, where
+    cutting a band out with comparisons and boolean indexing cost several passes of boolean
+    temporaries, which are slow on CPU.
+    """
+    width = ((hi - lo) >> shift) + 3
+    hist = torch.zeros(width, dtype=torch.int64, device=bits.device)
+    n = bits.numel()
+    scratch = torch.empty(min(n, _HIST_STEP), dtype=torch.int32, device=bits.device)
+    for s in range(0, n, _HIST_STEP):
+        part = scratch[: min(n, s + _HIST_STEP) - s]
+        # below lo → lo − 2**shift (bin 0), above hi → hi + 2**shift (the last bin)
+        torch.clamp(bits[s : s + part.numel()], lo - (1 << shift), hi + (1 << shift), out=part)
+        part.sub_(lo - (1 << shift))
+        if shift:
+            part.bitwise_right_shift_(shift)
+        hist[: width].add_(torch.bincount(part, minlength=width)[:width])
+    return hist
+
+
+def _bits_select(values: torch.Tensor, k: int, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Exact k-th largest of non-negative float32 ``values`` with the counts, by histograms of their bits.
+
+    The bits of a non-negative float32, read as an int32, order the same way as the floats, so
+    the k-th largest float is the k-th largest key. Starting from the sampled guess ``[lo, hi]``
+    (or every key, when the guess misses), each pass counts the keys of the range in at most
+    4096 bins and narrows the range to the bin holding the k-th largest, until bins are single
+    keys: always exact, usually two passes.
+    """
+    bits = values.view(torch.int32)
+    lo_b, hi_b = int(lo.view(torch.int32)), int(hi.view(torch.int32))
+    above = 0  # entries with a key above hi_b
+    guessed = True
+    while True:
+        shift = max(0, (hi_b - lo_b).bit_length() - _HIST_BINS.bit_length() + 1)
+        hist = _band_histogram(bits, lo_b, hi_b, shift)
+        n_above, n_below = int(hist[-1]), int(hist[0])
+        if not n_above < k <= values.numel() - n_below:
+            assert guessed, "the k-th largest left the range that held it"
+            lo_b, hi_b, guessed = 0, 0x7F800000, False  # the guess missed: all keys
+            continue
+        cum = hist[1:-1].flip(0).cumsum(0)  # cum[j]: entries in the top j + 1 bins of the range
+        j = int(torch.searchsorted(cum, k - n_above))
+        count = int(hist[-2 - j])
+        top = lo_b + (((hi_b - lo_b) >> shift) - j) * (1 << shift)  # first key of bin j from the top
+        above = n_above + int(cum[j]) - count
+        if shift == 0:
+            value = torch.tensor(top, dtype=torch.int32, device=values.device).view(torch.float32)
+            return value, above, count
+        lo_b, hi_b = top, min(hi_b, top + (1 << shift) - 1)
 
 def _count_equal(values: torch.Tensor, x: torch.Tensor) -> int:
     return sum(int(torch.count_nonzero(values[i : i + SCAN_CHUNK] == x)) for i in range(0, values.numel(), SCAN_CHUNK))
