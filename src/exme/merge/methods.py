@@ -778,6 +778,26 @@ def dare_ties(
     ds = _as_list(density, len(models), "density")
     _check_density(ds)
     _check_same_shape([base, *models])
+    if majority_sign_method not in ("sum", "count"):
+        raise ExmeError(f"majority_sign_method must be 'sum' or 'count', got {majority_sign_method!r}")
+    if _fast_disjoint(ws, normalize, compute_dtype):
+        # The same draws as dare_mask, in model order; kept where u < d, i.e. where sign(d − u) > 0.
+        draws = [None if d >= 1.0 else torch.rand(tuple(base.shape), generator=generator, device=generator.device,
+                                                  dtype=torch.float32).to(base.device).reshape(-1)
+                 for d in ds]
+        keep = torch.empty(min(base.numel(), _KERNEL_BLOCK), dtype=compute_dtype, device=base.device)
+
+        def drop(i: int, wd: torch.Tensor, start: int, stop: int) -> None:
+            if draws[i] is None:
+                return
+            k = keep[: stop - start]
+            torch.sub(ds[i], draws[i][start:stop], out=k)  # d − u, zero only where u = d (dropped)
+            wd.mul_(k.sign_().clamp_min_(0))
+            if rescale:
+                wd.div_(ds[i])
+
+        merged = _disjoint_kernel(base, models, ws, drop, majority_sign_method, normalize, lambda_, compute_dtype)
+        return _out(merged, out_dtype, base)
     base_c = base.to(compute_dtype)
     deltas = _dare_deltas(base_c, models, ds, generator, rescale)
     merged = _sign_consensus_merge(base, deltas, ws, majority_sign_method, normalize, lambda_, compute_dtype)
