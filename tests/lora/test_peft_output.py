@@ -132,3 +132,34 @@ def test_target_modules_are_types_only_when_exact():
     assert target_module_names(every, base) == ["q_proj"]
     # only layer 0's q_proj: "q_proj" would also select layer 1's, so full paths are kept
     assert target_module_names(every[:1], base) == every[:1]
+
+
+def test_per_tensor_weights_give_the_full_merge(lora_models, tmp_path, run_cli):
+    """Filters and a gradient list: each module's B is scaled by that module's own coefficient."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    weights = [
+        [{"filter": "self_attn", "value": [0.2, 1.0]}, {"value": 0.6}],  # a gradient over the layers
+        [{"filter": "mlp", "value": 0.0}, {"value": 0.5}],  # dropped from the MLP modules
+        0.3,
+    ]
+    models = [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(lora_models.adapters, weights)]
+    cfg = tmp_path / "per_tensor.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(lora_models.base), "models": models}))
+    code, _, err = run_cli("merge", cfg, tmp_path / "adapter", "--format", "peft", "-q")
+    assert code == 0, err
+    code, _, err = run_cli("merge", cfg, tmp_path / "full", "-q")
+    assert code == 0, err
+
+    base = AutoModelForCausalLM.from_pretrained(lora_models.base)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full").eval()
+    ids = torch.randint(4, 100, (3, 17), generator=torch.Generator().manual_seed(0))
+    expected = _logits(full, ids)
+    torch.testing.assert_close(_logits(peft_model, ids), expected, rtol=0, atol=64 * torch.finfo(torch.float32).eps * expected.abs().max().item())
+    merged = peft_model.merge_and_unload().state_dict()
+    ck = Checkpoint.open(tmp_path / "full")
+    for name in ck.names:
+        t = ck.get(name)
+        torch.testing.assert_close(merged[name], t, rtol=0, atol=8 * torch.finfo(torch.float32).eps * max(1.0, t.abs().max().item()))

@@ -369,3 +369,28 @@ def test_slerp_endpoints():
     a, b = rand((10,), 0), rand((10,), 1)
     assert torch.allclose(M.slerp(a, b, 0.0), a, atol=1e-6)
     assert torch.allclose(M.slerp(a, b, 1.0), b, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ float-only TIES kernel
+
+
+@pytest.mark.parametrize("sign_method", ["sum", "count"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("n_models", [1, 3])
+def test_float_only_ties_and_dare_ties_equal_the_boolean_disjoint_merge_bitwise(sign_method, normalize, n_models):
+    # Values on a coarse grid: many magnitudes tie at the threshold (the tie quota splits a block)
+    # and many votes are exactly 0; 70k entries span several kernel blocks.
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(70_000, generator=g).bfloat16()
+    models = [(base.float() + torch.randint(-3, 4, (70_000,), generator=g) * 0.125).bfloat16() for _ in range(n_models)]
+    ws, ds = [0.6, 0.4, 0.3][:n_models], [0.5, 0.3, 1.0][:n_models]
+    base_c = base.float()
+    pruned = [M._task_vector(m, base_c) * M.magnitude_mask(M._task_vector(m, base_c), d) for m, d in zip(models, ds)]
+    expected = M._sign_consensus_merge(base, pruned, ws, sign_method, normalize, 0.7, torch.float32)
+    got = M.ties(base, models, ws, ds, sign_method, normalize, 0.7, out_dtype=torch.float32)
+    assert torch.equal(got, expected)
+    gen = lambda: M.tensor_generator(3, "w")  # noqa: E731
+    expected = M._sign_consensus_merge(base, M._dare_deltas(base_c, models, ds, gen(), True), ws, sign_method,
+                                       normalize, 0.7, torch.float32)
+    got = M.dare_ties(base, models, ws, ds, gen(), True, sign_method, normalize, 0.7, out_dtype=torch.float32)
+    assert torch.equal(got, expected)

@@ -128,8 +128,19 @@ def _tensor_parameters(config: MergeConfig, plan: MergePlan) -> list[dict | None
     """Each merged tensor's parameters (:func:`exme.merge.registry.tensor_kwargs`), all checked here,
     from the headers alone: a filter that matches nothing, slices that miss layers or a value that
     breaks a method's rule stop the merge before the first tensor is read."""
-    table = config.table
     names = sorted({n for t in plan.tasks for n in (t.name, *t.reads)})
+    resolve = parameter_resolver(config, names, plan.reference.checkpoint.config, plan.reference.describe())
+    return [resolve(t.name) if t.merge else None for t in plan.tasks]
+
+
+def parameter_resolver(config: MergeConfig, names: list[str], ref_config: dict, describe: str) -> Callable[[str], dict]:
+    """``name -> kwargs``: the method's parameters for the tensor ``name`` (one of ``names``, the models'
+    tensor names; ``ref_config`` the reference model's config.json, ``describe`` how errors name it).
+
+    The one per-tensor resolution the full-model merge and the PEFT adapter output share; the
+    config-wide checks (filters matching nothing, layers) happen here, before any tensor is read.
+    """
+    table = config.table
     for key, filt in table.unmatched_filters(names):
         raise ExmeError(
             f"{key}: filter {filt!r} matches no tensor of the models (names look like {names[len(names) // 2]!r}); "
@@ -137,12 +148,11 @@ def _tensor_parameters(config: MergeConfig, plan: MergePlan) -> list[dict | None
         )
     layout = None
     if table.needs_layers:
-        ref_config = plan.reference.checkpoint.config
         num = next((int(ref_config[k]) for k in _NUM_LAYERS_KEYS if isinstance(ref_config.get(k), int)), None)
         layout = LayerLayout.from_names(names, num)
         if layout.prefix is None:
             raise ExmeError(
-                f"parameters vary over layers (a gradient list or slices), but {plan.reference.describe()} has no "
+                f"parameters vary over layers (a gradient list or slices), but {describe} has no "
                 f"numbered layers{f' 0..{num - 1}' if num else ''} in its tensor names; give plain values or filters"
             )
         stops = [s.stop for s in table.slices if s.stop is not None]
@@ -156,17 +166,15 @@ def _tensor_parameters(config: MergeConfig, plan: MergePlan) -> list[dict | None
             one = tensor_kwargs(config, None)
         except ValueError as err:
             raise ExmeError(str(err)) from None
-        return [one if t.merge else None for t in plan.tasks]
-    out: list[dict | None] = []
-    for task in plan.tasks:
-        if not task.merge:
-            out.append(None)
-            continue
+        return lambda name: one
+
+    def resolve(name: str) -> dict:
         try:
-            out.append(tensor_kwargs(config, tensor_point(task.name, layout, table.slice_starts)))
+            return tensor_kwargs(config, tensor_point(name, layout, table.slice_starts))
         except ValueError as err:
-            raise ExmeError(f"tensor {task.name!r}: {err}") from None
-    return out
+            raise ExmeError(f"tensor {name!r}: {err}") from None
+
+    return resolve
 
 
 # ------------------------------------------------------------------------------------------ merge one tensor

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -283,8 +283,10 @@ def kth_largest_stats(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, 
     """The exact k-th largest entry, how many entries are strictly larger and how many equal it.
 
     Why not ``argsort``: a full sort of every tensor is what makes TIES slow. Instead a fixed
-    sample of 65536 entries estimates the (1 − k/n) quantile; a band around the estimate, wide
-    enough to contain the true value with overwhelming probability, is cut out with two
+    sample of 65536 entries estimates the (1 − k/n) quantile, with a band around the estimate wide
+    enough to contain the true value with overwhelming probability. Non-negative float32 values
+    (magnitudes, the TIES case) are then counted per distinct value inside the band with one
+    histogram pass (:func:`_bits_select`); other values have the band cut out with two
     comparisons, and ``kthvalue`` runs only on that band. If the band misses (a pathological
     distribution), the exact ``kthvalue`` on the whole tensor is the fallback, so the answer is
     always exact.
@@ -304,6 +306,8 @@ def kth_largest_stats(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, 
     margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / m) / m) + 2.0 / m
     lo = sample[max(0, math.floor((q - margin) * m))]
     hi = sample[min(m - 1, math.ceil((q + margin) * m))]
+    if values.dtype == torch.float32 and int(values.view(torch.int32).amin()) >= 0:  # no sign bit set
+        return _bits_select(values, k, lo, hi)
     n_above = 0
     band_parts = []
     for i in range(0, n, SCAN_CHUNK):
@@ -318,6 +322,66 @@ def kth_largest_stats(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, 
     value = torch.kthvalue(values, n - k + 1).values
     return value, _count_greater(values, value), _count_equal(values, value)
 
+
+
+#: Counters of one histogram pass of :func:`_bits_select` (small, so they stay in cache).
+_HIST_BINS = 1 << 12
+#: Entries per histogram step (the int32 scratch of one step; in cache).
+_HIST_STEP = 1 << 18
+
+
+def _band_histogram(bits: torch.Tensor, lo: int, hi: int, shift: int) -> torch.Tensor:
+    """Counts of the int32 keys ``bits``: below ``lo``, in each bin of 2**shift keys of [lo, hi], above ``hi``.
+
+    Why a histogram: counting with ``bincount`` over clamped keys is integer work in cache, where
+    cutting a band out with comparisons and boolean indexing cost several passes of boolean
+    temporaries, which are slow on CPU.
+    """
+    width = ((hi - lo) >> shift) + 3
+    hist = torch.zeros(width, dtype=torch.int64, device=bits.device)
+    n = bits.numel()
+    scratch = torch.empty(min(n, _HIST_STEP), dtype=torch.int32, device=bits.device)
+    for s in range(0, n, _HIST_STEP):
+        part = scratch[: min(n, s + _HIST_STEP) - s]
+        # below lo → lo − 2**shift (bin 0), above hi → hi + 2**shift (the last bin)
+        torch.clamp(bits[s : s + part.numel()], lo - (1 << shift), hi + (1 << shift), out=part)
+        part.sub_(lo - (1 << shift))
+        if shift:
+            part.bitwise_right_shift_(shift)
+        hist[: width].add_(torch.bincount(part, minlength=width)[:width])
+    return hist
+
+
+def _bits_select(values: torch.Tensor, k: int, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Exact k-th largest of non-negative float32 ``values`` with the counts, by histograms of their bits.
+
+    The bits of a non-negative float32, read as an int32, order the same way as the floats, so
+    the k-th largest float is the k-th largest key. Starting from the sampled guess ``[lo, hi]``
+    (or every key, when the guess misses), each pass counts the keys of the range in at most
+    4096 bins and narrows the range to the bin holding the k-th largest, until bins are single
+    keys: always exact, usually two passes.
+    """
+    bits = values.view(torch.int32)
+    lo_b, hi_b = int(lo.view(torch.int32)), int(hi.view(torch.int32))
+    above = 0  # entries with a key above hi_b
+    guessed = True
+    while True:
+        shift = max(0, (hi_b - lo_b).bit_length() - _HIST_BINS.bit_length() + 1)
+        hist = _band_histogram(bits, lo_b, hi_b, shift)
+        n_above, n_below = int(hist[-1]), int(hist[0])
+        if not n_above < k <= values.numel() - n_below:
+            assert guessed, "the k-th largest left the range that held it"
+            lo_b, hi_b, guessed = 0, 0x7F800000, False  # the guess missed: all keys
+            continue
+        cum = hist[1:-1].flip(0).cumsum(0)  # cum[j]: entries in the top j + 1 bins of the range
+        j = int(torch.searchsorted(cum, k - n_above))
+        count = int(hist[-2 - j])
+        top = lo_b + (((hi_b - lo_b) >> shift) - j) * (1 << shift)  # first key of bin j from the top
+        above = n_above + int(cum[j]) - count
+        if shift == 0:
+            value = torch.tensor(top, dtype=torch.int32, device=values.device).view(torch.float32)
+            return value, above, count
+        lo_b, hi_b = top, min(hi_b, top + (1 << shift) - 1)
 
 def _count_equal(values: torch.Tensor, x: torch.Tensor) -> int:
     return sum(int(torch.count_nonzero(values[i : i + SCAN_CHUNK] == x)) for i in range(0, values.numel(), SCAN_CHUNK))
@@ -340,6 +404,11 @@ class MagnitudeSelector:
         #: every entry equal to the threshold is kept (the usual case: one entry sits at it), so
         #: ``>= threshold`` is the whole rule and chunks need no tie bookkeeping
         self.all_ties = all_ties
+        #: flat index of the last tied entry that is kept (when not ``all_ties``), so a chunk can
+        #: keep ``>= threshold`` up to it and ``> threshold`` after it without counting ties
+        self.last_tie: int | None = None
+        #: elements of the tensor already merged through :meth:`trim_`
+        self.offset = 0
 
     @classmethod
     def from_magnitudes(cls, magnitudes: torch.Tensor, density: float) -> MagnitudeSelector:
@@ -352,7 +421,42 @@ class MagnitudeSelector:
             return cls(None, 0)
         threshold, n_greater, n_equal = kth_largest_stats(magnitudes, k)
         ties = k - n_greater
-        return cls(threshold, ties, all_ties=ties == n_equal)
+        selector = cls(threshold, ties, all_ties=ties == n_equal)
+        if not selector.all_ties:
+            seen = 0
+            for i in range(0, n, SCAN_CHUNK):
+                tied = magnitudes[i : i + SCAN_CHUNK] == threshold
+                count = int(torch.count_nonzero(tied))
+                if seen + count >= ties:
+                    selector.last_tie = i + int(torch.nonzero(tied).reshape(-1)[ties - seen - 1])
+                    break
+                seen += count
+        return selector
+
+    @property
+    def float_only(self) -> bool:
+        """Whether :meth:`trim_` applies (it does, unless built by hand with a tie quota)."""
+        return self.threshold is None or self.all_ties or self.last_tie is not None
+
+    def trim_(self, delta: torch.Tensor, start: int) -> None:
+        """Zero, in place, the dropped entries of the flat block of Δ at ``offset + start``.
+
+        The same entries as :meth:`mask` drops, with float operations only: keeping |Δ| ≥ t is
+        hardshrink's |Δ| > t⁻ (t⁻ the next float below t), keeping |Δ| > t is hardshrink at t.
+        """
+        if self.threshold is None or float(self.threshold) <= 0 and self.all_ties:
+            return
+        t = self.threshold.to(delta.dtype)
+        below = float(torch.nextafter(t, torch.zeros_like(t)))
+        if self.all_ties:
+            torch.ops.aten.hardshrink.out(delta, below, out=delta)
+            return
+        first = self.offset + start
+        cut = min(max(self.last_tie + 1 - first, 0), delta.numel())  # entries at or before the last kept tie
+        if cut:
+            torch.ops.aten.hardshrink.out(delta[:cut], below, out=delta[:cut])
+        if cut < delta.numel():
+            torch.ops.aten.hardshrink.out(delta[cut:], float(t), out=delta[cut:])
 
     def mask(self, magnitudes: torch.Tensor) -> torch.Tensor:
         """Keep-mask of the next chunk of magnitudes (flat, in order)."""
@@ -424,6 +528,86 @@ def disjoint_merge(
     return base.to(mixed.dtype).add(mixed, alpha=lambda_)
 
 
+#: Elements per block of :func:`_disjoint_kernel`: its K + 4 float32 buffers stay in cache.
+_KERNEL_BLOCK = 1 << 15
+
+
+def _disjoint_kernel(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    ws: list[float],
+    prune: Callable[[int, torch.Tensor, int, int], None],
+    method: SignMethod,
+    normalize: bool,
+    lambda_: float,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """TIES' sign election and disjoint merge from float operations only, block by block.
+
+    The same floats as :func:`disjoint_merge` on the pruned, weighted task vectors (for weights
+    > 0 when ``normalize``): with s = ±1 the elected sign, the agreeing entries of wΔ' are
+    those with s·wΔ' > 0, so Σ_agree wΔ' = s · Σ_i max(s·w_iΔ'_i, 0) (negation is exact and
+    rounding symmetric, so the sums agree bit for bit), and the agreement indicator is
+    sign(max(s·w_iΔ'_i, 0)). s = copysign(1, vote) equals the +1-on-ties rule wherever it
+    matters (a vote of −0 needs every term −0, and then nothing agrees). A divisor of 0 means
+    nothing agreed, so clamping it to min wᵢ (> 0) divides 0 by something positive, as the
+    0 → 1 rule does. Why: comparisons and ``where`` produce boolean tensors, many times slower
+    per element than these float operations on CPU, and blocks keep every temporary in cache.
+
+    ``prune(i, Δ_i block, start, stop)`` trims or drops entries of model i's block in place.
+    """
+    b_flat = base.reshape(-1)
+    ms = [m.reshape(-1) for m in models]
+    n = b_flat.numel()
+    out = torch.empty(n, dtype=compute_dtype, device=base.device)
+    size = min(n, _KERNEL_BLOCK)
+    bufs = [torch.empty(size, dtype=compute_dtype, device=base.device) for _ in range(len(ms) + 4)]
+    bb, sgn, mixed, tmp, wds = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4:]
+    divisor = torch.empty(size, dtype=compute_dtype, device=base.device) if normalize else None
+    floor = min(ws) if normalize else 0.0
+    for s in range(0, n, size):
+        e = min(n, s + size)
+        k = e - s
+        b, sg, mx, t = bb[:k], sgn[:k], mixed[:k], tmp[:k]
+        b.copy_(b_flat[s:e])
+        vote = None
+        for i, (m, w) in enumerate(zip(ms, ws)):
+            wd = wds[i][:k]
+            wd.copy_(m[s:e])
+            wd.sub_(b)
+            prune(i, wd, s, e)
+            wd.mul_(w)
+            term = wd if method == "sum" else torch.sign(wd, out=t)
+            if vote is None:
+                vote = sg
+                vote.copy_(term)
+            else:
+                vote.add_(term)
+        torch.copysign(torch.ones((), dtype=compute_dtype, device=base.device), vote, out=sg)
+        for i, w in enumerate(ws):
+            wd = wds[i][:k]
+            r = mx if i == 0 else t
+            torch.mul(wd, sg, out=r).clamp_min_(0)
+            if i:
+                mx.add_(r)
+            if divisor is not None:
+                dv = divisor[:k]
+                if i == 0:
+                    torch.sign(r, out=dv).mul_(w)
+                else:
+                    dv.add_(r.sign_(), alpha=w)
+        mx.mul_(sg)
+        if divisor is not None:
+            mx.div_(divisor[:k].clamp_min_(floor))
+        torch.add(b, mx, alpha=lambda_, out=out[s:e])
+    return out.reshape(base.shape)
+
+
+def _fast_disjoint(ws: Sequence[float], normalize: bool, compute_dtype: torch.dtype) -> bool:
+    """Whether :func:`_disjoint_kernel` gives :func:`disjoint_merge`'s floats for these parameters."""
+    return compute_dtype in (torch.float32, torch.float64) and (not normalize or all(w > 0 for w in ws))
+
+
 def _sign_consensus_merge(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
@@ -465,7 +649,21 @@ def ties(
     ds = _as_list(density, len(models), "density")
     _check_density(ds)
     _check_same_shape([base, *models])
+    if majority_sign_method not in ("sum", "count"):
+        raise ExmeError(f"majority_sign_method must be 'sum' or 'count', got {majority_sign_method!r}")
     base_c = base.to(compute_dtype)
+    if selectors is None and models:
+        selectors = []
+        for model, d in zip(models, ds):
+            selectors.append(MagnitudeSelector.from_magnitudes(_task_vector(model, base_c).abs_().reshape(-1), d))
+    if _fast_disjoint(ws, normalize, compute_dtype) and all(sel.float_only for sel in selectors):
+        def trim(i: int, wd: torch.Tensor, start: int, stop: int) -> None:
+            selectors[i].trim_(wd, start)
+
+        merged = _disjoint_kernel(base, models, ws, trim, majority_sign_method, normalize, lambda_, compute_dtype)
+        for sel in selectors:
+            sel.offset += base.numel()
+        return _out(merged, out_dtype, base)
     deltas = []
     for i, (model, d) in enumerate(zip(models, ds)):
         delta = _task_vector(model, base_c)
@@ -580,6 +778,26 @@ def dare_ties(
     ds = _as_list(density, len(models), "density")
     _check_density(ds)
     _check_same_shape([base, *models])
+    if majority_sign_method not in ("sum", "count"):
+        raise ExmeError(f"majority_sign_method must be 'sum' or 'count', got {majority_sign_method!r}")
+    if _fast_disjoint(ws, normalize, compute_dtype):
+        # The same draws as dare_mask, in model order; kept where u < d, i.e. where sign(d − u) > 0.
+        draws = [None if d >= 1.0 else torch.rand(tuple(base.shape), generator=generator, device=generator.device,
+                                                  dtype=torch.float32).to(base.device).reshape(-1)
+                 for d in ds]
+        keep = torch.empty(min(base.numel(), _KERNEL_BLOCK), dtype=compute_dtype, device=base.device)
+
+        def drop(i: int, wd: torch.Tensor, start: int, stop: int) -> None:
+            if draws[i] is None:
+                return
+            k = keep[: stop - start]
+            torch.sub(ds[i], draws[i][start:stop], out=k)  # d − u, zero only where u = d (dropped)
+            wd.mul_(k.sign_().clamp_min_(0))
+            if rescale:
+                wd.div_(ds[i])
+
+        merged = _disjoint_kernel(base, models, ws, drop, majority_sign_method, normalize, lambda_, compute_dtype)
+        return _out(merged, out_dtype, base)
     base_c = base.to(compute_dtype)
     deltas = _dare_deltas(base_c, models, ds, generator, rescale)
     merged = _sign_consensus_merge(base, deltas, ws, majority_sign_method, normalize, lambda_, compute_dtype)

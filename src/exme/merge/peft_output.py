@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,21 +32,24 @@ from exme.io.checkpoint import Checkpoint
 from exme.io.source import PEFT_PREFIX, AdapterSource, open_source
 from exme.io.writer import AtomicOutputFolder, check_output_target, copy_side_files
 from exme.merge.config import MergeConfig
+from exme.merge.engine import parameter_resolver
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def _checked_inputs(config: MergeConfig) -> tuple[Checkpoint, list[AdapterSource], list[float]]:
-    method = config.method
-    kwargs = method.kwargs(method.resolve(config))
-    coeffs = method.coefficients(kwargs) if method.linear else None
-    if coeffs is None:
-        linear = ", ".join(n for n in ("extrapolate", "exme", "task_arithmetic", "linear"))
-        detail = " (its weights do not sum to 1 without normalize)" if method.linear else ""
-        raise ExmeError(
-            f"--format peft writes a merge that is linear in the task vectors ({linear}); merge_method "
-            f"{config.merge_method}{detail} is not, so it cannot be one LoRA adapter: write a full model instead"
-        )
+def _refuse_nonlinear(config: MergeConfig) -> None:
+    linear = ", ".join(n for n in ("extrapolate", "exme", "task_arithmetic", "linear"))
+    detail = " (its weights do not sum to 1 without normalize)" if config.method.linear else ""
+    raise ExmeError(
+        f"--format peft writes a merge that is linear in the task vectors ({linear}); merge_method "
+        f"{config.merge_method}{detail} is not, so it cannot be one LoRA adapter: write a full model instead"
+    )
+
+
+def _checked_inputs(config: MergeConfig) -> tuple[Checkpoint, list[AdapterSource], Callable[[str], dict]]:
+    """The base, the adapters and ``tensor name -> kwargs`` (the per-tensor resolution the full merge uses)."""
+    if not config.method.linear:
+        _refuse_nonlinear(config)
     if not config.base_model:
         raise ExmeError("--format peft needs base_model: the model the adapters were trained on")
     base = Checkpoint.open(config.base_model)
@@ -61,19 +65,24 @@ def _checked_inputs(config: MergeConfig) -> tuple[Checkpoint, list[AdapterSource
     fan = {bool(s.adapter_config.get("fan_in_fan_out")) for s in sources}
     if len(fan) > 1:
         raise ExmeError("the adapters disagree on fan_in_fan_out; --format peft needs adapters of one layout")
-    return base, sources, [float(c) for c in coeffs]
+    resolve = parameter_resolver(config, base.names, base.config, f"base model {config.base_model}")
+    for name in sorted({t for s in sources for t in (*s.factors, *s.replaced)}):
+        if config.method.coefficients(resolve(name)) is None:  # checked for every tensor before writing
+            _refuse_nonlinear(config)
+    return base, sources, resolve
 
 
 def peft_tensors(config: MergeConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """The merged adapter's tensors (PEFT key names) and its ``adapter_config.json``."""
-    base, sources, coeffs = _checked_inputs(config)
+    base, sources, resolve = _checked_inputs(config)
     method = config.method
-    kwargs = method.kwargs(method.resolve(config))
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     targets = sorted({t for s in sources for t in s.factors})
     for target in targets:
-        # An adapter of coefficient 0 adds nothing: its factors would only raise the rank (and the size).
+        # This module's coefficients (they may vary per tensor: filters, gradients, slices). An adapter
+        # of coefficient 0 adds nothing: its factors would only raise the rank (and the size).
+        coeffs = [float(c) for c in method.coefficients(resolve(target))]
         parts = [(s.factors[target], c) for s, c in zip(sources, coeffs) if target in s.factors and c != 0.0]
         if not parts:
             continue
@@ -97,7 +106,7 @@ def peft_tensors(config: MergeConfig) -> tuple[dict[str, torch.Tensor], dict]:
     for target in saved:
         # The method's own arithmetic on the full tensors: θ_b + Σ cᵢ(θᵢ − θ_b) for a linear method.
         theta_b = base.get(target)
-        merged = method.merge(theta_b if method.needs_base else None, [s.get(target) for s in sources], **kwargs,
+        merged = method.merge(theta_b if method.needs_base else None, [s.get(target) for s in sources], **resolve(target),
                               out_dtype=theta_b.dtype)
         tensors[f"{PEFT_PREFIX}{target}"] = merged.contiguous()
     common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
