@@ -131,10 +131,14 @@ def evaluate_folder(
                 f"{model_dir}: backend vllm scores model folders; for a LoRA adapter use --backend hf, or "
                 "write the merged model first (exme merge)"
             )
-        if not isinstance(evaluator, SuiteEvaluator):
+        from exme.evaluate.lm_eval_adapter import LmEvalEvaluator
+
+        if isinstance(evaluator, LmEvalEvaluator):
+            evaluator.check_backend(backend)  # every task's output type servable, before the engine starts
+        elif not isinstance(evaluator, SuiteEvaluator):
             raise ExmeError(
-                f"backend vllm scores suite YAML tasks only, not {str(spec)!r} (lm-eval tasks and custom "
-                "evaluators run on the transformers module); use --backend hf"
+                f"backend vllm scores suite YAML and lm-eval tasks, not {str(spec)!r} (custom evaluators run "
+                "on the transformers module); use --backend hf"
             )
         model, tokenizer = _load_engine(model_dir, device=device, dtype=dtype, **(engine_options or {}))
     else:

@@ -203,10 +203,10 @@ class PipelineConfig(_Strict):
             raise ValueError("search.prune_min_items and search.prune_eta only apply with search.prune: true")
         if "vllm" in self.model_fields_set and self.backend != "vllm":
             raise ValueError("vllm settings are given but backend is hf; set backend: vllm or remove the vllm key")
-        if self.backend == "vllm" and not _is_path_spec(self.suite):
+        if self.backend == "vllm" and not _is_path_spec(self.suite) and not self.suite.startswith("lm-eval:"):
             raise ValueError(
-                f"backend vllm scores suite YAML tasks only, not {self.suite!r} (lm-eval tasks and custom "
-                "evaluators run on the transformers module); use backend: hf"
+                f"backend vllm scores suite YAML and lm-eval tasks, not {self.suite!r} (custom evaluators run on "
+                "the transformers module); use backend: hf"
             )
         if self.log_samples and not _is_path_spec(self.suite):
             raise ValueError(

@@ -93,6 +93,9 @@ class Runner:
             opts = {"include_path": list(config.lm_eval_include_path)} if config.lm_eval_include_path else {}
             evaluator = load_evaluator(config.suite, **opts)
         self.evaluator = evaluator
+        check_backend = getattr(evaluator, "check_backend", None)  # lm-eval: every task servable on the engine
+        if check_backend is not None:
+            check_backend(config.backend)
         self._check_log_samples()
         self.notes: list[str] = []
         self.dev_split = self._divide_dev()

@@ -172,15 +172,19 @@ class VLLMBackend:
         max_new_tokens: int,
         stop: Sequence[str] = (),
         progress: Callable[[int], None] | None = None,
+        skip_special_tokens: bool = True,
     ) -> list[Generation]:
-        """Greedy completions; ``finish`` from vLLM's own reason (EOS, a stop string, or the limit)."""
+        """Greedy completions; ``finish`` from vLLM's own reason (EOS, a stop string, or the limit).
+
+        ``skip_special_tokens``: drop special tokens from the text, as the hf backend decodes
+        (suite tasks); lm-eval tasks keep them, as lm-eval's own ``VLLM`` model does."""
         from vllm import SamplingParams
 
         if not prompts:
             return []
         params = SamplingParams(
             temperature=0.0, max_tokens=max_new_tokens, stop=[s for s in stop if s] or None,
-            skip_special_tokens=True, detokenize=True,
+            skip_special_tokens=skip_special_tokens, detokenize=True,
         )
         limit = self.max_model_len - max_new_tokens
         inputs = [{"prompt_token_ids": list(p)[-limit:] if limit > 0 else list(p)} for p in prompts]
