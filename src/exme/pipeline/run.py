@@ -106,6 +106,7 @@ class Runner:
         self._live: Any = None
         self._tokenizer: Any = None
         self._target: Any = None
+        self._engine: Any = None  # backend vllm: the engine the live model writes into
         self._store: StudyStore | None = None
         self.bars = _Bars(progress)
 
@@ -155,7 +156,17 @@ class Runner:
         if self._live is None:
             from exme.search.live import LiveModel
 
-            self._live = LiveModel.load(self.config.base, dtype=self.config.dtype, device=self.config.device)
+            c = self.config
+            if c.backend == "vllm":  # one live copy: candidates stream into the engine, no transformers module
+                from exme.evaluate.backends.vllm import start_live
+
+                opts = c.vllm.model_dump()
+                self._live, self._engine = start_live(
+                    c.base, dtype=c.dtype, device=c.device, seed=c.seed, kept=c.top_k, store=opts.pop("store"),
+                    tokenizer_path=getattr(self.tokenizer, "name_or_path", None) or None, **opts,
+                )
+            else:
+                self._live = LiveModel.load(c.base, dtype=c.dtype, device=c.device)
         return self._live
 
     @property
@@ -273,7 +284,7 @@ class Runner:
             self._target = LiveTarget(
                 c.backend, lambda: self.live, model_path=c.base, device=c.device, dtype=c.dtype, seed=c.seed,
                 tokenizer_path=getattr(self.tokenizer, "name_or_path", None) or None,
-                **(c.vllm.model_dump() if c.backend == "vllm" else {}),
+                engine=self._engine if c.backend == "vllm" and self.live is not None else None,
             )
         return self._target()
 

@@ -149,9 +149,12 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load checkpoint-named tensors into the running model, then reset the prefix cache."""
-        pairs = list(weights)
-        self.llm.collective_rpc(_load_weights_rpc, args=(pairs,))
+        """Load checkpoint-named tensors into the running model, then reset the prefix cache.
+
+        ``weights`` is consumed lazily (the in-process worker iterates it), so a live model that
+        computes each tensor when asked never holds a second full copy of the model.
+        """
+        self.llm.collective_rpc(_load_weights_rpc, args=(iter(weights),))
         self.reset_cache()
         self.swaps += 1
 
@@ -161,7 +164,10 @@ class VLLMBackend:
             raise ExmeError("vLLM refused to reset its prefix cache; scores after a weight swap would be stale")
 
     def load_from(self, live) -> None:
-        """Serve the live model's current candidate (``exme.search.LiveModel``)."""
+        """Serve the live model's current candidate (``exme.search.LiveModel``); nothing to do
+        when the live model writes its candidates straight into this engine."""
+        if getattr(live, "sink", None) == self.load_weights:
+            return
         self.load_weights(live.state_dict().items())
 
     # ------------------------------------------------------------------ scoring
@@ -241,3 +247,76 @@ class VLLMBackend:
         self, documents: Sequence[Sequence[int]], *, progress: Callable[[int], None] | None = None
     ) -> list[tuple[float, int]]:
         return windowed_nll(self.loglikelihood, documents, self.max_model_len - 1, progress=progress)
+
+
+# ---------------------------------------------------------------- one live copy of the weights
+def host_memory_available() -> int | None:
+    """Bytes of memory the kernel could still give this process (``MemAvailable``), or ``None`` if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_host_memory(base: str | Path, *, held: int, engine_on_host: bool, dtype: str = "auto") -> int:
+    """One line with the bytes needed and available when the host cannot hold what ``store: host`` puts there.
+
+    Needed: ``held`` copies of the model (θ_b and the kept checkpoints, in their stored dtype) plus,
+    when the engine runs on the CPU, the engine's own copy in the evaluation dtype. Returns the
+    bytes needed. Checked from the checkpoint headers, before anything is read.
+    """
+    from exme.common import parse_dtype
+    from exme.io import Checkpoint
+
+    ckpt = Checkpoint.open(base)
+    stored = sum(ckpt.spec(n).numel * ckpt.spec(n).dtype.itemsize for n in ckpt.names)
+    width = parse_dtype(dtype).itemsize if dtype != "auto" else None
+    served = sum(ckpt.spec(n).numel * (width or ckpt.spec(n).dtype.itemsize) for n in ckpt.names)
+    needed = held * stored + (served if engine_on_host else 0)
+    available = host_memory_available()
+    if available is not None and needed > available:
+        gib = 1024**3
+        raise ExmeError(
+            f"vllm.store host: holding the base and the kept checkpoints{' beside the engine' if engine_on_host else ''} "
+            f"needs {needed / gib:.1f} GiB ({needed} bytes) of host memory, but {available / gib:.1f} GiB "
+            f"({available} bytes) is available; keep fewer checkpoints (top_k), free memory, or use vllm.store: device"
+        )
+    return needed
+
+
+def start_live(
+    base: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    store: str = "host",
+    kept: int = 2,
+    seed: int = 0,
+    tokenizer_path: str | Path | None = None,
+    **engine_options: Any,
+):
+    """(live model, engine) for a search on the vLLM engine with one live copy of the weights.
+
+    No ``transformers`` module holds weights: the live model is a meta-device shell whose
+    candidates (θ_b and the checkpoints or Δs, float32 arithmetic, one cast: bitwise the merge
+    engine's) are streamed tensor by tensor into the engine's parameters. ``store``: where θ_b and
+    the kept checkpoints live: ``host`` (CPU memory, so the GPU holds only the engine; checked to
+    fit before loading) or ``device`` (beside the engine, faster candidates, more device memory).
+    """
+    from exme.search.live import LiveModel
+
+    if store not in ("host", "device"):
+        raise ExmeError(f"vllm.store must be 'host' or 'device', got {store!r}")
+    on_cpu = device == "cpu" or device.startswith("cpu")
+    if store == "host" or on_cpu:
+        check_host_memory(base, held=1 + kept, engine_on_host=on_cpu, dtype=dtype)
+    live = LiveModel.load(base, dtype=dtype, device="cpu" if store == "host" else device, shell=True)
+    engine = VLLMBackend(
+        base, tokenizer_path=tokenizer_path, device=device, dtype=str(live.dtype).removeprefix("torch."),
+        seed=seed, **engine_options,
+    )
+    live.sink = engine.load_weights
+    return live, engine
