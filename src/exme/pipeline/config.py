@@ -95,6 +95,9 @@ class VllmSpec(_Strict):
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on a CPU (VLLM_CPU_KVCACHE_SPACE)")
     store: Literal["host", "device"] = "host"
     """Where the base and kept checkpoints live: host memory (the GPU holds only the engine) or the device."""
+    batch_invariant: bool = False
+    """vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1``, CUDA builds): an item's score no longer
+    depends on its batch neighbours, at some speed cost."""
 
 
 class DevSpec(_Strict):
@@ -152,6 +155,9 @@ class PipelineConfig(_Strict):
     )
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    rescore_items: int = Field(32, ge=0)
+    """Test items per task of the ExMe model scored again in another batch composition (0: off); the report
+    shows how many changed."""
     backend: Literal["hf", "vllm"] = "hf"
     """Evaluation engine: the live transformers module (hf) or one vLLM engine with weights swapped in (vllm)."""
     vllm: VllmSpec = Field(default_factory=VllmSpec)

@@ -454,6 +454,8 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
                 tested = stages.test(runner, chosen)
             rows = tested.rows
             runner.note_missing_samples(rows)
+            with runner.timed("rescore"):
+                rescored = _rescore(runner, chosen, rows)
             if runner.dev_split is not None:
                 with runner.timed("confirm"):
                     confirmed = stages.confirm(runner, chosen)
@@ -473,6 +475,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             collapse={"margin": config.collapse.margin, "stop_on_collapse": config.alpha.stop_on_collapse,
                       "flagged": [r.name for r in rows if r.collapsed],
                       "evaluations_saved": sum(c.saved for c in extrapolated.choices)},
+            rescore=rescored,
         )
         save_results(runner.results(**parts), out)
         if write_model:
@@ -501,6 +504,26 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
         runner.close()
 
 # ---------------------------------------------------------------------- helpers
+def _rescore(runner: Runner, chosen: Sequence[stages.Chosen], rows: Sequence[FinalRow]) -> dict[str, Any] | None:
+    """The ExMe row's test items re-scored on a seeded sample in another batch composition
+    (:mod:`exme.evaluate.determinism`): how many change, the noise floor under the paired intervals."""
+    config = runner.config
+    n = config.rescore_items
+    pick = next(((c, r) for c, r in zip(chosen, rows) if r.kind == "exme" and not r.failed and r.test.per_item), None)
+    if not n or pick is None or "items" not in inspect.signature(runner.evaluator.evaluate).parameters:
+        return None
+    from exme.evaluate.determinism import rescore_sample
+
+    candidate, row = pick
+    runner.write(candidate.candidate)
+    result = rescore_sample(
+        runner.evaluator, runner.target(), runner.tokenizer, {t: dict(v) for t, v in row.test.per_item.items()},
+        model=row.name, n=n, seed=config.seed, backend=config.backend,
+        batch_invariant=config.backend == "vllm" and config.vllm.batch_invariant,
+    )
+    return result.model_dump()
+
+
 def _flag_collapsed(rows: list[FinalRow], margin: float) -> list[FinalRow]:
     flagged = verdict.collapse_flags(rows, margin)
     return [r.model_copy(update={"collapsed": True}) if r.name in flagged else r for r in rows]
@@ -521,6 +544,8 @@ def _fingerprint(config: PipelineConfig, split: stages.DevSplit | None = None) -
         parts["confirm_fraction"] = split.confirm_fraction
     if config.backend != "hf":  # absent for hf, so existing hf studies keep their names
         parts["backend"] = config.backend
+        if config.vllm.batch_invariant:  # other kernels, other roundings
+            parts["batch_invariant"] = True
     text = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

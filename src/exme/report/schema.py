@@ -132,3 +132,4 @@ class RunResults(_Strict):
     dev_split: dict[str, Any] = Field(default_factory=dict)
     collapse: dict[str, Any] = Field(default_factory=dict)  # margin, flagged rows, evaluations saved
     threads: int | None = None  # torch threads the run used
+    rescore: dict[str, Any] | None = None  # exme.evaluate.determinism.Rescore: items changed when re-scored

@@ -89,7 +89,8 @@ class VLLMBackend:
 
     Options pass through to ``vllm.LLM``: ``device`` (``cpu`` or ``cuda``…), ``dtype``,
     ``gpu_memory_utilization``, ``tensor_parallel_size``, ``max_model_len``; ``kv_cache_gib``
-    sizes the KV cache on a CPU (``VLLM_CPU_KVCACHE_SPACE``, unless already set).
+    sizes the KV cache on a CPU (``VLLM_CPU_KVCACHE_SPACE``, unless already set);
+    ``batch_invariant`` turns on vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1``, CUDA).
     """
 
     name = "vllm"
@@ -107,6 +108,7 @@ class VLLMBackend:
         kv_cache_gib: float = 1.0,
         seed: int = 0,
         module: Any = None,
+        batch_invariant: bool = False,
     ):
         require_vllm()
         self.model_path = Path(model_path)
@@ -119,6 +121,15 @@ class VLLMBackend:
                 "in-process engine, which runs one worker; use 1"
             )
         _check_device(device)
+        if batch_invariant:
+            # vLLM's batch-invariant mode swaps in kernels whose reduction order does not depend on
+            # the batch (its GPU worker turns them on); the CPU build has none, so say so.
+            if device.startswith("cpu"):
+                raise ExmeError(
+                    "vllm.batch_invariant: vLLM's batch-invariant kernels run on CUDA GPUs, not with device cpu; "
+                    "remove batch_invariant (the report's re-score shows the batch noise instead)"
+                )
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if device == "cpu" or device.startswith("cpu"):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
