@@ -2,6 +2,7 @@
 
 Run:  PYTHONPATH=src python benchmarks/bench_eval.py [--quick]
       .venv-vllm/bin/python benchmarks/bench_eval.py --backends [--quick]   (HF vs vLLM backends)
+      .venv-vllm/bin/python benchmarks/bench_eval.py --memory               (peak RSS of a vLLM search)
 
 ``--backends`` compares the evaluation backends instead (it needs vLLM: ``make venv-vllm``):
 the ~100M model is saved to a temporary folder, one vLLM engine is started on it, and the same
@@ -282,6 +283,120 @@ def bench_backends(args) -> None:
     print(f"load average (1 min) before/after: {info['load_avg_1min_before_after']} on {info['cpus']} CPUs")
 
 
+# ---------------------------------------------------------------- memory of a vLLM search
+MEMORY_SHAPE = dict(hidden_size=768, num_layers=12, intermediate_size=2048, num_heads=12)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_variant(variant: str, folder: Path) -> dict:
+    """One variant in this (fresh) process: peak RSS above the RSS after imports.
+
+    ``engine``: the vLLM engine alone (its weights, KV cache and runtime). ``module``: what a vLLM
+    search held before the engine-only live model: a live model with a transformers module holding
+    θ_b, two checkpoints and the candidate, the engine beside it, one candidate applied and loaded.
+    ``sink``: the engine-only live model (meta-device shell, candidates streamed into the engine).
+    """
+    import resource
+
+    import vllm  # noqa: F401  (imports counted in the baseline)
+    import transformers  # noqa: F401
+
+    from exme.evaluate.backends.vllm import VLLMBackend, start_live
+    from exme.search.live import LiveModel
+
+    base, sfts = folder / "base", [folder / "sft1", folder / "sft2"]
+    baseline = _rss_bytes()
+    t0 = time.perf_counter()
+    if variant == "engine":
+        engine = VLLMBackend(base, dtype="float32", kv_cache_gib=1)
+    elif variant == "module":
+        from exme.evaluate.backends import LiveTarget
+
+        live = LiveModel.load(base, dtype="float32")
+        live.set_models(sfts)
+        target = LiveTarget("vllm", lambda: live, model_path=base, dtype="float32", kv_cache_gib=1)
+        live.apply([0.8, 0.5])
+        engine = target()
+    else:
+        live, engine = start_live(base, dtype="float32", kept=2, kv_cache_gib=1)
+        live.set_models(sfts)
+        live.apply([0.8, 0.5])
+    swaps = []
+    if variant != "engine":
+        for coeffs in ([1.2, 0.3], [0.4, 0.9]):
+            t1 = time.perf_counter()
+            live.apply(coeffs)
+            if variant == "module":
+                target()
+            swaps.append(time.perf_counter() - t1)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "baseline_rss": baseline, "peak_rss": peak, "above_baseline": peak - baseline,
+            "swap_s": swaps, "wall_s": wall}
+
+
+def bench_memory(args) -> None:
+    """Peak RSS of a vLLM search's live state as a multiple of the model's bytes, before and after."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaForCausalLM
+
+    from exme.testing import make_finetuned
+
+    folder = Path(args.memory_dir)
+    if not (folder / "sft2" / "config.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tok = char_tokenizer()
+        torch.manual_seed(0)
+        cfg = tiny_llama_config(vocab_size=32000, **MEMORY_SHAPE)
+        LlamaForCausalLM(cfg).save_pretrained(folder / "base")
+        tok.save_pretrained(folder / "base")
+        for k in (1, 2):
+            make_finetuned(folder / "base", folder / f"sft{k}", seed=k, scale=0.002)
+    from exme.io import Checkpoint
+
+    ckpt = Checkpoint.open(folder / "base")
+    model_bytes = sum(ckpt.spec(n).numel * ckpt.spec(n).dtype.itemsize for n in ckpt.names)
+    load_before = os.getloadavg()
+    rows = {}
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    for variant in ("engine", "module", "sink"):
+        proc = subprocess.run([sys.executable, __file__, "--memory-variant", variant, "--memory-dir", str(folder)],
+                              capture_output=True, text=True, env=env)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
+        rows[variant] = json.loads(line[7:])
+        rows[variant]["copies_above_baseline"] = rows[variant]["above_baseline"] / model_bytes
+        print(json.dumps(rows[variant]), flush=True)
+    engine_extra = rows["engine"]["above_baseline"] - model_bytes  # KV cache and runtime, not weights
+    for variant in ("module", "sink"):
+        rows[variant]["model_copies"] = (rows[variant]["above_baseline"] - engine_extra) / model_bytes
+    info = {"model_bytes": model_bytes, "shape": MEMORY_SHAPE, "kept": 2, "cpus": os.cpu_count(),
+            "load_avg_1min_before_after": [load_before[0], os.getloadavg()[0]],
+            "vllm": __import__("vllm").__version__, "torch": torch.__version__, **rows}
+    out = args.json.with_name("bench_eval_memory.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=2) + "\n")
+    gib = 2**30
+    print(f"\nmodel {model_bytes / gib:.2f} GiB (float32), K = 2 kept checkpoints; peak RSS above the post-import baseline:")
+    print("| state held | peak RSS above baseline (GiB) | in model copies | model copies (engine's KV cache and runtime taken out) |")
+    print("|---|---|---|---|")
+    print(f"| engine alone | {rows['engine']['above_baseline'] / gib:.2f} | {rows['engine']['copies_above_baseline']:.2f} | 1 (by definition) |")
+    for variant, label in (("module", "before: transformers module beside the engine"), ("sink", "after: engine-only live model")):
+        r = rows[variant]
+        print(f"| {label} | {r['above_baseline'] / gib:.2f} | {r['copies_above_baseline']:.2f} | {r['model_copies']:.2f} |")
+    print(f"load average (1 min) before/after: {info['load_avg_1min_before_after']} on {info['cpus']} CPUs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer items (a smoke run)")
@@ -295,7 +410,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("benchmarks/_work/bench_eval.json"))
     parser.add_argument("--backends", action="store_true", help="HF vs vLLM backends on the ~100M model (needs vLLM)")
     parser.add_argument("--no-lm-eval", action="store_true", help="skip lm-eval's vLLM model as a peer")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak RSS of a vLLM search's live state (needs vLLM), before and after the engine-only live model")
+    parser.add_argument("--memory-dir", default="/tmp/exme-bench/memory", help="where the --memory models are built once")
+    parser.add_argument("--memory-variant", help=argparse.SUPPRESS)  # internal: one variant in a fresh process
     args = parser.parse_args()
+    if args.memory_variant:
+        print("RESULT " + json.dumps(memory_variant(args.memory_variant, Path(args.memory_dir))), flush=True)
+        return
+    if args.memory:
+        bench_memory(args)
+        return
     if args.backends:
         bench_backends(args)
         return
