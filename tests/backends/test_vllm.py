@@ -256,3 +256,87 @@ def _drop(response, specials):
     for token in specials:
         response = response.replace(token, "")
     return response
+
+
+def test_shared_contexts_read_the_prefix_cache_and_score_as_without_it(engine, tokenizer, vllm_models):
+    """Multiple choice with long shared contexts: each context is prefilled once and the choices
+    read its cached blocks; the log-likelihoods equal those computed without the cache."""
+    from exme.evaluate.lm import Continuation
+
+    engine.load_weights(list(_hf(vllm_models.a).state_dict().items()))
+    preamble = "Choose the word that best completes the sentence, and think about it carefully first. " * 4
+    reqs = []
+    for i in range(6):
+        ctx = tuple(tokenizer(f"{preamble}Sentence {i}: the sky is")["input_ids"])
+        assert len(ctx) > 2 * engine.block_size
+        for choice in (" blue", " green", " blue today", " bl"):  # " blue" and " blue today" share a prefix
+            reqs.append(Continuation(ctx, tuple(tokenizer(choice, add_special_tokens=False)["input_ids"])))
+    engine.prefix_reuse = False
+    plain = engine.loglikelihood(reqs)
+    engine.prefix_reuse = True
+    engine.reset_cache()
+    reused = engine.loglikelihood(reqs)
+    assert [g for _, g in reused] == [g for _, g in plain]
+    assert max(abs(a - b) for (a, _), (b, _) in zip(reused, plain)) < 1e-4
+    hf = [lp for lp, _ in __import__("exme.evaluate.lm", fromlist=["x"]).continuation_logprobs(_hf(vllm_models.a), reqs)]
+    assert max(abs(a - b) for (a, _), b in zip(reused, hf)) < 1e-4
+
+
+def test_engine_only_live_model_serves_what_the_merge_engine_writes(engine, tokenizer, vllm_models, tmp_path):
+    """No transformers module: the candidate is streamed tensor by tensor into the running engine,
+    which then answers exactly as a fresh engine started on the merge engine's output folder."""
+    import shutil
+
+    from exme.evaluate.backends.vllm import VLLMBackend
+    from exme.merge.config import MergeConfig
+    from exme.merge.engine import run_merge
+    from exme.pipeline import exme_coefficients
+    from exme.search.live import LiveModel
+
+    weights, alphas = [0.6, 0.4], [0.5, 0.3]
+    live = LiveModel.load(vllm_models.a, shell=True)
+    live.sink = engine.load_weights
+    live.set_models([vllm_models.b, vllm_models.c])
+    live.apply(exme_coefficients(weights, alphas))
+    prefix = "Answer each question with one short word and nothing else at all. " * 6
+    prompts = [tokenizer(f"{prefix}Question {i}: which colour?\nAnswer:")["input_ids"] for i in range(6)]
+    cont = tuple(tokenizer(" red", add_special_tokens=False)["input_ids"])
+    served = _serve(engine, tokenizer, prompts, cont)
+
+    config = MergeConfig.model_validate({
+        "merge_method": "exme", "base_model": str(vllm_models.a), "dtype": "float32", "out_dtype": "float32",
+        "models": [{"model": str(vllm_models.b), "parameters": {"weight": weights[0], "alpha": alphas[0]}},
+                   {"model": str(vllm_models.c), "parameters": {"weight": weights[1], "alpha": alphas[1]}}],
+    })
+    merged = run_merge(config, tmp_path / "merged", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (vllm_models.a / name).exists() and not (merged / name).exists():
+            shutil.copy(vllm_models.a / name, merged / name)
+    fresh = VLLMBackend(merged, dtype="float32")
+    assert served == _serve(fresh, tokenizer, prompts, cont)
+    live.apply_base()
+    assert _serve(engine, tokenizer, prompts, cont) != served  # the swap really changed the answers
+    del fresh
+
+
+def test_pipeline_with_lm_eval_tasks_on_vllm_makes_the_choices_of_hf(vllm_models, lm_eval_tasks, tmp_path):
+    pytest.importorskip("lm_eval")
+    from exme.pipeline.config import PipelineConfig
+    from exme.pipeline.run import run_pipeline
+
+    results = {}
+    for backend in ("hf", "vllm"):
+        config = PipelineConfig.from_dict({
+            "base": str(vllm_models.a), "checkpoints": [str(vllm_models.b), str(vllm_models.c)],
+            "suite": "lm-eval:exme_lm_mc,exme_lm_ll", "lm_eval_include_path": [str(lm_eval_tasks)],
+            "top_k": 2, "alpha": {"grid": [0.0, 1.0]}, "beta": {"grid": [0.3, 0.7]}, "baselines": [],
+            "dtype": "float32", "backend": backend, "dev": {"confirm_fraction": 0}, "output": str(tmp_path / backend),
+        })
+        results[backend] = run_pipeline(config, progress=False, write_model=False, report=False)
+    hf, vl = results["hf"], results["vllm"]
+    assert [(r.name, r.kept) for r in hf.ranking] == [(r.name, r.kept) for r in vl.ranking]
+    for a, b in zip(hf.alpha_search + [hf.beta_search], vl.alpha_search + [vl.beta_search]):
+        assert (a.name, a.best_params) == (b.name, b.best_params)
+    for a, b in zip(hf.final, vl.final):
+        assert a.name == b.name and a.test.per_item == b.test.per_item
+    assert vl.rescore is not None and vl.rescore["backend"] == "vllm"

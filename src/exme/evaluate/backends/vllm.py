@@ -157,6 +157,8 @@ class VLLMBackend:
         self.tokenizer = self.llm.get_tokenizer()
         self.module = module  # the transformers module holding the same weights, when there is one
         self.swaps = 0
+        self.block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size or 16)
+        self.prefix_reuse = True  # shared contexts prefilled once in loglikelihood (see there)
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -226,21 +228,50 @@ class VLLMBackend:
         """Continuation log-likelihoods from the engine's prompt log-probabilities.
 
         Each request is one prompt (context + continuation) generating a single token; vLLM returns
-        the log-probability and rank of every prompt token, and the continuation's are summed (rank
-        1 everywhere = greedy). A sequence longer than the window keeps its last tokens.
+        the log-probability and rank of every prompt token it computed, and the continuation's are
+        summed (rank 1 everywhere = greedy). A sequence longer than the window keeps its last tokens.
+
+        Why contexts are prefilled first: a multiple-choice item sends the same context once per
+        choice, and vLLM does not read its prefix cache for a request that asks for prompt
+        log-probabilities (cached positions get none). Those positions are never needed here, only
+        the continuation's, so each context shared by several requests is run once (its KV blocks
+        enter the cache) and the requests then read the cache (``skip_reading_prefix_cache=False``):
+        a k-choice item costs about one context plus k continuations instead of k contexts. A
+        request whose cache hit reached into its continuation (``num_cached_tokens``; another
+        request shared more than the context) is scored again without the cache, so every
+        continuation token's log-probability is always computed.
         """
         from vllm import SamplingParams
 
         if not requests:
             return []
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
         window = self.max_model_len - 1  # room for the one generated token
         prompts, n_scored = [], []
         for req in requests:
             full = (list(req.context) + list(req.continuation))[-window:]
             prompts.append({"prompt_token_ids": full})
             n_scored.append(min(len(req.continuation), len(full) - 1))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        # Contexts (minus their last token, whose KV the first continuation token's log-probability needs)
+        # that several requests share and that span at least one cache block.
+        counts: dict[tuple[int, ...], int] = {}
+        for prompt, k in zip(prompts, n_scored):
+            ctx = tuple(prompt["prompt_token_ids"][: len(prompt["prompt_token_ids"]) - k - 1])
+            counts[ctx] = counts.get(ctx, 0) + 1
+        shared = [list(c) for c, n in counts.items() if n > 1 and len(c) >= self.block_size]
+        reuse = bool(shared) and self.prefix_reuse
+        if reuse:
+            warm = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
+            self.llm.generate([{"prompt_token_ids": c} for c in shared], warm, use_tqdm=False)
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False,
+                                skip_reading_prefix_cache=not reuse)
+        outputs = list(self.llm.generate(prompts, params, use_tqdm=False))
+        if reuse:
+            redo = [i for i, (out, prompt, k) in enumerate(zip(outputs, prompts, n_scored))
+                    if (out.num_cached_tokens or 0) > len(prompt["prompt_token_ids"]) - k - 1]
+            if redo:
+                again = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+                for i, out in zip(redo, self.llm.generate([prompts[i] for i in redo], again, use_tqdm=False)):
+                    outputs[i] = out
         results: list[tuple[float, bool]] = []
         for out, prompt, k in zip(outputs, prompts, n_scored):
             ids = prompt["prompt_token_ids"]
