@@ -34,7 +34,7 @@ def eval_command(
     output_path: Optional[Path] = typer.Option(
         None, "--output_path", "--output-path", metavar="DIR", help="Write the same JSON as DIR/results.json (lm-eval's spelling)."
     ),
-    backend: str = typer.Option("hf", "--backend", help="Evaluation engine: hf (transformers) or vllm (suite tasks)."),
+    backend: str = typer.Option("hf", "--backend", help="Evaluation engine: hf (transformers) or vllm (suite and lm-eval tasks)."),
     include_path: Optional[list[Path]] = typer.Option(
         None, "--include-path", help="A folder of lm-eval task YAML files (repeatable), as lm-eval's --include_path."
     ),

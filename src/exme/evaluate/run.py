@@ -106,7 +106,7 @@ def evaluate_folder(
     """Scores of the model in ``model_dir`` on ``split`` (``"both"`` = dev and test), optionally written as JSON.
 
     The backend and the evaluator are checked first, so a missing package or a bad suite fails
-    before the model is read. ``backend="vllm"`` serves suite tasks from one vLLM engine
+    before the model is read. ``backend="vllm"`` serves suite and lm-eval tasks from one vLLM engine
     (``engine_options``: ``gpu_memory_utilization``, ``tensor_parallel_size``, ``max_model_len``,
     ``kv_cache_gib``). ``log_samples`` (a folder) writes ``samples_<split>.jsonl`` there: one line
     per item with its record, the model's output and its score (as lm-eval's ``--log_samples``;

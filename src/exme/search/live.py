@@ -292,7 +292,12 @@ class LiveModel:
             self._check_finite(what)
             return
         bad: list[str] = []
-        self.sink(self._stream(work, bad))
+        try:
+            self.sink(self._stream(work, bad))
+        except Exception:
+            if not bad:
+                raise
+            # The cut stream left the engine short of tensors (an engine may refuse that): the base follows.
         if bad:
             self.apply_base()
             raise self._non_finite(what, bad[0])
