@@ -66,6 +66,8 @@ def build_model(kind: str, vocab: int):
 
     if kind == "tiny":
         config = tiny_llama_config(vocab_size=vocab)
+    elif kind == "small":  # ~3M parameters: the engine's per-request work shows beside the forward passes
+        config = tiny_llama_config(vocab_size=vocab, hidden_size=256, num_layers=4, intermediate_size=1024, num_heads=8)
     else:  # ~100M parameters, Llama-style (GQA, SwiGLU, RMSNorm)
         config = tiny_llama_config(vocab_size=vocab, hidden_size=768, num_layers=16, intermediate_size=2048, num_heads=12)
     return LlamaForCausalLM(config).eval()
@@ -295,7 +297,7 @@ def bench_backends(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         suite = build_data(folder, n_gen, n_mc)
-        model = build_model("100M", len(tok))
+        model = build_model(args.size, len(tok))
         base = folder / "base"
         model.save_pretrained(base)
         tok.save_pretrained(base)
@@ -303,7 +305,7 @@ def bench_backends(args) -> None:
         for k in (1, 2):  # two "fine-tunes": the base plus seeded noise
             with torch.no_grad():
                 tuned = {n: p + 0.01 * torch.randn(p.shape, generator=gen) for n, p in model.state_dict().items()}
-            copy = build_model("100M", len(tok))
+            copy = build_model(args.size, len(tok))
             copy.load_state_dict(tuned)
             copy.save_pretrained(folder / f"sft{k}")
             del copy, tuned
@@ -367,12 +369,13 @@ def bench_backends(args) -> None:
         "transformers": __import__("transformers").__version__,
         "batch": args.batch,
         "repeats": args.repeats,
+        "size": args.size,
         **rows,
     }
     out = args.json.with_name("bench_eval_backends.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=2) + "\n")
-    print(f"\n100M model ({rows['params'] / 1e6:.0f}M params, random init), vLLM engine start {rows['engine_start_s']:.1f} s")
+    print(f"\n{args.size} model ({rows['params'] / 1e6:.0f}M params, random init), vLLM engine start {rows['engine_start_s']:.1f} s")
     print("| task | items | HF batched items/s | vLLM items/s | vLLM / HF | lm-eval vLLM items/s |")
     print("|---|---|---|---|---|---|")
     for task in ("gen", "mc"):
@@ -518,6 +521,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("benchmarks/_work/bench_eval.json"))
     parser.add_argument("--backends", action="store_true", help="HF vs vLLM backends on the ~100M model (needs vLLM)")
     parser.add_argument("--no-lm-eval", action="store_true", help="skip lm-eval's vLLM model as a peer")
+    parser.add_argument("--size", default="100M", choices=["small", "100M"], help="--backends: the model (default ~100M)")
     parser.add_argument("--memory", action="store_true",
                         help="peak RSS of a vLLM search's live state (needs vLLM), before and after the engine-only live model")
     parser.add_argument("--memory-dir", default="/tmp/exme-bench/memory", help="where the --memory models are built once")
