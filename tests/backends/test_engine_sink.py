@@ -24,7 +24,6 @@ class Sink:
     def __init__(self):
         self.weights: dict[str, torch.Tensor] = {}
         self.loads = 0
-        self.peak_in_flight = 0
 
     def __call__(self, weights):
         self.loads += 1

@@ -261,7 +261,7 @@ def _drop(response, specials):
 def test_shared_contexts_read_the_prefix_cache_and_score_as_without_it(engine, tokenizer, vllm_models):
     """Multiple choice with long shared contexts: each context is prefilled once and the choices
     read its cached blocks; the log-likelihoods equal those computed without the cache."""
-    from exme.evaluate.lm import Continuation
+    from exme.evaluate.lm import Continuation, continuation_logprobs
 
     engine.load_weights(list(_hf(vllm_models.a).state_dict().items()))
     preamble = "Choose the word that best completes the sentence, and think about it carefully first. " * 4
@@ -278,7 +278,7 @@ def test_shared_contexts_read_the_prefix_cache_and_score_as_without_it(engine, t
     reused = engine.loglikelihood(reqs)
     assert [g for _, g in reused] == [g for _, g in plain]
     assert max(abs(a - b) for (a, _), (b, _) in zip(reused, plain)) < 1e-4
-    hf = [lp for lp, _ in __import__("exme.evaluate.lm", fromlist=["x"]).continuation_logprobs(_hf(vllm_models.a), reqs)]
+    hf = [lp for lp, _ in continuation_logprobs(_hf(vllm_models.a), reqs)]
     assert max(abs(a - b) for (a, _), b in zip(reused, hf)) < 1e-4
 
 
