@@ -20,6 +20,9 @@ from exme.evaluate import Suite, SuiteEvaluator
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 MAX_CHANGED = 1  # items per task and split whose outcome may differ between engines
+# Second engines (fresh ones, lm-eval's own) stay alive until the module ends: tearing an in-process
+# vLLM engine down resets vLLM's process-wide parallel state, which breaks the shared ``engine``.
+_ALIVE: list = []
 GENERATIVE = ("gsm", "gen", "mbpp")
 
 
@@ -129,7 +132,7 @@ def test_swapped_in_candidate_equals_a_fresh_engine_started_on_it(engine, tokeni
     assert swapped[0] == expected[0]
     assert swapped[1] == expected[1]
     assert served_a[0] != expected[0]  # A and B really answer differently on these prompts
-    del fresh
+    _ALIVE.append(fresh)
 
 
 def test_shared_contexts_read_the_prefix_cache_and_score_as_without_it(engine, tokenizer, vllm_models):
@@ -190,11 +193,9 @@ def test_engine_only_live_model_serves_what_the_merge_engine_writes(engine, toke
     assert served == _serve(fresh, tokenizer, prompts, cont)
     live.apply_base()
     assert _serve(engine, tokenizer, prompts, cont) != served  # the swap really changed the answers
-    del fresh
+    _ALIVE.append(fresh)
 
 
-# The test that builds lm-eval's own VLLM model comes last among those using the shared engine:
-# tearing that second in-process engine down resets vLLM's process-wide parallel state.
 def test_lm_eval_tasks_on_the_engine_give_lm_eval_vllm_and_hflm_responses(engine, tokenizer, vllm_models, lm_eval_tasks):
     """Every output type (multiple choice, generation, loglikelihood, rolling) through exme's
     engine, document by document, against lm-eval's own VLLM model on a fresh engine and HFLM."""
@@ -211,7 +212,7 @@ def test_lm_eval_tasks_on_the_engine_give_lm_eval_vllm_and_hflm_responses(engine
     peer = _lm_eval_vllm_class()(pretrained=str(vllm_models.a), dtype="float32", batch_size="auto",
                                  enable_prefix_caching=True, seed=0)
     theirs = lm_eval_responses(peer, lm_eval_tasks)
-    del peer
+    _ALIVE.append(peer)
     # lm-eval's two models decode differently: VLLM keeps special tokens in the text, HFLM drops them.
     specials = [t for t in tokenizer.all_special_tokens if t]
     plain = {t: {d: [_drop(r, specials) for r in rs] for d, rs in docs.items()} for t, docs in ours.items()}
