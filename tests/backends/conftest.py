@@ -76,3 +76,89 @@ def all_kinds_suite(tmp_path_factory) -> Path:
         "  - {name: mbpp, kind: mbpp, data: mbpp.jsonl, max_new_tokens: 24}\n"
     )
     return suite
+
+
+# ---------------------------------------------------------------- lm-eval tasks over local data
+LM_EVAL_TASKS = ("exme_lm_mc", "exme_lm_gen", "exme_lm_ll", "exme_lm_ppl")
+LM_WORDS = ["one", "two", "red", "cat", "sun", "map", "dog", "ice", "owl", "pen", "sea", "tea"]
+
+
+@pytest.fixture(scope="session")
+def lm_eval_tasks(tmp_path_factory) -> Path:
+    """A folder of lm-eval task YAMLs over local JSONL, one per output type (multiple choice,
+    greedy generation, loglikelihood, rolling loglikelihood), with a shared long preamble so
+    prompts share prefixes as real few-shot prompts do."""
+    root = tmp_path_factory.mktemp("lm_eval_tasks")
+    pre = "Read the question and answer it with one short word. "
+    mc = [{"question": f"{pre}What follows {w}?", "choices": [w[::-1], w + "s", "the end", w.upper() + "!"], "label": i % 4}
+          for i, w in enumerate(LM_WORDS)]
+    gen = [{"question": f"{pre}Spell {w} backwards.", "answer": w[::-1]} for w in LM_WORDS]
+    ppl = [{"text": f"The {w} is {'big' if i % 2 else 'small'}, and the {LM_WORDS[i - 1]} is next to it."} for i, w in enumerate(LM_WORDS)]
+    for name, rows in (("mc", mc), ("gen", gen), ("ppl", ppl)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = "dataset_path: json\ntest_split: test\n"
+    (root / "exme_lm_mc.yaml").write_text(
+        f"task: exme_lm_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n"
+    )
+    (root / "exme_lm_gen.yaml").write_text(
+        f"task: exme_lm_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'gen.jsonl'}\n"
+        "output_type: generate_until\n"
+        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["\\n", "Q:"]\n  max_gen_toks: 12\n  do_sample: false\n'
+        "metric_list:\n  - {metric: exact_match, aggregation: mean, higher_is_better: true}\n"
+    )
+    (root / "exme_lm_ll.yaml").write_text(
+        f"task: exme_lm_ll\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'gen.jsonl'}\n"
+        "output_type: loglikelihood\n"
+        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: " {{answer}}"\n'
+        "metric_list:\n  - {metric: perplexity, aggregation: perplexity, higher_is_better: false}\n"
+        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+    )
+    (root / "exme_lm_ppl.yaml").write_text(
+        f"task: exme_lm_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'ppl.jsonl'}\n"
+        "output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - {metric: word_perplexity}\n  - {metric: byte_perplexity}\n  - {metric: bits_per_byte}\n"
+    )
+    return root
+
+
+def lm_eval_responses(lm, folder: Path, tasks=LM_EVAL_TASKS) -> dict[str, dict[int, list]]:
+    """``{task: {doc_id: [response per request]}}`` from lm-eval's logged samples for ``lm`` (an lm-eval model)."""
+    import logging
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, log_samples=True,
+                                  bootstrap_iters=0, verbosity="ERROR")
+    return {t: {s["doc_id"]: [r[0] for r in s["resps"]] for s in out["samples"][t]} for t in tasks}
+
+
+def count_changed(ours: dict, theirs: dict, *, atol: float = 1e-4) -> dict[str, int]:
+    """Per task, how many documents' responses differ: log-likelihoods beyond ``atol`` (or a
+    different greedy flag) and generated texts that are not identical. Every log-likelihood is
+    also checked to ``10 * atol``: only a near-tie may flip a flag."""
+    changed = {}
+    for task, docs in theirs.items():
+        assert set(ours[task]) == set(docs), task
+        n = 0
+        for doc, resps in docs.items():
+            differs = False
+            for a, b in zip(ours[task][doc], resps, strict=True):
+                if isinstance(b, str):
+                    differs |= a != b
+                    continue
+                b_ll, b_greedy = (b, None) if isinstance(b, float) else b
+                a_ll, a_greedy = (a, None) if isinstance(a, float) else a
+                assert abs(a_ll - b_ll) <= 10 * atol * max(1.0, abs(b_ll)), (task, doc, a, b)
+                differs |= abs(a_ll - b_ll) > atol * max(1.0, abs(b_ll)) or a_greedy != b_greedy
+            n += differs
+        changed[task] = n
+    return changed

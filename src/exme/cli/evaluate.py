@@ -34,7 +34,7 @@ def eval_command(
     output_path: Optional[Path] = typer.Option(
         None, "--output_path", "--output-path", metavar="DIR", help="Write the same JSON as DIR/results.json (lm-eval's spelling)."
     ),
-    backend: str = typer.Option("hf", "--backend", help="Evaluation engine: hf (transformers) or vllm (suite tasks)."),
+    backend: str = typer.Option("hf", "--backend", help="Evaluation engine: hf (transformers) or vllm (suite and lm-eval tasks)."),
     backend_option: Optional[list[str]] = typer.Option(
         None, "--backend-option", metavar="KEY=VALUE",
         help="An engine option of the backend (repeatable), e.g. --backend-option max_model_len=2048 for vllm; "

@@ -1,8 +1,12 @@
 """lm-evaluation-harness tasks scored on the live model (optional extra: ``pip install exme[lm-eval]``).
 
-The live model object is wrapped in ``lm_eval``'s ``HFLM`` (never reloaded from disk), and each
-task's evaluation documents are divided into dev and test by the same seeded permutation a suite
-uses; ``simple_evaluate(samples=...)`` then scores exactly the documents of the asked split.
+On ``backend: hf`` the live ``transformers`` module is wrapped in ``lm_eval``'s own ``HFLM`` (never
+reloaded from disk). On any other backend (the held vLLM engine) :class:`BackendLM` serves lm-eval's
+model interface (``loglikelihood``, ``loglikelihood_rolling``, ``generate_until``) from exme's
+:class:`~exme.evaluate.backends.Backend`, tokenizing as lm-eval's ``VLLM`` model does, so the same
+engine that scores suite tasks scores lm-eval tasks with candidates swapped in place. Each task's
+evaluation documents are divided into dev and test by the same seeded permutation a suite uses;
+``simple_evaluate(samples=...)`` then scores exactly the documents of the asked split.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from urllib.parse import urlparse
 
 from exme.errors import ExmeError
 from exme.evaluate.evaluator import Capabilities
+from exme.evaluate.lm import Continuation
 from exme.evaluate.scores import Scores
 from exme.evaluate.suite import SplitRule, split_indices
 
@@ -160,6 +165,194 @@ def primary_metric(metrics: dict[str, Any], preferred: str | None = None) -> tup
     return key, numeric[key]
 
 
+# What each lm-eval output type asks of a backend (the Backend method that answers it).
+OUTPUT_TYPE_NEEDS = {
+    "loglikelihood": "loglikelihood",
+    "multiple_choice": "loglikelihood",
+    "loglikelihood_rolling": "loglikelihood",
+    "generate_until": "generate",
+}
+
+
+def _backend_class(name: str) -> Any:
+    """The class behind a backend name, imported without starting anything."""
+    if name == "hf":
+        from exme.evaluate.backends.hf import HFBackend
+
+        return HFBackend
+    if name == "vllm":
+        from exme.evaluate.backends.vllm import VLLMBackend
+
+        return VLLMBackend
+    return None
+
+
+def _samples(gen_kwargs: dict[str, Any] | None) -> bool:
+    """Whether lm-eval generation kwargs ask for sampled (not greedy) generation."""
+    kwargs = dict(gen_kwargs or {})
+    temperature = kwargs.get("temperature")
+    if kwargs.get("do_sample") is True:
+        return temperature is None or float(temperature) > 0.0
+    return temperature is not None and float(temperature) > 0.0 and kwargs.get("do_sample") is not False
+
+
+def unservable(task: str, output_type: str, gen_kwargs: dict[str, Any] | None, backend: str) -> str | None:
+    """Why ``backend`` cannot serve this lm-eval task, or ``None`` when it can.
+
+    ``hf`` runs lm-eval's own ``HFLM`` (every output type, sampling included). Any other backend
+    serves lm-eval through :class:`BackendLM`: each output type needs one Backend method, and its
+    generation is greedy, so a task that samples would be scored differently from what it asks.
+    """
+    if backend == "hf":
+        return None
+    need = OUTPUT_TYPE_NEEDS.get(output_type)
+    if need is None:
+        return f"output type {output_type!r} is not one exme serves ({', '.join(OUTPUT_TYPE_NEEDS)})"
+    cls = _backend_class(backend)
+    if cls is not None and not callable(getattr(cls, need, None)):
+        return f"output type {output_type} needs {need}(), which backend {backend} does not offer"
+    if output_type == "generate_until" and _samples(gen_kwargs):
+        return "it samples (do_sample/temperature in its generation_kwargs), and exme's engines generate greedily"
+    return None
+
+
+def _gen_settings(gen_kwargs: dict[str, Any], default_max: int) -> tuple[list[str], int]:
+    """(stop strings, max new tokens) from lm-eval generation kwargs (``until``, ``max_gen_toks`` and its aliases)."""
+    until = gen_kwargs.get("until")
+    stops = [until] if isinstance(until, str) else list(until or [])
+    for key in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"):
+        if gen_kwargs.get(key) is not None:
+            return stops, int(gen_kwargs[key])
+    return stops, default_max
+
+
+_BACKEND_LM: Any = None
+
+
+def backend_lm(backend: Any, tokenizer: Any, *, max_gen_toks: int = 256) -> Any:
+    """lm-eval's model interface over an exme :class:`~exme.evaluate.backends.Backend`.
+
+    Built on lm-eval's ``TemplateLM``, which turns (context, continuation) strings into token ids
+    as every lm-eval causal model does (trailing spaces of the context move to the continuation;
+    an empty context is the prefix token); the scoring then runs through the backend:
+
+    * ``loglikelihood``/``multiple_choice``: ``Backend.loglikelihood`` (the sum and the greedy flag);
+    * ``loglikelihood_rolling``: lm-eval's disjoint rolling windows, each scored as a continuation;
+    * ``generate_until``: greedy ``Backend.generate`` with the task's ``until`` plus the EOS text
+      as stop strings, the text cut again at the first stop (as lm-eval does).
+
+    Tokenization follows lm-eval's ``VLLM`` model (the tokenizer's own special tokens, none added
+    to a string that already starts with the BOS text; the prefix token is BOS, else EOS), and on
+    the vLLM engine generated text keeps special tokens as that model's does.
+    """
+    global _BACKEND_LM
+    if _BACKEND_LM is None:
+        _BACKEND_LM = _make_backend_lm()
+    return _BACKEND_LM(backend, tokenizer, max_gen_toks=max_gen_toks)
+
+
+def _make_backend_lm() -> Any:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from exme.evaluate.extract import truncate_at_stop
+
+    class BackendLM(TemplateLM):
+        def __init__(self, backend: Any, tokenizer: Any, *, max_gen_toks: int = 256):
+            super().__init__()
+            self.engine = backend
+            self.tokenizer = tokenizer
+            self.max_gen_toks = max_gen_toks
+            window = getattr(backend, "max_model_len", None)
+            if window is None:
+                from exme.evaluate.lm import max_context
+
+                window = max_context(getattr(backend, "module", None))
+            self.max_length = int(window)
+            # An engine that scores a prompt by generating one token after it needs room for that token.
+            self._rolling_len = self.max_length - (2 if hasattr(backend, "max_model_len") else 0)
+            self._generate_opts = {"skip_special_tokens": False} if getattr(backend, "name", "") == "vllm" else {}
+
+        @property
+        def eot_token_id(self) -> int:
+            return self.tokenizer.eos_token_id
+
+        @property
+        def prefix_token_id(self) -> int:
+            bos = self.tokenizer.bos_token_id
+            return bos if bos is not None else self.tokenizer.eos_token_id
+
+        @property
+        def tokenizer_name(self) -> str:
+            return str(getattr(self.tokenizer, "name_or_path", "tokenizer")).replace("/", "__")
+
+        def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+            return self.tokenizer.apply_chat_template(
+                chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=not add_generation_prompt,
+            )
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+            if not string:
+                return []
+            if add_special_tokens is None:
+                bos = self.tokenizer.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
+                if bos and string.startswith(bos):
+                    add_special_tokens = False  # the text carries its BOS already (a chat template's)
+            opts = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+            return list(self.tokenizer(string, **opts)["input_ids"])
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+            conts = [Continuation(tuple(ctx), tuple(cont)) for _, ctx, cont in requests]
+            results = [(float(lp), bool(greedy)) for lp, greedy in self.engine.loglikelihood(conts)]
+            for (key, _, _), answer in zip(requests, results):
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+            return results
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            windows: list[tuple[int, list[int], list[int]]] = []
+            for index, req in enumerate(requests):
+                tokens = self.tok_encode(req.args[0])
+                pairs = get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self._rolling_len, context_len=1,
+                )
+                windows.extend((index, *make_disjoint_window(pair)) for pair in pairs)
+            scored = self._loglikelihood_tokens([(None, ctx, cont) for _, ctx, cont in windows])
+            totals = [0.0] * len(requests)
+            for (index, _, _), (logp, _) in zip(windows, scored):
+                totals[index] += logp
+            for req, total in zip(requests, totals):
+                self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+            return totals
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            eos = self.tokenizer.decode(self.eot_token_id) if self.eot_token_id is not None else None
+            eos = eos or getattr(self.tokenizer, "eos_token", None)
+            groups: dict[str, list[int]] = {}
+            for i, req in enumerate(requests):
+                groups.setdefault(repr(sorted(dict(req.args[1]).items())), []).append(i)
+            out = [""] * len(requests)
+            for indices in groups.values():
+                gen_kwargs = dict(requests[indices[0]].args[1])
+                if _samples(gen_kwargs):
+                    raise ExmeError(
+                        f"lm-eval task {requests[indices[0]].task_name!r} asks for sampled generation; "
+                        f"backend {self.engine.name} generates greedily; use backend hf"
+                    )
+                stops, max_new = _gen_settings(gen_kwargs, self.max_gen_toks)
+                if eos and eos not in stops:
+                    stops.append(eos)
+                prompts = [self.tok_encode(requests[i].args[0]) for i in indices]
+                rows = self.engine.generate(prompts, max_new_tokens=max_new, stop=stops, **self._generate_opts)
+                for i, row in zip(indices, rows):
+                    out[i] = truncate_at_stop(row.text, stops)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+            return out
+
+    return BackendLM
+
+
 class LmEvalEvaluator:
     """Named lm-eval tasks on the live model, split into dev/test by a seeded permutation of their docs."""
 
@@ -198,6 +391,7 @@ class LmEvalEvaluator:
         self.apply_chat_template = apply_chat_template
         self._task_manager = None
         self._indices: dict[str, dict[str, list[int]]] | None = None
+        self._requests: dict[str, tuple[str, dict[str, Any]]] = {}  # task → (output type, generation kwargs)
 
     @classmethod
     def from_spec(cls, names: str, **opts: Any) -> "LmEvalEvaluator":
@@ -232,6 +426,14 @@ class LmEvalEvaluator:
                 f"lm-eval has no task {', '.join(repr(m) for m in missing)} (looked in {where}){hint}; "
                 "check the name, or give the folder of your task YAML with --include-path"
             )
+
+    def check_backend(self, backend: str) -> None:
+        """Every task can be served by ``backend`` (one line naming the first that cannot), before any engine starts."""
+        self.split_indices()
+        for name, (output_type, gen_kwargs) in self._requests.items():
+            why = unservable(name, output_type, gen_kwargs, backend)
+            if why is not None:
+                raise ExmeError(f"lm-eval task {name!r} cannot run on backend {backend}: {why}; use backend hf for it")
 
     # -- tasks and their split (data only: cached across calls) --
 
@@ -276,6 +478,11 @@ class LmEvalEvaluator:
                 ) from None
             indices: dict[str, dict[str, list[int]]] = {"dev": {}, "test": {}}
             for name, task in leaves.items():
+                config = getattr(task, "config", None)
+                self._requests[name] = (
+                    str(getattr(task, "OUTPUT_TYPE", None) or getattr(config, "output_type", "")),
+                    dict(getattr(config, "generation_kwargs", None) or {}),
+                )
                 n_docs = len(list(task.eval_docs))
                 dev, test = split_indices(n_docs, self.rule, name)
                 indices["dev"][name], indices["test"][name] = sorted(dev), sorted(test)
@@ -311,7 +518,8 @@ class LmEvalEvaluator:
 
         check_split(split)
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
+
+        from exme.evaluate.backends import Backend
 
         indices = self.split_indices()
         # "all": every document (dev then test order does not matter to lm-eval), as published full-set numbers.
@@ -319,11 +527,20 @@ class LmEvalEvaluator:
         positions = {t: list((items or {}).get(t, range(len(ix)))) for t, ix in by_task.items()}
         positions = {t: pos[:limit] if limit else pos for t, pos in positions.items()}
         samples = {t: [by_task[t][i] for i in pos] for t, pos in positions.items()}
-        was_training = getattr(model, "training", False)
-        model.eval()
+        engine = model if isinstance(model, Backend) and model.name != "hf" else None
+        module = model.module if isinstance(model, Backend) and engine is None else model
+        was_training = engine is None and getattr(module, "training", False)
+        if engine is None:
+            module.eval()
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         try:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+            if engine is None:
+                from lm_eval.models.huggingface import HFLM
+
+                lm = HFLM(pretrained=module, tokenizer=tokenizer, batch_size=self.batch_size)
+            else:
+                self.check_backend(engine.name)
+                lm = backend_lm(engine, tokenizer)
             output = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=self.task_names,
@@ -338,7 +555,7 @@ class LmEvalEvaluator:
             )
         finally:
             if was_training:
-                model.train()
+                module.train()
         results = output["results"]
         tasks: dict[str, float] = {}
         details: dict[str, dict[str, Any]] = {}

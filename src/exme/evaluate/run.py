@@ -108,7 +108,7 @@ def evaluate_folder(
     The backend, its options and the evaluator are checked first, so a missing package, a bad
     option or a bad suite fails before the model is read. ``backend`` names an entry of
     :data:`exme.evaluate.backends.REGISTRY`; ``engine_options`` are validated by its options model
-    (``vllm``: ``gpu_memory_utilization``, ``tensor_parallel_size``, ``max_model_len``,
+    (``vllm``, which serves suite and lm-eval tasks: ``gpu_memory_utilization``, ``tensor_parallel_size``, ``max_model_len``,
     ``kv_cache_gib``). ``log_samples`` (a folder) writes ``samples_<split>.jsonl`` there: one line
     per item with its record, the model's output and its score (as lm-eval's ``--log_samples``;
     evaluators that keep per-item records, i.e. suites).
@@ -132,6 +132,9 @@ def evaluate_folder(
     refusal = entry.refusal(parsed.kind, str(spec))
     if refusal:
         raise ExmeError(f"{refusal}; use --backend hf")
+    check = getattr(evaluator, "check_backend", None)  # lm-eval: every task's output type servable by the backend
+    if check is not None:
+        check(backend)  # before the engine starts
     if entry.factory is None:
         model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
     else:

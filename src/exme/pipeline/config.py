@@ -203,6 +203,9 @@ class PipelineConfig(_Strict):
     backend: str = "hf"
     """Evaluation engine, a name in ``exme.evaluate.backends.REGISTRY``: the live transformers module (hf)
     or one vLLM engine with weights swapped in (vllm)."""
+    rescore_items: int = Field(32, ge=0)
+    """Test items per task of the ExMe model scored again in another batch composition (0: off); the report
+    shows how many changed."""
     vllm: VllmSpec = Field(default_factory=VllmSpec)
     """The vllm backend's options (its own section, kept from before backends had a registry)."""
     backend_options: dict[str, Any] | None = None

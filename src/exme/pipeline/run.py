@@ -93,6 +93,9 @@ class Runner:
 
             evaluator = load_evaluator(config.evaluator_spec())
         self.evaluator = evaluator
+        check_backend = getattr(evaluator, "check_backend", None)  # lm-eval: every task servable on the engine
+        if check_backend is not None:
+            check_backend(config.backend)
         self._check_log_samples()
         self.notes: list[str] = []
         self.dev_split = self._divide_dev()
@@ -107,6 +110,7 @@ class Runner:
         self._live: Any = None
         self._tokenizer: Any = None
         self._target: Any = None
+        self._engine: Any = None  # backend vllm: the engine the live model writes into
         self._store: StudyStore | None = None
         self.inputs: Any = None  # the preflight report: what every input's files were when checked
         self.bars = _Bars(progress)
@@ -187,7 +191,17 @@ class Runner:
         if self._live is None:
             from exme.search.live import LiveModel
 
-            self._live = LiveModel.load(self.config.base, dtype=self.config.dtype, device=self.config.device)
+            c = self.config
+            if c.backend == "vllm":  # one live copy: candidates stream into the engine, no transformers module
+                from exme.evaluate.backends.vllm import start_live
+
+                opts = c.engine_options()
+                self._live, self._engine = start_live(
+                    c.base, dtype=c.dtype, device=c.device, seed=c.seed, kept=c.top_k, store=opts.pop("store"),
+                    tokenizer_path=getattr(self.tokenizer, "name_or_path", None) or None, **opts,
+                )
+            else:
+                self._live = LiveModel.load(c.base, dtype=c.dtype, device=c.device)
         return self._live
 
     @property
@@ -400,6 +414,7 @@ class Runner:
             self._target = LiveTarget(
                 c.backend, lambda: self.live, model_path=c.base, device=c.device, dtype=c.dtype, seed=c.seed,
                 tokenizer_path=getattr(self.tokenizer, "name_or_path", None) or None, **c.engine_options(),
+                engine=self._engine if self.live is not None else None,
             )
         return self._target()
 
@@ -615,6 +630,8 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             costs.stage_done("test")
             rows = tested.rows
             runner.note_missing_samples(rows)
+            with runner.timed("rescore"):
+                rescored = _rescore(runner, chosen, rows)
             if runner.dev_split is not None:
                 with runner.timed("confirm"):
                     confirmed = stages.confirm(runner, chosen)
@@ -636,6 +653,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
             collapse={"margin": config.collapse.margin, "stop_on_collapse": config.alpha.stop_on_collapse,
                       "flagged": [r.name for r in rows if r.collapsed],
                       "evaluations_saved": sum(c.saved for c in extrapolated.choices)},
+            rescore=rescored,
         )
         _save(runner.results(**parts), out)
         final_name = "ExMe" if module is None else stages.MODULE_ROW
@@ -681,12 +699,26 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
         runner.close()
 
 # ---------------------------------------------------------------------- helpers
-def _save(results: RunResults, out: Path) -> None:
-    """results.json, with a disk fault as one line (the evaluations stay in the study)."""
-    from exme.io.writer import write_faults
+def _rescore(runner: Runner, chosen: Sequence[stages.Chosen], rows: Sequence[FinalRow]) -> dict[str, Any] | None:
+    """The ExMe row's test items re-scored on a seeded sample in another batch composition
+    (:mod:`exme.evaluate.determinism`): how many change, the noise floor under the paired intervals."""
+    config = runner.config
+    n = config.rescore_items
+    pick = next(((c, r) for c, r in zip(chosen, rows) if r.kind == "exme" and not r.failed and r.test.per_item), None)
+    from exme.evaluate import capabilities_of
 
-    with write_faults(out / "results.json"):
-        save_results(results, out)
+    if not n or pick is None or not capabilities_of(runner.evaluator).subset:
+        return None
+    from exme.evaluate.determinism import rescore_sample
+
+    candidate, row = pick
+    runner.write(candidate.candidate)
+    result = rescore_sample(
+        runner.evaluator, runner.target(), runner.tokenizer, {t: dict(v) for t, v in row.test.per_item.items()},
+        model=row.name, n=n, seed=config.seed, backend=config.backend,
+        batch_invariant=bool(config.engine_options().get("batch_invariant", False)),
+    )
+    return result.model_dump()
 
 
 def _flag_collapsed(rows: list[FinalRow], margin: float) -> list[FinalRow]:
@@ -709,6 +741,8 @@ def _fingerprint(config: PipelineConfig, split: stages.DevSplit | None = None) -
         parts["confirm_fraction"] = split.confirm_fraction
     if config.backend != "hf":  # absent for hf, so existing hf studies keep their names
         parts["backend"] = config.backend
+        if config.engine_options().get("batch_invariant"):  # other kernels, other roundings
+            parts["batch_invariant"] = True
     text = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -737,6 +737,20 @@ def _module_section(results: RunResults, images: dict[str, str], weights: dict[s
     return "\n".join(lines)
 
 
+def _rescore_section(rescore: dict[str, Any]) -> str:
+    """How many of the chosen model's test items changed score when re-scored in another batch composition."""
+    sampled, changed = rescore.get("sampled", {}), rescore.get("changed", {})
+    table = md_table(["Task", "Items re-scored", "Changed"], [[t, sampled[t], changed.get(t, 0)] for t in sampled])
+    total, n = sum(changed.values()), sum(sampled.values())
+    kernels = " with batch-invariant kernels" if rescore.get("batch_invariant") else ""
+    return (
+        f"A seeded sample of {rescore.get('model')}'s {rescore.get('split', 'test')} items was scored again on its own "
+        f"(backend {rescore.get('backend')}{kernels}), so every batch held other neighbours than in the full pass: "
+        f"{total} of {n} items changed score. Batched kernels may sum in another order when a batch changes, "
+        "which can flip a near-tie; this is the noise floor under the paired intervals above.\n\n" + table
+    )
+
+
 def report_markdown(results: RunResults, images: dict[str, str]) -> str:
     """The whole ``report.md`` text; ``images`` maps plot keys to links relative to the report."""
     weights = task_weights(results.suite, _task_names(results))
@@ -756,6 +770,8 @@ def report_markdown(results: RunResults, images: dict[str, str]) -> str:
         sections.append(("Baselines", _baselines_section(results)))
     if results.final:
         sections.append(("Final table", _final_section(results, images)))
+    if results.rescore:
+        sections.append(("Re-scoring noise", _rescore_section(results.rescore)))
     if results.timings:
         sections.append(("Timings", _timings_section(results)))
     if results.notes:

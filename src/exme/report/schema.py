@@ -137,3 +137,4 @@ class RunResults(_Strict):
     # Evaluations run (``evaluations``), candidates that read an equal model's score (``shared``), and
     # items scored per purpose (``items``: search, confirm, test), over every worker and resume.
     evaluations: dict[str, Any] = Field(default_factory=dict)
+    rescore: dict[str, Any] | None = None  # exme.evaluate.determinism.Rescore: items changed when re-scored

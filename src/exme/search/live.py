@@ -39,14 +39,21 @@ emits them), as ``exme merge`` leaves them out with ``tokenizer_source: base``.
 
 On a CPU the pass runs in 1 MiB chunks that stay in cache, so float32 temporaries never reach
 main memory.
+
+Where the weights go: by default into the ``transformers`` module's parameters. With a ``sink``
+(an engine's weight loader, e.g. the vLLM backend's ``load_weights``) no module holds weights: the
+module is a shell on the ``meta`` device that only names and shapes the parameters, and every
+candidate is computed tensor by tensor (the same arithmetic) and streamed into the sink, so the
+engine's copy is the only live copy: memory is (K + 2) × the model, engine included.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 
@@ -98,6 +105,8 @@ class LiveModel:
         workers: int | None = None,
         store: Literal["checkpoints", "float32-deltas"] = "checkpoints",
         lora_cache: Literal["auto"] | bool = "auto",
+        sink: Callable[[Iterable[tuple[str, torch.Tensor]]], None] | None = None,
+        hold_on: str | None = None,
     ):
         if lora_cache not in ("auto", True, False):
             raise ExmeError(f"lora_cache must be 'auto', true or false, got {lora_cache!r}")
@@ -106,6 +115,7 @@ class LiveModel:
             raise ExmeError(f"store must be 'checkpoints' or 'float32-deltas', got {store!r}")
         self.store = store
         self.model = model
+        self.sink = sink  # where candidates go when ``model`` is a meta-device shell (see the module docstring)
         self.workers = workers or torch.get_num_threads()
         self.base_path = Path(base_path)
         self.device = next(model.parameters()).device
@@ -113,7 +123,11 @@ class LiveModel:
         # named_parameters() yields a tied parameter once, under its first name.
         self.targets: dict[str, torch.nn.Parameter] = dict(model.named_parameters())
         self._shapes = {n: tuple(p.shape) for n, p in self.targets.items()}
-        self._hold_on = "cpu" if self.device.type == "cpu" else str(self.device)  # where θ_b, θᵢ live
+        if hold_on is None:
+            hold_on = "cpu" if self.device.type in ("cpu", "meta") else str(self.device)
+        self._hold_on = hold_on  # where θ_b, θᵢ live (and, with a sink, where candidates are computed)
+        if self.device.type == "meta":
+            self.device = torch.device(hold_on)
         self._base_ckpt = Checkpoint.open(self.base_path)
         self._align([])  # the base itself must hold every parameter of the model, in its shape
         self.base = {n: self._base_ckpt.get(n, self._hold_on) for n in self.targets}
@@ -130,11 +144,19 @@ class LiveModel:
         device: str = "cpu",
         store: Literal["checkpoints", "float32-deltas"] = "checkpoints",
         lora_cache: Literal["auto"] | bool = "auto",
+        shell: bool = False,
     ) -> "LiveModel":
         """Load the base model once with ``from_pretrained`` (in ``dtype`` on ``device``); see ``store``
-        and ``lora_cache`` above."""
+        and ``lora_cache`` above.
+
+        ``shell``: build the module on the ``meta`` device instead (names, shapes, dtype and tied
+        parameters, no weights) for a live model that writes into a ``sink``; the held tensors then
+        live on ``device``. Set ``sink`` before the first candidate is written.
+        """
         from exme.common import load_model
 
+        if shell:
+            return cls(meta_shell(base, dtype), base, store=store, hold_on=device, lora_cache=lora_cache)
         model = load_model(base, dtype=dtype, device=device)
         return cls(model, base, store=store, lora_cache=lora_cache)
 
@@ -256,16 +278,20 @@ class LiveModel:
             h = self._held[self.model_paths.index(path)]
         else:  # tensor by tensor: never a second copy of the model in memory
             h = self._align([path])[0]
-        for name, p in self.targets.items():
+        def one(name: str, p: torch.Tensor, bufs: dict[str, torch.Tensor] | None = None) -> None:
             p.copy_(self._theta(h, name) if h.lazy else h.tensors[name])
-        self._check_finite(f"checkpoint {path}")
+
+        self._write(one, f"checkpoint {path}", parallel=False)
         self.current = ("checkpoint", str(path))
 
     @torch.no_grad()
     def apply_base(self) -> None:
         """Put the base weights back (cast to the model's dtype)."""
-        for name, p in self.targets.items():
-            p.copy_(self.base[name])
+        if self.sink is not None:
+            self.sink((name, self.base[name].to(self.dtype)) for name in self.targets)
+        else:
+            for name, p in self.targets.items():
+                p.copy_(self.base[name])
         self.current = ("base",)
 
     @torch.no_grad()
@@ -299,14 +325,63 @@ class LiveModel:
             cs = flat if table is None else table[name]
             methods.combine_into(p.data, self.base[name], tensors, cs, deltas=deltas, chunk=chunk, bufs=bufs)
 
-        if self.device.type != "cpu":
-            for name, p in self.targets.items():
-                one(name, p, {})
-        else:
-            self._cpu_parallel(one)
         shown = flat if table is None else dict(zip(coeffs.rule.groups, coeffs.coeffs))  # type: ignore[union-attr]
-        self._check_finite(f"candidate θ_b + Σ cᵢΔᵢ with c = {shown}")
+        self._write(one, f"candidate θ_b + Σ cᵢΔᵢ with c = {shown}")
         self.current = ("coeffs", current)
+
+    def _write(self, work: Callable[..., None], what: str, *, parallel: bool = True) -> None:
+        """Run ``work(name, out, bufs)`` for every parameter, then refuse NaN/Inf weights.
+
+        Without a sink ``out`` is the module's parameter (CPU: one thread per core). With one, ``out``
+        is a fresh tensor per parameter, computed up to ``workers`` ahead on worker threads and
+        streamed to the sink in order; a non-finite tensor ends the stream, and the base is written
+        back before :class:`NonFiniteCandidate` is raised (the engine never keeps a half candidate).
+        """
+        if self.sink is None:
+            if self.device.type == "cpu" and parallel:
+                self._cpu_parallel(work)
+            else:
+                for name, p in self.targets.items():
+                    work(name, p, {})
+            self._check_finite(what)
+            return
+        bad: list[str] = []
+        try:
+            self.sink(self._stream(work, bad))
+        except Exception:
+            if not bad:
+                raise
+            # The cut stream left the engine short of tensors (an engine may refuse that): the base follows.
+        if bad:
+            self.apply_base()
+            raise self._non_finite(what, bad[0])
+
+    def _stream(self, work: Callable[..., None], bad: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every parameter, each computed by ``work`` into a fresh tensor."""
+        local = threading.local()
+
+        def compute(name: str) -> torch.Tensor:
+            if not hasattr(local, "bufs"):
+                local.bufs = {}
+            out = torch.empty(self._shapes[name], dtype=self.dtype, device=self._hold_on)
+            with torch.no_grad():
+                work(name, out, local.bufs)
+            return out
+
+        names, ahead = list(self.targets), max(1, self.workers)
+        with ThreadPoolExecutor(max_workers=ahead) as pool:
+            pending: deque = deque()
+            queued = 0
+            while queued < len(names) or pending:
+                while queued < len(names) and len(pending) <= ahead:  # at most ahead + 1 tensors in memory
+                    pending.append((names[queued], pool.submit(compute, names[queued])))
+                    queued += 1
+                name, future = pending.popleft()
+                tensor = future.result()
+                if not _finite(tensor):
+                    bad.append(name)
+                    return
+                yield name, tensor
 
     def _cpu_parallel(self, work: Callable[[str, torch.nn.Parameter, dict[str, torch.Tensor]], None]) -> None:
         """Run ``work`` over the tensors with one Python thread per core and torch's own threads off.
@@ -354,12 +429,7 @@ class LiveModel:
             out = spec.merge(base, self._model_tensors(name), **params, generator=generator, out_dtype=p.dtype)
             p.data.copy_(out)
 
-        if self.device.type == "cpu":
-            self._cpu_parallel(one)
-        else:
-            for name, p in self.targets.items():
-                one(name, p)
-        self._check_finite(f"{method} with {params}")
+        self._write(one, f"{method} with {params}")
         self.current = (method, tuple(sorted(params.items())), seed)
 
     def _check_finite(self, what: str) -> None:
@@ -368,15 +438,20 @@ class LiveModel:
         A finite sum means every element is finite, so the common case costs one reduction per tensor.
         """
         for name, p in self.targets.items():
-            if not bool(torch.isfinite(p.data.sum())) and not bool(torch.isfinite(p.data).all()):
+            if not _finite(p.data):
                 self.apply_base()
-                raise NonFiniteCandidate(
-                    f"{what}: tensor {name} has NaN or Inf in {str(self.dtype).removeprefix('torch.')} (an overflow, or a "
-                    "non-finite input); this candidate cannot be evaluated"
-                )
+                raise self._non_finite(what, name)
+
+    def _non_finite(self, what: str, name: str) -> NonFiniteCandidate:
+        return NonFiniteCandidate(
+            f"{what}: tensor {name} has NaN or Inf in {str(self.dtype).removeprefix('torch.')} (an overflow, or a "
+            "non-finite input); this candidate cannot be evaluated"
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The live weights by checkpoint tensor name (views, not copies)."""
+        """The live weights by checkpoint tensor name (views, not copies); with a sink, only the sink holds them."""
+        if self.sink is not None:
+            raise ExmeError("this live model writes its candidates into an engine and holds no weights of its own")
         return {name: p.data for name, p in self.targets.items()}
 
 
@@ -397,3 +472,34 @@ def _available_bytes(device: str) -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return 0  # unknown: "auto" then keeps the factors only
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf. A finite sum means every element is finite, so the common case is one reduction."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def meta_shell(base: str | Path, dtype: str = "auto") -> torch.nn.Module:
+    """The base's ``transformers`` module on the ``meta`` device: parameter names, shapes, dtype and
+    tying, without memory for weights (a live model that writes into an engine needs only these)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from exme.common import parse_dtype
+
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except Exception as err:  # noqa: BLE001 - any failure here is a model folder transformers cannot read
+        raise ExmeError(f"{base}: transformers cannot read this model's config ({err})".splitlines()[0]) from None
+    if dtype == "auto":
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(stored, str):
+            stored = getattr(torch, stored)
+        if not isinstance(stored, torch.dtype):
+            ckpt = Checkpoint.open(base)
+            stored = next((ckpt.spec(n).dtype for n in ckpt.names if ckpt.spec(n).dtype.is_floating_point), torch.float32)
+        torch_dtype = stored
+    else:
+        torch_dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    return model.eval()

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Literal, Any, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, Field, ValidationError
@@ -123,6 +123,11 @@ class VllmOptions(StrictModel):
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int | None = Field(None, ge=16)
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on a CPU (VLLM_CPU_KVCACHE_SPACE)")
+    store: Literal["host", "device"] = "host"
+    """Where a search holds the base and kept checkpoints: host memory (the GPU holds only the engine) or the device."""
+    batch_invariant: bool = False
+    """vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1``, CUDA builds): an item's score no longer
+    depends on its batch neighbours, at some speed cost."""
 
 
 #: What each evaluator-spec kind (:func:`exme.evaluate.parse_evaluator_spec`) is called in messages.
@@ -218,6 +223,7 @@ def check_backend(name: str) -> str:
 def _vllm_engine(model_path: str | Path, *, live: Any = None, **kwargs: Any) -> Any:
     from exme.evaluate.backends.vllm import VLLMBackend
 
+    kwargs.pop("store", None)  # where a search holds its tensors: read by start_live, not by the engine
     return VLLMBackend(model_path, module=None if live is None else live.model, **kwargs)
 
 
@@ -286,7 +292,7 @@ register_backend(BackendEntry(
 ))
 register_backend(BackendEntry(
     "vllm", "one in-process vllm.LLM held for the run; each candidate is loaded into it in place",
-    factory=_vllm_engine, options=VllmOptions, serves=frozenset({"suite"}),
-    why_not="lm-eval tasks and custom evaluators run on the transformers module", adapters=False,
+    factory=_vllm_engine, options=VllmOptions, serves=frozenset({"suite", "lm-eval"}),
+    why_not="custom evaluators run on the transformers module", adapters=False,
     require=lambda: require_vllm(),
 ))

@@ -89,7 +89,8 @@ class VLLMBackend:
 
     Options pass through to ``vllm.LLM``: ``device`` (``cpu`` or ``cuda``…), ``dtype``,
     ``gpu_memory_utilization``, ``tensor_parallel_size``, ``max_model_len``; ``kv_cache_gib``
-    sizes the KV cache on a CPU (``VLLM_CPU_KVCACHE_SPACE``, unless already set).
+    sizes the KV cache on a CPU (``VLLM_CPU_KVCACHE_SPACE``, unless already set);
+    ``batch_invariant`` turns on vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1``, CUDA).
     """
 
     name = "vllm"
@@ -107,6 +108,7 @@ class VLLMBackend:
         kv_cache_gib: float = 1.0,
         seed: int = 0,
         module: Any = None,
+        batch_invariant: bool = False,
     ):
         require_vllm()
         self.model_path = Path(model_path)
@@ -119,6 +121,15 @@ class VLLMBackend:
                 "in-process engine, which runs one worker; use 1"
             )
         _check_device(device)
+        if batch_invariant:
+            # vLLM's batch-invariant mode swaps in kernels whose reduction order does not depend on
+            # the batch (its GPU worker turns them on); the CPU build has none, so say so.
+            if device.startswith("cpu"):
+                raise ExmeError(
+                    "vllm.batch_invariant: vLLM's batch-invariant kernels run on CUDA GPUs, not with device cpu; "
+                    "remove batch_invariant (the report's re-score shows the batch noise instead)"
+                )
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if device == "cpu" or device.startswith("cpu"):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
@@ -146,12 +157,17 @@ class VLLMBackend:
         self.tokenizer = self.llm.get_tokenizer()
         self.module = module  # the transformers module holding the same weights, when there is one
         self.swaps = 0
+        self.block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size or 16)
+        self.prefix_reuse = True  # shared contexts prefilled once in loglikelihood (see there)
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load checkpoint-named tensors into the running model, then reset the prefix cache."""
-        pairs = list(weights)
-        self.llm.collective_rpc(_load_weights_rpc, args=(pairs,))
+        """Load checkpoint-named tensors into the running model, then reset the prefix cache.
+
+        ``weights`` is consumed lazily (the in-process worker iterates it), so a live model that
+        computes each tensor when asked never holds a second full copy of the model.
+        """
+        self.llm.collective_rpc(_load_weights_rpc, args=(iter(weights),))
         self.reset_cache()
         self.swaps += 1
 
@@ -161,7 +177,10 @@ class VLLMBackend:
             raise ExmeError("vLLM refused to reset its prefix cache; scores after a weight swap would be stale")
 
     def load_from(self, live) -> None:
-        """Serve the live model's current candidate (``exme.search.LiveModel``)."""
+        """Serve the live model's current candidate (``exme.search.LiveModel``); nothing to do
+        when the live model writes its candidates straight into this engine."""
+        if getattr(live, "sink", None) == self.load_weights:
+            return
         self.load_weights(live.state_dict().items())
 
     # ------------------------------------------------------------------ scoring
@@ -172,15 +191,19 @@ class VLLMBackend:
         max_new_tokens: int,
         stop: Sequence[str] = (),
         progress: Callable[[int], None] | None = None,
+        skip_special_tokens: bool = True,
     ) -> list[Generation]:
-        """Greedy completions; ``finish`` from vLLM's own reason (EOS, a stop string, or the limit)."""
+        """Greedy completions; ``finish`` from vLLM's own reason (EOS, a stop string, or the limit).
+
+        ``skip_special_tokens``: drop special tokens from the text, as the hf backend decodes
+        (suite tasks); lm-eval tasks keep them, as lm-eval's own ``VLLM`` model does."""
         from vllm import SamplingParams
 
         if not prompts:
             return []
         params = SamplingParams(
             temperature=0.0, max_tokens=max_new_tokens, stop=[s for s in stop if s] or None,
-            skip_special_tokens=True, detokenize=True,
+            skip_special_tokens=skip_special_tokens, detokenize=True,
         )
         limit = self.max_model_len - max_new_tokens
         inputs = [{"prompt_token_ids": list(p)[-limit:] if limit > 0 else list(p)} for p in prompts]
@@ -205,21 +228,50 @@ class VLLMBackend:
         """Continuation log-likelihoods from the engine's prompt log-probabilities.
 
         Each request is one prompt (context + continuation) generating a single token; vLLM returns
-        the log-probability and rank of every prompt token, and the continuation's are summed (rank
-        1 everywhere = greedy). A sequence longer than the window keeps its last tokens.
+        the log-probability and rank of every prompt token it computed, and the continuation's are
+        summed (rank 1 everywhere = greedy). A sequence longer than the window keeps its last tokens.
+
+        Why contexts are prefilled first: a multiple-choice item sends the same context once per
+        choice, and vLLM does not read its prefix cache for a request that asks for prompt
+        log-probabilities (cached positions get none). Those positions are never needed here, only
+        the continuation's, so each context shared by several requests is run once (its KV blocks
+        enter the cache) and the requests then read the cache (``skip_reading_prefix_cache=False``):
+        a k-choice item costs about one context plus k continuations instead of k contexts. A
+        request whose cache hit reached into its continuation (``num_cached_tokens``; another
+        request shared more than the context) is scored again without the cache, so every
+        continuation token's log-probability is always computed.
         """
         from vllm import SamplingParams
 
         if not requests:
             return []
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
         window = self.max_model_len - 1  # room for the one generated token
         prompts, n_scored = [], []
         for req in requests:
             full = (list(req.context) + list(req.continuation))[-window:]
             prompts.append({"prompt_token_ids": full})
             n_scored.append(min(len(req.continuation), len(full) - 1))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        # Contexts (minus their last token, whose KV the first continuation token's log-probability needs)
+        # that several requests share and that span at least one cache block.
+        counts: dict[tuple[int, ...], int] = {}
+        for prompt, k in zip(prompts, n_scored):
+            ctx = tuple(prompt["prompt_token_ids"][: len(prompt["prompt_token_ids"]) - k - 1])
+            counts[ctx] = counts.get(ctx, 0) + 1
+        shared = [list(c) for c, n in counts.items() if n > 1 and len(c) >= self.block_size]
+        reuse = bool(shared) and self.prefix_reuse
+        if reuse:
+            warm = SamplingParams(temperature=0.0, max_tokens=1, detokenize=False)
+            self.llm.generate([{"prompt_token_ids": c} for c in shared], warm, use_tqdm=False)
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False,
+                                skip_reading_prefix_cache=not reuse)
+        outputs = list(self.llm.generate(prompts, params, use_tqdm=False))
+        if reuse:
+            redo = [i for i, (out, prompt, k) in enumerate(zip(outputs, prompts, n_scored))
+                    if (out.num_cached_tokens or 0) > len(prompt["prompt_token_ids"]) - k - 1]
+            if redo:
+                again = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+                for i, out in zip(redo, self.llm.generate([prompts[i] for i in redo], again, use_tqdm=False)):
+                    outputs[i] = out
         results: list[tuple[float, bool]] = []
         for out, prompt, k in zip(outputs, prompts, n_scored):
             ids = prompt["prompt_token_ids"]
@@ -237,3 +289,76 @@ class VLLMBackend:
         self, documents: Sequence[Sequence[int]], *, progress: Callable[[int], None] | None = None
     ) -> list[tuple[float, int]]:
         return windowed_nll(self.loglikelihood, documents, self.max_model_len - 1, progress=progress)
+
+
+# ---------------------------------------------------------------- one live copy of the weights
+def host_memory_available() -> int | None:
+    """Bytes of memory the kernel could still give this process (``MemAvailable``), or ``None`` if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_host_memory(base: str | Path, *, held: int, engine_on_host: bool, dtype: str = "auto") -> int:
+    """One line with the bytes needed and available when the host cannot hold what ``store: host`` puts there.
+
+    Needed: ``held`` copies of the model (θ_b and the kept checkpoints, in their stored dtype) plus,
+    when the engine runs on the CPU, the engine's own copy in the evaluation dtype. Returns the
+    bytes needed. Checked from the checkpoint headers, before anything is read.
+    """
+    from exme.common import parse_dtype
+    from exme.io import Checkpoint
+
+    ckpt = Checkpoint.open(base)
+    stored = sum(ckpt.spec(n).numel * ckpt.spec(n).dtype.itemsize for n in ckpt.names)
+    width = parse_dtype(dtype).itemsize if dtype != "auto" else None
+    served = sum(ckpt.spec(n).numel * (width or ckpt.spec(n).dtype.itemsize) for n in ckpt.names)
+    needed = held * stored + (served if engine_on_host else 0)
+    available = host_memory_available()
+    if available is not None and needed > available:
+        gib = 1024**3
+        raise ExmeError(
+            f"vllm.store host: holding the base and the kept checkpoints{' beside the engine' if engine_on_host else ''} "
+            f"needs {needed / gib:.1f} GiB ({needed} bytes) of host memory, but {available / gib:.1f} GiB "
+            f"({available} bytes) is available; keep fewer checkpoints (top_k), free memory, or use vllm.store: device"
+        )
+    return needed
+
+
+def start_live(
+    base: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    store: str = "host",
+    kept: int = 2,
+    seed: int = 0,
+    tokenizer_path: str | Path | None = None,
+    **engine_options: Any,
+):
+    """(live model, engine) for a search on the vLLM engine with one live copy of the weights.
+
+    No ``transformers`` module holds weights: the live model is a meta-device shell whose
+    candidates (θ_b and the checkpoints or Δs, float32 arithmetic, one cast: bitwise the merge
+    engine's) are streamed tensor by tensor into the engine's parameters. ``store``: where θ_b and
+    the kept checkpoints live: ``host`` (CPU memory, so the GPU holds only the engine; checked to
+    fit before loading) or ``device`` (beside the engine, faster candidates, more device memory).
+    """
+    from exme.search.live import LiveModel
+
+    if store not in ("host", "device"):
+        raise ExmeError(f"vllm.store must be 'host' or 'device', got {store!r}")
+    on_cpu = device == "cpu" or device.startswith("cpu")
+    if store == "host" or on_cpu:
+        check_host_memory(base, held=1 + kept, engine_on_host=on_cpu, dtype=dtype)
+    live = LiveModel.load(base, dtype=dtype, device="cpu" if store == "host" else device, shell=True)
+    engine = VLLMBackend(
+        base, tokenizer_path=tokenizer_path, device=device, dtype=str(live.dtype).removeprefix("torch."),
+        seed=seed, **engine_options,
+    )
+    live.sink = engine.load_weights
+    return live, engine
