@@ -61,7 +61,7 @@ def test_pipeline_backend_vllm_without_vllm_fails_at_validation(no_vllm, tiny_mo
 
 
 def test_pipeline_backend_vllm_refuses_what_it_cannot_serve(tiny_models, tmp_path):
-    with pytest.raises(ExmeError, match="backend vllm scores suite YAML and lm-eval tasks, not 'mypkg.objective:score'"):
+    with pytest.raises(ExmeError, match="backend vllm scores suite YAML tasks and lm-eval tasks only, not 'mypkg.objective:score'"):
         _config(tiny_models, tmp_path, backend="vllm", suite="mypkg.objective:score")
     with pytest.raises(ExmeError, match="vllm settings are given but backend is hf"):
         _config(tiny_models, tmp_path, vllm={"max_model_len": 256})

@@ -699,6 +699,14 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
         runner.close()
 
 # ---------------------------------------------------------------------- helpers
+def _save(results: RunResults, out: Path) -> None:
+    """results.json, with a disk fault as one line (the evaluations stay in the study)."""
+    from exme.io.writer import write_faults
+
+    with write_faults(out / "results.json"):
+        save_results(results, out)
+
+
 def _rescore(runner: Runner, chosen: Sequence[stages.Chosen], rows: Sequence[FinalRow]) -> dict[str, Any] | None:
     """The ExMe row's test items re-scored on a seeded sample in another batch composition
     (:mod:`exme.evaluate.determinism`): how many change, the noise floor under the paired intervals."""
