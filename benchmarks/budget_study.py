@@ -78,16 +78,18 @@ def run_budget(seed_dir: Path, base: Path, data: Any, seed: int, fraction: float
     started = time.perf_counter()
     _, trained = prepare_sft(workdir, base, data, settings, seed, progress=False)
     times["sft"] = time.perf_counter() - started
-    results_path = output / "results.json"
-    if trained and output.exists():
+    results_path, done = output / "results.json", workdir / "pipeline_done.json"
+    if trained:
         import shutil
 
-        shutil.rmtree(output)  # records of an older SFT run must not be read back
-    if not results_path.is_file():
+        done.unlink(missing_ok=True)
+        shutil.rmtree(output, ignore_errors=True)  # records of an older SFT run must not be read back
+    if not done.is_file():  # results.json alone may be a stage's partial save: the run resumes from its study
         started = time.perf_counter()
         config = PipelineConfig.from_yaml(write_pipeline_yaml(workdir, base, data, output, settings, seed))
         run_pipeline(config, progress=False, evaluator=demo_evaluator(data.suite), write_model=False)
         times["pipeline"] = time.perf_counter() - started
+        done.write_text(json.dumps({"seconds": times["pipeline"], "load_1min_end": os.getloadavg()[0]}))
     return json.loads(results_path.read_text()), times
 
 
