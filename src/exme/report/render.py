@@ -334,9 +334,9 @@ def _paired_outcome(results: RunResults, exme: FinalRow) -> list[str]:
                                f"paired 95% CI {fmt_delta(head.ci_low)} to {fmt_delta(head.ci_high)}, {p_text(head)}",
                                items))
         if no_disagreement(head):
-            parts.append(f"The two models gave the same score on every one of the {head.n} test items: no item "
-                         "tells them apart, so nothing could be told apart and the smallest difference this test "
-                         "set could detect is undefined (there is no disagreement to size it from).")
+            parts.append(f"The two models gave the same score on every one of the {head.n} test items, so nothing "
+                         "could be told apart: the smallest difference this test set could detect is undefined "
+                         "(there is no disagreement to size it from).")
         elif head.verdict == NO_DIFFERENCE and head.ci_low <= 0 <= head.ci_high:
             parts.append("The interval includes 0: this test set cannot tell the two models apart, whatever the "
                          "sign of the difference.")
