@@ -174,6 +174,14 @@ def test_a_tie_at_the_top_goes_to_the_sft_checkpoint_and_names_the_tie():
     assert "nothing could be told apart" not in rec.reason
 
 
+def test_a_tie_without_an_sft_checkpoint_goes_to_the_earlier_row_and_the_base_last():
+    top = [1.0] * 5 + [0.0] * 7
+    rows = _tie_rows({"base": top, "SFT-1": [1.0] * 2 + [0.0] * 10, "SFT-2": [0.0] * 12, "EXPO-1": top[::-1],
+                      "ExMe": [0.0] * 12})
+    rec = recommend(rows, compare(rows, {"t": 1.0}, split="confirm", n_resamples=200, seed=0), PATHS)
+    assert rec.name == "EXPO-1" and "tied with base (ties go to the SFT checkpoint, else to the earlier row" in rec.reason
+
+
 def test_without_a_tie_the_best_confirm_score_wins_even_if_it_is_the_base():
     rows = _tie_rows({"base": [1.0] * 7 + [0.0] * 5, "SFT-1": [1.0] * 6 + [0.0] * 6, "SFT-2": [0.0] * 12,
                       "EXPO-1": [0.0] * 12, "ExMe": [0.0] * 12})

@@ -147,7 +147,9 @@ def recommend(rows: Sequence[FinalRow], comparisons: Sequence[Comparison], paths
             reason = (f"best dev score ({top:.4f}); no confirm split was held out, so this score is the one the "
                       "searches maximised and flatters the searched models")
         if tied:
-            reason += f"; tied with {', '.join(tied)} (ties go to the SFT checkpoint)"
+            rule = ("ties go to the SFT checkpoint" if row.kind == "sft" else
+                    "ties go to the SFT checkpoint, else to the earlier row of the table, the base last")
+            reason += f"; tied with {', '.join(tied)} ({rule})"
         return Recommendation(name=row.name, path=paths.get(row.name), reason=reason + "." + note)
     return None
 
