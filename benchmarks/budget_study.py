@@ -189,6 +189,22 @@ def _over_seeds(xs: list[float]) -> str:
     return f"{_signed(mean)} [{_signed(mean - half)}, {_signed(mean + half)}]"
 
 
+def tabulate(args: argparse.Namespace) -> None:
+    """The table over the seeds whose every budget's pipeline finished; the others are named, not run."""
+    summaries, missing = {}, []
+    for seed in args.seeds:
+        seed_dir = args.work / ("quick" if args.quick else "full") / f"seed{seed}"
+        dirs = {f: seed_dir / f"budget{round(f * 100):03d}" for f in args.budgets}
+        if not all((d / "pipeline_done.json").is_file() for d in dirs.values()):
+            missing.append(seed)
+            continue
+        per_budget = {f: json.loads((d / "run" / "results.json").read_text()) for f, d in dirs.items()}
+        summaries[seed] = seed_summary(per_budget, seed)
+    print(f"Finished seeds: {sorted(summaries) or 'none'}; not finished: {missing or 'none'}.\n")
+    if summaries:
+        print(tables(summaries))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -196,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work" / "budget")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tabulate", action="store_true",
+                        help="train and evaluate nothing: print the table of the seeds whose budgets all finished")
     args = parser.parse_args(argv)
     if max(args.budgets) != 1.0 or not all(0 < b <= 1 for b in args.budgets):
         raise SystemExit("--budgets: fractions in (0, 1], and 1.0 among them (the full run every budget is compared with)")
@@ -205,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from exme.demo.run import prepare_base, prepare_data
 
+    if args.tabulate:
+        tabulate(args)
+        return
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     load0, started_all = os.getloadavg()[0], time.perf_counter()
