@@ -69,7 +69,9 @@ class FinetuneConfig(BaseModel):
     seed: int = 0
     device: str = Field("cpu", description="cpu, cuda, mps or auto (the best available).")
     save_optimizer: bool = Field(False, description="Also save optimizer/scheduler state (resumable, ~3x larger).")
-    logging_steps: int = Field(10, gt=0)
+    logging_steps: int | None = Field(
+        None, gt=0, description="Log the training loss every this many steps; default: every step for runs of up "
+        "to 100 steps, else about 100 points over the run (the first step is always logged).")
     progress: bool = True
     force: bool = Field(False, description="Replace checkpoint-* folders already in output.")
     lora_r: int | None = Field(None, gt=0, description="Train a LoRA adapter of this rank instead of every weight.")
@@ -117,6 +119,19 @@ class FinetuneResult:
     output: Path
     checkpoints: list[Path]
     loss_history: list[tuple[int, float]]
+
+
+def loss_summary(history: list[tuple[int, float]]) -> str | None:
+    """The run's loss in one line: first and last logged losses with their steps, or the one there is.
+
+    A run with a single logged step says so rather than printing that step twice as "first -> last".
+    """
+    if not history:
+        return None
+    (s0, l0), (s1, l1) = history[0], history[-1]
+    if s0 == s1:
+        return f"training loss {l0:.4f} (step {s0}; the only logged step)"
+    return f"training loss {l0:.4f} (step {s0}) -> {l1:.4f} (step {s1}), {len(history)} logged steps"
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -334,25 +349,39 @@ def _planned_checkpoint_bytes(model: Any, config: FinetuneConfig, n_examples: in
     weights = sum(p.numel() * p.element_size() for p in params)
     if config.save_optimizer:
         weights += 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    if config.max_steps is not None:
-        total = config.max_steps
-    else:
-        batches = math.ceil(n_examples / config.batch_size)
-        total = math.ceil(math.ceil(batches / config.gradient_accumulation_steps) * (config.epochs or 1.0))
+    total = _total_steps(config, n_examples)
     saves = total // config.save_steps + (1 if total % config.save_steps else 0)
     return max(1, saves) * weights
+
+
+def _total_steps(config: FinetuneConfig, n_examples: int) -> int:
+    """Optimizer steps the run will take: ``max_steps``, or the epochs' batches over accumulation."""
+    if config.max_steps is not None:
+        return config.max_steps
+    batches = math.ceil(n_examples / config.batch_size)
+    return math.ceil(math.ceil(batches / config.gradient_accumulation_steps) * config.epochs)
 
 
 def _warmup_steps(config: FinetuneConfig, n_examples: int) -> int:
     """Warmup as a step count (transformers versions disagree on how a ratio is passed)."""
     if config.warmup_ratio == 0:
         return 0
-    if config.max_steps is not None:
-        total = config.max_steps
-    else:
-        batches = math.ceil(n_examples / config.batch_size)
-        total = math.ceil(math.ceil(batches / config.gradient_accumulation_steps) * config.epochs)
-    return math.ceil(total * config.warmup_ratio)
+    return math.ceil(_total_steps(config, n_examples) * config.warmup_ratio)
+
+
+LOG_POINTS = 100  # loss points of a long run's curve when logging_steps is not given
+
+
+def logging_steps(config: FinetuneConfig, n_examples: int) -> int:
+    """Steps between two logged losses: the user's ``logging_steps``, else 1 up to ``LOG_POINTS`` steps
+    and ``ceil(total / LOG_POINTS)`` beyond.
+
+    Why: a fixed 10 left short runs (a real LoRA SFT of a few dozen slow steps) with one logged loss
+    or none, so the run's summary could not say whether the loss went down.
+    """
+    if config.logging_steps is not None:
+        return config.logging_steps
+    return max(1, math.ceil(_total_steps(config, n_examples) / LOG_POINTS))
 
 
 def _with_lora(model: Any, config: FinetuneConfig, model_dir: Path) -> Any:
@@ -435,7 +464,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         save_strategy="steps",
         save_steps=config.save_steps,
         save_only_model=not config.save_optimizer,
-        logging_steps=config.logging_steps,
+        logging_steps=logging_steps(config, len(encoded)),
+        logging_first_step=True,  # the summary's first loss is the untrained model's, at step 1
         seed=config.seed,
         use_cpu=config.device == "cpu",
         report_to="none",

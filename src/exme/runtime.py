@@ -34,6 +34,22 @@ def set_verbose(verbose: bool) -> None:
         hf_logging.disable_progress_bar()
     for name in ("lm_eval", "lm-eval", "optuna"):
         logging.getLogger(name).setLevel(logging.INFO if _VERBOSE else logging.WARNING)
+    _quiet_library_deprecations(not _VERBOSE)
+
+
+# Deprecation notices the libraries raise about their own internals (e.g. transformers'
+# "`is_gradient_checkpointing` is deprecated" during a PEFT run): nothing a user of exme can act on.
+_LIBRARIES = r"(transformers|peft|accelerate|huggingface_hub)(\.|$)"
+_DEPRECATIONS = (FutureWarning, DeprecationWarning)
+
+
+def _quiet_library_deprecations(quiet: bool) -> None:
+    """Hide (quiet) or show again (verbose: Python's default, once per place) the libraries' own
+    FutureWarning/DeprecationWarning. The newest filter wins, so switching back and forth works."""
+    import warnings
+
+    for category in _DEPRECATIONS:
+        warnings.filterwarnings("ignore" if quiet else "default", category=category, module=_LIBRARIES)
 
 
 def is_verbose() -> bool:

@@ -31,6 +31,7 @@ def finetune_command(
     lora_r: int | None = typer.Option(None, "--lora-r", help="Train a LoRA adapter of rank R; checkpoints are PEFT adapters."),
     lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (scaling alpha/r) [default: 2·r]."),
     lora_targets: str | None = typer.Option(None, "--lora-targets", help="Comma-separated modules, e.g. q_proj,v_proj."),
+    logging_steps: int | None = typer.Option(None, "--logging-steps", help="Log the loss every N steps [default: every step up to 100 steps, else ~100 points]."),
     threads: Optional[str] = threads_option(),
     verbose: bool = verbose_option(),
 ) -> None:
@@ -43,6 +44,7 @@ def finetune_command(
         warmup_ratio=warmup_ratio, lr_scheduler=lr_scheduler, seed=seed, device=device,
         save_optimizer=save_optimizer, force=force, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None,
+        logging_steps=logging_steps,
     )
     start(
         device=device, threads=threads, verbose=verbose,
@@ -50,9 +52,11 @@ def finetune_command(
     )
     result = finetune(config)
     typer.echo(f"{len(result.checkpoints)} checkpoints in {result.output}: {', '.join(c.name for c in result.checkpoints)}")
-    if result.loss_history:
-        first, last = result.loss_history[0], result.loss_history[-1]
-        typer.echo(f"training loss {first[1]:.4f} (step {first[0]}) -> {last[1]:.4f} (step {last[0]})")
+    from exme.finetune import loss_summary
+
+    line = loss_summary(result.loss_history)
+    if line:
+        typer.echo(line)
 
 
 @app.command("demo")

@@ -35,7 +35,7 @@ from exme.report.stats import (
     task_weights,
 )
 from exme.report.stats import verdict as verdict_words
-from exme.report.verdict import OVERALL, find
+from exme.report.verdict import OVERALL, find, no_disagreement, p_text
 from exme.report.verdict import best_sft_row as best_verdict_sft
 
 RESULTS_FILE = "results.json"
@@ -336,12 +336,19 @@ def _paired_outcome(results: RunResults, exme: FinalRow) -> list[str]:
     head = find(test, sft.name) if sft is not None else None
     if sft is not None and head is not None:
         parts.append(_headline(sft, head.verdict, exme.test.overall, sft.test.overall, head.diff,
-                               f"paired 95% CI {fmt_delta(head.ci_low)} to {fmt_delta(head.ci_high)}, p = {head.p_value:.3g}",
+                               f"paired 95% CI {fmt_delta(head.ci_low)} to {fmt_delta(head.ci_high)}, {p_text(head)}",
                                items))
-        if head.verdict == NO_DIFFERENCE:
+        if no_disagreement(head):
+            parts.append(f"The two models gave the same score on every one of the {head.n} test items, so nothing "
+                         "could be told apart: the smallest difference this test set could detect is undefined "
+                         "(there is no disagreement to size it from).")
+        elif head.verdict == NO_DIFFERENCE and head.ci_low <= 0 <= head.ci_high:
             parts.append("The interval includes 0: this test set cannot tell the two models apart, whatever the "
                          "sign of the difference.")
-        if head.mdd is not None:
+        elif head.verdict == NO_DIFFERENCE:
+            parts.append(f"The interval excludes 0, but not after adjusting for the {head.family} comparisons made "
+                         "at once (Holm): the difference is not one this report can call detected.")
+        if head.mdd is not None and not no_disagreement(head):
             parts.append(f"With these items and the observed disagreement between the two models, the smallest "
                          f"difference this test set detects with 80% power is about {fmt_score(head.mdd)}.")
     baselines = [(r, find(test, r.name)) for r in results.final if r.kind == "baseline"]
@@ -360,29 +367,49 @@ def _paired_outcome(results: RunResults, exme: FinalRow) -> list[str]:
         if c is None:
             continue
         rows.append([_label(ref, sft), fmt_score(exme.test.overall), fmt_score(ref.test.overall), fmt_delta(c.diff),
-                     f"{fmt_delta(c.ci_low)} to {fmt_delta(c.ci_high)}", f"{c.p_value:.3g}",
-                     "–" if c.mdd is None else fmt_score(c.mdd), c.verdict])
+                     f"{fmt_delta(c.ci_low)} to {fmt_delta(c.ci_high)}", f"{c.p_value:.3g}", _holm_cell(c),
+                     _mdd_cell(c), c.verdict])
     if rows:
-        text.append(md_table(["ExMe vs", "ExMe test", "Other test", "Difference", "95% CI", "p", "Detectable (80%)", "Verdict"],
-                             rows, align="lrrrrrrl"))
+        text.append(md_table(["ExMe vs", "ExMe test", "Other test", "Difference", "95% CI", "p", "Holm p",
+                              "Detectable (80%)", "Verdict"], rows, align="lrrrrrrrl"))
     if sft is not None:
         per_task = [c for c in test if c.b == sft.name and c.task != OVERALL]
         if per_task:
             text.append(f"Per task, ExMe vs {sft.name} on test:\n\n" + md_table(
-                ["Task", "Items", "Difference", "95% CI", "p", "Test", "Verdict"],
+                ["Task", "Items", "Difference", "95% CI", "p", "Holm p", "Test", "Verdict"],
                 [[c.task, c.n, fmt_delta(c.diff), f"{fmt_delta(c.ci_low)} to {fmt_delta(c.ci_high)}",
-                  f"{c.p_value:.3g}", c.test, c.verdict] for c in per_task],
-                align="lrrrrll"))
+                  f"{c.p_value:.3g}", _holm_cell(c), c.test, c.verdict] for c in per_task],
+                align="lrrrrrll"))
     n_boot = results.config.get("stats", {}).get("bootstrap", "–")
     text.append(
         "Statistics are paired over the items both models scored: the difference is Σₜ wₜ·mean(dₜ) with dₜ "
         "the per-item differences of task t and wₜ the overall score's weights; the 95% interval is a "
         f"seeded paired bootstrap over items ({n_boot} resamples, stratified by task); p is the exact McNemar "
-        "test for one task of 0/1 scores, else a sign-flip permutation test. \"Better\" or \"worse\" only "
-        "when the interval excludes 0. \"Detectable (80%)\" is the smallest true difference these items "
-        "detect with 80% power at the 5% level, from the observed disagreement of the two models."
+        "test for one task of 0/1 scores, else a sign-flip permutation test. ExMe is compared with "
+        f"{_family_text(test)} at once, so each p is also Holm-adjusted over the comparisons of the same "
+        "split and task (\"Holm p\": the smallest p multiplied by their number m, the next by m − 1, ..., "
+        "kept non-decreasing), which holds the chance of any false verdict among them at 5%. \"Better\" or "
+        "\"worse\" only when the interval excludes 0 and the Holm-adjusted p is below 0.05; the verdicts "
+        "read the adjusted p, not the raw one. \"Detectable (80%)\" is the smallest true difference these "
+        "items detect with 80% power at the 5% level, from the observed disagreement of the two models "
+        "(undefined when no item differs)."
     )
     return text
+
+
+def _holm_cell(c: Any) -> str:
+    return "–" if c.p_holm is None else f"{c.p_holm:.3g}"
+
+
+def _mdd_cell(c: Any) -> str:
+    if no_disagreement(c):
+        return "undefined (no item differs)"
+    return "–" if c.mdd is None else fmt_score(c.mdd)
+
+
+def _family_text(test: Sequence[Any]) -> str:
+    sizes = {c.family for c in test if c.task == OVERALL and c.family}
+    return f"{max(sizes)} models" if sizes else "several models"
 
 
 def _legacy_outcome(results: RunResults, exme: FinalRow, weights: dict[str, float]) -> list[str]:

@@ -99,8 +99,13 @@ class Comparison(_Strict):
     ci_high: float
     p_value: float
     test: str = "sign-flip"  # "mcnemar" | "sign-flip"
-    mdd: float | None = None  # smallest difference detectable with 80% power on these items
+    mdd: float | None = None  # smallest difference detectable with 80% power on these items (None: undefined)
     verdict: str = "no detectable difference"
+    # Holm-adjusted p across the family this comparison belongs to (ExMe vs every reference on the same
+    # split and task) and that family's size; the verdict reads the adjusted p. None in older results.
+    p_holm: float | None = None
+    family: int | None = None
+    n_disagree: int | None = None  # items on which the two models' scores differ (0: nothing tells them apart)
 
 
 class Recommendation(_Strict):

@@ -16,7 +16,13 @@ accuracies as independent:
   McNemar's test computed by simulation);
 - **minimum detectable difference** at 80% power and 5% two-sided level:
   ``(z₀.₉₇₅ + z₀.₈) · √(Σ_t w_t² · mean(d_t²) / n_t)``; ``mean(d²)`` is the variance of a difference
-  under "no difference", i.e. for 0/1 scores the observed discordance rate.
+  under "no difference", i.e. for 0/1 scores the observed discordance rate. When no item differs
+  (every ``d = 0``) it is undefined (``None``), not 0: items on which two models never disagree say
+  nothing about how large a difference they could detect;
+- **Holm adjustment** across the comparisons of one family (ExMe against each of up to ten
+  references on one split and task): with the family's ``m`` raw p-values sorted ascending,
+  ``p̃_(i) = min(1, max_{j ≤ i} (m − j + 1) · p_(j))``. Each raw p controls its own error rate only;
+  the adjusted ones keep the chance of *any* false "better"/"worse" in the family at 5%.
 
 The overall score is a weighted mean of task scores and the tasks use disjoint items, so the
 binomial fallback (only accuracies and item counts known) is
@@ -229,15 +235,48 @@ def sign_flip_p(diffs: Sequence[np.ndarray], weights: Sequence[float], *, n_resa
 
 
 def min_detectable(diffs: Sequence[np.ndarray], weights: Sequence[float], *, power_z: float = Z_80,
-                   level_z: float = Z_975) -> float:
+                   level_z: float = Z_975) -> float | None:
     """Smallest true difference this item set detects with 80% power (5% two-sided), from the observed
-    discordance: ``(z₀.₉₇₅ + z₀.₈) · √(Σ_t w_t² mean(d_t²) / n_t)``."""
+    discordance: ``(z₀.₉₇₅ + z₀.₈) · √(Σ_t w_t² mean(d_t²) / n_t)``.
+
+    ``None`` when no item with weight differs: the formula would give 0 ("detects any difference"),
+    the opposite of the truth, since the items showed no disagreement to size it from.
+    """
     var = sum(w * w * float(np.mean(np.square(d))) / len(d) for d, w in zip(diffs, weights) if len(d))
+    if var == 0.0:
+        return None
     return (level_z + power_z) * math.sqrt(var)
 
 
-def verdict(ci_low: float, ci_high: float) -> str:
-    """The words of the CI: "better" when it lies above 0, "worse" below, else no detectable difference."""
+def n_disagree(diffs: Sequence[np.ndarray]) -> int:
+    """Items on which the two models' scores differ (any task): 0 means nothing tells them apart."""
+    return int(sum(int(np.count_nonzero(np.asarray(d, dtype=np.float64))) for d in diffs))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given.
+
+    Sorted ascending, ``p̃_(i) = min(1, max_{j ≤ i} (m − j + 1) · p_(j))``: the smallest p is multiplied
+    by m, the next by m − 1, ..., and the running maximum keeps the adjusted values in the raw order.
+    Rejecting every hypothesis with ``p̃ < 0.05`` keeps the family-wise error rate at 5% under any
+    dependence between the tests (they share ExMe's scores, so they are dependent).
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: (p_values[i], i))
+    out = [1.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (m - rank) * float(p_values[i]))
+        out[i] = min(1.0, running)
+    return out
+
+
+def verdict(ci_low: float, ci_high: float, p_adjusted: float | None = None, level: float = 0.05) -> str:
+    """The words of a comparison: "better" when the CI lies above 0, "worse" below, else no detectable
+    difference; with ``p_adjusted`` (Holm, across the family), "better"/"worse" also need it below
+    ``level``, so ten comparisons at once do not give ten chances of a false verdict."""
+    if p_adjusted is not None and not p_adjusted < level:
+        return NO_DIFFERENCE
     if ci_low > 0:
         return BETTER
     if ci_high < 0:
@@ -256,7 +295,8 @@ class Paired:
     ci_high: float
     p_value: float
     test: str  # "mcnemar" | "sign-flip"
-    mdd: float
+    mdd: float | None  # None: no item differs, so undefined
+    n_disagree: int = 0  # items whose scores differ
 
     @property
     def verdict(self) -> str:
@@ -290,7 +330,7 @@ def paired_comparison(a: SplitScores, b: SplitScores, weights: Mapping[str, floa
         p, test = sign_flip_p(diffs, w, n_resamples=n_resamples, seed=seed), "sign-flip"
     return Paired(
         n=int(sum(len(d) for d in diffs)), diff=diff, se=paired_se(diffs, w), ci_low=low, ci_high=high,
-        p_value=p, test=test, mdd=min_detectable(diffs, w),
+        p_value=p, test=test, mdd=min_detectable(diffs, w), n_disagree=n_disagree(diffs),
     )
 
 

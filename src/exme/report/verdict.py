@@ -11,9 +11,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from exme.report.schema import Comparison, FinalRow, Recommendation, SplitScores
-from exme.report.stats import paired_comparison
+from exme.report.stats import holm, paired_comparison, verdict
 
 OVERALL = "overall"
+TIE = 1e-12  # scores this close are equal (one weighted mean of the same item scores, summed in another order)
 
 
 def best_sft_row(rows: Sequence[FinalRow]) -> FinalRow | None:
@@ -41,6 +42,9 @@ def compare(rows: Sequence[FinalRow], weights: Mapping[str, float], *, split: st
     """ExMe − each reference on ``split``, overall (stratified, the overall score's weights) and per task.
 
     A pair without per-item scores on both sides is left out: the report then says "not available".
+    The comparisons of one task (or of the overall score) on this split form one family, ExMe against
+    every reference at once: each gets its Holm-adjusted p over that family beside the raw one, and
+    its verdict needs the adjusted p below 5% as well as a CI that excludes 0.
     """
     exme = next((r for r in rows if r.kind == "exme"), None)
     if exme is None or _scores(exme, split) is None:
@@ -59,8 +63,23 @@ def compare(rows: Sequence[FinalRow], weights: Mapping[str, float], *, split: st
             out.append(Comparison(
                 a=exme.name, b=ref.name, split=split, task=task, n=stats.n, diff=stats.diff, se=stats.se,
                 ci_low=stats.ci_low, ci_high=stats.ci_high, p_value=stats.p_value, test=stats.test,
-                mdd=stats.mdd, verdict=stats.verdict,
+                mdd=stats.mdd, verdict=stats.verdict, n_disagree=stats.n_disagree,
             ))
+    return _with_holm(out)
+
+
+def _with_holm(comparisons: list[Comparison]) -> list[Comparison]:
+    """Holm over each (split, task) family; the verdict words re-read from the adjusted p."""
+    families: dict[tuple[str, str], list[int]] = {}
+    for i, c in enumerate(comparisons):
+        families.setdefault((c.split, c.task), []).append(i)
+    out = list(comparisons)
+    for members in families.values():
+        adjusted = holm([comparisons[i].p_value for i in members])
+        for i, p in zip(members, adjusted):
+            c = comparisons[i]
+            out[i] = c.model_copy(update={"p_holm": p, "family": len(members),
+                                          "verdict": verdict(c.ci_low, c.ci_high, p)})
     return out
 
 
@@ -70,8 +89,10 @@ def find(comparisons: Sequence[Comparison], b: str, *, split: str = "test", task
 
 def recommend(rows: Sequence[FinalRow], comparisons: Sequence[Comparison], paths: Mapping[str, str | None]) -> Recommendation | None:
     """The model to use: the best **confirm** score among the scored models, where ExMe qualifies only
-    if its paired confirm difference over the best SFT is positive; ties go to the earlier row of the
-    table (base, SFT, EXPO, ExMe, baselines), so a tie with an SFT checkpoint keeps the checkpoint.
+    if its paired confirm difference over the best SFT is positive. Ties go to the SFT checkpoint:
+    the best SFT (chosen on dev) first, then the other SFT rows, then the table's order (EXPO, ExMe,
+    baselines) with the untrained base last, since a tie is no evidence for anything but what the
+    user trained. When every candidate ties, the reason says that nothing could be told apart.
 
     Without a confirm split the search scores are used and the reason says how optimistic they are.
     ``paths`` maps row names to where the model is on disk (``None``: not written by the run).
@@ -88,7 +109,14 @@ def recommend(rows: Sequence[FinalRow], comparisons: Sequence[Comparison], paths
         return s.overall  # type: ignore[union-attr]
 
     sft = best_sft_row(rows)
-    ranked = sorted(range(len(pool)), key=lambda i: (-score(pool[i]), i))
+
+    def tie_order(row: FinalRow) -> int:
+        if row is sft:
+            return 0
+        return {"sft": 1, "base": 3}.get(row.kind, 2)
+
+    ranked = sorted(range(len(pool)), key=lambda i: (-score(pool[i]), tie_order(pool[i]), i))
+    all_tied = len(pool) > 1 and max(map(score, pool)) - min(map(score, pool)) <= TIE
     note = ""
     for i in ranked:
         row = pool[i]
@@ -100,6 +128,13 @@ def recommend(rows: Sequence[FinalRow], comparisons: Sequence[Comparison], paths
                         f"({sft.name}) is {diff:+.4f}, not positive, so it is not recommended.")
                 continue
         top = score(row)
+        tied = [r.name for r in pool if r is not row and abs(score(r) - top) <= TIE]
+        if all_tied:
+            where = "confirm" if split == "confirm" else "dev"
+            return Recommendation(name=row.name, path=paths.get(row.name), reason=(
+                f"every chosen model scored {top:.4f} on {where}: nothing could be told apart, so by the tie rule "
+                f"(ties go to the SFT checkpoint) {row.name} is recommended; this run gives no evidence for "
+                "any model over another." + note))
         if split == "confirm":
             n = sum(row.confirm.n_items.values()) if row.confirm is not None else 0
             reason = f"best confirm score ({top:.4f} over {n} confirm items) among the chosen models"
@@ -111,6 +146,10 @@ def recommend(rows: Sequence[FinalRow], comparisons: Sequence[Comparison], paths
         else:
             reason = (f"best dev score ({top:.4f}); no confirm split was held out, so this score is the one the "
                       "searches maximised and flatters the searched models")
+        if tied:
+            rule = ("ties go to the SFT checkpoint" if row.kind == "sft" else
+                    "ties go to the SFT checkpoint, else to the earlier row of the table, the base last")
+            reason += f"; tied with {', '.join(tied)} ({rule})"
         return Recommendation(name=row.name, path=paths.get(row.name), reason=reason + "." + note)
     return None
 
@@ -145,6 +184,18 @@ def is_collapsed(generation: Mapping[str, Mapping[str, float]], reference: Mappi
     )
 
 
+def no_disagreement(c: Comparison) -> bool:
+    """Whether no item differs between the two models (older results: a detectable difference of 0)."""
+    return c.n_disagree == 0 if c.n_disagree is not None else c.mdd == 0.0
+
+
+def p_text(c: Comparison) -> str:
+    """``p = raw, Holm p = adjusted (m comparisons)``; the raw p alone in results older than Holm."""
+    if c.p_holm is None:
+        return f"p = {c.p_value:.3g}"
+    return f"p = {c.p_value:.3g}, Holm-adjusted p = {c.p_holm:.3g} over {c.family} comparisons"
+
+
 def summary_lines(results: Any) -> list[str]:
     """The outcome in a few plain lines (console and the report's first paragraph):
     ExMe vs the best SFT and each baseline on test with the CI's words, then the recommendation."""
@@ -160,9 +211,12 @@ def summary_lines(results: Any) -> list[str]:
             diff = exme.test.overall - ref.test.overall
             lines.append(f"ExMe vs {label} on test: {exme.test.overall:.4f} vs {ref.test.overall:.4f}, "
                          f"{diff:+.4f} (paired statistics not available: no per-item scores)")
+        elif no_disagreement(c):
+            lines.append(f"ExMe vs {label} on test: {exme.test.overall:.4f} vs {ref.test.overall:.4f}: the same score "
+                         f"on every one of the {c.n} items, so nothing could tell them apart")
         else:
             lines.append(f"ExMe vs {label} on test: {exme.test.overall:.4f} vs {ref.test.overall:.4f}, "
-                         f"{c.diff:+.4f} (95% CI {c.ci_low:+.4f} to {c.ci_high:+.4f}, p = {c.p_value:.3g}): {c.verdict}")
+                         f"{c.diff:+.4f} (95% CI {c.ci_low:+.4f} to {c.ci_high:+.4f}, {p_text(c)}): {c.verdict}")
     rec = results.recommended
     if rec is not None:
         where = f" at {rec.path}" if rec.path else " (not written by this run)"
