@@ -187,3 +187,21 @@ def test_without_a_tie_the_best_confirm_score_wins_even_if_it_is_the_base():
                       "EXPO-1": [0.0] * 12, "ExMe": [0.0] * 12})
     rec = recommend(rows, compare(rows, {"t": 1.0}, split="confirm", n_resamples=200, seed=0), PATHS)
     assert rec.name == "base" and "tied" not in rec.reason
+
+
+def test_a_per_module_exme_row_without_a_positive_confirm_gain_is_not_recommended():
+    """The per-module row (kind exme_module) obeys ExMe's rule: best confirm score, but not above the best SFT's
+    confirm score by a positive margin, so the SFT checkpoint is recommended instead."""
+    from exme.report.schema import FinalRow, SplitScores
+    from exme.report.verdict import recommend
+
+    def row(name, kind, dev, confirm):
+        s = lambda v: SplitScores(overall=v, tasks={"t": v}, n_items={"t": 10})  # noqa: E731
+        return FinalRow(name=name, kind=kind, params={}, dev=s(dev), confirm=s(confirm), test=s(confirm))
+
+    rows = [row("base", "base", 0.30, 0.30), row("SFT-1", "sft", 0.50, 0.50), row("ExMe-module", "exme_module", 0.60, 0.50)]
+    rec = recommend(rows, [], {"SFT-1": "/m/sft1", "ExMe-module": "/m/module"})
+    assert rec.name == "SFT-1" and rec.path == "/m/sft1"
+    assert "tied with ExMe-module" in rec.reason
+    rows = [row("SFT-1", "sft", 0.50, 0.50), row("ExMe-module", "exme_module", 0.60, 0.55)]
+    assert recommend(rows, [], {}).name == "ExMe-module"

@@ -120,12 +120,13 @@ def recommend(rows: Sequence[FinalRow], comparisons: Sequence[Comparison], paths
     note = ""
     for i in ranked:
         row = pool[i]
-        if row.kind == "exme" and sft is not None and split == "confirm":
-            c = find(comparisons, sft.name, split="confirm")
+        # ExMe (global or per-module) is recommended only with a positive confirm difference over the best SFT.
+        if row.kind in ("exme", "exme_module") and sft is not None and split == "confirm":
+            c = find(comparisons, sft.name, split="confirm") if row.kind == "exme" else None
             diff = c.diff if c is not None else score(row) - score(sft)
             if diff <= 0:
-                note = (f" ExMe had the best confirm score but its paired confirm difference over the best SFT "
-                        f"({sft.name}) is {diff:+.4f}, not positive, so it is not recommended.")
+                note += (f" {row.name} had the best confirm score but its paired confirm difference over the best "
+                         f"SFT ({sft.name}) is {diff:+.4f}, not positive, so it is not recommended.")
                 continue
         top = score(row)
         tied = [r.name for r in pool if r is not row and abs(score(r) - top) <= TIE]
