@@ -138,5 +138,6 @@ def test_bad_backend_or_option_is_one_line_naming_it_before_any_model_loads(tmp_
 def test_the_registry_answers_what_a_backend_cannot_serve():
     vllm = get_backend("vllm")
     assert vllm.refusal("suite", "s.yaml") is None
-    assert vllm.refusal("lm-eval", "lm-eval:arc_easy").startswith("backend vllm scores suite YAML tasks only, not 'lm-eval:arc_easy'")
+    assert vllm.refusal("lm-eval", "lm-eval:arc_easy") is None  # lm-eval's model interface over the engine
+    assert vllm.refusal("custom", "m:f").startswith("backend vllm scores suite YAML tasks and lm-eval tasks only, not 'm:f'")
     assert get_backend("hf").refusal("custom", "m:f") is None

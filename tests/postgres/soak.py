@@ -154,14 +154,17 @@ def run_reference(config: Path, log: Path, base: Path, ckpts: list[Path], sleep:
 
 def comparable_results(output: Path) -> dict:
     """results.json without what differs between two correct runs: the run folder's path, the storage URL,
-    creation time, wall times and seconds per evaluation, the threads, and the per-invocation notes."""
+    creation time, wall times and seconds per evaluation, the threads, the evaluation counts, and the
+    per-invocation notes (and the cost projection's measured rate)."""
     text = (output / "results.json").read_text().replace(str(output), "<run folder>")
     data = json.loads(text)
-    for key in ("created", "timings", "threads"):
+    # "evaluations" counts what this run did, kills included (the soak checks those counts itself); the
+    # cost projection note holds a measured rate.
+    for key in ("created", "timings", "threads", "evaluations"):
         data.pop(key, None)
     data["config"].pop("storage", None)
     data["notes"] = [n for n in data["notes"] if not n.startswith("this invocation evaluated")
-                     and "is written by another worker" not in n]
+                     and "is written by another worker" not in n and "items/s" not in n]
 
     def drop_seconds(node):
         if isinstance(node, dict):

@@ -10,10 +10,15 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from soak import comparable_results, leftovers, model_bytes, run_reference, soak, worker_rows, write_config  # noqa: E402
-
 HERE = Path(__file__).parent
+# soak.py is loaded by its path: putting this folder first on sys.path would make every later
+# `from conftest import ...` in the same test process find this folder's conftest, not the pipeline's.
+_spec = importlib.util.spec_from_file_location("exme_soak_helpers", HERE / "soak.py")
+_soak = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _soak
+_spec.loader.exec_module(_soak)
+comparable_results, leftovers, model_bytes = _soak.comparable_results, _soak.leftovers, _soak.model_bytes
+run_reference, soak, worker_rows, write_config = _soak.run_reference, _soak.soak, _soak.worker_rows, _soak.write_config
 
 
 def _choices(output: Path) -> dict:
@@ -33,8 +38,10 @@ def test_workers_killed_again_and_again_end_like_one_uninterrupted_run(pg_databa
     seed = int(os.environ.get("EXME_SOAK_SEED", "0"))
     result = soak(write_config(tmp_path / "shared.yaml", sft_run.base, sft_run.run, out, alphas, betas), storage,
                   tmp_path / "logs", sft_run.base, sft_run.ckpts, tmp_path / "ref.log",
-                  kills=6, seed=seed, sleep=0.25, kill_after=(1.0, 6.0), timeout_s=600)
-    assert result.reference_evaluations >= 20 and result.kills == 6 and result.kills_mid_evaluation >= 1, result
+                  kills=6, seed=seed, sleep=0.5, kill_after=(1.0, 6.0), timeout_s=600)
+    # Up to 6 kills: a run that finishes first ends the schedule (one evaluation per distinct model made the
+    # run shorter), so at least 3 are asked for, one of them inside an evaluation.
+    assert result.reference_evaluations >= 20 and 3 <= result.kills <= 6 and result.kills_mid_evaluation >= 1, result
     # Every candidate evaluated; each extra evaluation is the one a killed worker was doing when it died.
     assert result.missing == [] and result.unexplained == [], result
     assert result.evaluations - result.reference_evaluations == sum(result.extra.values()) <= result.kills
