@@ -299,6 +299,9 @@ class StudyStore:
         try:
             with self.storage.engine.begin() as conn:
                 conn.execute(self._workers.delete().where(self._workers.c.owner == self.owner))
+                # A closing worker evaluates nothing: its claims (per-model claims stay held after their
+                # record is written, so equal candidates wait for it) are all released with it.
+                conn.execute(self._claims.delete().where(self._claims.c.owner == self.owner))
             self.prune_dead()
         except sa.exc.SQLAlchemyError:  # a full disk or a lost server: the row is pruned by the next worker
             pass
