@@ -165,26 +165,14 @@ def primary_metric(metrics: dict[str, Any], preferred: str | None = None) -> tup
     return key, numeric[key]
 
 
-# What each lm-eval output type asks of a backend (the Backend method that answers it).
+# The lm-eval output types BackendLM serves, and the Backend method that answers each (every backend
+# has them all: they are the Backend protocol, so no backend needs to be looked up by name here).
 OUTPUT_TYPE_NEEDS = {
     "loglikelihood": "loglikelihood",
     "multiple_choice": "loglikelihood",
     "loglikelihood_rolling": "loglikelihood",
     "generate_until": "generate",
 }
-
-
-def _backend_class(name: str) -> Any:
-    """The class behind a backend name, imported without starting anything."""
-    if name == "hf":
-        from exme.evaluate.backends.hf import HFBackend
-
-        return HFBackend
-    if name == "vllm":
-        from exme.evaluate.backends.vllm import VLLMBackend
-
-        return VLLMBackend
-    return None
 
 
 def _samples(gen_kwargs: dict[str, Any] | None) -> bool:
@@ -205,12 +193,8 @@ def unservable(task: str, output_type: str, gen_kwargs: dict[str, Any] | None, b
     """
     if backend == "hf":
         return None
-    need = OUTPUT_TYPE_NEEDS.get(output_type)
-    if need is None:
+    if output_type not in OUTPUT_TYPE_NEEDS:
         return f"output type {output_type!r} is not one exme serves ({', '.join(OUTPUT_TYPE_NEEDS)})"
-    cls = _backend_class(backend)
-    if cls is not None and not callable(getattr(cls, need, None)):
-        return f"output type {output_type} needs {need}(), which backend {backend} does not offer"
     if output_type == "generate_until" and _samples(gen_kwargs):
         return "it samples (do_sample/temperature in its generation_kwargs), and exme's engines generate greedily"
     return None
