@@ -69,6 +69,9 @@ class AlphaSpec(_Strict):
     n_trials: int = Field(30, ge=1, description="TPE trials of the per-module α search (granularity module or layers:N)")
     module_range: tuple[float, float] | None = None
     """[low, high] of each per-module α; default: the α grid's range, widened to hold the global optimum."""
+    sampler: str = "tpe"
+    """How the per-module α are searched: ``tpe`` (Optuna's multivariate TPE) or ``cmaes`` (CMA-ES, its mean
+    starting at the global optimum; needs the ``cmaes`` package): :func:`exme.search.sampled.sampled_strategies`."""
 
     @field_validator("grid")
     @classmethod
@@ -86,6 +89,19 @@ class AlphaSpec(_Strict):
         parse_granularity(v)
         return v
 
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v: str) -> str:
+        from exme.search.sampled import sampled_strategies
+
+        names = sampled_strategies()
+        if v not in names:
+            raise ValueError(f"sampler {v!r} is not one of {', '.join(names)}")
+        missing = names[v].missing()
+        if missing:
+            raise ValueError(f"sampler {v!r} {missing}")
+        return v
+
     @field_validator("module_range")
     @classmethod
     def _module_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -97,7 +113,7 @@ class AlphaSpec(_Strict):
 
     @model_validator(mode="after")
     def _per_module_keys(self) -> "AlphaSpec":
-        unread = self.model_fields_set & {"n_trials", "module_range"}
+        unread = self.model_fields_set & {"n_trials", "module_range", "sampler"}
         if self.granularity == "global" and unread:
             raise ValueError(f"{', '.join('alpha.' + k for k in sorted(unread))} only apply with granularity module or layers:N; remove them or set a granularity")
         return self

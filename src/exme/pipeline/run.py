@@ -467,19 +467,17 @@ class Runner:
         self._note_pruning(stage, label, params, out.records, out.dropped)
         return out.records, out.dropped
 
-    def tpe(self, stage: str, label: str, distributions: dict[str, Any], candidate: Callable[[Point], stages.Candidate],
-            *, n_trials: int, seed: int, to_params: Callable[[dict[str, float]], dict[str, Any]],
-            start: dict[str, float] | None = None) -> list[Record]:
-        bar = self.bars.stage(label, n_trials)
+    def sample(self, stage: str, label: str, candidate: Callable[[Point], stages.Candidate], strategy: Any) -> Any:
+        """Run a sampled strategy (:mod:`exme.search.sampled`: TPE, CMA-ES) on the stage's study: it asks for
+        points and tells their scores through the study's trials (recorded, resumed, shared across workers)."""
+        bar = self.bars.stage(label, strategy.n_trials)
 
         def on_result(point: Point, rec: Record, reused: bool) -> None:
             self.reused += int(reused)
             bar(point, rec, reused)
 
-        return self.store.tpe(
-            self.study_name(stage), distributions, lambda p: self._score(p, candidate(p)), n_trials=n_trials,
-            seed=seed, to_params=to_params, on_result=on_result, start=start,
-        )
+        return strategy.run(self.store.trials(self.study_name(stage), lambda p: self._score(p, candidate(p)),
+                                              on_result=on_result))
 
     def sequence(self, stage: str, label: str, params: list[dict[str, Any]],
                  candidate: Callable[[Point], stages.Candidate], *, stop: Callable[[list[Record]], bool]) -> list[Record]:

@@ -25,7 +25,9 @@ from exme.merge.methods import exme_coefficients
 from exme.merge.registry import baseline_kwargs, baseline_space
 from exme.pipeline.config import PipelineConfig, checkpoint_step
 from exme.report.schema import FinalRow, RankedCheckpoint, SearchResult, SplitScores, Trial
+from exme.search.sampled import sampled_strategies
 from exme.search.study import Point, Record, best
+from exme.search.tpe import TPE
 
 
 
@@ -163,10 +165,9 @@ class Evaluations(Protocol):
              *, prune: bool) -> tuple[list[Record], list[Record]]:
         """A grid on the search split: (full records, pruned partial records)."""
 
-    def tpe(self, stage: str, label: str, distributions: dict[str, Any], candidate: Callable[[Point], Candidate],
-            *, n_trials: int, seed: int, to_params: Callable[[dict[str, float]], dict[str, Any]],
-            start: dict[str, float] | None = None) -> list[Record]:
-        """A seeded, resumable TPE search of ``n_trials`` on the search split (``start``: its first trial)."""
+    def sample(self, stage: str, label: str, candidate: Callable[[Point], Candidate], strategy: Any) -> Any:
+        """A sampled strategy (:mod:`exme.search.sampled`: TPE, CMA-ES) on the search split, seeded and
+        resumable: its :class:`~exme.search.strategy.Outcome`."""
 
     def sequence(self, stage: str, label: str, params: list[dict[str, Any]], candidate: Callable[[Point], Candidate],
                  *, stop: Callable[[list[Record]], bool]) -> list[Record]:
@@ -461,7 +462,7 @@ def _joint(ev: Evaluations, models: tuple[Path, ...], config: PipelineConfig) ->
         return Combination(models, tuple(exme_coefficients(w, a)))
 
     n = config.search.n_trials
-    records = ev.tpe("joint", "joint TPE", dists, candidate, n_trials=n, seed=config.seed, to_params=to_params)
+    records = ev.sample("joint", "joint TPE", candidate, TPE(dists, n, config.seed, to_params)).records
     chosen = best(records)
     w, a = joint_weights_alphas(chosen.params, k)
     keys = tuple(sorted(chosen.params))
@@ -501,7 +502,7 @@ def module_params(alphas: dict[str, Sequence[float]]) -> dict[str, float]:
 
 def per_module(ev: Evaluations, ranked: RankResult, merged: MergeResult, config: PipelineConfig,
                rule: GroupRule) -> ModuleResult:
-    """α per checkpoint and group by TPE (``alpha.n_trials`` trials), the merge weights fixed at the global
+    """α per checkpoint and group by TPE or CMA-ES (``alpha.sampler``, ``alpha.n_trials`` trials), the merge weights fixed at the global
     choice; the first trial is the global optimum itself, so the search never ends below it on the search
     split (whether the finer α generalize is for the confirm and test splits to say)."""
     import hashlib
@@ -531,18 +532,23 @@ def per_module(ev: Evaluations, ranked: RankResult, merged: MergeResult, config:
             rule, {g: exme_coefficients(weights, a) for g, a in alphas.items()}))
 
     start = {n: v for n, v in module_params({g: start_alphas for g in rule.groups}).items() if n in names}
+    sampler = config.alpha.sampler
     if dists:
-        key = json.dumps({"rule": rule.granularity, "weights": weights, "alphas": start_alphas, "range": [lo, hi]})
+        space = {"rule": rule.granularity, "weights": weights, "alphas": start_alphas, "range": [lo, hi]}
+        if sampler != "tpe":  # TPE's studies keep the names they had before there was a choice
+            space["sampler"] = sampler
+        key = json.dumps(space)
         stage = f"module/{rule.granularity}/{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-        records = ev.tpe(stage, f"α per {'module' if rule.granularity == 'module' else 'layer group'}", dists, candidate,
-                         n_trials=config.alpha.n_trials, seed=config.seed, to_params=lambda raw: {**raw}, start=start)
+        strategy = sampled_strategies()[sampler](dists, config.alpha.n_trials, config.seed, start=start)
+        label = f"α per {'module' if rule.granularity == 'module' else 'layer group'}"
+        records = ev.sample(stage, label + ("" if sampler == "tpe" else f" ({sampler})"), candidate, strategy).records
     else:  # a one-point range: nothing to search
         records = ev.points("module/fixed", "α per group", [Point(start)], candidate)
     chosen = best(records)
     alphas = alphas_of(chosen.params)
     search = SearchResult(
         name=f"module:{rule.granularity}",
-        space={"mode": "tpe", "n_trials": config.alpha.n_trials, "alpha": [lo, hi], "groups": list(rule.groups),
+        space={"mode": sampler, "n_trials": config.alpha.n_trials, "alpha": [lo, hi], "groups": list(rule.groups),
                "weights": weights, "start": start},
         trials=trials(records, [], keys=tuple(names)),
         best_params=module_params(alphas), best_dev=chosen.overall,

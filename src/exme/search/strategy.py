@@ -12,7 +12,8 @@ new strategy is one class in one file:
 - :class:`Sequential` — points in order until ``stop(records so far)`` (α until collapse);
 - :class:`Halving` — successive halving on growing item limits (``search.prune``);
 - :class:`exme.search.racing.Race` — growing chunks, stopping points k others beat with confidence;
-- the joint TPE search (:meth:`exme.search.StudyStore.tpe`) asks Optuna for points one at a time.
+- a box of continuous parameters is searched by a sampled strategy instead (:mod:`exme.search.sampled`:
+  TPE, CMA-ES), which asks a sampler for points one at a time and tells their scores.
 """
 
 from __future__ import annotations

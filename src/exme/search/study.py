@@ -13,9 +13,10 @@ wins a point, on SQLite as on PostgreSQL. A worker that dies leaves its claim be
 taken over once its owner is seen to be dead (same host: the process is gone; another host: no
 heartbeat for ``grace_s`` seconds).
 
-TPE suggestions are made with a sampler seeded by the number of finished trials, so the sequence of
+Points suggested one at a time (TPE, CMA-ES: :mod:`exme.search.sampled`) are drawn through
+:class:`StudyTrials`, with a sampler seeded by the number of finished trials, so the sequence of
 suggestions depends only on the history, and a resumed search makes the same choices as one that was
-never interrupted.
+never interrupted. This module coordinates; which sampler draws the points is the strategy's.
 """
 
 from __future__ import annotations
@@ -498,87 +499,124 @@ class StudyStore:
             model=scores.get("model"), shared=bool(scores.get("shared", False)),
         )
 
-    # ---------------------------------------------------------------- TPE
-    @_storage_faults
-    def tpe(
+    # ---------------------------------------------------------------- suggested points
+    def trials(
         self,
         study_name: str,
-        distributions: dict[str, optuna.distributions.BaseDistribution],
         objective: Callable[[Point], Any],
         *,
-        n_trials: int,
-        seed: int,
-        to_params: Callable[[dict[str, float]], dict[str, Any]] = dict,
         on_result: Callable[[Point, Record, bool], None] | None = None,
-        start: dict[str, float] | None = None,
-    ) -> list[Record]:
-        """Run a TPE search until the study holds ``n_trials`` finished trials; all records in order.
+    ) -> "StudyTrials":
+        """This worker's handle on a study whose points a strategy suggests one at a time (ask and tell)."""
+        return StudyTrials(self, study_name, objective, on_result)
 
-        ``start``: parameters of the first trial (enqueued in a new study), e.g. a known good point.
 
-        The sampler is re-seeded from ``seed`` and the number of finished trials before each
-        suggestion, so the search is a pure function of its history: resumed or not, the same
-        inputs give the same suggestions. Trials left RUNNING by dead workers are marked FAIL
-        (TPE ignores them). Several workers may share the study (it may then end with up to one
-        extra trial per worker).
+class StudyTrials:
+    """The coordination a suggesting strategy (:mod:`exme.search.sampled`) needs, and nothing of sampling.
+
+    A strategy that suggests points one at a time from the history (TPE, CMA-ES) needs the history
+    in the study, so that every worker and a resumed run see the same one. This object offers it the
+    primitives: :meth:`start` (a first point, enqueued in a new study), :meth:`sync` (finished trials
+    read back and reported, trials left RUNNING by dead workers marked FAIL, the counts),
+    :meth:`seed` (the rule that makes a search a pure function of its history), :meth:`ask` (a
+    trial drawn by the strategy's sampler, owned by this worker), :meth:`tell` (the point scored,
+    or read back when the same point was scored before, and recorded) and :meth:`records`. Which
+    sampler draws the points, and when to stop, is the strategy's.
+    """
+
+    def __init__(self, store: StudyStore, study_name: str, objective: Callable[[Point], Any],
+                 on_result: Callable[[Point, Record, bool], None] | None) -> None:
+        self.store = store
+        self.url = store.url  # named in a disk fault's message
+        self.study = store.study(study_name)
+        self.objective = objective
+        self.on_result = on_result
+        self.finished = 0  # finished trials at the last sync
+        self.reported: set[int] = set()
+
+    @_storage_faults
+    def start(self, params: dict[str, float]) -> None:
+        """Enqueue ``params`` as the first trial of a study that has none yet (e.g. a known good point)."""
+        if not self.study.get_trials(deepcopy=False):
+            self.study.enqueue_trial(params)
+
+    @_storage_faults
+    def sync(self) -> tuple[int, int]:
+        """(finished trials, trials other live workers are running now).
+
+        Finished trials not reported yet are passed to ``on_result`` as read back; a RUNNING trial
+        whose owner is dead (or is this worker, from an evaluation that raised) is marked FAIL, so
+        samplers ignore it and its place is drawn again.
         """
-        study = self.study(study_name)
-        if start is not None and not study.get_trials(deepcopy=False):
-            study.enqueue_trial(start)
-        reported: set[int] = set()
-        while True:
-            trials = study.get_trials(deepcopy=False)
-            complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-            for t in complete:
-                if t.number not in reported:
-                    reported.add(t.number)
-                    if on_result:
-                        rec = _record(t)
-                        on_result(Point(rec.params, rec.split, rec.limit), rec, True)
-            running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-            alive = 0
-            for t in running:
-                owner = t.system_attrs.get(OWNER_ATTR)
-                if owner is not None and owner != self.owner and self._alive(owner):
-                    alive += 1
-                else:
-                    try:
-                        self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-                    except optuna.exceptions.UpdateFinishedTrialError:
-                        pass
-            if len(complete) >= n_trials:
-                break
-            if len(complete) + alive >= n_trials:
-                time.sleep(self.poll_s)
-                continue
-            study.sampler = optuna.samplers.TPESampler(seed=_mix(seed, len(complete)), multivariate=True)
-            trial = study.ask(distributions)
-            self.storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, self.owner)
-            point = Point(to_params(dict(trial.params)))
-            earlier = self.records(study).get(point.key)
-            t0 = time.perf_counter()
-            if earlier is not None:  # the same suggestion again: reuse, never re-evaluate
-                scores = {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items,
-                          "per_item": earlier.per_item, "generation": earlier.generation, "failed": earlier.failed}
+        trials = self.study.get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        for t in complete:
+            if t.number not in self.reported:
+                self.reported.add(t.number)
+                if self.on_result:
+                    rec = _record(t)
+                    self.on_result(Point(rec.params, rec.split, rec.limit), rec, True)
+        alive = 0
+        for t in (t for t in trials if t.state == optuna.trial.TrialState.RUNNING):
+            owner = t.system_attrs.get(OWNER_ATTR)
+            if owner is not None and owner != self.store.owner and self.store._alive(owner):
+                alive += 1
             else:
-                scores = scores_dict(objective(point))
-            seconds = time.perf_counter() - t0
-            trial.set_user_attr(RESULT_ATTR, {
-                "key": point.key, "owner": self.owner, "params": point.params, "split": point.split,
-                "limit": None, "seconds": seconds, "reused": earlier is not None, **scores,
-            })
-            study.tell(trial, scores["overall"])
-            rec = Record(point.params, "dev", None, scores["overall"], scores["tasks"], scores["n_items"], seconds,
-                         trial.number, per_item=scores["per_item"], generation=scores["generation"],
-                         failed=scores.get("failed"), model=scores.get("model"),
-                         shared=bool(scores.get("shared", False)))
-            reported.add(trial.number)
-            if on_result:
-                on_result(point, rec, earlier is not None)
-        return [
-            _record(t)
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        ]
+                try:
+                    self.store.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass
+        self.finished = len(complete)
+        return self.finished, alive
+
+    def seed(self, seed: int) -> int:
+        """The seed of the next suggestion: ``seed`` mixed with the finished trials counted at the last
+        :meth:`sync`, so the suggestions depend only on the history; resumed or not, the same inputs
+        give the same suggestions."""
+        return _mix(seed, self.finished)
+
+    def wait(self) -> None:
+        """Let other workers finish the trials they hold."""
+        time.sleep(self.store.poll_s)
+
+    @_storage_faults
+    def ask(self, sampler: optuna.samplers.BaseSampler,
+            distributions: dict[str, optuna.distributions.BaseDistribution]) -> optuna.trial.Trial:
+        """A new trial drawn by ``sampler`` (an enqueued point first), marked as this worker's."""
+        self.study.sampler = sampler
+        trial = self.study.ask(distributions)
+        self.store.storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, self.store.owner)
+        return trial
+
+    @_storage_faults
+    def tell(self, trial: optuna.trial.Trial, point: Point) -> Record:
+        """Score ``point`` (the trial's parameters as the candidate reads them) and finish the trial with it;
+        a point recorded before in this study is read back, never evaluated again."""
+        earlier = self.store.records(self.study).get(point.key)
+        t0 = time.perf_counter()
+        if earlier is not None:
+            scores = {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items,
+                      "per_item": earlier.per_item, "generation": earlier.generation, "failed": earlier.failed}
+        else:
+            scores = scores_dict(self.objective(point))
+        seconds = time.perf_counter() - t0
+        trial.set_user_attr(RESULT_ATTR, {
+            "key": point.key, "owner": self.store.owner, "params": point.params, "split": point.split,
+            "limit": None, "seconds": seconds, "reused": earlier is not None, **scores,
+        })
+        self.study.tell(trial, scores["overall"])
+        rec = Record(point.params, "dev", None, scores["overall"], scores["tasks"], scores["n_items"], seconds,
+                     trial.number, per_item=scores["per_item"], generation=scores["generation"],
+                     failed=scores.get("failed"), model=scores.get("model"), shared=bool(scores.get("shared", False)))
+        self.reported.add(trial.number)
+        if self.on_result:
+            self.on_result(point, rec, earlier is not None)
+        return rec
+
+    @_storage_faults
+    def records(self) -> list[Record]:
+        """Every finished trial of the study, in trial order."""
+        return [_record(t) for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
 
 
 def _fast_sqlite(engine: sa.engine.Engine) -> None:
