@@ -155,6 +155,10 @@ def test_granularity_global_makes_todays_choices(tmp_path, sft_run, tiny_suite, 
     ({"granularity": "heads"}, "'alpha.granularity': granularity 'heads' is not one of global, module, layers:N"),
     ({"granularity": "layers:3"}, "alpha.granularity: layers:3 asks for more groups than the model's 2 decoder layers"),
     ({"n_trials": 5}, "alpha.n_trials only apply with granularity module or layers:N"),
+    ({"sampler": "cmaes"}, "alpha.sampler only apply with granularity module or layers:N"),
+    ({"granularity": "module", "sampler": "nelder-mead"}, "'alpha.sampler': sampler 'nelder-mead' is not one of tpe, cmaes"),
+    ({"granularity": "module", "sampler": "cmaes", "module_range": [-0.2, 1.0]},
+     "'alpha.module_range': per-module α must be >= 0"),
 ])
 def test_bad_granularity_input_is_one_line_before_any_model_loads(tmp_path, sft_run, tiny_suite, run_cli, alpha, words,
                                                                    monkeypatch):
@@ -171,3 +175,25 @@ def test_bad_granularity_input_is_one_line_before_any_model_loads(tmp_path, sft_
     code, out, err = run_cli("run", config, "--quiet")
     assert code == 2
     assert err.startswith("exme: error: ") and err.count("\n") == 1 and words in err, err
+
+
+@pytest.mark.slow
+def test_per_module_search_by_cma_es(tmp_path, sft_run, tiny_suite):
+    """alpha.sampler: cmaes runs alpha.n_trials trials, seeded, from the global optimum, in a study of its own
+    (a TPE search of the same space in the same run folder is not continued by it)."""
+    objective = GroupedObjective(sft_run.base, sft_run.ckpts[0], {".self_attn.": 1.8, ".mlp.": 0.6, "": 1.2})
+    alpha = {"grid": [0.0, 0.25, 0.5, 0.75, 1.0], "granularity": "module", "n_trials": 7}
+    tpe = run_pipeline(_config(tmp_path, sft_run, tiny_suite, alpha=alpha), evaluator=objective, progress=False,
+                       write_model=False, report=False)
+    runs = [run_pipeline(_config(tmp_path, sft_run, tiny_suite, alpha={**alpha, "sampler": "cmaes"}),
+                         evaluator=objective, progress=False, write_model=False, report=False) for _ in range(2)]
+    cma, again = runs[0].module_search, runs[1].module_search
+    glob = next(r for r in runs[0].final if r.name == "ExMe")
+    assert cma.space["mode"] == "cmaes" and len(cma.trials) == 7
+    assert cma.trials[0].params == tpe.module_search.trials[0].params  # both start at the global optimum
+    assert cma.trials[0].dev.overall == pytest.approx(glob.dev.overall, abs=1e-12)
+    assert [t.params for t in cma.trials[1:]] != [t.params for t in tpe.module_search.trials[1:]]
+    assert [t.params for t in again.trials] == [t.params for t in cma.trials]  # read back: same seed, same study
+    lo, hi = cma.space["alpha"]
+    assert lo >= 0 and all(lo <= v <= hi for t in cma.trials for v in t.params.values())
+    assert cma.best_dev == max(t.dev.overall for t in cma.trials) >= glob.dev.overall

@@ -21,6 +21,7 @@ never interrupted. This module coordinates; which sampler draws the points is th
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -531,7 +532,9 @@ class StudyTrials:
         self.study = store.study(study_name)
         self.objective = objective
         self.on_result = on_result
+        self.study_name = study_name
         self.finished = 0  # finished trials at the last sync
+        self.running = 0  # trials other live workers were running at the last sync
         self.reported: set[int] = set()
 
     @_storage_faults
@@ -557,23 +560,33 @@ class StudyTrials:
                     rec = _record(t)
                     self.on_result(Point(rec.params, rec.split, rec.limit), rec, True)
         alive = 0
+        now = datetime.datetime.now()  # Optuna stamps trials with naive local time
         for t in (t for t in trials if t.state == optuna.trial.TrialState.RUNNING):
             owner = t.system_attrs.get(OWNER_ATTR)
-            if owner is not None and owner != self.store.owner and self.store._alive(owner):
+            if owner is None:
+                # Asked a moment ago by a worker that has not written its name yet (ask, then the owner,
+                # are two writes): left to it unless it is older than a dead worker's grace.
+                started = t.datetime_start
+                if started is not None and (now - started).total_seconds() <= self.store.grace_s:
+                    alive += 1
+                    continue
+            elif owner != self.store.owner and self.store._alive(owner):
                 alive += 1
-            else:
-                try:
-                    self.store.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    pass
-        self.finished = len(complete)
+                continue
+            try:
+                self.store.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+        self.finished, self.running = len(complete), alive
         return self.finished, alive
 
     def seed(self, seed: int) -> int:
         """The seed of the next suggestion: ``seed`` mixed with the finished trials counted at the last
         :meth:`sync`, so the suggestions depend only on the history; resumed or not, the same inputs
-        give the same suggestions."""
-        return _mix(seed, self.finished)
+        give the same suggestions. The trials other workers are running count too (when there are
+        any): samplers ignore a running trial, so without them a worker asking while another
+        evaluates would be given the very point the other is evaluating."""
+        return _mix(seed, self.finished, self.running)
 
     def wait(self) -> None:
         """Let other workers finish the trials they hold."""
@@ -590,21 +603,37 @@ class StudyTrials:
 
     @_storage_faults
     def tell(self, trial: optuna.trial.Trial, point: Point) -> Record:
-        """Score ``point`` (the trial's parameters as the candidate reads them) and finish the trial with it;
-        a point recorded before in this study is read back, never evaluated again."""
-        earlier = self.store.records(self.study).get(point.key)
+        """Score ``point`` (the trial's parameters as the candidate reads them) and finish the trial with it.
+
+        A point recorded before in this study is read back, never evaluated again; a point another
+        worker is evaluating now (two workers asked at once, or both took the start point) is claimed
+        by it, and this worker waits for its record."""
+        claimed = False
+        while True:
+            earlier = self.store.records(self.study).get(point.key)
+            if earlier is not None:
+                break
+            if self.store.claim(self.study_name, point.key):
+                claimed = True
+                earlier = self.store.records(self.study).get(point.key)  # its last owner may have just finished it
+                break
+            self.wait()
         t0 = time.perf_counter()
-        if earlier is not None:
-            scores = {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items,
-                      "per_item": earlier.per_item, "generation": earlier.generation, "failed": earlier.failed}
-        else:
-            scores = scores_dict(self.objective(point))
-        seconds = time.perf_counter() - t0
-        trial.set_user_attr(RESULT_ATTR, {
-            "key": point.key, "owner": self.store.owner, "params": point.params, "split": point.split,
-            "limit": None, "seconds": seconds, "reused": earlier is not None, **scores,
-        })
-        self.study.tell(trial, scores["overall"])
+        try:
+            if earlier is not None:
+                scores = {"overall": earlier.overall, "tasks": earlier.tasks, "n_items": earlier.n_items,
+                          "per_item": earlier.per_item, "generation": earlier.generation, "failed": earlier.failed}
+            else:
+                scores = scores_dict(self.objective(point))
+            seconds = time.perf_counter() - t0
+            trial.set_user_attr(RESULT_ATTR, {
+                "key": point.key, "owner": self.store.owner, "params": point.params, "split": point.split,
+                "limit": None, "seconds": seconds, "reused": earlier is not None, **scores,
+            })
+            self.study.tell(trial, scores["overall"])
+        finally:
+            if claimed:  # the finished trial answers for the point now (or, after an error, no one holds it)
+                self.store.release(self.study_name, point.key)
         rec = Record(point.params, "dev", None, scores["overall"], scores["tasks"], scores["n_items"], seconds,
                      trial.number, per_item=scores["per_item"], generation=scores["generation"],
                      failed=scores.get("failed"), model=scores.get("model"), shared=bool(scores.get("shared", False)))
@@ -638,8 +667,9 @@ def _fast_sqlite(engine: sa.engine.Engine) -> None:
     engine.dispose()  # connections opened before the listener get the pragmas on reconnect
 
 
-def _mix(seed: int, n: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{n}".encode()).digest()[:4], "little")
+def _mix(seed: int, n: int, running: int = 0) -> int:
+    text = f"{seed}:{n}" + (f":{running}" if running else "")  # one worker: the seeds studies always had
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
 def _record(t: optuna.trial.FrozenTrial) -> Record:
