@@ -341,7 +341,7 @@ def extrapolate(ev: Evaluations, ranked: RankResult, config: PipelineConfig) -> 
     for i, name in enumerate(ranked.kept_names):
         def candidate(point: Point, i: int = i) -> Candidate:
             coeffs = [0.0] * k
-            coeffs[i] = 1.0 + float(point.params["alpha"])
+            coeffs[i] = exme_coefficients([1.0], [float(point.params["alpha"])])[0]  # w(1 + α), w = 1: exactly 1 + α
             return Combination(models, tuple(coeffs))
 
         stage = f"alpha/{name}"
