@@ -190,6 +190,7 @@ def test_per_module_search_by_cma_es(tmp_path, sft_run, tiny_suite):
     cma, again = runs[0].module_search, runs[1].module_search
     glob = next(r for r in runs[0].final if r.name == "ExMe")
     assert cma.space["mode"] == "cmaes" and len(cma.trials) == 7
+    assert any("7 CMA-ES trials on the search split" in n for n in runs[0].notes)
     assert cma.trials[0].params == tpe.module_search.trials[0].params  # both start at the global optimum
     assert cma.trials[0].dev.overall == pytest.approx(glob.dev.overall, abs=1e-12)
     assert [t.params for t in cma.trials[1:]] != [t.params for t in tpe.module_search.trials[1:]]

@@ -66,7 +66,7 @@ class AlphaSpec(_Strict):
     attention, MLP, and the rest (embeddings, head, norms); ``layers:N``: one per checkpoint for each of N
     contiguous blocks of decoder layers and one for the tensors outside them. The finer α are searched
     after the global α and β, starting from their optimum (:func:`exme.pipeline.stages.per_module`)."""
-    n_trials: int = Field(30, ge=1, description="TPE trials of the per-module α search (granularity module or layers:N)")
+    n_trials: int = Field(30, ge=1, description="trials of the per-module α search (granularity module or layers:N; alpha.sampler draws them)")
     module_range: tuple[float, float] | None = None
     """[low, high] of each per-module α; default: the α grid's range, widened to hold the global optimum."""
     sampler: str = "tpe"

@@ -29,6 +29,7 @@ from exme.report import save_results
 from exme.report import verdict
 from exme.report.schema import FinalRow, RankedCheckpoint, RunResults
 from exme.report.stats import task_weights
+from exme.search.sampled import sampled_strategies
 from exme.search.study import Point, Record, StudyStore, failed_scores, scores_dict
 
 __all__ = ["Runner", "exme_coefficients", "rank_checkpoints", "run_pipeline"]
@@ -617,7 +618,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
                     module = stages.per_module(runner, ranked, merged, config, runner.group_rule)
                 runner.notes.append(
                     f"α per {config.alpha.granularity} group ({len(runner.group_rule.groups)} groups × {len(ranked.kept)} "
-                    f"checkpoints): {len(module.search.trials)} TPE trials on the search split, the first the global optimum"
+                    f"checkpoints): {len(module.search.trials)} {sampled_strategies()[config.alpha.sampler].title} trials on the search split, the first the global optimum"
                 )
             with runner.timed("baselines"):
                 baselined = stages.baselines(runner, ranked, config)

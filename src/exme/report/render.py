@@ -732,9 +732,12 @@ def _module_section(results: RunResults, images: dict[str, str], weights: dict[s
     module = next((r for r in results.final if r.kind == "exme_module"), None)
     glob = next((r for r in results.final if r.kind == "exme"), None)
     n = len(search.trials)
+    from exme.search.sampled import sampled_strategies
+
+    sampler = sampled_strategies().get(search.space.get("mode", "tpe"))
     lines = [
         f"Granularity `{search.name.removeprefix('module:')}`: groups {', '.join(f'`{g}`' for g in search.space.get('groups', []))}; "
-        f"{n} TPE trials on the search part of dev, α in {search.space.get('alpha')}, the merge weights of the global "
+        f"{n} {sampler.title if sampler else search.space.get('mode')} trials on the search part of dev, α in {search.space.get('alpha')}, the merge weights of the global "
         f"stage kept, the first trial the global optimum. Best dev (search) {fmt_score(search.best_dev)}.",
     ]
     if module is not None and glob is not None:

@@ -20,6 +20,7 @@ class CmaEs(Sampled):
     """
 
     name = "cmaes"
+    title = "CMA-ES"
 
     @classmethod
     def missing(cls) -> str | None:

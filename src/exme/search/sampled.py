@@ -57,8 +57,9 @@ class Sampled:
     to_params: Callable[[dict[str, float]], dict[str, Any]] = _same
     start: dict[str, float] | None = None
 
-    #: The name a configuration gives this strategy (``alpha.sampler``).
+    #: The name a configuration gives this strategy (``alpha.sampler``), and the one the report prints.
     name = "sampled"
+    title = "sampled"
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         """The sampler of one suggestion, seeded by the study's rule."""

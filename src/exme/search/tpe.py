@@ -15,6 +15,7 @@ class TPE(Sampled):
     trial, so it suits the small budgets of a joint (α, weights) search and of per-module α."""
 
     name = "tpe"
+    title = "TPE"
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
