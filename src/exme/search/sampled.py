@@ -48,7 +48,9 @@ class Sampled:
     ``distributions``: the box searched; ``to_params``: a drawn point as the candidate reads it (fixed
     parameters added, say); ``start``: the first trial's parameters in a new study (a known good point,
     so the search never ends below it). Several workers may share the study; it may then end with up
-    to one extra trial per worker (each asks while the count is below ``n_trials``).
+    to one extra trial per worker (each asks while the count is below ``n_trials``), and their trials
+    are not one worker's sequence (a worker asking while another evaluates is seeded apart from it;
+    two asking at the same moment are given the same point, which one evaluates and the other reads).
     """
 
     distributions: Mapping[str, optuna.distributions.BaseDistribution]
