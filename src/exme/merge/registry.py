@@ -249,9 +249,9 @@ class Ties(MergeMethod):
         }
 
     def merge(self, base, models, *, weights, density, majority_sign_method="sum", normalize=True, lambda_=1.0,
-              generator=None, selectors=None, **common):
+              generator=None, selectors=None, deltas=False, **common):
         return methods.ties(base, models, weights, density, majority_sign_method, normalize, lambda_,
-                            selectors=selectors, **common)
+                            selectors=selectors, deltas=deltas, **common)
 
     def baseline_space(self, k: int) -> dict[str, list[float]]:
         return {"density": [0.3, 0.5, 0.7]}
