@@ -309,9 +309,15 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help="only build the models (and mergekit's venv)")
     parser.add_argument("--agreement-only", action="store_true", help="only compare the outputs of an earlier run")
     parser.add_argument("--skip-f32", action="store_true", help="skip the extra mergekit float32 runs for agreement")
+    parser.add_argument("--mergekit-venv", type=Path, default=MERGEKIT_VENV,
+                        help="a venv with mergekit (made here, torch 2.13 CPU first, when it has no mergekit-yaml)")
+    parser.add_argument("--no-agreement", action="store_true",
+                        help="time only: skip the linear runs and the output comparison (outputs unchanged since the last one)")
     parser.add_argument("--exme-only", action="store_true",
                         help="time exme alone (methods and the floor, alternating) and print each method's time over task_arithmetic's")
     args = parser.parse_args()
+    global MERGEKIT_VENV
+    MERGEKIT_VENV = args.mergekit_venv
     if args.exme_only:
         exme_ratios(args, build_models(args.size))
         return
@@ -367,6 +373,12 @@ def main() -> None:
 
     # Agreement (outputs of the last repetition), plus linear once for each tool, plus mergekit
     # once more per merge with float32 arithmetic (exme always computes in float32).
+    if args.no_agreement:
+        table = render(args, runs, {}, loads, methods)
+        print(table)
+        if args.results:
+            write_section(args.results, table)
+        return
     for tool in ("exme", "mergekit"):
         run(tool, "linear", 0)
     if not args.skip_f32:

@@ -346,8 +346,8 @@ def _band_histogram(bits: torch.Tensor, lo: int, hi: int, shift: int, signed: bo
     for s in range(0, n, _HIST_STEP):
         part = scratch[: min(n, s + _HIST_STEP) - s]
         # below lo → lo − 2**shift (bin 0), above hi → hi + 2**shift (the last bin)
-        if signed:
-            torch.bitwise_and(bits[s : s + part.numel()], _MAGNITUDE_BITS, out=part)
+        if signed:  # |x| in float (cheaper than masking the sign bit), read back as its bits
+            torch.abs(bits[s : s + part.numel()].view(torch.float32), out=part.view(torch.float32))
             part.clamp_(lo - (1 << shift), hi + (1 << shift))
         else:
             torch.clamp(bits[s : s + part.numel()], lo - (1 << shift), hi + (1 << shift), out=part)
@@ -399,8 +399,6 @@ def _bits_select(
 #: top 16 bits (sign, exponent, 7 mantissa bits) index at most 2**15 bins for non-negative floats.
 _COARSE_SHIFT = 16
 _COARSE_BINS = 1 << 15
-#: Clears a float32's sign bit when its bits are read as an int32: the key of |x|.
-_MAGNITUDE_BITS = 0x7FFFFFFF
 
 
 class MagnitudePass:
@@ -418,7 +416,7 @@ class MagnitudePass:
         self.device, self.dtype = device, dtype
         self.deltas: list[torch.Tensor] = []
         self._hists: list[torch.Tensor] = []
-        self._scratch = torch.empty(0, dtype=torch.int32, device=device)
+        self._scratch = torch.empty(0, dtype=torch.float32, device=device)
         self.numel = 0
 
     def start(self, numel: int, n_models: int) -> None:
@@ -440,16 +438,13 @@ class MagnitudePass:
     def add(self, j: int, start: int, model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Δ = θ − θ_b of model ``j``'s flat chunk at ``start`` (``base`` in the compute dtype); returns it."""
         delta = self.deltas[j][start : start + model.numel()]
-        if torch.promote_types(model.dtype, self.dtype) == self.dtype:
-            torch.sub(model, base, out=delta)  # the input promoted exactly, as a copy would
-        else:
-            delta.copy_(model)
-            delta.sub_(base)
+        delta.copy_(model)
+        delta.sub_(base)
         if self.coarse:
             if self._scratch.numel() < delta.numel():
-                self._scratch = torch.empty(delta.numel(), dtype=torch.int32, device=self.device)
-            keys = self._scratch[: delta.numel()]
-            torch.bitwise_and(delta.view(torch.int32), _MAGNITUDE_BITS, out=keys)
+                self._scratch = torch.empty(delta.numel(), dtype=torch.float32, device=self.device)
+            mag = torch.abs(delta, out=self._scratch[: delta.numel()])
+            keys = mag.view(torch.int32)  # the float's bits: ordered as |Δ| is
             # NaN keys (> Inf's) would overflow the bins; the engine rejects non-finite chunks anyway
             keys.bitwise_right_shift_(_COARSE_SHIFT).clamp_max_(_COARSE_BINS - 1)
             self._hists[j].add_(torch.bincount(keys, minlength=_COARSE_BINS)[:_COARSE_BINS])
@@ -482,25 +477,35 @@ def _coarse_band(hist: torch.Tensor, k: int) -> tuple[int, int]:
 def _nth_equal(values: torch.Tensor, x: torch.Tensor, nth: int, signed: bool = False) -> int:
     """Flat index of the ``nth`` (1-based) entry of ``values`` (``signed``: of |values|) equal to ``x``; it must exist.
 
-    Why float operations: counting the equal entries of a chunk as its size minus Σ sign(|v − x|)
-    avoids boolean temporaries (slow on CPU); only the chunk that holds the answer is compared.
+    Why float operations: counting the equal entries of a piece as its size minus Σ sign(|v − x|)
+    avoids boolean temporaries (slow on CPU); the piece that holds the answer is narrowed to a
+    small one before its entries are compared.
     """
-    n = values.numel()
-    scratch = torch.empty(min(n, SCAN_CHUNK), dtype=values.dtype, device=values.device)
+    scratch = torch.empty(min(values.numel(), SCAN_CHUNK), dtype=values.dtype, device=values.device)
     xf = float(x)
-    seen = 0
-    for i in range(0, n, SCAN_CHUNK):
-        part = values[i : i + SCAN_CHUNK]
+
+    def equal(part: torch.Tensor) -> int:
         diff = scratch[: part.numel()]
-        if signed:
-            torch.abs(part, out=diff).sub_(xf)
+        torch.abs(part, out=diff).sub_(xf) if signed else torch.sub(part, xf, out=diff)
+        return part.numel() - int(diff.abs_().sign_().sum())  # a float32 sum of 0/1 is exact below 2**24
+
+    offset, step = 0, SCAN_CHUNK
+    while True:
+        n = values.numel()
+        for i in range(0, n, step):
+            part = values[i : i + step]
+            count = equal(part)
+            if count >= nth:
+                break
+            nth -= count
         else:
-            torch.sub(part, xf, out=diff)
-        count = part.numel() - int(diff.abs_().sign_().sum(dtype=torch.float64))
-        if seen + count >= nth:
-            return i + int(torch.nonzero((part.abs() if signed else part) == x).reshape(-1)[nth - seen - 1])
-        seen += count
-    raise AssertionError(f"fewer than {nth} entries equal the threshold")
+            raise AssertionError("fewer entries equal the threshold than counted")
+        offset += i
+        values = part
+        if part.numel() <= _KERNEL_BLOCK:
+            hits = torch.nonzero((part.abs() if signed else part) == x).reshape(-1)
+            return offset + int(hits[nth - 1])
+        step = max(_KERNEL_BLOCK, step // 16)
 
 
 def _count_equal(values: torch.Tensor, x: torch.Tensor) -> int:
@@ -694,21 +699,16 @@ def _disjoint_kernel(
     divisor = torch.empty(size, dtype=compute_dtype, device=base.device) if normalize else None
     floor = min(ws) if normalize else 0.0
     one = torch.ones((), dtype=compute_dtype, device=base.device)
-    exact = [torch.promote_types(m.dtype, compute_dtype) == compute_dtype for m in ms]
     for s in range(0, n, size):
         e = min(n, s + size)
         k = e - s
         b, sg, mx, t = bb[:k], sgn[:k], mixed[:k], tmp[:k]
         b.copy_(b_flat[s:e])
         cur = []
-        for i, (m, w, promotes) in enumerate(zip(ms, ws, exact)):
+        for i, (m, w) in enumerate(zip(ms, ws)):
             wd = m[s:e] if deltas else wds[i][:k]
             cur.append(wd)
-            if deltas:
-                pass
-            elif promotes:  # one fused op: the input promoted to the compute dtype exactly, as a copy would
-                torch.sub(m[s:e], b, out=wd)
-            else:
+            if not deltas:
                 wd.copy_(m[s:e])
                 wd.sub_(b)
             prune(i, wd, s, e)
