@@ -301,6 +301,7 @@ def load_snapshot() -> str:
 
 
 def main() -> None:
+    global MERGEKIT_VENV
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--reps", type=int, default=3)
@@ -316,7 +317,6 @@ def main() -> None:
     parser.add_argument("--exme-only", action="store_true",
                         help="time exme alone (methods and the floor, alternating) and print each method's time over task_arithmetic's")
     args = parser.parse_args()
-    global MERGEKIT_VENV
     MERGEKIT_VENV = args.mergekit_venv
     if args.exme_only:
         exme_ratios(args, build_models(args.size))
