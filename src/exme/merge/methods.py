@@ -486,7 +486,10 @@ def _nth_equal(values: torch.Tensor, x: torch.Tensor, nth: int, signed: bool = F
 
     def equal(part: torch.Tensor) -> int:
         diff = scratch[: part.numel()]
-        torch.abs(part, out=diff).sub_(xf) if signed else torch.sub(part, xf, out=diff)
+        if signed:
+            torch.abs(part, out=diff).sub_(xf)
+        else:
+            torch.sub(part, xf, out=diff)
         return part.numel() - int(diff.abs_().sign_().sum())  # a float32 sum of 0/1 is exact below 2**24
 
     offset, step = 0, SCAN_CHUNK

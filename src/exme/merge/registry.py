@@ -85,7 +85,8 @@ class MergeMethod:
     #: result at an element depends only on the inputs at that element (streamed in chunks)
     elementwise: ClassVar[bool] = False
     #: needs each task vector's global top-k threshold first: the engine streams a magnitude pass,
-    #: then passes ``selectors=`` so chunks of one tensor share it (TIES)
+    #: then passes ``selectors=`` so chunks of one tensor share it, and the task vectors that pass
+    #: kept (``deltas=True``) instead of the models (TIES)
     magnitude_pass: ClassVar[bool] = False
     #: draws random masks (DARE): takes a per-tensor ``generator``
     random: ClassVar[bool] = False
