@@ -6,7 +6,7 @@ What it does, in one run:
    (``--size full``: hidden 1536, 16 layers, intermediate 4096, vocab 32000, untied, ~551M
    parameters; the fine-tuned ones are the base plus small seeded noise). Tensors are generated
    and streamed to disk one at a time, so building needs little memory.
-2. Installs mergekit into ``benchmarks/.mergekit-venv`` when it is missing (torch 2.13 CPU first).
+2. Installs mergekit into ``benchmarks/.mergekit-venv`` (or ``--mergekit-venv``) when it is missing (torch 2.13 CPU first).
 3. Runs exme and mergekit on the same task_arithmetic and TIES (density 0.5) configs,
    alternating tools and repetitions, each under ``/usr/bin/time -v``; also the floor: reading
    every input tensor and writing (and fsyncing) an output of the same size. Before every timed
