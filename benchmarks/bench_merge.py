@@ -6,7 +6,7 @@ What it does, in one run:
    (``--size full``: hidden 1536, 16 layers, intermediate 4096, vocab 32000, untied, ~551M
    parameters; the fine-tuned ones are the base plus small seeded noise). Tensors are generated
    and streamed to disk one at a time, so building needs little memory.
-2. Installs mergekit into ``benchmarks/.mergekit-venv`` when it is missing (torch 2.13 CPU first).
+2. Installs mergekit into ``benchmarks/.mergekit-venv`` (or ``--mergekit-venv``) when it is missing (torch 2.13 CPU first).
 3. Runs exme and mergekit on the same task_arithmetic and TIES (density 0.5) configs,
    alternating tools and repetitions, each under ``/usr/bin/time -v``; also the floor: reading
    every input tensor and writing (and fsyncing) an output of the same size. Before every timed
@@ -301,6 +301,7 @@ def load_snapshot() -> str:
 
 
 def main() -> None:
+    global MERGEKIT_VENV
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--reps", type=int, default=3)
@@ -309,9 +310,14 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help="only build the models (and mergekit's venv)")
     parser.add_argument("--agreement-only", action="store_true", help="only compare the outputs of an earlier run")
     parser.add_argument("--skip-f32", action="store_true", help="skip the extra mergekit float32 runs for agreement")
+    parser.add_argument("--mergekit-venv", type=Path, default=MERGEKIT_VENV,
+                        help="a venv with mergekit (made here, torch 2.13 CPU first, when it has no mergekit-yaml)")
+    parser.add_argument("--no-agreement", action="store_true",
+                        help="time only: skip the linear runs and the output comparison (outputs unchanged since the last one)")
     parser.add_argument("--exme-only", action="store_true",
                         help="time exme alone (methods and the floor, alternating) and print each method's time over task_arithmetic's")
     args = parser.parse_args()
+    MERGEKIT_VENV = args.mergekit_venv
     if args.exme_only:
         exme_ratios(args, build_models(args.size))
         return
@@ -367,6 +373,12 @@ def main() -> None:
 
     # Agreement (outputs of the last repetition), plus linear once for each tool, plus mergekit
     # once more per merge with float32 arithmetic (exme always computes in float32).
+    if args.no_agreement:
+        table = render(args, runs, {}, loads, methods)
+        print(table)
+        if args.results:
+            write_section(args.results, table)
+        return
     for tool in ("exme", "mergekit"):
         run(tool, "linear", 0)
     if not args.skip_f32:

@@ -299,3 +299,25 @@ def test_output_folder_gets_the_permissions_of_a_plain_mkdir(tiny_models, tmp_pa
     config = cfg("linear", tiny_models.base, [(tiny_models.sft1, {"weight": 1.0}), (tiny_models.sft2, {"weight": 1.0})])
     out = run_merge(config, tmp_path / "out", progress=False)
     assert stat.S_IMODE(os.stat(out).st_mode) == expected
+
+
+def test_ties_engine_on_a_tensor_above_the_sampling_size_equals_the_whole_tensor_merge(tiny_models, tmp_path, model_files):
+    # One extra 400×400 tensor (above the size at which the threshold is found by histograms): the
+    # engine's magnitude pass (coarse histogram, kept task vectors) and merge pass in 30k-element
+    # chunks give the floats of methods.ties on the whole tensor, whose top-k comes from a sample.
+    # Every value on a grid of 2**-9 (exact in bf16): task vectors of few distinct magnitudes, so the
+    # k-th largest ties with thousands of entries and the kept ties end mid-tensor.
+    g = torch.Generator().manual_seed(4)
+    grid = lambda r: (torch.randint(-r, r + 1, (400, 400), generator=g) * 2.0**-9).bfloat16()  # noqa: E731
+    big = grid(20)
+    extra = {"base": big, "sft1": (big.float() + grid(3).float()).bfloat16(), "sft2": (big.float() + grid(3).float()).bfloat16()}
+    folders = {}
+    for role in ("base", "sft1", "sft2"):
+        folders[role] = model_files.rewrite_model(getattr(tiny_models, role), tmp_path / role,
+                                                  lambda ts, r=role: {**ts, "extra.weight": extra[r]})
+    config = cfg("ties", folders["base"], [(folders["sft1"], {"weight": 0.6, "density": 0.5}),
+                                           (folders["sft2"], {"weight": 0.4, "density": 0.3})])
+    merged = model_files.read_all(run_merge(config, tmp_path / "out", progress=False, chunk_elements=30_000))
+    expected = methods.ties(extra["base"], [extra["sft1"], extra["sft2"]], [0.6, 0.4], [0.5, 0.3])
+    assert torch.equal(merged["extra.weight"], expected)
+    assert not torch.equal(merged["extra.weight"], extra["base"])

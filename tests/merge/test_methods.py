@@ -394,3 +394,42 @@ def test_float_only_ties_and_dare_ties_equal_the_boolean_disjoint_merge_bitwise(
                                        normalize, 0.7, torch.float32)
     got = M.dare_ties(base, models, ws, ds, gen(), True, sign_method, normalize, 0.7, out_dtype=torch.float32)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["grid", "noise"])
+def test_magnitude_pass_then_chunked_ties_on_its_deltas_is_the_exact_top_k(kind):
+    # Above the direct-selection size, so the coarse histogram of the magnitude pass picks the
+    # threshold. "grid": task vectors on a coarse grid (most magnitudes tie at the threshold, the
+    # quota splits mid-tensor); "noise": bf16 base + small noise, as the merge benchmark's models.
+    n, chunk = 300_007, 65_536
+    g = torch.Generator().manual_seed(23)
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    if kind == "grid":
+        models = [(base.float() + torch.randint(-3, 4, (n,), generator=g) * 0.125).bfloat16() for _ in range(2)]
+    else:
+        models = [(base.float() + torch.randn(n, generator=g) * 0.002).bfloat16() for _ in range(2)]
+    # weights that scale exactly: wΔ and the vote are exact in float32, so votes that cancel (frequent
+    # with bf16 task vectors) elect the same sign as in the float64 reference
+    ws, ds = [1.0, 0.5], [0.5, 0.3]
+    mp = M.MagnitudePass()
+    mp.start(n, 2)
+    for s in range(0, n, chunk):
+        for j, m in enumerate(models):
+            mp.add(j, s, m[s : s + chunk], base[s : s + chunk].float())
+    selectors = mp.selectors(ds)
+    for j, (m, d) in enumerate(zip(models, ds)):
+        delta = m.double() - base.double()  # exact: bf16 differences fit in float64
+        k = max(1, int(d * n))
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.sort(-delta.abs(), stable=True).indices[:k]] = True  # lowest flat index wins ties
+        trimmed = delta.float().clone()
+        selectors[j].trim_(trimmed, 0)
+        assert torch.equal(trimmed != 0, keep & (delta != 0))
+    parts = [
+        M.ties(base[s : s + chunk], [mp.chunk(j, s, min(n, s + chunk)) for j in range(2)], ws, ds,
+               selectors=selectors, deltas=True, out_dtype=torch.float32)
+        for s in range(0, n, chunk)
+    ]
+    got = torch.cat(parts)
+    assert torch.equal(got, M.ties(base, models, ws, ds, out_dtype=torch.float32))  # the sampled-band path
+    np.testing.assert_allclose(f64(got), ties_reference(base, models, ws, ds), rtol=1e-5, atol=1e-6)

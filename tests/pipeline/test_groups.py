@@ -56,3 +56,23 @@ def test_group_coefficients_are_canonical_and_hashable():
     assert GroupCoefficients(rule, ((1, 2),) * 3).uniform() == (1.0, 2.0)
     with pytest.raises(ExmeError):
         GroupCoefficients(rule, ((1.0, 2.0),) * 2)
+
+
+def test_layer_groups_use_the_layers_that_gradients_use():
+    # One rule for "which layer is this tensor": a group's layers are the layers a mergekit
+    # gradient sees (exme.merge.parameters.LayerLayout), for GPT-2's names as for Llama's.
+    from exme.merge.parameters import LayerLayout
+
+    gpt2 = ["transformer.wte.weight", "transformer.ln_f.weight"] + [
+        f"transformer.h.{i}.{part}" for i in range(6) for part in ("attn.c_attn.weight", "mlp.c_fc.weight", "ln_1.weight")
+    ]
+    for names, n in ((LLAMA_12, 12), (gpt2, 6)):
+        rule = group_rule("layers:3", names)
+        layout = LayerLayout.from_names(names, None)
+        assert layout.num_layers == n
+        for name in names:
+            layer = layout.layer_of(name)
+            expected = "other" if layer is None else rule.groups[layer * 3 // n]
+            assert rule.group_of(name) == expected, name
+    with pytest.raises(ExmeError, match="alpha.granularity: no decoder layers"):
+        group_rule("layers:2", ["embed.weight", "head.weight"])

@@ -202,17 +202,19 @@ def tensor_merger(
 
     ``kwargs`` are the tensor's parameters (``MergePlan.kwargs``). Inputs are ordered as in
     :class:`MergePlan` (base first for methods with a base). For TIES
-    the engine passes ``selectors=`` so that chunks of one tensor share its global top-k.
+    the engine passes ``selectors=`` so that chunks of one tensor share its global top-k, and the
+    task vectors its magnitude pass kept (``deltas=True``), so the merge pass reads only the base.
     """
     method = config.method
     common = {"out_dtype": out_dtype, "compute_dtype": compute_dtype}
     with_base = method.needs_base
 
-    def merge(name: str, ts: list[torch.Tensor], kwargs: dict, selectors=None) -> torch.Tensor:
+    def merge(name: str, ts: list[torch.Tensor], kwargs: dict, selectors=None, deltas: bool = False) -> torch.Tensor:
         # A CPU generator on every device, so a CUDA merge draws the same masks as a CPU one.
         generator = methods.tensor_generator(seed, name, "cpu") if method.random else None
         base, models = (ts[0], ts[1:]) if with_base else (None, ts)
-        return method.merge(base, models, **kwargs, generator=generator, selectors=selectors, **common)
+        extra = {"deltas": True} if deltas else {}
+        return method.merge(base, models, **kwargs, generator=generator, selectors=selectors, **extra, **common)
 
     return merge
 
@@ -256,8 +258,8 @@ def _schedule(plan: MergePlan, chunk: int) -> list[_Step]:
 
 def _read_step(plan: MergePlan, step: _Step) -> list[torch.Tensor]:
     task = plan.tasks[step.task]
-    if step.kind == "copy":
-        sources = [0]
+    if step.kind == "copy" or (step.kind == "chunk" and plan.config.method.magnitude_pass):
+        sources = [0]  # a two-pass merge takes the models' task vectors from its first pass
     elif step.kind == "extra":
         sources = [task.extra_rows_from]
     else:
@@ -382,7 +384,7 @@ def _region(task: TensorTask) -> int:
 def _stream(plan: MergePlan, steps: list[_Step], merger: Callable, device: str, writer: _Writer, advance: Callable[[int], None]) -> None:
     """The merge loop: consume the reader's steps in schedule order, hand results to the writer."""
     reader = _Reader(plan, steps)
-    workspace: list[torch.Tensor] = []  # TIES magnitudes, reused from tensor to tensor
+    magnitudes = methods.MagnitudePass(device, plan.compute_dtype)  # TIES' first pass, reused from tensor to tensor
     selectors: list[methods.MagnitudeSelector] | None = None
     compute = plan.compute_dtype
     try:
@@ -400,25 +402,18 @@ def _stream(plan: MergePlan, steps: list[_Step], merger: Callable, device: str, 
             elif step.kind == "extra":
                 writer.put("append", tensors[0].to(plan.out_dtype))
             elif step.kind == "magnitude":
-                while len(workspace) < len(tensors) - 1:
-                    workspace.append(torch.empty(0, dtype=compute, device=device))
+                if step.start == 0:
+                    magnitudes.start(_region(task), len(tensors) - 1)
                 base = tensors[0].to(compute)
                 for j, model in enumerate(tensors[1:]):
-                    if workspace[j].numel() < _region(task):
-                        workspace[j] = torch.empty(_region(task), dtype=compute, device=device)
-                    mag = workspace[j][step.start : step.stop]
-                    mag.copy_(model)
-                    mag.sub_(base).abs_()
-                    if not bool(torch.isfinite(mag.sum())):
+                    if not bool(torch.isfinite(magnitudes.add(j, step.start, model, base).sum())):
                         _raise_non_finite(plan, task)
             else:
                 if step.kind == "chunk" and plan.config.method.magnitude_pass:
                     if selectors is None:  # the magnitude pass of this tensor is complete
-                        selectors = [
-                            methods.MagnitudeSelector.from_magnitudes(workspace[j][: _region(task)], d)
-                            for j, d in enumerate(plan.kwargs[step.task]["density"])
-                        ]
-                    result = merger(task.name, tensors, plan.kwargs[step.task], selectors=selectors)
+                        selectors = magnitudes.selectors(plan.kwargs[step.task]["density"])
+                    deltas = [magnitudes.chunk(j, step.start, step.stop) for j in range(len(selectors))]
+                    result = merger(task.name, [tensors[0], *deltas], plan.kwargs[step.task], selectors=selectors, deltas=True)
                 else:
                     if step.kind == "whole":
                         shape = (task.common_rows, *task.out_spec.shape[1:]) if task.common_rows is not None else task.out_spec.shape

@@ -15,11 +15,11 @@ group order), so equal candidates compare and hash equal.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from exme.errors import ExmeError
+from exme.merge.parameters import LayerLayout
 
 #: Substrings naming attention and MLP modules, in the spellings of common architectures (Llama,
 #: Mistral, Qwen: ``self_attn``/``mlp``; GPT-2: ``attn``/``mlp``; GPT-NeoX: ``attention``; Mixtral-like
@@ -27,8 +27,6 @@ from exme.errors import ExmeError
 ATTENTION_FILTERS = (".self_attn.", ".attention.", ".attn.")
 MLP_FILTERS = (".mlp.", ".feed_forward.", ".block_sparse_moe.")
 OTHER = "other"
-
-_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|layer|blocks)\.)(?P<index>\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -89,21 +87,6 @@ class GroupCoefficients:
         return self.coeffs[0] if len(set(self.coeffs)) == 1 else None
 
 
-def layer_layout(names: Iterable[str]) -> tuple[str, int]:
-    """(prefix, number of layers) of the decoder layers: ``("model.layers.", 30)`` for a Llama."""
-    found: Counter[str] = Counter()
-    indices: dict[str, set[int]] = {}
-    for name in names:
-        m = _LAYER.match(name)
-        if m:
-            found[m["prefix"]] += 1
-            indices.setdefault(m["prefix"], set()).add(int(m["index"]))
-    if not found:
-        raise ExmeError("no decoder layers (tensors named like model.layers.0.…) in the base model")
-    prefix = found.most_common(1)[0][0]
-    return prefix, max(indices[prefix]) + 1
-
-
 def parse_granularity(value: str) -> tuple[str, int | None]:
     """``"global"``, ``"module"`` or ``"layers:N"`` (N ≥ 1) → (kind, N); anything else is a ``ValueError``."""
     if value in ("global", "module"):
@@ -136,7 +119,11 @@ def group_rule(granularity: str, names: Sequence[str], source: str = "alpha.gran
             )
         return GroupRule(granularity, ("attention", "mlp", OTHER),
                          ((attention[0], "attention"), (mlp[0], "mlp")), OTHER)
-    prefix, layers = layer_layout(names)
+    # the layers as mergekit's gradients see them (one rule for both: exme.merge.parameters)
+    layout = LayerLayout.from_names(names, None)
+    if layout.prefix is None:
+        raise ExmeError(f"{source}: no decoder layers (tensors named like model.layers.0.…) in the base model; use module or global")
+    prefix, layers = layout.prefix + ".", layout.num_layers
     assert n is not None
     if n > layers:
         raise ExmeError(f"{source}: layers:{n} asks for more groups than the model's {layers} decoder layers; use at most layers:{layers}")

@@ -330,8 +330,10 @@ _HIST_BINS = 1 << 12
 _HIST_STEP = 1 << 18
 
 
-def _band_histogram(bits: torch.Tensor, lo: int, hi: int, shift: int) -> torch.Tensor:
+def _band_histogram(bits: torch.Tensor, lo: int, hi: int, shift: int, signed: bool = False) -> torch.Tensor:
     """Counts of the int32 keys ``bits``: below ``lo``, in each bin of 2**shift keys of [lo, hi], above ``hi``.
+
+    ``signed``: the keys are float bits whose sign bit is cleared first (counting |x| of signed x).
 
     Why a histogram: counting with ``bincount`` over clamped keys is integer work in cache, where
     cutting a band out with comparisons and boolean indexing cost several passes of boolean
@@ -344,7 +346,11 @@ def _band_histogram(bits: torch.Tensor, lo: int, hi: int, shift: int) -> torch.T
     for s in range(0, n, _HIST_STEP):
         part = scratch[: min(n, s + _HIST_STEP) - s]
         # below lo → lo − 2**shift (bin 0), above hi → hi + 2**shift (the last bin)
-        torch.clamp(bits[s : s + part.numel()], lo - (1 << shift), hi + (1 << shift), out=part)
+        if signed:  # |x| in float (cheaper than masking the sign bit), read back as its bits
+            torch.abs(bits[s : s + part.numel()].view(torch.float32), out=part.view(torch.float32))
+            part.clamp_(lo - (1 << shift), hi + (1 << shift))
+        else:
+            torch.clamp(bits[s : s + part.numel()], lo - (1 << shift), hi + (1 << shift), out=part)
         part.sub_(lo - (1 << shift))
         if shift:
             part.bitwise_right_shift_(shift)
@@ -352,22 +358,27 @@ def _band_histogram(bits: torch.Tensor, lo: int, hi: int, shift: int) -> torch.T
     return hist
 
 
-def _bits_select(values: torch.Tensor, k: int, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def _bits_select(
+    values: torch.Tensor, k: int, lo: torch.Tensor | int, hi: torch.Tensor | int, bins: int = _HIST_BINS,
+    signed: bool = False,
+) -> tuple[torch.Tensor, int, int]:
     """Exact k-th largest of non-negative float32 ``values`` with the counts, by histograms of their bits.
 
     The bits of a non-negative float32, read as an int32, order the same way as the floats, so
-    the k-th largest float is the k-th largest key. Starting from the sampled guess ``[lo, hi]``
-    (or every key, when the guess misses), each pass counts the keys of the range in at most
-    4096 bins and narrows the range to the bin holding the k-th largest, until bins are single
-    keys: always exact, usually two passes.
+    the k-th largest float is the k-th largest key. Starting from a guess ``[lo, hi]`` (floats, or
+    keys as ints; a sampled band, or the coarse bin of :class:`MagnitudePass`; every key when the
+    guess misses), each pass counts the keys of the range in at most ``bins`` bins and narrows the
+    range to the bin holding the k-th largest, until bins are single keys: always exact, usually
+    two passes from a sampled band and one from a coarse bin. ``signed``: select among |values|.
     """
     bits = values.view(torch.int32)
-    lo_b, hi_b = int(lo.view(torch.int32)), int(hi.view(torch.int32))
+    lo_b = lo if isinstance(lo, int) else int(lo.view(torch.int32))
+    hi_b = hi if isinstance(hi, int) else int(hi.view(torch.int32))
     above = 0  # entries with a key above hi_b
     guessed = True
     while True:
-        shift = max(0, (hi_b - lo_b).bit_length() - _HIST_BINS.bit_length() + 1)
-        hist = _band_histogram(bits, lo_b, hi_b, shift)
+        shift = max(0, (hi_b - lo_b).bit_length() - bins.bit_length() + 1)
+        hist = _band_histogram(bits, lo_b, hi_b, shift, signed)
         n_above, n_below = int(hist[-1]), int(hist[0])
         if not n_above < k <= values.numel() - n_below:
             assert guessed, "the k-th largest left the range that held it"
@@ -382,6 +393,123 @@ def _bits_select(values: torch.Tensor, k: int, lo: torch.Tensor, hi: torch.Tenso
             value = torch.tensor(top, dtype=torch.int32, device=values.device).view(torch.float32)
             return value, above, count
         lo_b, hi_b = top, min(hi_b, top + (1 << shift) - 1)
+
+
+#: Low bits dropped from a float32 key for the coarse histogram of :class:`MagnitudePass`: the
+#: top 16 bits (sign, exponent, 7 mantissa bits) index at most 2**15 bins for non-negative floats.
+_COARSE_SHIFT = 16
+_COARSE_BINS = 1 << 15
+
+
+class MagnitudePass:
+    """The first pass of TIES over one tensor: Δᵢ per model, chunk by chunk, and a histogram of |Δᵢ|.
+
+    Why here: the threshold needs a histogram of the magnitudes' bits, and building its first
+    (coarse) level while each chunk is in cache replaces the whole-tensor passes that sampled a
+    band and histogrammed it; what is left per model is one pass over the coarse bin that holds
+    the k-th largest (:func:`_bits_select`). Keeping Δᵢ itself (not |Δᵢ|, the same memory) lets
+    the merge pass take Δᵢ from here (``ties(..., deltas=True)``) instead of reading and
+    subtracting every model again. The buffers are kept from tensor to tensor.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.device, self.dtype = device, dtype
+        self.deltas: list[torch.Tensor] = []
+        self._hists: list[torch.Tensor] = []
+        self._scratch = torch.empty(0, dtype=torch.float32, device=device)
+        self.numel = 0
+
+    def start(self, numel: int, n_models: int) -> None:
+        """Begin a tensor of ``numel`` elements (per model) merged from ``n_models`` models."""
+        self.numel = numel
+        while len(self.deltas) < n_models:
+            self.deltas.append(torch.empty(0, dtype=self.dtype, device=self.device))
+            self._hists.append(torch.zeros(_COARSE_BINS, dtype=torch.int64, device=self.device))
+        for j in range(n_models):
+            if self.deltas[j].numel() < numel:
+                self.deltas[j] = torch.empty(numel, dtype=self.dtype, device=self.device)
+            self._hists[j].zero_()
+
+    @property
+    def coarse(self) -> bool:
+        """Whether the coarse histogram is built (float32 task vectors of a tensor worth sampling)."""
+        return self.dtype == torch.float32 and self.numel > _DIRECT_SELECTION_MAX
+
+    def add(self, j: int, start: int, model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Δ = θ − θ_b of model ``j``'s flat chunk at ``start`` (``base`` in the compute dtype); returns it."""
+        delta = self.deltas[j][start : start + model.numel()]
+        delta.copy_(model)
+        delta.sub_(base)
+        if self.coarse:
+            if self._scratch.numel() < delta.numel():
+                self._scratch = torch.empty(delta.numel(), dtype=torch.float32, device=self.device)
+            mag = torch.abs(delta, out=self._scratch[: delta.numel()])
+            keys = mag.view(torch.int32)  # the float's bits: ordered as |Δ| is
+            # NaN keys (> Inf's) would overflow the bins; the engine rejects non-finite chunks anyway
+            keys.bitwise_right_shift_(_COARSE_SHIFT).clamp_max_(_COARSE_BINS - 1)
+            self._hists[j].add_(torch.bincount(keys, minlength=_COARSE_BINS)[:_COARSE_BINS])
+        return delta
+
+    def chunk(self, j: int, start: int, stop: int) -> torch.Tensor:
+        """Model ``j``'s Δ over ``[start, stop)`` (the merge pass consumes it in place)."""
+        return self.deltas[j][start:stop]
+
+    def selectors(self, densities: Sequence[float]) -> list[MagnitudeSelector]:
+        """One :class:`MagnitudeSelector` per model, after every chunk of the tensor was added."""
+        out = []
+        for j, d in enumerate(densities):
+            delta = self.deltas[j][: self.numel]
+            if self.coarse:
+                out.append(MagnitudeSelector.from_magnitudes(delta, d, coarse=self._hists[j]))
+            else:
+                out.append(MagnitudeSelector.from_magnitudes(delta.abs(), d))
+        return out
+
+
+def _coarse_band(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The key range [lo, hi] of the coarse bin that holds the k-th largest entry."""
+    cum = hist.flip(0).cumsum(0)
+    j = int(torch.searchsorted(cum, k))
+    b = hist.numel() - 1 - j
+    return b << _COARSE_SHIFT, ((b + 1) << _COARSE_SHIFT) - 1
+
+
+def _nth_equal(values: torch.Tensor, x: torch.Tensor, nth: int, signed: bool = False) -> int:
+    """Flat index of the ``nth`` (1-based) entry of ``values`` (``signed``: of |values|) equal to ``x``; it must exist.
+
+    Why float operations: counting the equal entries of a piece as its size minus Σ sign(|v − x|)
+    avoids boolean temporaries (slow on CPU); the piece that holds the answer is narrowed to a
+    small one before its entries are compared.
+    """
+    scratch = torch.empty(min(values.numel(), SCAN_CHUNK), dtype=values.dtype, device=values.device)
+    xf = float(x)
+
+    def equal(part: torch.Tensor) -> int:
+        diff = scratch[: part.numel()]
+        if signed:
+            torch.abs(part, out=diff).sub_(xf)
+        else:
+            torch.sub(part, xf, out=diff)
+        return part.numel() - int(diff.abs_().sign_().sum())  # a float32 sum of 0/1 is exact below 2**24
+
+    offset, step = 0, SCAN_CHUNK
+    while True:
+        n = values.numel()
+        for i in range(0, n, step):
+            part = values[i : i + step]
+            count = equal(part)
+            if count >= nth:
+                break
+            nth -= count
+        else:
+            raise AssertionError("fewer entries equal the threshold than counted")
+        offset += i
+        values = part
+        if part.numel() <= _KERNEL_BLOCK:
+            hits = torch.nonzero((part.abs() if signed else part) == x).reshape(-1)
+            return offset + int(hits[nth - 1])
+        step = max(_KERNEL_BLOCK, step // 16)
+
 
 def _count_equal(values: torch.Tensor, x: torch.Tensor) -> int:
     return sum(int(torch.count_nonzero(values[i : i + SCAN_CHUNK] == x)) for i in range(0, values.numel(), SCAN_CHUNK))
@@ -409,28 +537,30 @@ class MagnitudeSelector:
         self.last_tie: int | None = None
         #: elements of the tensor already merged through :meth:`trim_`
         self.offset = 0
+        self._cuts: tuple[torch.dtype, float, float] | None = None  # (dtype, t⁻, t) for trim_
 
     @classmethod
-    def from_magnitudes(cls, magnitudes: torch.Tensor, density: float) -> MagnitudeSelector:
-        """``magnitudes``: |Δ| of the whole tensor, flat. Keeps max(1, ⌊density·n⌋) (as mergekit)."""
+    def from_magnitudes(cls, magnitudes: torch.Tensor, density: float, coarse: torch.Tensor | None = None) -> MagnitudeSelector:
+        """``magnitudes``: |Δ| of the whole tensor, flat. Keeps max(1, ⌊density·n⌋) (as mergekit).
+
+        ``coarse``: the coarse histogram from :class:`MagnitudePass`; then ``magnitudes`` are that
+        pass's signed Δ (float32) and the selection reads |Δ| from their bits.
+        """
         n = magnitudes.numel()
         if density >= 1.0 or n == 0:
             return cls(None, 0)
         k = max(1, int(density * n))  # as mergekit: a positive density keeps at least one entry
         if k >= n:
             return cls(None, 0)
-        threshold, n_greater, n_equal = kth_largest_stats(magnitudes, k)
+        if coarse is not None and n > _DIRECT_SELECTION_MAX:
+            lo_b, hi_b = _coarse_band(coarse, k)
+            threshold, n_greater, n_equal = _bits_select(magnitudes, k, lo_b, hi_b, bins=1 << _COARSE_SHIFT, signed=True)
+        else:
+            threshold, n_greater, n_equal = kth_largest_stats(magnitudes, k)
         ties = k - n_greater
         selector = cls(threshold, ties, all_ties=ties == n_equal)
         if not selector.all_ties:
-            seen = 0
-            for i in range(0, n, SCAN_CHUNK):
-                tied = magnitudes[i : i + SCAN_CHUNK] == threshold
-                count = int(torch.count_nonzero(tied))
-                if seen + count >= ties:
-                    selector.last_tie = i + int(torch.nonzero(tied).reshape(-1)[ties - seen - 1])
-                    break
-                seen += count
+            selector.last_tie = _nth_equal(magnitudes, threshold, ties, signed=coarse is not None)
         return selector
 
     @property
@@ -444,10 +574,14 @@ class MagnitudeSelector:
         The same entries as :meth:`mask` drops, with float operations only: keeping |Δ| ≥ t is
         hardshrink's |Δ| > t⁻ (t⁻ the next float below t), keeping |Δ| > t is hardshrink at t.
         """
-        if self.threshold is None or float(self.threshold) <= 0 and self.all_ties:
+        if self.threshold is None:
             return
-        t = self.threshold.to(delta.dtype)
-        below = float(torch.nextafter(t, torch.zeros_like(t)))
+        if self._cuts is None or self._cuts[0] != delta.dtype:  # the two cut points, once per tensor
+            t = self.threshold.to(delta.dtype)
+            self._cuts = (delta.dtype, float(torch.nextafter(t, torch.zeros_like(t))), float(t))
+        _, below, at = self._cuts
+        if self.all_ties and at <= 0:  # every entry is at least 0: all kept
+            return
         if self.all_ties:
             torch.ops.aten.hardshrink.out(delta, below, out=delta)
             return
@@ -456,7 +590,7 @@ class MagnitudeSelector:
         if cut:
             torch.ops.aten.hardshrink.out(delta[:cut], below, out=delta[:cut])
         if cut < delta.numel():
-            torch.ops.aten.hardshrink.out(delta[cut:], float(t), out=delta[cut:])
+            torch.ops.aten.hardshrink.out(delta[cut:], at, out=delta[cut:])
 
     def mask(self, magnitudes: torch.Tensor) -> torch.Tensor:
         """Keep-mask of the next chunk of magnitudes (flat, in order)."""
@@ -541,6 +675,7 @@ def _disjoint_kernel(
     normalize: bool,
     lambda_: float,
     compute_dtype: torch.dtype,
+    deltas: bool = False,
 ) -> torch.Tensor:
     """TIES' sign election and disjoint merge from float operations only, block by block.
 
@@ -555,37 +690,46 @@ def _disjoint_kernel(
     per element than these float operations on CPU, and blocks keep every temporary in cache.
 
     ``prune(i, Δ_i block, start, stop)`` trims or drops entries of model i's block in place.
+    ``deltas``: ``models`` are Δᵢ in ``compute_dtype`` already, and are overwritten.
     """
     b_flat = base.reshape(-1)
     ms = [m.reshape(-1) for m in models]
     n = b_flat.numel()
     out = torch.empty(n, dtype=compute_dtype, device=base.device)
     size = min(n, _KERNEL_BLOCK)
-    bufs = [torch.empty(size, dtype=compute_dtype, device=base.device) for _ in range(len(ms) + 4)]
+    bufs = [torch.empty(size, dtype=compute_dtype, device=base.device) for _ in range(4 + (0 if deltas else len(ms)))]
     bb, sgn, mixed, tmp, wds = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4:]
     divisor = torch.empty(size, dtype=compute_dtype, device=base.device) if normalize else None
     floor = min(ws) if normalize else 0.0
+    one = torch.ones((), dtype=compute_dtype, device=base.device)
     for s in range(0, n, size):
         e = min(n, s + size)
         k = e - s
         b, sg, mx, t = bb[:k], sgn[:k], mixed[:k], tmp[:k]
         b.copy_(b_flat[s:e])
-        vote = None
+        cur = []
         for i, (m, w) in enumerate(zip(ms, ws)):
-            wd = wds[i][:k]
-            wd.copy_(m[s:e])
-            wd.sub_(b)
+            wd = m[s:e] if deltas else wds[i][:k]
+            cur.append(wd)
+            if not deltas:
+                wd.copy_(m[s:e])
+                wd.sub_(b)
             prune(i, wd, s, e)
             wd.mul_(w)
-            term = wd if method == "sum" else torch.sign(wd, out=t)
-            if vote is None:
-                vote = sg
-                vote.copy_(term)
-            else:
-                vote.add_(term)
-        torch.copysign(torch.ones((), dtype=compute_dtype, device=base.device), vote, out=sg)
-        for i, w in enumerate(ws):
-            wd = wds[i][:k]
+            # the vote, in model order: Σ wΔ' (sum) or Σ sign(wΔ') (count)
+            if method == "count":
+                if i == 0:
+                    torch.sign(wd, out=sg)
+                else:
+                    sg.add_(torch.sign(wd, out=t))
+            elif i == 1:
+                torch.add(cur[0], wd, out=sg)
+            elif i > 1:
+                sg.add_(wd)
+        if method == "sum" and len(ms) == 1:
+            sg.copy_(cur[0])
+        torch.copysign(one, sg, out=sg)
+        for i, (wd, w) in enumerate(zip(cur, ws)):
             r = mx if i == 0 else t
             torch.mul(wd, sg, out=r).clamp_min_(0)
             if i:
@@ -633,6 +777,7 @@ def ties(
     lambda_: float = 1.0,
     *,
     selectors: Sequence[MagnitudeSelector] | None = None,
+    deltas: bool = False,
     out_dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -643,7 +788,9 @@ def ties(
 
     ``selectors`` (one :class:`MagnitudeSelector` per model, built from the whole tensor's |Δ_i|)
     let a caller apply TIES to consecutive flat chunks of a large tensor with the global top-k;
-    without them the top-k is taken over the tensors given.
+    without them the top-k is taken over the tensors given. ``deltas=True``: ``models`` are the
+    task vectors Δᵢ in ``compute_dtype`` already (the engine's :class:`MagnitudePass` keeps them
+    from its first pass), and are overwritten.
     """
     ws = _as_list(weights, len(models), "weight")
     ds = _as_list(density, len(models), "density")
@@ -651,28 +798,32 @@ def ties(
     _check_same_shape([base, *models])
     if majority_sign_method not in ("sum", "count"):
         raise ExmeError(f"majority_sign_method must be 'sum' or 'count', got {majority_sign_method!r}")
-    base_c = base.to(compute_dtype)
+    if deltas and any(m.dtype != compute_dtype for m in models):
+        raise ValueError("deltas=True needs task vectors in the compute dtype")
     if selectors is None and models:
+        base_c = base.to(compute_dtype)
         selectors = []
         for model, d in zip(models, ds):
-            selectors.append(MagnitudeSelector.from_magnitudes(_task_vector(model, base_c).abs_().reshape(-1), d))
+            mag = model.abs() if deltas else _task_vector(model, base_c).abs_()
+            selectors.append(MagnitudeSelector.from_magnitudes(mag.reshape(-1), d))
     if _fast_disjoint(ws, normalize, compute_dtype) and all(sel.float_only for sel in selectors):
         def trim(i: int, wd: torch.Tensor, start: int, stop: int) -> None:
             selectors[i].trim_(wd, start)
 
-        merged = _disjoint_kernel(base, models, ws, trim, majority_sign_method, normalize, lambda_, compute_dtype)
+        merged = _disjoint_kernel(base, models, ws, trim, majority_sign_method, normalize, lambda_, compute_dtype, deltas)
         for sel in selectors:
             sel.offset += base.numel()
         return _out(merged, out_dtype, base)
-    deltas = []
+    base_c = base.to(compute_dtype)
+    task_vectors = []
     for i, (model, d) in enumerate(zip(models, ds)):
-        delta = _task_vector(model, base_c)
+        delta = model if deltas else _task_vector(model, base_c)
         if selectors is not None:
             delta.mul_(selectors[i].mask(delta.abs().reshape(-1)).reshape(delta.shape))
         elif d < 1.0:
             delta.mul_(magnitude_mask(delta, d))
-        deltas.append(delta)
-    merged = _sign_consensus_merge(base, deltas, ws, majority_sign_method, normalize, lambda_, compute_dtype)
+        task_vectors.append(delta)
+    merged = _sign_consensus_merge(base, task_vectors, ws, majority_sign_method, normalize, lambda_, compute_dtype)
     return _out(merged, out_dtype, base)
 
 

@@ -85,7 +85,8 @@ class MergeMethod:
     #: result at an element depends only on the inputs at that element (streamed in chunks)
     elementwise: ClassVar[bool] = False
     #: needs each task vector's global top-k threshold first: the engine streams a magnitude pass,
-    #: then passes ``selectors=`` so chunks of one tensor share it (TIES)
+    #: then passes ``selectors=`` so chunks of one tensor share it, and the task vectors that pass
+    #: kept (``deltas=True``) instead of the models (TIES)
     magnitude_pass: ClassVar[bool] = False
     #: draws random masks (DARE): takes a per-tensor ``generator``
     random: ClassVar[bool] = False
@@ -249,9 +250,9 @@ class Ties(MergeMethod):
         }
 
     def merge(self, base, models, *, weights, density, majority_sign_method="sum", normalize=True, lambda_=1.0,
-              generator=None, selectors=None, **common):
+              generator=None, selectors=None, deltas=False, **common):
         return methods.ties(base, models, weights, density, majority_sign_method, normalize, lambda_,
-                            selectors=selectors, **common)
+                            selectors=selectors, deltas=deltas, **common)
 
     def baseline_space(self, k: int) -> dict[str, list[float]]:
         return {"density": [0.3, 0.5, 0.7]}
