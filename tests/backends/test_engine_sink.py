@@ -106,3 +106,20 @@ def test_store_host_without_the_memory_is_one_line_with_bytes_needed_and_availab
     message = str(err.value)
     assert f"needs 0.0 GiB ({5 * nbytes} bytes)" in message and f"({5 * nbytes - 1} bytes) is available" in message
     assert "\n" not in message
+
+
+def test_start_live_checks_the_host_memory_before_loading_anything(models, monkeypatch):
+    """``store: host`` with a GPU engine: base + K checkpoints on the host, refused before any read."""
+    from exme.evaluate.backends import vllm as vllm_backend
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the memory check")
+
+    monkeypatch.setattr(LiveModel, "__init__", refuse)
+    monkeypatch.setattr(vllm_backend, "host_memory_available", lambda: 1000)
+    base = models[0]
+    nbytes = sum(Checkpoint.open(base).spec(n).numel * 2 for n in Checkpoint.open(base).names)  # bf16
+    with pytest.raises(ExmeError) as err:
+        vllm_backend.start_live(base, device="cuda", store="host", kept=2)
+    message = str(err.value)
+    assert f"({3 * nbytes} bytes)" in message and "(1000 bytes) is available" in message and "\n" not in message
