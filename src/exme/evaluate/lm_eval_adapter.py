@@ -255,7 +255,8 @@ def _make_backend_lm() -> Any:
             self.max_length = int(window)
             # An engine that scores a prompt by generating one token after it needs room for that token.
             self._rolling_len = self.max_length - (2 if hasattr(backend, "max_model_len") else 0)
-            self._generate_opts = {"skip_special_tokens": False} if getattr(backend, "name", "") == "vllm" else {}
+            # Declared by the engine (lm-eval's own model for it decodes that way), not looked up by backend name.
+            self._generate_opts = dict(getattr(backend, "lm_eval_generate_options", {}))
 
         @property
         def eot_token_id(self) -> int:

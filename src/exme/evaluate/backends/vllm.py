@@ -94,6 +94,8 @@ class VLLMBackend:
     """
 
     name = "vllm"
+    # lm-eval tasks keep special tokens in generated text, as lm-eval's own ``VLLM`` model does.
+    lm_eval_generate_options = {"skip_special_tokens": False}
 
     def __init__(
         self,
