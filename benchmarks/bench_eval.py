@@ -410,7 +410,8 @@ def memory_variant(variant: str, folder: Path) -> dict:
     search held before the engine-only live model: a live model with a transformers module holding
     θ_b, two checkpoints and the candidate, the engine beside it, one candidate applied and loaded.
     ``sink``: the engine-only live model (meta-device shell, candidates streamed into the engine).
-    Every phase's peak is sampled (anonymous vs file-backed vs shared memory), and after the swaps
+    ``sink-dynamic``: the same with glibc's dynamic mmap threshold left on (what exme did before
+    ``return_freed_tensors_to_the_kernel``). Every phase's peak is sampled (anonymous vs file-backed vs shared memory), and after the swaps
     the RSS is read again after ``malloc_trim`` (memory freed but kept by the C allocator).
     """
     import resource
@@ -421,6 +422,10 @@ def memory_variant(variant: str, folder: Path) -> dict:
     from exme.evaluate.backends.vllm import VLLMBackend, start_live
     from exme.search.live import LiveModel
 
+    if variant == "sink-dynamic":
+        import exme.evaluate.backends.vllm as vllm_backend
+
+        vllm_backend.return_freed_tensors_to_the_kernel = lambda: None
     base, sfts = folder / "base", [folder / "sft1", folder / "sft2"]
     baseline_split = _rss_split()
     baseline = baseline_split["rss"]
@@ -491,7 +496,7 @@ def bench_memory(args) -> None:
     load_before = os.getloadavg()
     rows = {}
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    for variant in ("engine", "module", "sink"):
+    for variant in ("engine", "module", "sink-dynamic", "sink"):
         proc = subprocess.run([sys.executable, __file__, "--memory-variant", variant, "--memory-dir", str(folder)],
                               capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -501,8 +506,12 @@ def bench_memory(args) -> None:
         rows[variant]["copies_above_baseline"] = rows[variant]["above_baseline"] / model_bytes
         print(json.dumps(rows[variant]), flush=True)
     engine_extra = rows["engine"]["above_baseline"] - model_bytes  # KV cache and runtime, not weights
-    for variant in ("module", "sink"):
-        rows[variant]["model_copies"] = (rows[variant]["above_baseline"] - engine_extra) / model_bytes
+    for variant in ("module", "sink-dynamic", "sink"):
+        r = rows[variant]
+        r["model_copies"] = (r["above_baseline"] - engine_extra) / model_bytes
+        held = r["steady"]["checkpoints held" if "checkpoints held" in r["steady"] else "first candidate"]["anon"]
+        r["swap_peak_over_held_copies"] = (r["phase_peaks"]["swaps"]["anon"] - held) / model_bytes
+        r["retained_after_swaps_copies"] = (r["steady"]["after swaps"]["anon"] - held) / model_bytes
     info = {"model_bytes": model_bytes, "shape": MEMORY_SHAPE, "kept": 2, "cpus": os.cpu_count(),
             "load_avg_1min_before_after": [load_before[0], os.getloadavg()[0]],
             "vllm": __import__("vllm").__version__, "torch": torch.__version__, **rows}
@@ -511,12 +520,21 @@ def bench_memory(args) -> None:
     out.write_text(json.dumps(info, indent=2) + "\n")
     gib = 2**30
     print(f"\nmodel {model_bytes / gib:.2f} GiB (float32), K = 2 kept checkpoints; peak RSS above the post-import baseline:")
-    print("| state held | peak RSS above baseline (GiB) | in model copies | model copies (engine's KV cache and runtime taken out) |")
-    print("|---|---|---|---|")
-    print(f"| engine alone | {rows['engine']['above_baseline'] / gib:.2f} | {rows['engine']['copies_above_baseline']:.2f} | 1 (by definition) |")
-    for variant, label in (("module", "before: transformers module beside the engine"), ("sink", "after: engine-only live model")):
+    print("| state held | peak RSS above baseline (GiB) | anon / file at the peak (GiB) | in model copies | model copies "
+          "(engine's KV cache and runtime taken out) | swap peak over the held state (copies) | kept after the swaps (copies) |")
+    print("|---|---|---|---|---|---|---|")
+    labels = (("engine", "engine alone"), ("module", "transformers module beside the engine"),
+              ("sink-dynamic", "engine-only live model, glibc's dynamic mmap threshold"),
+              ("sink", "engine-only live model, mmap threshold fixed at 1 MiB"))
+    for variant, label in labels:
         r = rows[variant]
-        print(f"| {label} | {r['above_baseline'] / gib:.2f} | {r['copies_above_baseline']:.2f} | {r['model_copies']:.2f} |")
+        at_peak = max(r["phase_peaks"].values(), key=lambda x: x["rss"])
+        split = (f"{(at_peak['anon'] - r['baseline_split']['anon']) / gib:.2f} / "
+                 f"{(at_peak['file'] - r['baseline_split']['file']) / gib:.2f}")
+        copies = f"{r['model_copies']:.2f}" if "model_copies" in r else "1 (by definition)"
+        swap = (f"{r['swap_peak_over_held_copies']:.2f} | {r['retained_after_swaps_copies']:.2f}"
+                if "swap_peak_over_held_copies" in r else "– | –")
+        print(f"| {label} | {r['above_baseline'] / gib:.2f} | {split} | {r['copies_above_baseline']:.2f} | {copies} | {swap} |")
     print(f"load average (1 min) before/after: {info['load_avg_1min_before_after']} on {info['cpus']} CPUs")
 
 

