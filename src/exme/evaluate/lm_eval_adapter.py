@@ -200,6 +200,18 @@ def unservable(task: str, output_type: str, gen_kwargs: dict[str, Any] | None, b
     return None
 
 
+def _datasets_bars() -> None:
+    """``datasets`` progress bars (tasks load their data through it) only with ``--verbose``, as the
+    other libraries' bars: otherwise they precede even a one-line error about a task."""
+    from exme.runtime import is_verbose
+
+    try:
+        import datasets
+    except ImportError:
+        return
+    (datasets.enable_progress_bars if is_verbose() else datasets.disable_progress_bars)()
+
+
 def _gen_settings(gen_kwargs: dict[str, Any], default_max: int) -> tuple[list[str], int]:
     """(stop strings, max new tokens) from lm-eval generation kwargs (``until``, ``max_gen_toks`` and its aliases)."""
     until = gen_kwargs.get("until")
@@ -441,6 +453,7 @@ class LmEvalEvaluator:
         if self._indices is None:
             manager = self.task_manager()
             offline = hub_offline()
+            _datasets_bars()
             try:
                 with _offline_mode() if offline else contextlib.nullcontext():
                     if hasattr(manager, "load"):  # lm-eval >= 0.4.10: flat dict of leaf tasks
