@@ -425,3 +425,17 @@ def test_lm_eval_vllm_module_imports_beside_the_cpu_wheel_and_restores_the_versi
     module = lm_eval_vllm_module()
     assert metadata.version is real  # only the import saw the answered lookup
     assert module.VLLM.__module__ == "lm_eval.models.vllm_causallms"
+
+
+def test_batch_invariant_kernels_on_a_cpu_are_refused_in_one_line_before_the_engine_starts(vllm_models, monkeypatch):
+    import os
+
+    from exme.errors import ExmeError
+    from exme.evaluate.backends.vllm import VLLMBackend
+
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    with pytest.raises(ExmeError) as err:
+        VLLMBackend(vllm_models.a, device="cpu", batch_invariant=True)
+    message = str(err.value)
+    assert "batch_invariant" in message and "CUDA" in message and "\n" not in message
+    assert "VLLM_BATCH_INVARIANT" not in os.environ  # nothing switched on for a later engine
