@@ -23,6 +23,7 @@ the whole split's tokenization cache, as the first evaluation of a search does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -411,7 +412,7 @@ def memory_variant(variant: str, folder: Path) -> dict:
     θ_b, two checkpoints and the candidate, the engine beside it, one candidate applied and loaded.
     ``sink``: the engine-only live model (meta-device shell, candidates streamed into the engine).
     ``sink-dynamic``: the same with glibc's dynamic mmap threshold left on (what exme did before
-    ``return_freed_tensors_to_the_kernel``). Every phase's peak is sampled (anonymous vs file-backed vs shared memory), and after the swaps
+    ``freed_tensors_leave_the_process``). Every phase's peak is sampled (anonymous vs file-backed vs shared memory), and after the swaps
     the RSS is read again after ``malloc_trim`` (memory freed but kept by the C allocator).
     """
     import resource
@@ -425,7 +426,7 @@ def memory_variant(variant: str, folder: Path) -> dict:
     if variant == "sink-dynamic":
         import exme.evaluate.backends.vllm as vllm_backend
 
-        vllm_backend.return_freed_tensors_to_the_kernel = lambda: None
+        vllm_backend.freed_tensors_leave_the_process = contextlib.nullcontext
     base, sfts = folder / "base", [folder / "sft1", folder / "sft2"]
     baseline_split = _rss_split()
     baseline = baseline_split["rss"]
@@ -525,7 +526,7 @@ def bench_memory(args) -> None:
     print("|---|---|---|---|---|---|---|")
     labels = (("engine", "engine alone"), ("module", "transformers module beside the engine"),
               ("sink-dynamic", "engine-only live model, glibc's dynamic mmap threshold"),
-              ("sink", "engine-only live model, mmap threshold fixed at 1 MiB"))
+              ("sink", "engine-only live model, 1 MiB mmap threshold while weights load"))
     for variant, label in labels:
         r = rows[variant]
         at_peak = max(r["phase_peaks"].values(), key=lambda x: x["rss"])

