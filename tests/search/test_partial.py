@@ -69,3 +69,19 @@ def test_only_perplexity_says_its_items_do_not_join():
     assert get_kind("perplexity").items_independent is False
     for name in ("multiple_choice", "gsm8k", "generate", "humaneval", "mbpp"):
         assert get_kind(name).items_independent is True
+
+
+def test_a_window_inside_an_earlier_evaluation_is_cut_from_it_without_its_generation():
+    from exme.search.partial import restricted
+
+    full = rec({"a": {str(i): float(i % 2) for i in range(8)}, "p": {str(i): -1.0 for i in range(8)}},
+               generation={"a": {"mean_new_tokens": 3.0, "hit_limit": 0.0, "no_stop": 0.0, "n": 8}})
+    window = {"a": ["2", "3", "4"], "p": ["2", "3", "4"]}
+    cut = restricted(window, [rec({"a": {"2": 1.0}}), full], joinable={"a"})
+    assert cut.per_item == {"a": {"2": 0.0, "3": 1.0, "4": 0.0}} and cut.tasks == {"a": 1 / 3}
+    assert cut.generation == {}
+    assert restricted({"a": ["7", "8"]}, [full], joinable={"a"}) is None  # item 8 was never scored
+    fresh = {"tasks": {"p": -1.0}, "n_items": {"p": 3}, "per_item": {"p": {"2": -1.0, "3": -1.0, "4": -1.0}},
+             "generation": {}}
+    out = join(window, [cut], fresh, joinable={"a"}, weights={"a": 1.0, "p": 1.0})
+    assert out["overall"] == pytest.approx((1 / 3 - 1.0) / 2, rel=1e-15) and "a" not in out["generation"]

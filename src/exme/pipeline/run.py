@@ -375,7 +375,7 @@ class Runner:
         """Score only the items of the point's window that no earlier evaluation of the same model holds,
         joined with those (:mod:`exme.search.partial`); ``None`` when nothing earlier lies inside the
         window (or the evaluator's tasks do not say they join), and the window is scored whole."""
-        from exme.search.partial import join, plan
+        from exme.search.partial import join, plan, restricted
 
         window = self._window(point)
         if window is None:
@@ -389,7 +389,11 @@ class Runner:
             doc = json.loads(rec.model) if rec.model else None
             if doc is not None and doc.get("split") == "dev" and doc.get("model") == model:
                 earlier.append(rec)
-        pieces, missing = plan(window, earlier, joinable)
+        whole = restricted(window, earlier, joinable)  # e.g. a race's chunk of a model scored in full before
+        if whole is not None:
+            pieces, missing = [whole], {t: [] if t in joinable else list(ids) for t, ids in window.items()}
+        else:
+            pieces, missing = plan(window, earlier, joinable)
         if not pieces:
             return None
         todo = {t: [int(i) for i in missing.get(t, [])] for t in weights}  # tasks with nothing left: skipped

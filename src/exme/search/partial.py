@@ -69,6 +69,22 @@ def plan(window: Window, earlier: Sequence[Record], joinable: set[str]) -> tuple
     return [p for p in pieces if any(t in joinable for t in p.per_item)], missing
 
 
+def restricted(window: Window, earlier: Sequence[Record], joinable: set[str]) -> Record | None:
+    """An earlier evaluation holding every item of the window in each joinable task (a chunk of a model
+    already scored in full), cut down to the window's items, or ``None``. Its generation statistics are
+    dropped: they are means over the larger item set and cannot be cut down exactly."""
+    want = {t: [str(i) for i in ids] for t, ids in window.items() if t in joinable and ids}
+    if not want:
+        return None
+    for rec in earlier:
+        if rec.failed is None and all(t in rec.per_item and set(ids) <= set(rec.per_item[t]) for t, ids in want.items()):
+            per_item = {t: {i: rec.per_item[t][i] for i in ids} for t, ids in want.items()}
+            return Record(params=dict(rec.params), split="dev", limit=None, overall=math.nan,
+                          tasks={t: math.fsum(v.values()) / len(v) for t, v in per_item.items()},
+                          n_items={t: len(v) for t, v in per_item.items()}, seconds=0.0, number=-1, per_item=per_item)
+    return None
+
+
 def join(window: Window, pieces: Sequence[Record], fresh: Mapping[str, Any], joinable: set[str],
          weights: Mapping[str, float]) -> dict[str, Any]:
     """The scores (as a trial stores them) of one evaluation of ``window``: ``pieces`` (from :func:`plan`)
