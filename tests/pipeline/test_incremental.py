@@ -119,3 +119,35 @@ def _same(rec, full) -> None:
     assert rec.tasks.keys() == full.tasks.keys()
     assert rec.overall == pytest.approx(full.overall, rel=1e-12, abs=1e-12)
     assert rec.generation == {t: pytest.approx(g) for t, g in full.generation().items()}
+
+
+@pytest.mark.slow
+def test_raced_grids_never_score_more_items_than_the_grid(tmp_path, sft_run, tiny_suite):
+    from exme.evaluate import load_evaluator
+    from exme.pipeline import PipelineConfig, run_pipeline
+    from exme.pipeline.run import Runner
+
+    grid = [0.0, 0.25, 0.5, 0.75, 1.0]
+    raw = {"base": str(sft_run.base), "checkpoints": str(sft_run.run), "suite": str(tiny_suite),
+           "output": str(tmp_path / "run"), "alpha": {"grid": [0.0]}, "beta": {"grid": grid},
+           "baselines": ["linear"], "dev": {"confirm_fraction": 0},
+           "search": {"race_grids": True, "race_chunk": 1, "race_error_rate": 0.45}}
+    config = PipelineConfig.from_dict(raw)
+    res = run_pipeline(config, evaluator=load_evaluator(str(tiny_suite)), progress=False, write_model=False,
+                       report=False)
+    runner = Runner(config, progress=False, evaluator=load_evaluator(str(tiny_suite)))
+    try:
+        per_window = sum(len(v) for v in runner.search_item_ids.values())
+        ppl = len(runner.search_item_ids["ppl"])
+        study = next(s for s in runner.store.storage.get_all_studies() if "/beta/" in s.study_name)
+        recs = list(runner.store.records(runner.store.study(study.study_name)).values())
+        assert sum(r.fresh_items for r in recs if not r.shared) <= len(grid) * per_window
+        # β = 1 and β = 0 are the two SFT checkpoints (α = 0), scored in full by the rank stage: their
+        # chunks are cut from those records, and only the perplexity task (which does not join) is run.
+        ends = [r for r in recs if r.params["beta"] in (0.0, 1.0) and '"chunk"' in (r.model or "")]
+        assert ends and all(r.fresh_items == r.n_items.get("ppl", 0) <= ppl for r in ends)
+        chosen = res.beta_search.best_params["beta"]
+        full = next(r for r in recs if r.params["beta"] == chosen and '"chunk"' not in (r.model or ""))
+        assert full.n_items == {t: len(v) for t, v in runner.search_item_ids.items()}
+    finally:
+        runner.close()
