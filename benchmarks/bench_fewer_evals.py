@@ -155,7 +155,11 @@ def table(seeds: list[int] | None, work: Path, labels: list[str]) -> str:
             test = f"{row['exme_test']:.3f}" + ("" if label == before else f" ({diff:+.3f} ± {se:.3f})")
             alphas = ", ".join(f"{v:g}" for v in c["alpha"].values())
             beta = "–" if c["beta"] is None else f"{c['beta']:g}"
-            lines.append(f"| {seed} | {label} | {items['search']} | {total} | {same} | {', '.join(c['kept'])} | "
+            ref_items = ref["items"]
+            ref_total = ref_items["search"] + ref_items["confirm"] + ref_items["test"]
+            share = "" if label == before else f" ({100 * items['search'] / ref_items['search']:.0f}%)"
+            share_total = "" if label == before else f" ({100 * total / ref_total:.0f}%)"
+            lines.append(f"| {seed} | {label} | {items['search']}{share} | {total}{share_total} | {same} | {', '.join(c['kept'])} | "
                          f"{alphas} | {beta} | {test} |")
     return "\n".join(lines)
 

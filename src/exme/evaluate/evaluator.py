@@ -141,7 +141,11 @@ class SuiteEvaluator:
         # Build every prompt first so a template error surfaces before any model work.
         chosen = {t.name: list(range(len(t.records(split)))) for t in self.suite.tasks}
         chosen.update({name: [int(i) for i in ids] for name, ids in (items or {}).items() if name in chosen})
-        prepared = [(task, self._prepared(task, split, tokenizer, chosen[task.name])) for task in self.suite.tasks]
+        # A task given an empty list of items is not scored at all (absent from the scores): how a
+        # pipeline scores only the items a partial evaluation of the same model has not scored yet.
+        skip = {name for name, ids in (items or {}).items() if name in chosen and not ids}
+        prepared = [(task, self._prepared(task, split, tokenizer, chosen[task.name]))
+                    for task in self.suite.tasks if task.name not in skip]
         engine = as_backend(model, tokenizer, batch_size=self.batch_size, mc_batch_size=self.mc_batch_size)
         was_training = getattr(model, "training", False)
         if was_training:

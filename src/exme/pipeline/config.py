@@ -148,6 +148,9 @@ class SearchSpec(_Strict):
     race_error_rate: float = 0.05
     """The chance that a checkpoint which is not worse than the k-th best stops early (in (0, 0.5))."""
     race_chunk: int = Field(8, ge=1, description="search items per task added to the race at each look")
+    race_grids: bool = False
+    """Race the points of every grid search (β, the baselines, α when it does not stop on collapse) for the
+    best place, with the rank stage's test, error rate and chunks: a point the best beats with confidence stops early."""
 
     @field_validator("race_error_rate")
     @classmethod
@@ -282,8 +285,10 @@ class PipelineConfig(_Strict):
             raise ValueError("search.n_trials counts TPE trials, but search.mode is grid (every grid point is evaluated); remove n_trials or set mode: tpe")
         if not self.search.prune and given & {"prune_min_items", "prune_eta"}:
             raise ValueError("search.prune_min_items and search.prune_eta only apply with search.prune: true")
-        if not self.search.race and given & {"race_error_rate", "race_chunk"}:
-            raise ValueError("search.race_error_rate and search.race_chunk only apply with search.race: true")
+        if not (self.search.race or self.search.race_grids) and given & {"race_error_rate", "race_chunk"}:
+            raise ValueError("search.race_error_rate and search.race_chunk only apply with search.race or search.race_grids: true")
+        if self.search.race_grids and self.search.prune:
+            raise ValueError("search.race_grids and search.prune both cut grid searches short; choose one")
         for name in _backend_sections():
             if name in self.model_fields_set and name != self.backend:
                 raise ValueError(f"{name} settings are given but backend is {self.backend}; set backend: {name} or remove the {name} key")

@@ -115,6 +115,9 @@ class Runner:
         self._store: StudyStore | None = None
         self.inputs: Any = None  # the preflight report: what every input's files were when checked
         self.bars = _Bars(progress)
+        from exme.search.partial import joinable_tasks
+
+        self._joinable = joinable_tasks(evaluator)  # the tasks whose partial evaluations join exactly
 
     def _check_log_samples(self) -> None:
         """``log_samples`` needs per-item records, which only some evaluators keep (they declare it, see
@@ -327,14 +330,14 @@ class Runner:
         self.evaluated += 1
         t0 = time.perf_counter()
         self.inputs_unchanged()  # before reading: never a candidate made of a changed file
-        scores = self._evaluate(point, candidate)
+        scores = self._evaluate(point, candidate, key)
         self.inputs_unchanged()  # and after: a file replaced during the evaluation is never recorded
         out = {**scores_dict(scores), "model": key}
         if self.costs is not None:
             self.costs.add(out, time.perf_counter() - t0)
         return out
 
-    def _evaluate(self, point: Point, candidate: stages.Candidate) -> Any:
+    def _evaluate(self, point: Point, candidate: stages.Candidate, key: str = "") -> Any:
         from exme.search.live import NonFiniteCandidate
 
         try:
@@ -342,10 +345,14 @@ class Runner:
         except NonFiniteCandidate as err:  # recorded as failed: never chosen, flagged in the report
             self.notes.append(f"candidate {point.params} could not be scored: {err}")
             return failed_scores(str(err))
+        joined = self._incremental(point, key) if key else None
+        if joined is not None:
+            return joined
         if point.chunk is not None:  # a race's chunk: the same positions of each task's search items
-            start, stop = point.chunk
-            items = {t: ids[start:stop] for t, ids in (self.search_item_ids or {}).items() if ids[start:stop]}
-            return self.evaluator.evaluate(self.target(), self.tokenizer, "dev", items=items)
+            # A task with no item in the chunk gets an empty list: not scored (absent from the scores).
+            items = self._window(point) or {}
+            return self.evaluator.evaluate(self.target(), self.tokenizer, "dev",
+                                           items={t: [int(i) for i in ids] for t, ids in items.items()})
         if self.dev_split is not None and point.split in ("dev", "confirm"):
             # "dev" points are scored on the search part only; "confirm" on the held-out part.
             items = self.dev_split.search if point.split == "dev" else self.dev_split.confirm
@@ -353,6 +360,48 @@ class Runner:
         if self.config.log_samples and point.split == "test":
             return self._score_logged(point)
         return self.evaluator.evaluate(self.target(), self.tokenizer, point.split, limit=point.limit)
+
+    def _window(self, point: Point) -> dict[str, list[str]] | None:
+        """The search item ids a point on the search split scores, per task (``None``: not such a point,
+        or the evaluator cannot score chosen items). Prefix (``limit``), chunk and full evaluations are
+        all windows of the same item lists, which is what lets them share items."""
+        if point.split != "dev" or not self.search_item_ids:
+            return None
+        if point.chunk is not None:
+            start, stop = point.chunk
+            return {t: [str(i) for i in ids[start:stop]] for t, ids in self.search_item_ids.items()}
+        return {t: [str(i) for i in ids[:point.limit]] for t, ids in self.search_item_ids.items()}
+
+    def _incremental(self, point: Point, key: str) -> dict[str, Any] | None:
+        """Score only the items of the point's window that no earlier evaluation of the same model holds,
+        joined with those (:mod:`exme.search.partial`); ``None`` when nothing earlier lies inside the
+        window (or the evaluator's tasks do not say they join), and the window is scored whole."""
+        from exme.search.partial import join, plan, restricted
+
+        window = self._window(point)
+        if window is None:
+            return None
+        if self._joinable is None or not self._joinable[0]:
+            return None
+        joinable, weights = self._joinable
+        model = json.loads(key)["model"]
+        earlier = []
+        for rec in self.store.run_records(self.study_name("")):
+            doc = json.loads(rec.model) if rec.model else None
+            if doc is not None and doc.get("split") == "dev" and doc.get("model") == model:
+                earlier.append(rec)
+        whole = restricted(window, earlier, joinable)  # e.g. a race's chunk of a model scored in full before
+        if whole is not None:
+            pieces, missing = [whole], {t: [] if t in joinable else list(ids) for t, ids in window.items()}
+        else:
+            pieces, missing = plan(window, earlier, joinable)
+        if not pieces:
+            return None
+        todo = {t: [int(i) for i in missing.get(t, [])] for t in weights}  # tasks with nothing left: skipped
+        fresh: dict[str, Any] = {"tasks": {}, "n_items": {}, "per_item": {}, "generation": {}}
+        if any(todo.values()):
+            fresh = scores_dict(self.evaluator.evaluate(self.target(), self.tokenizer, "dev", items=todo))
+        return {**join(window, pieces, fresh, joinable, weights), "scored": sum(len(v) for v in todo.values())}
 
     def item_counts(self) -> dict[str, int | None]:
         """Items of one evaluation per purpose (search, confirm, test); ``None`` where the evaluator does not say."""
@@ -369,7 +418,7 @@ class Runner:
         fresh = [r for r in records if not r.shared and not r.extra.get("reused")]
         items = {"search": 0, "confirm": 0, "test": 0}
         for r in fresh:
-            items["search" if r.split == "dev" else r.split] = items.get("search" if r.split == "dev" else r.split, 0) + r.total_items
+            items["search" if r.split == "dev" else r.split] = items.get("search" if r.split == "dev" else r.split, 0) + r.fresh_items
         return {"evaluations": len(fresh), "shared": sum(r.shared for r in records), "items": items}
 
     def _score_logged(self, point: Point) -> Any:
@@ -459,9 +508,17 @@ class Runner:
              candidate: Callable[[Point], stages.Candidate], *, prune: bool) -> tuple[list[Record], list[Record]]:
         from exme.search.strategy import Grid, Halving
 
+        s = self.config.search
+        chunks = self.race_chunks(s.race_chunk) if s.race_grids and len(params) > 1 else None
+        if chunks is not None:  # race the points for the best place (k = 1)
+            from exme.search.racing import Race
+
+            out = self.search(stage, label + " (raced)", params, candidate,
+                              Race(1, chunks, s.race_error_rate, self.task_weights()))
+            self.notes += [f"{label}: {n}" for n in out.notes]
+            return out.records, out.dropped
         if not prune or len(params) <= 1:
             return self.search(stage, label, params, candidate, Grid()).records, []
-        s = self.config.search
         items = self.search_item_ids
         strategy = Halving(s.prune_min_items, s.prune_eta, max(len(v) for v in items.values()) if items else None)
         out = self.search(stage, label + " (pruned)", params, candidate, strategy)
@@ -503,7 +560,7 @@ class Runner:
         keys = {json.dumps(p, sort_keys=True) for p in params}
         for rec in self.store.records(study).values():
             if json.dumps(rec.params, sort_keys=True) in keys and not rec.shared:
-                spent += rec.total_items
+                spent += rec.fresh_items
         per_full = max((r.total_items for r in full), default=0)
         unpruned = per_full * len(params)
         if unpruned:

@@ -44,7 +44,7 @@ class CostProjection:
         """One evaluation just finished (``scores`` as a trial stores them); the first one triggers the projection."""
         self.evaluations += 1
         self.seconds += seconds
-        n = int(sum((scores.get("n_items") or {}).values()))
+        n = int(scores["scored"]) if scores.get("scored") is not None else int(sum((scores.get("n_items") or {}).values()))
         self.items += n
         self._count(n)
         if self.evaluations == 1:

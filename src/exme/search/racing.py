@@ -143,7 +143,9 @@ def joined(records: Sequence[Record], weights: Mapping[str, float]) -> Record:
 class Race:
     """The racing search strategy (:mod:`exme.search.strategy`): the points race on ``chunks`` of the
     search items for the ``k`` best places; the finishers are then scored on every search item, and
-    the dropped records of the others hold the chunks they were scored on."""
+    the dropped records of the others hold the chunks they were scored on. The runner joins a
+    finisher's chunks into its full record and scores only the chunks it did not run
+    (:mod:`exme.search.partial`), so a race never costs more items than scoring every point in full."""
 
     k: int
     chunks: Sequence[tuple[int, int]]

@@ -75,6 +75,9 @@ class Halving:
     limit by eta, repeat; the last rung is a full evaluation (``limit=None``), so the chosen point's
     score is comparable with unpruned searches. Ties keep the earlier point.
 
+    A rung's limit is a prefix of the same item lists as the rung before it, so the runner scores only
+    the items the point has not run yet (:mod:`exme.search.partial`): a rung costs its new items.
+
     ``max_items`` (the most search items any task has), when known, makes a rung whose limit covers
     every item a full evaluation at once, instead of a partial one equal to it followed by a full one.
     """

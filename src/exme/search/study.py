@@ -87,10 +87,18 @@ class Record:
     failed: str | None = None  # why the candidate could not be scored; never chosen
     model: str | None = None  # the evaluation key of the model scored (see ``Runner.evaluation_key``)
     shared: bool = False  # the scores were read from an earlier evaluation of the same model
+    # Items this evaluation scored itself, when it joined earlier partial evaluations of the same model
+    # (:mod:`exme.search.partial`); ``None``: it scored all of its ``n_items``.
+    scored: int | None = None
 
     @property
     def total_items(self) -> int:
         return int(sum(self.n_items.values()))
+
+    @property
+    def fresh_items(self) -> int:
+        """Items the model was run on for this record (its cost), not counting those joined from earlier ones."""
+        return self.total_items if self.scored is None else int(self.scored)
 
 
 def _canonical(value: Any) -> Any:
@@ -114,7 +122,7 @@ def scores_dict(scores: Any) -> dict[str, Any]:
     (an object or a mapping): what a trial stores."""
     get = scores.get if isinstance(scores, dict) else lambda k, d=None: getattr(scores, k, d)
     # Which model was scored and whether the scores were read back from its earlier evaluation.
-    origin = {k: scores[k] for k in ("model", "shared") if isinstance(scores, dict) and k in scores}
+    origin = {k: scores[k] for k in ("model", "shared", "scored") if isinstance(scores, dict) and k in scores}
     if isinstance(scores, dict) and scores.get("failed"):
         return {"overall": FAILED_SCORE, "tasks": {}, "n_items": {}, "per_item": {}, "generation": {},
                 "failed": str(scores["failed"]), **origin}
@@ -497,7 +505,7 @@ class StudyStore:
             params=dict(point.params), split=point.split, limit=point.limit, overall=scores["overall"],
             tasks=scores["tasks"], n_items=scores["n_items"], seconds=seconds, number=-1,
             per_item=scores["per_item"], generation=scores["generation"], failed=scores.get("failed"),
-            model=scores.get("model"), shared=bool(scores.get("shared", False)),
+            model=scores.get("model"), shared=bool(scores.get("shared", False)), scored=scores.get("scored"),
         )
 
     # ---------------------------------------------------------------- suggested points
@@ -689,6 +697,7 @@ def _record(t: optuna.trial.FrozenTrial) -> Record:
         failed=ua.get("failed"),
         model=ua.get("model"),
         shared=bool(ua.get("shared", False)),
+        scored=ua.get("scored"),
     )
 
 

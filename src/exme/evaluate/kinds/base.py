@@ -56,6 +56,11 @@ class TaskKind:
     chat_stop: ClassVar[tuple[str, ...] | None] = None
     fewshot: ClassVar[bool] = True
     own_keys: ClassVar[tuple[str, ...]] = ()
+    #: Each item's score depends on that item alone, so the task's score on a set of items is the mean
+    #: of the item scores of any partition of it: evaluations of disjoint item windows join exactly
+    #: (a pipeline then scores only the items a partial evaluation has not). False where an item's
+    #: score is normalised over the items scored with it (perplexity's share of the pooled tokens).
+    items_independent: ClassVar[bool] = True
 
     # -- records --
 

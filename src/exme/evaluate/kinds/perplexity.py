@@ -18,6 +18,7 @@ class Perplexity(TaskKind):
     generative = False
     prompt = "{text}"
     fewshot = False
+    items_independent = False  # a document's share is normalised by the tokens of all documents scored with it
 
     def required_fields(self, spec) -> tuple[str, ...]:
         return (spec.text_field,)
