@@ -644,7 +644,8 @@ class StudyTrials:
                 self.store.release(self.study_name, point.key)
         rec = Record(point.params, "dev", None, scores["overall"], scores["tasks"], scores["n_items"], seconds,
                      trial.number, per_item=scores["per_item"], generation=scores["generation"],
-                     failed=scores.get("failed"), model=scores.get("model"), shared=bool(scores.get("shared", False)))
+                     failed=scores.get("failed"), model=scores.get("model"), shared=bool(scores.get("shared", False)),
+                     scored=scores.get("scored"))
         self.reported.add(trial.number)
         if self.on_result:
             self.on_result(point, rec, earlier is not None)
