@@ -1,6 +1,7 @@
 """The demo's finding across seeds: ExMe − best SFT and ExMe − each baseline on test, per seed, with paired CIs.
 
     python benchmarks/demo_seeds.py [--seeds 0 1 2 3 4] [--work benchmarks/_work/seeds] [--quick] [--threads 1]
+    python benchmarks/demo_seeds.py --runs 'benchmarks/_work/fewer_evals/seed{seed}/dedup'
 
 Runs ``exme demo --seed S`` for each seed in its own work and run folders (data, base, SFT run and
 pipeline all depend on the seed; a second invocation reuses what is cached), then reads each
@@ -105,12 +106,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work" / "seeds")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", help="read existing run folders instead of running the demo: a path with {seed}, e.g. "
+                        "benchmarks/_work/fewer_evals/seed{seed}/dedup (bench_fewer_evals.py's demo pipelines)")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     started = time.perf_counter()
     rows = {}
     for seed in args.seeds:
-        out = run_seed(seed, args.work, quick=args.quick, threads=args.threads)
+        out = Path(args.runs.format(seed=seed)) if args.runs else run_seed(seed, args.work, quick=args.quick, threads=args.threads)
         rows[seed] = seed_row(json.loads((out / "results.json").read_text()))
     print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"1-minute load {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
