@@ -445,8 +445,8 @@ class MagnitudePass:
                 self._scratch = torch.empty(delta.numel(), dtype=torch.float32, device=self.device)
             mag = torch.abs(delta, out=self._scratch[: delta.numel()])
             keys = mag.view(torch.int32)  # the float's bits: ordered as |Δ| is
-            # NaN keys (> Inf's) would overflow the bins; the engine rejects non-finite chunks anyway
-            keys.bitwise_right_shift_(_COARSE_SHIFT).clamp_max_(_COARSE_BINS - 1)
+            # the sign bit of |Δ| is clear, so every key (NaN's too) shifts into [0, 2**15): no clamp
+            keys.bitwise_right_shift_(_COARSE_SHIFT)
             self._hists[j].add_(torch.bincount(keys, minlength=_COARSE_BINS)[:_COARSE_BINS])
         return delta
 
