@@ -16,7 +16,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import queue
 import threading
 from collections import deque
@@ -408,12 +407,9 @@ def _stream(plan: MergePlan, steps: list[_Step], merger: Callable, device: str, 
                 if step.start == 0:
                     magnitudes.start(_region(task), len(tensors) - 1)
                 base = tensors[0].to(compute)
-                added = methods.parallel_map(  # models are independent: one per arithmetic worker
-                    lambda jm: bool(torch.isfinite(magnitudes.add(jm[0], step.start, jm[1], base).sum())),
-                    list(enumerate(tensors[1:])),
-                )
-                if not all(added):
-                    _raise_non_finite(plan, task)
+                for j, model in enumerate(tensors[1:]):
+                    if not bool(torch.isfinite(magnitudes.add(j, step.start, model, base).sum())):
+                        _raise_non_finite(plan, task)
             else:
                 if step.kind == "chunk" and plan.config.method.magnitude_pass:
                     if selectors is None:  # the magnitude pass of this tensor is complete
@@ -529,21 +525,14 @@ def run_merge(
     return target
 
 
-#: Threads that share the arithmetic of a CPU merge (:func:`exme.merge.methods.arithmetic_workers`):
-#: each owns a range of cache-sized blocks (or one model's magnitude pass) and runs one torch
-#: thread. Why 2 at most: the reader and writer threads mostly wait on the disk, and past two
-#: workers the blocks of one 256K-element chunk get too few to share.
-ARITHMETIC_WORKERS = min(2, os.cpu_count() or 1)
-
-
 @contextlib.contextmanager
 def _single_threaded_arithmetic(device: str):
-    """One torch intra-op thread per arithmetic worker while streaming on the CPU, restored afterwards.
+    """One torch intra-op thread while streaming on the CPU, restored afterwards.
 
     Why: chunks are small, so OpenMP workers would spend the time between operations
     spin-waiting, competing for cores with the reader and writer threads (measured on 2 cores:
-    several times more CPU time for the same merge). Instead :data:`ARITHMETIC_WORKERS` threads
-    each take whole ranges of blocks, for every method alike.
+    several times more CPU time for the same merge). The reader and writer threads use the
+    other cores instead.
     """
     if torch.device(device).type != "cpu":
         yield
@@ -551,8 +540,7 @@ def _single_threaded_arithmetic(device: str):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with methods.arithmetic_workers(ARITHMETIC_WORKERS):
-            yield
+        yield
     finally:
         torch.set_num_threads(previous)
 

@@ -20,12 +20,9 @@ Notation: θ_b is the base tensor, θ_i the i-th model's tensor, Δ_i = θ_i −
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -43,72 +40,6 @@ _DIRECT_SELECTION_MAX = 1 << 17
 # --------------------------------------------------------------------------------------------
 # pieces shared by the methods
 # --------------------------------------------------------------------------------------------
-
-
-#: Threads that share block-wise arithmetic (:func:`in_parts`); 1 outside :func:`arithmetic_workers`.
-_WORKERS = 1
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-_IN_WORKER = threading.local()
-
-
-def _one_intra_op_thread() -> None:
-    torch.set_num_threads(1)  # per thread: a worker's ops on small blocks must not fork OpenMP teams
-    _IN_WORKER.flag = True  # work submitted from a worker runs inline (a full pool would deadlock)
-
-
-def _serial() -> bool:
-    return _WORKERS <= 1 or _POOL is None or getattr(_IN_WORKER, "flag", False)
-
-
-@contextlib.contextmanager
-def arithmetic_workers(n: int) -> Iterator[None]:
-    """Let :func:`in_parts` split block-wise arithmetic over ``n`` threads (each one torch thread).
-
-    Why threads of whole block ranges, not torch intra-op threads: the engine's blocks are small
-    (cache-sized), and OpenMP teams per operation spend their time spin-waiting between
-    operations; a worker that owns a range of blocks runs its operations back to back, with the
-    GIL released inside each. Results do not depend on ``n``: every element gets the same
-    operations in the same order whichever thread computes it. Not re-entrant (the engine holds it).
-    """
-    global _WORKERS, _POOL
-    previous = _WORKERS
-    with _POOL_LOCK:
-        if n > 1 and (_POOL is None or _POOL._max_workers < n - 1):  # noqa: SLF001 - our own pool
-            if _POOL is not None:
-                _POOL.shutdown()
-            _POOL = ThreadPoolExecutor(n - 1, thread_name_prefix="exme-arith", initializer=_one_intra_op_thread)
-    _WORKERS = max(1, n)
-    try:
-        yield
-    finally:
-        _WORKERS = previous
-
-
-def in_parts(n: int, fn: Callable[[int, int], None], align: int) -> None:
-    """Run ``fn(start, stop)`` over [0, n) in up to :data:`_WORKERS` pieces of whole ``align`` blocks, in parallel."""
-    parts = 1 if _serial() else min(_WORKERS, n // align)
-    if parts <= 1:
-        fn(0, n)
-        return
-    step = -(-n // (parts * align)) * align
-    futures = [_POOL.submit(fn, s, min(n, s + step)) for s in range(step, n, step)]
-    try:
-        fn(0, min(n, step))
-    finally:
-        for f in futures:
-            f.result()
-
-
-def parallel_map(fn: Callable, items: Sequence) -> list:
-    """``[fn(x) for x in items]``, on the :func:`arithmetic_workers` threads when there are several."""
-    if _serial() or len(items) <= 1:
-        return [fn(x) for x in items]
-    futures = [_POOL.submit(fn, x) for x in items[1:]]
-    first = fn(items[0])
-    return [first, *(f.result() for f in futures)]
 
 
 def _as_list(value: float | Sequence[float], n: int, what: str) -> list[float]:
@@ -332,19 +263,11 @@ def task_arithmetic(
     ws = _as_list(weights, len(models), "weight")
     _check_same_shape([base, *models])
     divisor = sum(ws) if normalize and abs(sum(ws)) >= 1e-8 else 1.0
-    b_flat = base.reshape(-1)
-    ms = [m.reshape(-1) for m in models]
-    acc = torch.empty(b_flat.numel(), dtype=compute_dtype, device=base.device)
-
-    def part(lo: int, hi: int) -> None:  # the same operations per element on any split
-        base_c = b_flat[lo:hi].to(compute_dtype)
-        a = acc[lo:hi]
-        a.copy_(base_c)
-        for model, w in zip(ms, ws):
-            a.add_(_task_vector(model[lo:hi], base_c), alpha=lambda_ * w / divisor)
-
-    in_parts(b_flat.numel(), part, _KERNEL_BLOCK)
-    return _out(acc.reshape(base.shape), out_dtype, base)
+    base_c = base.to(compute_dtype)
+    acc = base_c.clone()
+    for model, w in zip(models, ws):
+        acc.add_(_task_vector(model, base_c), alpha=lambda_ * w / divisor)
+    return _out(acc, out_dtype, base)
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,7 +435,7 @@ class MagnitudePass:
         self.device, self.dtype = device, dtype
         self.deltas: list[torch.Tensor] = []
         self._hists: list[torch.Tensor] = []
-        self._scratch: list[torch.Tensor] = []  # one per model: models may be added on different threads
+        self._scratch = torch.empty(0, dtype=torch.float32, device=device)
         self.numel = 0
 
     def start(self, numel: int, n_models: int) -> None:
@@ -521,7 +444,6 @@ class MagnitudePass:
         while len(self.deltas) < n_models:
             self.deltas.append(torch.empty(0, dtype=self.dtype, device=self.device))
             self._hists.append(torch.zeros(_COARSE_BINS, dtype=torch.int64, device=self.device))
-            self._scratch.append(torch.empty(0, dtype=torch.float32, device=self.device))
         for j in range(n_models):
             if self.deltas[j].numel() < numel:
                 self.deltas[j] = torch.empty(numel, dtype=self.dtype, device=self.device)
@@ -538,9 +460,9 @@ class MagnitudePass:
         delta.copy_(model)
         delta.sub_(base)
         if self.coarse:
-            if self._scratch[j].numel() < delta.numel():
-                self._scratch[j] = torch.empty(delta.numel(), dtype=torch.float32, device=self.device)
-            mag = torch.abs(delta, out=self._scratch[j][: delta.numel()])
+            if self._scratch.numel() < delta.numel():
+                self._scratch = torch.empty(delta.numel(), dtype=torch.float32, device=self.device)
+            mag = torch.abs(delta, out=self._scratch[: delta.numel()])
             keys = mag.view(torch.int32)  # the float's bits: ordered as |Δ| is
             # the sign bit of |Δ| is clear, so every key (NaN's too) shifts into [0, 2**15): no clamp
             keys.bitwise_right_shift_(_COARSE_SHIFT)
@@ -553,14 +475,14 @@ class MagnitudePass:
 
     def selectors(self, densities: Sequence[float]) -> list[MagnitudeSelector]:
         """One :class:`MagnitudeSelector` per model, after every chunk of the tensor was added."""
-        def one(jd: tuple[int, float]) -> MagnitudeSelector:
-            j, d = jd
+        out = []
+        for j, d in enumerate(densities):
             delta = self.deltas[j][: self.numel]
             if self.coarse:
-                return MagnitudeSelector.from_magnitudes(delta, d, coarse=self._hists[j])
-            return MagnitudeSelector.from_magnitudes(delta.abs(), d)
-
-        return parallel_map(one, list(enumerate(densities)))  # models are independent
+                out.append(MagnitudeSelector.from_magnitudes(delta, d, coarse=self._hists[j]))
+            else:
+                out.append(MagnitudeSelector.from_magnitudes(delta.abs(), d))
+        return out
 
 
 def _coarse_band(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -767,7 +689,7 @@ def _disjoint_kernel(
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
     ws: list[float],
-    prune: Callable[[int, torch.Tensor, int, int, torch.Tensor], None],
+    prune: Callable[[int, torch.Tensor, int, int], None],
     method: SignMethod,
     normalize: bool,
     lambda_: float,
@@ -786,67 +708,61 @@ def _disjoint_kernel(
     0 → 1 rule does. Why: comparisons and ``where`` produce boolean tensors, many times slower
     per element than these float operations on CPU, and blocks keep every temporary in cache.
 
-    ``prune(i, Δ_i block, start, stop, scratch)`` trims or drops entries of model i's block in
-    place (``scratch``: a free buffer of the block's size). Ranges of blocks may run on several
-    threads (:func:`in_parts`), so ``prune`` must not keep state of its own.
+    ``prune(i, Δ_i block, start, stop)`` trims or drops entries of model i's block in place.
     ``deltas``: ``models`` are Δᵢ in ``compute_dtype`` already, and are overwritten.
     """
     b_flat = base.reshape(-1)
     ms = [m.reshape(-1) for m in models]
     n = b_flat.numel()
     out = torch.empty(n, dtype=compute_dtype, device=base.device)
+    size = min(n, _KERNEL_BLOCK)
+    bufs = [torch.empty(size, dtype=compute_dtype, device=base.device) for _ in range(4 + (0 if deltas else len(ms)))]
+    bb, sgn, mixed, tmp, wds = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4:]
+    divisor = torch.empty(size, dtype=compute_dtype, device=base.device) if normalize else None
     floor = min(ws) if normalize else 0.0
     one = torch.ones((), dtype=compute_dtype, device=base.device)
-
-    def blocks(lo: int, hi: int) -> None:  # blocks [lo, hi) with this thread's own buffers
-        size = min(hi - lo, _KERNEL_BLOCK)
-        bufs = [torch.empty(size, dtype=compute_dtype, device=base.device) for _ in range(4 + (0 if deltas else len(ms)))]
-        bb, sgn, mixed, tmp, wds = bufs[0], bufs[1], bufs[2], bufs[3], bufs[4:]
-        divisor = torch.empty(size, dtype=compute_dtype, device=base.device) if normalize else None
-        for s in range(lo, hi, size):
-            e = min(hi, s + size)
-            k = e - s
-            b, sg, mx, t = bb[:k], sgn[:k], mixed[:k], tmp[:k]
-            b.copy_(b_flat[s:e])
-            cur = []
-            for i, (m, w) in enumerate(zip(ms, ws)):
-                wd = m[s:e] if deltas else wds[i][:k]
-                cur.append(wd)
-                if not deltas:
-                    wd.copy_(m[s:e])
-                    wd.sub_(b)
-                prune(i, wd, s, e, t)
-                wd.mul_(w)
-                # the vote, in model order: Σ wΔ' (sum) or Σ sign(wΔ') (count)
-                if method == "count":
-                    if i == 0:
-                        torch.sign(wd, out=sg)
-                    else:
-                        sg.add_(torch.sign(wd, out=t))
-                elif i == 1:
-                    torch.add(cur[0], wd, out=sg)
-                elif i > 1:
-                    sg.add_(wd)
-            if method == "sum" and len(ms) == 1:
-                sg.copy_(cur[0])
-            torch.copysign(one, sg, out=sg)
-            for i, (wd, w) in enumerate(zip(cur, ws)):
-                r = mx if i == 0 else t
-                torch.mul(wd, sg, out=r).clamp_min_(0)
-                if i:
-                    mx.add_(r)
-                if divisor is not None:
-                    dv = divisor[:k]
-                    if i == 0:
-                        torch.sign(r, out=dv).mul_(w)
-                    else:
-                        dv.add_(r.sign_(), alpha=w)
-            mx.mul_(sg)
+    for s in range(0, n, size):
+        e = min(n, s + size)
+        k = e - s
+        b, sg, mx, t = bb[:k], sgn[:k], mixed[:k], tmp[:k]
+        b.copy_(b_flat[s:e])
+        cur = []
+        for i, (m, w) in enumerate(zip(ms, ws)):
+            wd = m[s:e] if deltas else wds[i][:k]
+            cur.append(wd)
+            if not deltas:
+                wd.copy_(m[s:e])
+                wd.sub_(b)
+            prune(i, wd, s, e)
+            wd.mul_(w)
+            # the vote, in model order: Σ wΔ' (sum) or Σ sign(wΔ') (count)
+            if method == "count":
+                if i == 0:
+                    torch.sign(wd, out=sg)
+                else:
+                    sg.add_(torch.sign(wd, out=t))
+            elif i == 1:
+                torch.add(cur[0], wd, out=sg)
+            elif i > 1:
+                sg.add_(wd)
+        if method == "sum" and len(ms) == 1:
+            sg.copy_(cur[0])
+        torch.copysign(one, sg, out=sg)
+        for i, (wd, w) in enumerate(zip(cur, ws)):
+            r = mx if i == 0 else t
+            torch.mul(wd, sg, out=r).clamp_min_(0)
+            if i:
+                mx.add_(r)
             if divisor is not None:
-                mx.div_(divisor[:k].clamp_min_(floor))
-            torch.add(b, mx, alpha=lambda_, out=out[s:e])
-
-    in_parts(n, blocks, _KERNEL_BLOCK)
+                dv = divisor[:k]
+                if i == 0:
+                    torch.sign(r, out=dv).mul_(w)
+                else:
+                    dv.add_(r.sign_(), alpha=w)
+        mx.mul_(sg)
+        if divisor is not None:
+            mx.div_(divisor[:k].clamp_min_(floor))
+        torch.add(b, mx, alpha=lambda_, out=out[s:e])
     return out.reshape(base.shape)
 
 
@@ -910,7 +826,7 @@ def ties(
             mag = model.abs() if deltas else _task_vector(model, base_c).abs_()
             selectors.append(MagnitudeSelector.from_magnitudes(mag.reshape(-1), d))
     if _fast_disjoint(ws, normalize, compute_dtype) and all(sel.float_only for sel in selectors):
-        def trim(i: int, wd: torch.Tensor, start: int, stop: int, scratch: torch.Tensor) -> None:
+        def trim(i: int, wd: torch.Tensor, start: int, stop: int) -> None:
             selectors[i].trim_(wd, start)
 
         merged = _disjoint_kernel(base, models, ws, trim, majority_sign_method, normalize, lambda_, compute_dtype, deltas)
@@ -1050,11 +966,12 @@ def dare_ties(
                 u = workspace.get(f"draws{i}", base.numel(), torch.float32, generator.device)
                 torch.rand(shape, generator=generator, out=u.view(shape))
             draws.append(u.to(base.device).reshape(-1))
+        keep = torch.empty(min(base.numel(), _KERNEL_BLOCK), dtype=compute_dtype, device=base.device)
 
-        def drop(i: int, wd: torch.Tensor, start: int, stop: int, scratch: torch.Tensor) -> None:
+        def drop(i: int, wd: torch.Tensor, start: int, stop: int) -> None:
             if draws[i] is None:
                 return
-            k = scratch[: stop - start]
+            k = keep[: stop - start]
             torch.sub(ds[i], draws[i][start:stop], out=k)  # d − u, zero only where u = d (dropped)
             wd.mul_(k.sign_().clamp_min_(0))
             if rescale:
