@@ -333,6 +333,19 @@ def test_dare_ties_equals_ties_merge_of_the_dare_pruned_deltas():
     np.testing.assert_allclose(f64(out), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_dare_ties_with_a_workspace_draws_the_same_masks_tensor_after_tensor():
+    # One workspace across tensors of changing size (larger, smaller, larger again, another shape):
+    # each result equals the call without one, which the float64 test above checks.
+    ws = M.Workspace()
+    for i, shape in enumerate([(70, 50), (40, 30), (90, 60), (3, 1000)]):
+        base = rand(shape, 10 + i)
+        models = [base + rand(shape, 20 + i + s, scale=0.1) for s in (0, 1)]
+        args = (base, models, [0.7, 0.5], [0.4, 0.6])
+        plain = M.dare_ties(*args, M.tensor_generator(5, f"t{i}"), out_dtype=torch.float32)
+        reused = M.dare_ties(*args, M.tensor_generator(5, f"t{i}"), out_dtype=torch.float32, workspace=ws)
+        assert torch.equal(plain, reused)
+
+
 # ------------------------------------------------------------------------------ SLERP
 
 

@@ -207,6 +207,8 @@ def tensor_merger(
     """
     method = config.method
     common = {"out_dtype": out_dtype, "compute_dtype": compute_dtype}
+    if method.workspace:  # one per merge: buffers reused from tensor to tensor
+        common["workspace"] = methods.Workspace()
     with_base = method.needs_base
 
     def merge(name: str, ts: list[torch.Tensor], kwargs: dict, selectors=None, deltas: bool = False) -> torch.Tensor:

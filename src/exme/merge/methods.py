@@ -69,6 +69,25 @@ def _out(result: torch.Tensor, out_dtype: torch.dtype | None, first: torch.Tenso
     return result.to(out_dtype or first.dtype)
 
 
+class Workspace:
+    """Tensor-sized buffers that a whole-tensor method reuses from call to call (DARE-TIES' draws).
+
+    Why: an allocation that large comes as fresh, zero-filled pages from the OS every time (page
+    faults and zeroing, counted as system time), while the engine merges tensor after tensor of
+    similar sizes. A buffer is only used inside the call that asked for it; results never live here.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+        """A flat buffer of ``numel`` elements (uninitialised), the same memory as the last call's when it fits."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = self._bufs[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
 def _task_vector(model: torch.Tensor, base_c: torch.Tensor) -> torch.Tensor:
     """Δ = θ − θ_b in the compute dtype of ``base_c``; one fused pass, a new tensor."""
     return torch.sub(model, base_c).to(base_c.dtype)
@@ -445,8 +464,8 @@ class MagnitudePass:
                 self._scratch = torch.empty(delta.numel(), dtype=torch.float32, device=self.device)
             mag = torch.abs(delta, out=self._scratch[: delta.numel()])
             keys = mag.view(torch.int32)  # the float's bits: ordered as |Δ| is
-            # NaN keys (> Inf's) would overflow the bins; the engine rejects non-finite chunks anyway
-            keys.bitwise_right_shift_(_COARSE_SHIFT).clamp_max_(_COARSE_BINS - 1)
+            # the sign bit of |Δ| is clear, so every key (NaN's too) shifts into [0, 2**15): no clamp
+            keys.bitwise_right_shift_(_COARSE_SHIFT)
             self._hists[j].add_(torch.bincount(keys, minlength=_COARSE_BINS)[:_COARSE_BINS])
         return delta
 
@@ -919,11 +938,13 @@ def dare_ties(
     *,
     out_dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """DARE pruning followed by TIES sign election and disjoint merge.
 
     Δ'_i as in :func:`dare_linear`; then the disjoint merge of :func:`ties` on {w_iΔ'_i}.
-    mergekit's defaults: rescale on, normalize off.
+    mergekit's defaults: rescale on, normalize off. ``workspace``: where the random draws go
+    (:class:`Workspace`; the same draws, without a fresh allocation per tensor).
     """
     ws = _as_list(weights, len(models), "weight")
     ds = _as_list(density, len(models), "density")
@@ -933,9 +954,18 @@ def dare_ties(
         raise ExmeError(f"majority_sign_method must be 'sum' or 'count', got {majority_sign_method!r}")
     if _fast_disjoint(ws, normalize, compute_dtype):
         # The same draws as dare_mask, in model order; kept where u < d, i.e. where sign(d − u) > 0.
-        draws = [None if d >= 1.0 else torch.rand(tuple(base.shape), generator=generator, device=generator.device,
-                                                  dtype=torch.float32).to(base.device).reshape(-1)
-                 for d in ds]
+        draws: list[torch.Tensor | None] = []
+        for i, d in enumerate(ds):
+            if d >= 1.0:
+                draws.append(None)
+                continue
+            shape = tuple(base.shape)
+            if workspace is None:
+                u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32)
+            else:  # the same draws, into memory reused from the previous tensor
+                u = workspace.get(f"draws{i}", base.numel(), torch.float32, generator.device)
+                torch.rand(shape, generator=generator, out=u.view(shape))
+            draws.append(u.to(base.device).reshape(-1))
         keep = torch.empty(min(base.numel(), _KERNEL_BLOCK), dtype=compute_dtype, device=base.device)
 
         def drop(i: int, wd: torch.Tensor, start: int, stop: int) -> None:

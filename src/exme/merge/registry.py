@@ -90,6 +90,9 @@ class MergeMethod:
     magnitude_pass: ClassVar[bool] = False
     #: draws random masks (DARE): takes a per-tensor ``generator``
     random: ClassVar[bool] = False
+    #: takes ``workspace=`` (:class:`~exme.merge.methods.Workspace`): reuses tensor-sized buffers
+    #: from one tensor to the next (the engine passes one per merge)
+    workspace: ClassVar[bool] = False
     #: default of ``normalize`` when the config does not set it (mergekit's defaults)
     normalize_default: ClassVar[bool] = False
 
@@ -309,10 +312,12 @@ class DareTies(DareLinear):
     def kwargs(self, resolved: dict[str, Any]) -> dict[str, Any]:
         return {**super().kwargs(resolved), "majority_sign_method": resolved["majority_sign_method"]}
 
+    workspace = True
+
     def merge(self, base, models, *, weights, density, generator, rescale=True, majority_sign_method="sum",
-              normalize=False, lambda_=1.0, selectors=None, **common):
+              normalize=False, lambda_=1.0, selectors=None, workspace=None, **common):
         return methods.dare_ties(base, models, weights, density, generator, rescale, majority_sign_method, normalize,
-                                 lambda_, **common)
+                                 lambda_, workspace=workspace, **common)
 
 
 class Slerp(MergeMethod):
