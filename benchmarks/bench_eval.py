@@ -480,12 +480,12 @@ def bench_memory(args) -> None:
 
     from exme.testing import make_finetuned
 
-    folder = Path(args.memory_dir)
+    folder = Path(args.memory_dir) if args.memory_vocab == 32000 else Path(f"{args.memory_dir}-vocab{args.memory_vocab}")
     if not (folder / "sft2" / "config.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
         tok = char_tokenizer()
         torch.manual_seed(0)
-        cfg = tiny_llama_config(vocab_size=32000, **MEMORY_SHAPE)
+        cfg = tiny_llama_config(vocab_size=args.memory_vocab, **MEMORY_SHAPE)
         LlamaForCausalLM(cfg).save_pretrained(folder / "base")
         tok.save_pretrained(folder / "base")
         for k in (1, 2):
@@ -497,7 +497,10 @@ def bench_memory(args) -> None:
     load_before = os.getloadavg()
     rows = {}
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    for variant in ("engine", "module", "sink-dynamic", "sink"):
+    variants = [v for v in ("engine", "module", "sink-dynamic", "sink") if v in args.memory_variants.split(",")]
+    if "engine" not in variants:
+        raise SystemExit("--memory-variants: include engine (the copies are counted with its KV cache and runtime taken out)")
+    for variant in variants:
         proc = subprocess.run([sys.executable, __file__, "--memory-variant", variant, "--memory-dir", str(folder)],
                               capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -507,13 +510,13 @@ def bench_memory(args) -> None:
         rows[variant]["copies_above_baseline"] = rows[variant]["above_baseline"] / model_bytes
         print(json.dumps(rows[variant]), flush=True)
     engine_extra = rows["engine"]["above_baseline"] - model_bytes  # KV cache and runtime, not weights
-    for variant in ("module", "sink-dynamic", "sink"):
+    for variant in [v for v in ("module", "sink-dynamic", "sink") if v in rows]:
         r = rows[variant]
         r["model_copies"] = (r["above_baseline"] - engine_extra) / model_bytes
         held = r["steady"]["checkpoints held" if "checkpoints held" in r["steady"] else "first candidate"]["anon"]
         r["swap_peak_over_held_copies"] = (r["phase_peaks"]["swaps"]["anon"] - held) / model_bytes
         r["retained_after_swaps_copies"] = (r["steady"]["after swaps"]["anon"] - held) / model_bytes
-    info = {"model_bytes": model_bytes, "shape": MEMORY_SHAPE, "kept": 2, "cpus": os.cpu_count(),
+    info = {"model_bytes": model_bytes, "shape": {**MEMORY_SHAPE, "vocab_size": args.memory_vocab}, "kept": 2, "cpus": os.cpu_count(),
             "load_avg_1min_before_after": [load_before[0], os.getloadavg()[0]],
             "vllm": __import__("vllm").__version__, "torch": torch.__version__, **rows}
     out = args.json.with_name("bench_eval_memory.json")
@@ -528,6 +531,8 @@ def bench_memory(args) -> None:
               ("sink-dynamic", "engine-only live model, glibc's dynamic mmap threshold"),
               ("sink", "engine-only live model, 1 MiB mmap threshold while weights load"))
     for variant, label in labels:
+        if variant not in rows:
+            continue
         r = rows[variant]
         at_peak = max(r["phase_peaks"].values(), key=lambda x: x["rss"])
         split = (f"{(at_peak['anon'] - r['baseline_split']['anon']) / gib:.2f} / "
@@ -556,6 +561,10 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true",
                         help="peak RSS of a vLLM search's live state (needs vLLM), before and after the engine-only live model")
     parser.add_argument("--memory-dir", default="/tmp/exme-bench/memory", help="where the --memory models are built once")
+    parser.add_argument("--memory-vocab", type=int, default=32000,
+                        help="--memory: vocabulary size (the embedding's share of the model sets the in-flight part of a swap)")
+    parser.add_argument("--memory-variants", default="engine,module,sink-dynamic,sink",
+                        help="--memory: the variants to run (engine is needed for the copies count)")
     parser.add_argument("--memory-variant", help=argparse.SUPPRESS)  # internal: one variant in a fresh process
     args = parser.parse_args()
     if args.memory_variant:
