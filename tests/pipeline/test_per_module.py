@@ -191,6 +191,9 @@ def test_per_module_search_by_cma_es(tmp_path, sft_run, tiny_suite):
     glob = next(r for r in runs[0].final if r.name == "ExMe")
     assert cma.space["mode"] == "cmaes" and len(cma.trials) == 7
     assert any("7 CMA-ES trials on the search split" in n for n in runs[0].notes)
+    # 3 module groups x 2 checkpoints = 6 alpha: a generation of 4 + floor(3 ln 6) = 9 trials after the start point
+    assert any("fewer than one CMA-ES generation (9 trials for 6 α" in n for n in runs[0].notes)
+    assert not any("CMA-ES generation" in n for n in tpe.notes)
     assert cma.trials[0].params == tpe.module_search.trials[0].params  # both start at the global optimum
     assert cma.trials[0].dev.overall == pytest.approx(glob.dev.overall, abs=1e-12)
     assert [t.params for t in cma.trials[1:]] != [t.params for t in tpe.module_search.trials[1:]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import threading
 
+import numpy as np
 import optuna
 import pytest
 
@@ -141,3 +142,16 @@ def test_two_workers_share_one_search_and_evaluate_each_point_once(tmp_path):
     assert set(keys) == {tuple(sorted(r.params.items())) for r in results["w1"]}
     reused = sum(r.extra["reused"] for r in results["w1"])
     assert len(keys) + reused == n
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 6, 9, 20, 64])
+def test_cma_es_generation_size_is_the_cmaes_package_population(d):
+    """The few-trials note counts a generation as the cmaes package's own default population."""
+    cmaes = pytest.importorskip("cmaes")
+    from exme.search.cmaes import generation_note, generation_size
+
+    population = cmaes.CMA(mean=np.zeros(d), sigma=1.0, seed=0).population_size
+    assert generation_size(d) == population
+    assert generation_note("cmaes", population, d) is not None  # the start point + population - 1: no full generation
+    assert generation_note("cmaes", population + 1, d) is None
+    assert generation_note("tpe", 1, d) is None

@@ -29,6 +29,7 @@ from exme.report import save_results
 from exme.report import verdict
 from exme.report.schema import FinalRow, RankedCheckpoint, RunResults
 from exme.report.stats import task_weights
+from exme.search.cmaes import generation_note as cmaes_generation_note
 from exme.search.sampled import sampled_strategies
 from exme.search.study import Point, Record, StudyStore, failed_scores, scores_dict
 
@@ -677,6 +678,10 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
                     f"α per {config.alpha.granularity} group ({len(runner.group_rule.groups)} groups × {len(ranked.kept)} "
                     f"checkpoints): {len(module.search.trials)} {sampled_strategies()[config.alpha.sampler].title} trials on the search split, the first the global optimum"
                 )
+                few = cmaes_generation_note(config.alpha.sampler, config.alpha.n_trials,
+                                            len(runner.group_rule.groups) * len(ranked.kept))
+                if few:
+                    runner.notes.append(few)
             with runner.timed("baselines"):
                 baselined = stages.baselines(runner, ranked, config)
             costs.stage_done("baselines")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -40,3 +41,23 @@ class CmaEs(Sampled):
                 return optuna.samplers.CmaEsSampler(x0=start, seed=seed)
             except TypeError:  # an Optuna without x0: the mean starts at the box's centre
                 return optuna.samplers.CmaEsSampler(seed=seed)
+
+
+def generation_size(n_params: int) -> int:
+    """Trials per CMA-ES generation for ``n_params`` searched values: the ``cmaes`` package's default
+    population, 4 + ⌊3 ln d⌋, which Optuna's sampler uses when no ``popsize`` is given."""
+    return 4 + math.floor(3 * math.log(max(1, n_params)))
+
+
+def generation_note(sampler: str, n_trials: int, n_params: int) -> str | None:
+    """A note for the report when a CMA-ES search has fewer trials than one generation: its mean then
+    never moves, so the search is a Gaussian sample around its start, not an optimization; ``None``
+    otherwise (and for every other sampler)."""
+    if sampler != CmaEs.name:
+        return None
+    size = generation_size(n_params)
+    if n_trials >= size + 1:  # the start point, then one whole generation, so the mean moves at least once
+        return None
+    return (f"alpha.n_trials {n_trials} is fewer than one CMA-ES generation ({size} trials for {n_params} α, "
+            f"after the start point): its mean never moved, so the per-module α are a Gaussian sample around "
+            f"the global optimum; raise alpha.n_trials to a few generations ({3 * size + 1} moves it three times)")
