@@ -1,6 +1,8 @@
 """Shared test set-up: no hub, ever; tiny local models built once per session."""
 
+import importlib.util
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -35,3 +37,17 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``load(name)``: the script ``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    folder = Path(__file__).parents[1] / "benchmarks"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "budget_study.py"
-
-
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("budget_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(benchmark_script):
+    return benchmark_script("budget_study")
 
 
 @pytest.mark.parametrize("fraction,steps,save", [(0.25, 45, 8), (0.5, 90, 15), (1.0, 180, 30)])

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "demo_seeds.py"
-
-
 @pytest.fixture(scope="module")
-def seeds():
-    spec = importlib.util.spec_from_file_location("demo_seeds", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def seeds(benchmark_script):
+    return benchmark_script("demo_seeds")
 
 
 def _results(exme: float, sft1: float, sft2: float, linear: float, ci: tuple[float, float] | None) -> dict:
