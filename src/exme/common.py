@@ -92,3 +92,14 @@ def load_tokenizer(path: str | Path) -> Any:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ExmeError(f"{path}: cannot load its tokenizer ({err}); save one beside the weights".splitlines()[0]) from None
+
+
+def host_memory_available() -> int | None:
+    """Bytes of memory the kernel could still give this process (``MemAvailable``), or ``None`` if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

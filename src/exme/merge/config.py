@@ -59,26 +59,17 @@ class _Strict(StrictModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-def _setting(value: Any, key: str) -> Any:
-    """A parameter as mergekit writes it: a value, a per-layer gradient, or ``{filter, value}`` entries.
-
-    The raw value is kept (so the config writes back as it was read); :mod:`exme.merge.parameters`
-    checks its shape here and resolves it per tensor later.
-    """
-    return value  # checked where its full key is known (MergeConfig._build_table)
-
-
 class ModelParameters(_Strict):
-    """Per-model parameters (``models[i].parameters``, or a slice source's)."""
+    """Per-model parameters (``models[i].parameters``, or a slice source's).
+
+    Each parameter is kept as mergekit writes it (a value, a per-layer gradient, or ``{filter, value}``
+    entries), so the config writes back as it was read; its shape is checked where its full key is
+    known (``MergeConfig._build_table``) and it is resolved per tensor by :mod:`exme.merge.parameters`.
+    """
 
     weight: Any = None
     density: Any = None
     alpha: Any = None
-
-    @field_validator("weight", "density", "alpha", mode="before")
-    @classmethod
-    def _valid(cls, v: Any, info: Any) -> Any:
-        return _setting(v, info.field_name)
 
 
 class ModelEntry(_Strict):
@@ -101,12 +92,6 @@ class GlobalParameters(_Strict):
     majority_sign_method: Any = None
     rescale: Any = None
     int8_mask: Any = None  # accepted for mergekit configs; no effect (exme's masks are bool)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _valid(cls, v: Any, info: Any) -> Any:
-        return _setting(v, "lambda" if info.field_name == "lambda_" else info.field_name)
-
 
 class SliceSource(_Strict):
     """One source of a slice: a model and the layers it gives (``slices[j].sources[i]``)."""

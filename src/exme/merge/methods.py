@@ -640,13 +640,17 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return MagnitudeSelector.from_magnitudes(magnitude, density).mask(magnitude).reshape(delta.shape)
 
 
+def _check_sign_method(method: str) -> None:
+    if method not in ("sum", "count"):
+        raise ExmeError(f"majority_sign_method must be 'sum' or 'count', got {method!r}")
+
+
 def elect_sign(weighted_deltas: Sequence[torch.Tensor], method: SignMethod = "sum") -> torch.Tensor:
     """TIES sign election: the majority sign per entry (±1.0), +1 where the vote is tied at zero.
 
     ``sum``: sign(Σ_i w_iΔ_i) (the TIES paper, mass-weighted); ``count``: sign(Σ_i sign(w_iΔ_i)).
     """
-    if method not in ("sum", "count"):
-        raise ExmeError(f"majority_sign_method must be 'sum' or 'count', got {method!r}")
+    _check_sign_method(method)
     vote = torch.zeros_like(weighted_deltas[0])
     for wd in weighted_deltas:
         vote.add_(wd if method == "sum" else wd.sign())
@@ -815,8 +819,7 @@ def ties(
     ds = _as_list(density, len(models), "density")
     _check_density(ds)
     _check_same_shape([base, *models])
-    if majority_sign_method not in ("sum", "count"):
-        raise ExmeError(f"majority_sign_method must be 'sum' or 'count', got {majority_sign_method!r}")
+    _check_sign_method(majority_sign_method)  # the float-only kernel does not go through elect_sign
     if deltas and any(m.dtype != compute_dtype for m in models):
         raise ValueError("deltas=True needs task vectors in the compute dtype")
     if selectors is None and models:
@@ -950,8 +953,7 @@ def dare_ties(
     ds = _as_list(density, len(models), "density")
     _check_density(ds)
     _check_same_shape([base, *models])
-    if majority_sign_method not in ("sum", "count"):
-        raise ExmeError(f"majority_sign_method must be 'sum' or 'count', got {majority_sign_method!r}")
+    _check_sign_method(majority_sign_method)  # the float-only kernel does not go through elect_sign
     if _fast_disjoint(ws, normalize, compute_dtype):
         # The same draws as dare_mask, in model order; kept where u < d, i.e. where sign(d − u) > 0.
         draws: list[torch.Tensor | None] = []

@@ -131,32 +131,31 @@ class MergeMethod:
         return f"<merge method {self.name}>"
 
 
-def _require_weights(config: Any, name: str) -> None:
-    """Every model has a weight written somewhere (its own, its slice's or the config's parameters)."""
-    for i, entry in enumerate(config.merge_models):
-        if not config.table.present("weight", i):
-            raise ValueError(f"{name} needs a weight for every model; {entry.model} has none")
+class _Weighted(MergeMethod):
+    """A method that needs a weight for every model: written somewhere for each model (its own, its slice's
+    or the config's parameters), and matched for each tensor (filters can leave a model without one)."""
+
+    def check(self, config: Any) -> None:
+        for i, entry in enumerate(config.merge_models):
+            if not config.table.present("weight", i):
+                raise ValueError(f"{self.name} needs a weight for every model; {entry.model} has none")
+
+    def check_values(self, resolved: dict[str, Any], config: Any) -> None:
+        for entry, w in zip(config.merge_models, resolved["weights"]):
+            if w is None:
+                raise ValueError(f"{self.name} needs a weight for every model; no weight entry of {entry.model} "
+                                 "matches this tensor")
 
 
-def _weights_given(resolved: dict[str, Any], config: Any, name: str) -> None:
-    """Filters can leave a model without a weight for some tensor (no entry matches, no default)."""
-    for entry, w in zip(config.merge_models, resolved["weights"]):
-        if w is None:
-            raise ValueError(f"{name} needs a weight for every model; no weight entry of {entry.model} matches this tensor")
-
-
-class Linear(MergeMethod):
+class Linear(_Weighted):
     name = "linear"
     needs_base = False
     params = ("normalize", "weight")
     elementwise = True
     normalize_default = True
 
-    def check(self, config: Any) -> None:
-        _require_weights(config, self.name)
-
     def check_values(self, resolved: dict[str, Any], config: Any) -> None:
-        _weights_given(resolved, config, self.name)
+        super().check_values(resolved, config)
         if resolved["normalize"] and abs(sum(resolved["weights"])) < 1e-8:
             raise ValueError(f"linear weights sum to {sum(resolved['weights'])}; with normalize they must not sum to 0")
 
@@ -190,16 +189,10 @@ class Linear(MergeMethod):
         return {"weights": weights, "normalize": True}
 
 
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(_Weighted):
     name = "task_arithmetic"
     params = ("normalize", "lambda", "weight", "int8_mask")
     elementwise = True
-
-    def check(self, config: Any) -> None:
-        _require_weights(config, self.name)
-
-    def check_values(self, resolved: dict[str, Any], config: Any) -> None:
-        _weights_given(resolved, config, self.name)
 
     def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
         return {"weights": config.weights(at), "normalize": config.normalize(at), "lambda": config.lambda_(at)}
@@ -227,17 +220,11 @@ class TaskArithmetic(MergeMethod):
         return {"weights": [1.0] * k, "lambda_": float(params["lambda"])}
 
 
-class Ties(MergeMethod):
+class Ties(_Weighted):
     name = "ties"
     params = ("normalize", "lambda", "weight", "density", "majority_sign_method", "int8_mask")
     normalize_default = True
     magnitude_pass = True
-
-    def check(self, config: Any) -> None:
-        _require_weights(config, self.name)
-
-    def check_values(self, resolved: dict[str, Any], config: Any) -> None:
-        _weights_given(resolved, config, self.name)
 
     def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
         return {
@@ -264,16 +251,10 @@ class Ties(MergeMethod):
         return {"weights": [1.0] * k, "density": float(params["density"]), "normalize": True}
 
 
-class DareLinear(MergeMethod):
+class DareLinear(_Weighted):
     name = "dare_linear"
     params = ("normalize", "lambda", "weight", "density", "rescale", "int8_mask")
     random = True
-
-    def check(self, config: Any) -> None:
-        _require_weights(config, self.name)
-
-    def check_values(self, resolved: dict[str, Any], config: Any) -> None:
-        _weights_given(resolved, config, self.name)
 
     def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
         return {

@@ -475,6 +475,12 @@ def _joint(ev: Evaluations, models: tuple[Path, ...], config: PipelineConfig) ->
 
 
 # ---------------------------------------------------------------------- per-module α
+
+def group_coefficients(rule: Any, weights: Sequence[float], alphas: dict[str, list[float]]) -> GroupCoefficients:
+    """ExMe's coefficients wᵢ(1 + αᵢ) per group of tensors, from the merge weights and α per group."""
+    return GroupCoefficients.from_groups(rule, {g: exme_coefficients(weights, a) for g, a in alphas.items()})
+
+
 @dataclass(frozen=True)
 class ModuleResult:
     """α per checkpoint for each group of tensors (``alpha.granularity``), the merge weights of the
@@ -488,7 +494,7 @@ class ModuleResult:
 
     @property
     def coefficients(self) -> GroupCoefficients:
-        return GroupCoefficients.from_groups(self.rule, {g: exme_coefficients(self.weights, a) for g, a in self.alphas.items()})
+        return group_coefficients(self.rule, self.weights, self.alphas)
 
     @property
     def params(self) -> dict[str, float]:
@@ -528,8 +534,7 @@ def per_module(ev: Evaluations, ranked: RankResult, merged: MergeResult, config:
 
     def candidate(point: Point) -> Candidate:
         alphas = alphas_of(point.params)
-        return Combination(models, GroupCoefficients.from_groups(
-            rule, {g: exme_coefficients(weights, a) for g, a in alphas.items()}))
+        return Combination(models, group_coefficients(rule, weights, alphas))
 
     start = {n: v for n, v in module_params({g: start_alphas for g in rule.groups}).items() if n in names}
     sampler = config.alpha.sampler

@@ -462,13 +462,11 @@ def _available_bytes(device: str) -> int:
     """Memory free for new tensors on ``device``: MemAvailable on a CPU (Linux), free memory on a GPU."""
     if device != "cpu" and torch.cuda.is_available() and device.startswith("cuda"):
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    from exme.common import host_memory_available
+
+    available = host_memory_available()
+    if available is not None:
+        return available
     try:
         import os
 

@@ -66,7 +66,7 @@ def plan(window: Window, earlier: Sequence[Record], joinable: set[str]) -> tuple
             covered[t] |= ids
         pieces.append(rec)
     missing = {t: [i for i in ids if t not in joinable or i not in covered[t]] for t, ids in want.items()}
-    return [p for p in pieces if any(t in joinable for t in p.per_item)], missing
+    return pieces, missing  # every candidate holds items of a joinable task
 
 
 def restricted(window: Window, earlier: Sequence[Record], joinable: set[str]) -> Record | None:

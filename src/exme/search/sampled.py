@@ -37,10 +37,6 @@ class Trials(Protocol):
     def records(self) -> list[Record]: ...
 
 
-def _same(raw: dict[str, float]) -> dict[str, Any]:
-    return dict(raw)
-
-
 @dataclass(frozen=True)
 class Sampled:
     """Points drawn by :meth:`sampler` until the study holds ``n_trials`` finished trials.
@@ -56,7 +52,7 @@ class Sampled:
     distributions: Mapping[str, optuna.distributions.BaseDistribution]
     n_trials: int
     seed: int
-    to_params: Callable[[dict[str, float]], dict[str, Any]] = _same
+    to_params: Callable[[dict[str, float]], dict[str, Any]] = dict
     start: dict[str, float] | None = None
 
     #: The name a configuration gives this strategy (``alpha.sampler``), and the one the report prints.

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from exme.common import host_memory_available
 from exme.errors import ExmeError
 from exme.evaluate.backends import require_vllm
 from exme.evaluate.lm import Continuation, Generation, windowed_nll
@@ -333,17 +334,6 @@ class VLLMBackend:
 
 
 # ---------------------------------------------------------------- one live copy of the weights
-def host_memory_available() -> int | None:
-    """Bytes of memory the kernel could still give this process (``MemAvailable``), or ``None`` if unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def check_host_memory(base: str | Path, *, held: int, engine_on_host: bool, dtype: str = "auto") -> int:
     """One line with the bytes needed and available when the host cannot hold what ``store: host`` puts there.
 
@@ -355,9 +345,12 @@ def check_host_memory(base: str | Path, *, held: int, engine_on_host: bool, dtyp
     from exme.io import Checkpoint
 
     ckpt = Checkpoint.open(base)
-    stored = sum(ckpt.spec(n).numel * ckpt.spec(n).dtype.itemsize for n in ckpt.names)
-    width = parse_dtype(dtype).itemsize if dtype != "auto" else None
-    served = sum(ckpt.spec(n).numel * (width or ckpt.spec(n).dtype.itemsize) for n in ckpt.names)
+    try:
+        stored = ckpt.nbytes
+        width = parse_dtype(dtype).itemsize if dtype != "auto" else None
+        served = sum(ckpt.spec(n).numel * width for n in ckpt.names) if width else stored
+    finally:
+        ckpt.close()
     needed = held * stored + (served if engine_on_host else 0)
     available = host_memory_available()
     if available is not None and needed > available:
