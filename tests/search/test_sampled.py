@@ -155,3 +155,31 @@ def test_cma_es_generation_size_is_the_cmaes_package_population(d):
     assert generation_note("cmaes", population, d) is not None  # the start point + population - 1: no full generation
     assert generation_note("cmaes", population + 1, d) is None
     assert generation_note("tpe", 1, d) is None
+
+
+def test_a_worker_that_loses_the_schema_race_retries(tmp_path, monkeypatch):
+    """Two workers creating a fresh PostgreSQL study schema at once: the loser gets DuplicateTable (a
+    ProgrammingError "relation ... already exists") and must retry, as it does for IntegrityError."""
+    import sqlalchemy as sa
+
+    from exme.errors import ExmeError
+    from exme.search import study as study_mod
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def flaky(url, **kw):
+        calls.append(url)
+        if len(calls) == 1:
+            raise sa.exc.ProgrammingError("CREATE TABLE studies", {}, Exception('relation "studies" already exists'))
+        return real(url, **kw)
+
+    monkeypatch.setattr(study_mod.optuna.storages, "RDBStorage", flaky)
+    store = StudyStore(f"sqlite:///{tmp_path / 'a.db'}")
+    assert len(calls) == 2 and store.storage is not None
+
+    def broken(url, **kw):
+        raise sa.exc.ProgrammingError("SELECT", {}, Exception("permission denied for schema public"))
+
+    monkeypatch.setattr(study_mod.optuna.storages, "RDBStorage", broken)
+    with pytest.raises(ExmeError, match="permission denied"):
+        StudyStore(f"sqlite:///{tmp_path / 'b.db'}")

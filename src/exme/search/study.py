@@ -257,7 +257,11 @@ class StudyStore:
             try:
                 self.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
                 break
-            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+            except (sa.exc.IntegrityError, sa.exc.OperationalError, sa.exc.ProgrammingError) as err:
+                # PostgreSQL reports the lost race as a ProgrammingError (DuplicateTable: "relation ... already
+                # exists"); any other ProgrammingError is a real fault, said at once.
+                if isinstance(err, sa.exc.ProgrammingError) and "already exists" not in str(err):
+                    raise ExmeError(f"cannot open study storage {url!r}: {err}") from None
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
