@@ -74,3 +74,28 @@ def test_mergekit_example_gives_mergekits_tensors(name, recorded, inputs, tmp_pa
         operands = [recorded[f"input/{m}/{tensor}"] for m in inputs]
         worst = float(float32_steps(ours[tensor], expected, operands).max())
         assert worst <= 8, f"{tensor}: {worst:.1f} float32 steps from mergekit 0.1.5"
+
+
+#: The merge.yaml files a pipeline run writes, recorded as configs: the coefficients each was written with.
+PIPELINE_CONFIGS = {
+    "exme-global": ("global", [1.08, 0.36]),
+    "exme-module": ("module", {"attention": (1.3, 0.0), "mlp": (0.45, 0.66), "other": (0.9, 0.15)}),
+    "exme-layers": ("layers:2", {"layers 0-1": (0.5, 0.7), "layers 2-3": (1.25, 0.05), "other": (0.6, 0.4)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINE_CONFIGS))
+def test_recorded_pipeline_configs_are_what_the_pipeline_writes(name, recorded):
+    """The exme-* configs checked against mergekit above are the pipeline's own merge.yaml, byte for
+    byte in content: the spec the run writes for these coefficients, with the paths as placeholders."""
+    import yaml
+
+    from exme.merge.groups import GroupCoefficients, group_rule
+    from exme.pipeline.stages import mergekit_spec
+
+    granularity, coeffs = PIPELINE_CONFIGS[name]
+    names = sorted(k[len("input/base/"):] for k in recorded if k.startswith("input/base/"))
+    if granularity != "global":
+        coeffs = GroupCoefficients.from_groups(group_rule(granularity, names), coeffs)
+    spec = mergekit_spec(Path("<base>"), [Path("<ft1>"), Path("<ft2>")], coeffs, "float32")
+    assert yaml.safe_load((FIXTURE / "configs" / f"{name}.yml").read_text()) == spec

@@ -4,6 +4,7 @@ Run once (it needs mergekit, which the tests do not):
 
     python benchmarks/bench_merge.py --build-only     # or any venv with mergekit==0.1.5 at benchmarks/.mergekit-venv
     PYTHONPATH=src python tests/merge/mergekit_0_1_5/record.py
+    PYTHONPATH=src python tests/merge/mergekit_0_1_5/record.py --add NAME ...   # new configs only
 
 It builds four tiny Llama models (a base and three seeded fine-tunes, float32, 4 layers), writes
 each config of ``configs/`` with the model paths filled in, runs ``mergekit-yaml CONFIG OUT`` from
@@ -11,7 +12,8 @@ each config of ``configs/`` with the model paths filled in, runs ``mergekit-yaml
 ``tensors.safetensors`` (keys ``input/<model>/<tensor>`` and ``<config>/<tensor>``), with the
 models' ``config.json``. The test (``tests/merge/test_mergekit_examples.py``) rebuilds the input
 folders from these tensors, so it never depends on seeded initialisation being the same on
-another machine.
+another machine. ``--add NAME ...`` records only the named configs of ``configs/`` on the inputs
+already recorded (rebuilt from ``tensors.safetensors``), leaving every other recorded tensor as it was.
 """
 
 from __future__ import annotations
@@ -48,6 +50,37 @@ def fill(text: str, paths: dict[str, Path]) -> str:
     return text
 
 
+def run_mergekit(cfg: Path, paths: dict[str, Path], root: Path) -> dict[str, torch.Tensor]:
+    filled = root / cfg.name
+    filled.write_text(fill(cfg.read_text(), paths))
+    out = root / f"out-{cfg.stem}"
+    subprocess.run([str(MERGEKIT), str(filled), str(out), "--quiet"], check=True)
+    found = read(out)
+    print(f"{cfg.stem}: {len(found)} tensors")
+    return {f"{cfg.stem}/{k}": v.contiguous() for k, v in found.items()}
+
+
+def add(names: list[str], version: str) -> None:
+    """Record the configs ``names`` on the recorded inputs; keep every recorded tensor."""
+    with safe_open(HERE / "tensors.safetensors", framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = {}
+        for model in MODELS:
+            folder = root / model
+            folder.mkdir()
+            prefix = f"input/{model}/"
+            save_file({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                      folder / "model.safetensors", metadata={"format": "pt"})
+            (folder / "config.json").write_text((HERE / "config.json").read_text())
+            paths[model] = folder
+        for name in names:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{name}/")}
+            tensors.update(run_mergekit(HERE / "configs" / f"{name}.yml", paths, root))
+        save_file(tensors, HERE / "tensors.safetensors", metadata={"mergekit": version})
+
+
 def main() -> None:
     from exme.testing import make_finetuned, make_tiny_model
 
@@ -57,6 +90,9 @@ def main() -> None:
     ).stdout.strip()
     if version != "0.1.5":
         sys.exit(f"mergekit {version} at {MERGEKIT}; this fixture records 0.1.5")
+    if sys.argv[1:2] == ["--add"]:
+        add(sys.argv[2:], version)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = {"base": make_tiny_model(root / "base", seed=0, **SHAPE)}
@@ -64,12 +100,7 @@ def main() -> None:
             paths[f"ft{i}"] = make_finetuned(paths["base"], root / f"ft{i}", seed=i, scale=0.02)
         tensors = {f"input/{m}/{k}": v for m in MODELS for k, v in read(paths[m]).items()}
         for cfg in sorted((HERE / "configs").glob("*.yml")):
-            filled = root / cfg.name
-            filled.write_text(fill(cfg.read_text(), paths))
-            out = root / f"out-{cfg.stem}"
-            subprocess.run([str(MERGEKIT), str(filled), str(out), "--quiet"], check=True)
-            tensors.update({f"{cfg.stem}/{k}": v.contiguous() for k, v in read(out).items()})
-            print(f"{cfg.stem}: {len(read(out))} tensors")
+            tensors.update(run_mergekit(cfg, paths, root))
         save_file(tensors, HERE / "tensors.safetensors", metadata={"mergekit": version})
         config = json.loads((paths["base"] / "config.json").read_text())
         (HERE / "config.json").write_text(json.dumps(config, indent=1) + "\n")
