@@ -29,7 +29,12 @@ def test_critical_z_is_bonferroni_over_ordered_pairs_and_looks():
     assert critical_z(0.05, 6, 4) == pytest.approx(NormalDist().inv_cdf(1 - 0.05 / (6 * 5 * 4)))
     with pytest.raises(ValueError):
         critical_z(0.5, 6, 4)
+    # looks after 8, 16, 32, 64 items, then every item; equal chunks when asked
     assert chunk_bounds(21, 8) == [(0, 8), (8, 16), (16, 21)]
+    assert chunk_bounds(100, 8) == [(0, 8), (8, 16), (16, 32), (32, 64), (64, 100)]
+    assert chunk_bounds(100, 30) == [(0, 30), (30, 60), (60, 100)]
+    assert chunk_bounds(28, 8, doubling=False) == [(0, 8), (8, 16), (16, 24), (24, 28)]
+    assert chunk_bounds(5, 8) == [(0, 5)]
 
 
 def _scores(table: list[list[float]], ids: range) -> dict[str, dict[str, float]]:

@@ -1,7 +1,7 @@
 """Racing: stop scoring a candidate once the items already scored show it cannot reach the top k.
 
 Every candidate still in the race is scored on the next chunk of items (the same items for all, so
-the comparisons are paired). After each chunk, a candidate ``c`` stops when, for each of the current
+the comparisons are paired; the chunks double, :func:`chunk_bounds`). After each chunk, a candidate ``c`` stops when, for each of the current
 k best others ``j`` (by mean score so far), the upper confidence bound of the paired difference
 ``c − j`` lies below zero: k others are each better with confidence, so ``c`` is not among the k
 best. The top k by mean never stop, so at least k candidates finish.
@@ -42,11 +42,25 @@ class RaceResult:
     z: float = math.inf
 
 
-def chunk_bounds(n_items: int, chunk: int) -> list[tuple[int, int]]:
-    """(start, stop) positions of consecutive chunks of ``chunk`` items covering ``n_items``."""
+def chunk_bounds(n_items: int, chunk: int, doubling: bool = True) -> list[tuple[int, int]]:
+    """(start, stop) positions of consecutive chunks covering ``n_items``: the first of ``chunk``
+    items, each later one (``doubling``) as large as everything before it, so the looks fall after
+    chunk, 2·chunk, 4·chunk, … items; without ``doubling`` every chunk holds ``chunk`` items.
+
+    Why doubling: every look costs a write of each racing candidate into the model and a share of
+    the error rate (Bonferroni over looks), so looks spaced geometrically keep both to about
+    log₂(n / chunk) + 1 on a large search split, where equal chunks of 8 would give n / 8 of each.
+    """
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
-    return [(s, min(s + chunk, n_items)) for s in range(0, n_items, chunk)]
+    bounds, start, size = [], 0, chunk
+    while start < n_items:
+        stop = min(start + size, n_items)
+        bounds.append((start, stop))
+        if doubling:
+            size = stop  # the next chunk is as large as everything so far: the total doubles
+        start = stop
+    return bounds
 
 
 def critical_z(error_rate: float, n_candidates: int, looks: int) -> float:
