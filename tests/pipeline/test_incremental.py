@@ -131,7 +131,7 @@ def test_raced_grids_never_score_more_items_than_the_grid(tmp_path, sft_run, tin
     raw = {"base": str(sft_run.base), "checkpoints": str(sft_run.run), "suite": str(tiny_suite),
            "output": str(tmp_path / "run"), "alpha": {"grid": [0.0]}, "beta": {"grid": grid},
            "baselines": ["linear"], "dev": {"confirm_fraction": 0},
-           "search": {"race_grids": True, "race_chunk": 1, "race_error_rate": 0.45}}
+           "search": {"race": False, "race_grids": True, "race_chunk": 1, "race_error_rate": 0.45}}
     config = PipelineConfig.from_dict(raw)
     res = run_pipeline(config, evaluator=load_evaluator(str(tiny_suite)), progress=False, write_model=False,
                        report=False)

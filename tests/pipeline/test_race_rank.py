@@ -83,7 +83,7 @@ def _write(tmp_path: Path, sft_run, tiny_suite, search) -> Path:
     ({"race": True, "race_error_rate": 0.5}, "search.race_error_rate"),
     ({"race": True, "race_error_rate": 0.0}, "search.race_error_rate"),
     ({"race": True, "race_chunk": 0}, "search.race_chunk"),
-    ({"race_chunk": 4}, "search.race_chunk"),
+    ({"race": False, "race_grids": False, "race_chunk": 4}, "search.race_chunk"),
     ({"race_grids": True, "prune": True}, "search.race_grids"),
 ])
 def test_bad_racing_keys_are_one_line_and_exit_2(tmp_path, sft_run, tiny_suite, capsys, search, key):

@@ -142,15 +142,24 @@ class SearchSpec(_Strict):
     """Successive halving on grids: score every point on a small dev subset first, keep the best 1/eta."""
     prune_min_items: int = Field(8, ge=1, description="items per task on the first pruning rung")
     prune_eta: int = Field(3, ge=2, description="keep the best 1/eta of the points at each rung")
-    race: bool = False
+    race: bool = True
     """Race the checkpoints of the rank stage on growing chunks of the search items: one that k others
-    beat with confidence stops early; the rest are scored on every search item (:mod:`exme.search.racing`)."""
+    beat with confidence stops early; the rest are scored on every search item (:mod:`exme.search.racing`).
+    On by default: on the demo over five seeds racing (with ``race_grids``) kept every choice and
+    scored 74–89% of the search items of scoring everything (benchmarks/RESULTS.md, "Fewer evaluations")."""
     race_error_rate: float = 0.05
     """The chance that a checkpoint which is not worse than the k-th best stops early (in (0, 0.5))."""
-    race_chunk: int = Field(8, ge=1, description="search items per task added to the race at each look")
-    race_grids: bool = False
+    race_chunk: int = Field(8, ge=1, description="search items per task at the race's first look; each later look "
+                                                 "doubles the items scored (8, 16, 32, ...)")
+    race_grids: bool | None = None
     """Race the points of every grid search (β, the baselines, α when it does not stop on collapse) for the
-    best place, with the rank stage's test, error rate and chunks: a point the best beats with confidence stops early."""
+    best place, with the rank stage's test, error rate and chunks: a point the best beats with confidence stops early.
+    Unset: on, unless ``prune`` is (both cut grid searches short; see :attr:`grids_race`)."""
+
+    @property
+    def grids_race(self) -> bool:
+        """Whether grid searches race: ``race_grids`` as given, else on unless successive halving prunes them."""
+        return self.race_grids if self.race_grids is not None else not self.prune
 
     @field_validator("race_error_rate")
     @classmethod
@@ -285,8 +294,9 @@ class PipelineConfig(_Strict):
             raise ValueError("search.n_trials counts TPE trials, but search.mode is grid (every grid point is evaluated); remove n_trials or set mode: tpe")
         if not self.search.prune and given & {"prune_min_items", "prune_eta"}:
             raise ValueError("search.prune_min_items and search.prune_eta only apply with search.prune: true")
-        if not (self.search.race or self.search.race_grids) and given & {"race_error_rate", "race_chunk"}:
-            raise ValueError("search.race_error_rate and search.race_chunk only apply with search.race or search.race_grids: true")
+        if not (self.search.race or self.search.grids_race) and given & {"race_error_rate", "race_chunk"}:
+            raise ValueError("search.race_error_rate and search.race_chunk only apply with search.race or search.race_grids "
+                             "on (both are off here)")
         if self.search.race_grids and self.search.prune:
             raise ValueError("search.race_grids and search.prune both cut grid searches short; choose one")
         for name in _backend_sections():

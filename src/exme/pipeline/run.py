@@ -510,7 +510,7 @@ class Runner:
         from exme.search.strategy import Grid, Halving
 
         s = self.config.search
-        chunks = self.race_chunks(s.race_chunk) if s.race_grids and len(params) > 1 else None
+        chunks = self.race_chunks(s.race_chunk) if s.grids_race and len(params) > 1 else None
         if chunks is not None:  # race the points for the best place (k = 1)
             from exme.search.racing import Race
 
