@@ -269,6 +269,7 @@ class StudyStore:
                 raise ExmeError(f"cannot open study storage {url!r}: {err}") from None
         if url.startswith("sqlite"):
             _fast_sqlite(self.storage.engine)
+        self._finished: dict[int, Record] = {}  # trial id -> record: a finished trial never changes
         self._meta = sa.MetaData()
         self._claims = sa.Table(
             "exme_claims",
@@ -357,14 +358,25 @@ class StudyStore:
         return out
 
     def run_records(self, prefix: str) -> list[Record]:
-        """Every finished evaluation of every study whose name starts with ``prefix`` (one run's stages)."""
-        out: list[Record] = []
-        for summary in self.storage.get_all_studies():
-            if summary.study_name.startswith(prefix):
-                trials = self.storage.get_all_trials(summary._study_id, deepcopy=False,
-                                                     states=(optuna.trial.TrialState.COMPLETE,))
-                out += [_record(t) for t in trials if RESULT_ATTR in t.user_attrs]
-        return out
+        """Every finished evaluation of every study whose name starts with ``prefix`` (one run's stages),
+        study by study in creation order, each in trial order.
+
+        Why one query of ids and a cache: the pipeline asks this before every evaluation (is this model
+        scored already, by any stage or worker?), and reading every trial of the run each time cost
+        ~0.3 s per call at 195 trials on SQLite (quadratic over a run). A COMPLETE trial's attributes
+        never change, so each is read once; the ids of the finished trials are asked every time, so
+        other workers' new trials are seen and a deleted study's trials are not.
+        """
+        done = optuna.trial.TrialState.COMPLETE.name
+        with self.storage.engine.connect() as conn:
+            rows = [r for r in conn.execute(sa.text(
+                "SELECT t.trial_id, t.study_id, s.study_name FROM trials t JOIN studies s ON s.study_id = t.study_id "
+                "WHERE t.state = :done ORDER BY t.study_id, t.number"), {"done": done}).all() if r[2].startswith(prefix)]
+        for study_id in {study_id for trial_id, study_id, _ in rows if trial_id not in self._finished}:
+            for t in self.storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                if RESULT_ATTR in t.user_attrs and t._trial_id not in self._finished:
+                    self._finished[t._trial_id] = _record(t)
+        return [self._finished[trial_id] for trial_id, _, _ in rows if trial_id in self._finished]
 
     def find_model(self, prefix: str, model: str) -> Record | None:
         """A finished evaluation of the model ``model`` in any study of the run ``prefix``, or ``None``."""
