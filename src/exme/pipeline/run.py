@@ -491,6 +491,8 @@ class Runner:
         ``evaluate`` goes through the study (recorded, claimed across workers, read back when
         finished before or when an equal model was scored). One bar step per point of the space.
         """
+        if isinstance(strategy, _GridChoice):
+            label += strategy.suffix(len(params))
         budget = getattr(strategy, "budget", None)  # a strategy that may add points (refine) says how many at most
         bar = self.bars.stage(label, budget(len(params)) if budget is not None else len(params))
         seen: set[str] = set()
@@ -509,13 +511,7 @@ class Runner:
 
     def grid(self, stage: str, label: str, params: list[dict[str, Any]],
              candidate: Callable[[Point], stages.Candidate], *, prune: bool) -> tuple[list[Record], list[Record]]:
-        s = self.config.search
-        suffix = ""
-        if len(params) > 1 and s.race_grids and self.search_item_ids:
-            suffix = " (raced)"
-        elif len(params) > 1 and prune:
-            suffix = " (pruned)"
-        out = self.search(stage, label + suffix, params, candidate, self.grid_strategy(stage, label, prune=prune))
+        out = self.search(stage, label, params, candidate, self.grid_strategy(stage, label, prune=prune))
         return out.records, out.dropped
 
     def grid_strategy(self, stage: str, label: str, *, prune: bool) -> Any:
@@ -788,6 +784,12 @@ class _GridChoice:
 
     def run(self, params: Sequence[dict[str, Any]], evaluate: Any) -> Any:
         return self.runner._run_grid(self.stage, self.label, params, evaluate, self.prune)
+
+    def suffix(self, n_points: int) -> str:
+        """What the progress bar adds to the label: how the grid is cut short, if it is."""
+        if n_points > 1 and self.runner.config.search.race_grids and self.runner.search_item_ids:
+            return " (raced)"
+        return " (pruned)" if n_points > 1 and self.prune else ""
 
 
 # ---------------------------------------------------------------------- helpers

@@ -47,9 +47,11 @@ class Refine:
     """``coarse`` over the given points (each ``{key: value}``, values of ``grid``), then ``fine`` over the
     values of :func:`refine_grid` around the best coarse value that ``grid`` does not hold.
 
-    Ties among the coarse records go to the smaller value, as the stage's own choice does. A value of
-    ``grid`` the coarse strategy never scored (a collapse stop) is still not a fine point: the fine
-    grid only adds values between the coarse ones. With one coarse value there is no step: no refinement.
+    Ties among the coarse records go to the smaller value, as the stage's own choice does. The fine
+    values lie less than one (smallest) coarse step from the centre, so none is a coarse value; they are
+    still checked against ``grid`` (a value the coarse strategy never scored, past a collapse stop,
+    included), so rounding can never score a coarse point twice under two spellings. With one coarse
+    value there is no step: no refinement.
     """
 
     grid: Sequence[float]
