@@ -15,6 +15,7 @@ import math
 import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -490,7 +491,10 @@ class Runner:
         ``evaluate`` goes through the study (recorded, claimed across workers, read back when
         finished before or when an equal model was scored). One bar step per point of the space.
         """
-        bar = self.bars.stage(label, len(params))
+        if isinstance(strategy, _GridChoice):
+            label += strategy.suffix(len(params))
+        budget = getattr(strategy, "budget", None)  # a strategy that may add points (refine) says how many at most
+        bar = self.bars.stage(label, budget(len(params)) if budget is not None else len(params))
         seen: set[str] = set()
 
         def on_result(point: Point, rec: Record, reused: bool) -> None:
@@ -507,24 +511,33 @@ class Runner:
 
     def grid(self, stage: str, label: str, params: list[dict[str, Any]],
              candidate: Callable[[Point], stages.Candidate], *, prune: bool) -> tuple[list[Record], list[Record]]:
-        from exme.search.strategy import Grid, Halving
+        out = self.search(stage, label, params, candidate, self.grid_strategy(stage, label, prune=prune))
+        return out.records, out.dropped
+
+    def grid_strategy(self, stage: str, label: str, *, prune: bool) -> Any:
+        """The strategy :meth:`grid` runs (a race for the best place with ``search.race_grids``, successive
+        halving with ``prune``, else every point), for a stage that runs it inside another strategy
+        (:class:`exme.search.refine.Refine`). Its notes go to the run's notes under ``label`` as it runs."""
+        return _GridChoice(self, stage, label, prune)
+
+    def _run_grid(self, stage: str, label: str, params: Sequence[dict[str, Any]], evaluate: Any, prune: bool) -> Any:
+        from exme.search.strategy import Grid, Halving, Outcome
 
         s = self.config.search
         chunks = self.race_chunks(s.race_chunk) if s.grids_race and len(params) > 1 else None
         if chunks is not None:  # race the points for the best place (k = 1)
             from exme.search.racing import Race
 
-            out = self.search(stage, label + " (raced)", params, candidate,
-                              Race(1, chunks, s.race_error_rate, self.task_weights()))
+            out = Race(1, chunks, s.race_error_rate, self.task_weights()).run(params, evaluate)
             self.notes += [f"{label}: {n}" for n in out.notes]
-            return out.records, out.dropped
+            return Outcome(out.records, out.dropped)
         if not prune or len(params) <= 1:
-            return self.search(stage, label, params, candidate, Grid()).records, []
+            return Grid().run(params, evaluate)
         items = self.search_item_ids
         strategy = Halving(s.prune_min_items, s.prune_eta, max(len(v) for v in items.values()) if items else None)
-        out = self.search(stage, label + " (pruned)", params, candidate, strategy)
-        self._note_pruning(stage, label, params, out.records, out.dropped)
-        return out.records, out.dropped
+        out = strategy.run(params, evaluate)
+        self._note_pruning(stage, label, list(params), out.records, out.dropped)
+        return out
 
     def sample(self, stage: str, label: str, candidate: Callable[[Point], stages.Candidate], strategy: Any) -> Any:
         """Run a sampled strategy (:mod:`exme.search.sampled`: TPE, CMA-ES) on the stage's study: it asks for
@@ -758,6 +771,26 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, evaluator: An
         return results
     finally:
         runner.close()
+
+@dataclass(frozen=True)
+class _GridChoice:
+    """:meth:`Runner.grid`'s choice of strategy as one strategy object, decided when it runs (on how many
+    points it is given), its notes added to the run's notes under ``label``."""
+
+    runner: Runner
+    stage: str
+    label: str
+    prune: bool
+
+    def run(self, params: Sequence[dict[str, Any]], evaluate: Any) -> Any:
+        return self.runner._run_grid(self.stage, self.label, params, evaluate, self.prune)
+
+    def suffix(self, n_points: int) -> str:
+        """What the progress bar adds to the label: how the grid is cut short, if it is."""
+        if n_points > 1 and self.runner.config.search.race_grids and self.runner.search_item_ids:
+            return " (raced)"
+        return " (pruned)" if n_points > 1 and self.prune else ""
+
 
 # ---------------------------------------------------------------------- helpers
 def _save(results: RunResults, out: Path) -> None:

@@ -25,7 +25,9 @@ from exme.merge.methods import exme_coefficients
 from exme.merge.registry import baseline_kwargs, baseline_space
 from exme.pipeline.config import PipelineConfig, checkpoint_step
 from exme.report.schema import FinalRow, RankedCheckpoint, SearchResult, SplitScores, Trial
+from exme.search.refine import Refine, refine_grid  # noqa: F401  (refine_grid: imported from here before it moved)
 from exme.search.sampled import sampled_strategies
+from exme.search.strategy import Sequential
 from exme.search.study import Point, Record, best
 from exme.search.tpe import TPE
 
@@ -176,6 +178,10 @@ class Evaluations(Protocol):
     def search(self, stage: str, label: str, params: list[dict[str, Any]], candidate: Callable[[Point], Candidate],
                strategy: Any) -> Any:
         """``strategy.run`` (:mod:`exme.search.strategy`) on the search split: its :class:`~exme.search.strategy.Outcome`."""
+
+    def grid_strategy(self, stage: str, label: str, *, prune: bool) -> Any:
+        """The strategy :meth:`grid` would run over a list of points (a race, successive halving or every
+        point), to run inside another strategy (:class:`~exme.search.refine.Refine`); its notes are the run's."""
 
     def race_chunks(self, chunk: int) -> list[tuple[int, int]] | None:
         """Chunks of ``chunk`` search items per task, or ``None`` when the evaluator cannot score chosen items."""
@@ -345,29 +351,33 @@ def extrapolate(ev: Evaluations, ranked: RankResult, config: PipelineConfig) -> 
             return Combination(models, tuple(coeffs))
 
         stage = f"alpha/{name}"
+        label = f"α for {name}"
         params = [{"alpha": a} for a in grid]
         saved = 0
+        coarse: Any
         if config.alpha.stop_on_collapse and not prune and reference and len(grid) > 1:
             def stop(records: list[Record]) -> bool:
                 return collapse_stop(records, reference, config.collapse.margin)
 
-            full = ev.sequence(stage, f"α for {name}", params, candidate, stop=stop)
-            dropped = []
-            saved = len(params) - len(full)
+            coarse = Sequential(stop)
+        else:
+            coarse = ev.grid_strategy(stage, label, prune=prune)
+        if config.alpha.refine and len(grid) > 1:
+            # The finer grid is never pruned (its points are all near the best), but raced as any grid is.
+            strategy = Refine(grid, coarse, ev.grid_strategy(stage, f"{label} (refine)", prune=False))
+            out = ev.search(stage, label, params, candidate, strategy)
+            first = out.coarse
+        else:
+            out = first = ev.search(stage, label, params, candidate, coarse)
+        full, dropped = list(out.records), list(out.dropped)
+        if isinstance(coarse, Sequential):
+            saved = len(params) - len(first.records)
             if saved:
                 notes.append(
-                    f"α for {name}: stopped after α = {full[-1].params['alpha']:g} collapsed (hit-the-limit share over the "
+                    f"α for {name}: stopped after α = {first.records[-1].params['alpha']:g} collapsed (hit-the-limit share over the "
                     f"best SFT's by more than {config.collapse.margin:g}) and scored below the best so far; "
                     f"{saved} larger α not evaluated"
                 )
-        else:
-            full, dropped = ev.grid(stage, f"α for {name}", params, candidate, prune=prune)
-        if config.alpha.refine and len(grid) > 1:
-            chosen = best(sorted(full, key=lambda r: r.params["alpha"]))
-            extra = [{"alpha": a} for a in refine_grid(grid, chosen.params["alpha"]) if a not in grid]
-            if extra:
-                more, more_dropped = ev.grid(stage, f"α for {name} (refine)", extra, candidate, prune=False)
-                full, dropped = full + more, dropped + more_dropped
         full = sorted(full, key=lambda r: r.params["alpha"])
         chosen = best(full)  # ties: the smaller α
         search = SearchResult(
@@ -778,19 +788,6 @@ def trials(full: Sequence[Record], dropped: Sequence[Record], keys: Sequence[str
     return [Trial(params=params(r), dev=split_scores(r)) for r in full] + [
         Trial(params=params(r), dev=split_scores(r), pruned=True) for r in dropped
     ]
-
-
-def refine_grid(grid: Sequence[float], center: float) -> list[float]:
-    """A finer grid (step/5) within one coarse step either side of ``center``, never below 0."""
-    gaps = [b - a for a, b in zip(grid, grid[1:])]
-    step = min(gaps)
-    fine = step / 5
-    out = []
-    for j in range(-4, 5):
-        a = round(center + j * fine, 10)
-        if j != 0 and a >= 0:
-            out.append(a)
-    return out
 
 
 def product(space: dict[str, list[float]]) -> list[dict[str, float]]:

@@ -12,6 +12,7 @@ new strategy is one class in one file:
 - :class:`Sequential` — points in order until ``stop(records so far)`` (α until collapse);
 - :class:`Halving` — successive halving on growing item limits (``search.prune``);
 - :class:`exme.search.racing.Race` — growing chunks, stopping points k others beat with confidence;
+- :class:`exme.search.refine.Refine` — one of these over a coarse grid, then a finer grid around its best point;
 - a box of continuous parameters is searched by a sampled strategy instead (:mod:`exme.search.sampled`:
   TPE, CMA-ES), which asks a sampler for points one at a time and tells their scores.
 """
