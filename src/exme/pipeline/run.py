@@ -787,7 +787,7 @@ class _GridChoice:
 
     def suffix(self, n_points: int) -> str:
         """What the progress bar adds to the label: how the grid is cut short, if it is."""
-        if n_points > 1 and self.runner.config.search.race_grids and self.runner.search_item_ids:
+        if n_points > 1 and self.runner.config.search.grids_race and self.runner.search_item_ids:
             return " (raced)"
         return " (pruned)" if n_points > 1 and self.prune else ""
 
