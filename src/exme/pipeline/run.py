@@ -551,12 +551,6 @@ class Runner:
         return strategy.run(self.store.trials(self.study_name(stage), lambda p: self._score(p, candidate(p)),
                                               on_result=on_result))
 
-    def sequence(self, stage: str, label: str, params: list[dict[str, Any]],
-                 candidate: Callable[[Point], stages.Candidate], *, stop: Callable[[list[Record]], bool]) -> list[Record]:
-        from exme.search.strategy import Sequential
-
-        return self.search(stage, label, params, candidate, Sequential(stop)).records
-
     def race_chunks(self, chunk: int) -> list[tuple[int, int]] | None:
         from exme.search.racing import chunk_bounds
 

@@ -171,10 +171,6 @@ class Evaluations(Protocol):
         """A sampled strategy (:mod:`exme.search.sampled`: TPE, CMA-ES) on the search split, seeded and
         resumable: its :class:`~exme.search.strategy.Outcome`."""
 
-    def sequence(self, stage: str, label: str, params: list[dict[str, Any]], candidate: Callable[[Point], Candidate],
-                 *, stop: Callable[[list[Record]], bool]) -> list[Record]:
-        """Points on the search split one after another, until ``stop(records so far)`` is true."""
-
     def search(self, stage: str, label: str, params: list[dict[str, Any]], candidate: Callable[[Point], Candidate],
                strategy: Any) -> Any:
         """``strategy.run`` (:mod:`exme.search.strategy`) on the search split: its :class:`~exme.search.strategy.Outcome`."""
