@@ -151,3 +151,45 @@ def test_raced_grids_never_score_more_items_than_the_grid(tmp_path, sft_run, tin
         assert full.n_items == {t: len(v) for t, v in runner.search_item_ids.items()}
     finally:
         runner.close()
+
+
+def test_a_chunk_that_earlier_evaluations_hold_costs_no_write(tmp_path, sft_run, tiny_suite, monkeypatch):
+    """β = 0 and 1 (α = 0) are the two SFT checkpoints, scored in full by the rank stage: the β race's
+    chunks of them are cut from those records without writing the model or scoring an item."""
+    from exme.evaluate import load_evaluator
+    from exme.pipeline import PipelineConfig, run_pipeline
+    from exme.pipeline.run import Runner
+
+    suite = tmp_path / "suite.yaml"  # the tiny suite without its perplexity task (which does not join)
+    suite.write_text("\n".join(line.replace("data: ", f"data: {tiny_suite.parent}/")
+                               for line in tiny_suite.read_text().splitlines() if "perplexity" not in line) + "\n")
+    writes: list[tuple[str, object]] = []  # (the split of the point being evaluated, the candidate written)
+    write, evaluate = Runner.write, Runner._evaluate
+    current: list[str] = []
+
+    def counting_write(self, candidate):
+        writes.append((current[-1], candidate))
+        return write(self, candidate)
+
+    def tracking_evaluate(self, point, candidate, key=""):
+        current.append(point.split)
+        return evaluate(self, point, candidate, key)
+
+    monkeypatch.setattr(Runner, "write", counting_write)
+    monkeypatch.setattr(Runner, "_evaluate", tracking_evaluate)
+    raw = {"base": str(sft_run.base), "checkpoints": str(sft_run.run), "suite": str(suite),
+           "output": str(tmp_path / "run"), "alpha": {"grid": [0.0]}, "beta": {"grid": [0.0, 0.5, 1.0]},
+           "baselines": [], "dev": {"confirm_fraction": 0},
+           "search": {"race": False, "race_grids": True, "race_chunk": 1, "race_error_rate": 0.45}}
+    evaluator = Counting(load_evaluator(str(suite)))
+    res = run_pipeline(PipelineConfig.from_dict(raw), evaluator=evaluator, progress=False, write_model=False,
+                       report=False)
+    dev = [w for split, w in writes if split == "dev" and isinstance(w, stages.Combination)]
+    assert [w for w in dev if sorted(w.coeffs) == [0.0, 1.0]] == []
+    assert [w.coeffs for w in dev] and all(w.coeffs == (0.5, 0.5) for w in dev)  # only the unscored point
+    # every dev call scored items (none was made for a chunk that earlier records held)
+    assert all(sum(n.values()) > 0 for split, _, n in evaluator.calls if split == "dev")
+    # the β search still holds a full search record of both endpoints, joined from the rank stage's
+    beta = {t.params["beta"]: t for t in res.beta_search.trials if not t.pruned}
+    assert {0.0, 1.0} <= set(beta)
+    assert all(sum(beta[b].dev.n_items.values()) == sum(res.ranking[0].dev.n_items.values()) for b in (0.0, 1.0))

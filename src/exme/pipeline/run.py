@@ -342,14 +342,18 @@ class Runner:
     def _evaluate(self, point: Point, candidate: stages.Candidate, key: str = "") -> Any:
         from exme.search.live import NonFiniteCandidate
 
+        plan = self._incremental(point, key) if key else None
+        if plan is not None and not any(plan[1].values()):  # every item held already: no write, no scoring
+            return plan[0]({"tasks": {}, "n_items": {}, "per_item": {}, "generation": {}}, 0)
         try:
             self.write(candidate)
         except NonFiniteCandidate as err:  # recorded as failed: never chosen, flagged in the report
             self.notes.append(f"candidate {point.params} could not be scored: {err}")
             return failed_scores(str(err))
-        joined = self._incremental(point, key) if key else None
-        if joined is not None:
-            return joined
+        if plan is not None:
+            finish, todo = plan
+            fresh = scores_dict(self.evaluator.evaluate(self.target(), self.tokenizer, "dev", items=todo))
+            return finish(fresh, sum(len(v) for v in todo.values()))
         if point.chunk is not None:  # a race's chunk: the same positions of each task's search items
             # A task with no item in the chunk gets an empty list: not scored (absent from the scores).
             items = self._window(point) or {}
@@ -374,10 +378,15 @@ class Runner:
             return {t: [str(i) for i in ids[start:stop]] for t, ids in self.search_item_ids.items()}
         return {t: [str(i) for i in ids[:point.limit]] for t, ids in self.search_item_ids.items()}
 
-    def _incremental(self, point: Point, key: str) -> dict[str, Any] | None:
-        """Score only the items of the point's window that no earlier evaluation of the same model holds,
-        joined with those (:mod:`exme.search.partial`); ``None`` when nothing earlier lies inside the
-        window (or the evaluator's tasks do not say they join), and the window is scored whole."""
+    def _incremental(self, point: Point, key: str) -> tuple[Callable[[dict[str, Any], int], dict[str, Any]],
+                                                          dict[str, list[int]]] | None:
+        """How to score only the items of the point's window that no earlier evaluation of the same model
+        holds (:mod:`exme.search.partial`): ``(finish, todo)``, where ``todo`` are the item ids per task
+        left to score and ``finish(fresh scores, items scored)`` joins them with the earlier ones into
+        the window's scores. ``None`` when nothing earlier lies inside the window (or the evaluator's
+        tasks do not say they join): the window is scored whole. Planned before the candidate is written,
+        so a window that earlier evaluations hold entirely (a race's chunk of a model scored in full, as
+        the EXPO points are at β = 0 and 1) costs no write into the model."""
         from exme.search.partial import join, plan, restricted
 
         window = self._window(point)
@@ -400,10 +409,11 @@ class Runner:
         if not pieces:
             return None
         todo = {t: [int(i) for i in missing.get(t, [])] for t in weights}  # tasks with nothing left: skipped
-        fresh: dict[str, Any] = {"tasks": {}, "n_items": {}, "per_item": {}, "generation": {}}
-        if any(todo.values()):
-            fresh = scores_dict(self.evaluator.evaluate(self.target(), self.tokenizer, "dev", items=todo))
-        return {**join(window, pieces, fresh, joinable, weights), "scored": sum(len(v) for v in todo.values())}
+
+        def finish(fresh: dict[str, Any], scored: int) -> dict[str, Any]:
+            return {**join(window, pieces, fresh, joinable, weights), "scored": scored}
+
+        return finish, todo
 
     def item_counts(self) -> dict[str, int | None]:
         """Items of one evaluation per purpose (search, confirm, test); ``None`` where the evaluator does not say."""
