@@ -92,3 +92,23 @@ def test_equal_checkpoints_stop_early_no_more_often_than_the_error_rate():
     # And it has power: a checkpoint 0.5 worse per item is stopped in most races.
     _, power = _simulate(200, seed=3, error_rate=0.05, shift=0.5)
     assert power > 0.8
+
+
+def test_a_stopped_points_chunks_join_into_one_record():
+    from exme.search.racing import joined
+    from exme.search.study import Record
+
+    def rec(items, gen, seconds):
+        return Record(params={"beta": 0.3}, split="dev", limit=None, overall=0.0,
+                      tasks={t: sum(v.values()) / len(v) for t, v in items.items()},
+                      n_items={t: len(v) for t, v in items.items()}, seconds=seconds, number=0, per_item=items,
+                      generation=gen)
+
+    a = rec({"g": {"0": 1.0, "1": 0.0}, "m": {"0": 1.0, "1": 1.0}}, {"g": {"hit_limit": 0.5, "n": 2}}, 1.5)
+    b = rec({"g": {"2": 1.0, "3": 1.0}, "m": {"2": 0.0, "3": 1.0}}, {"g": {"hit_limit": 0.0, "n": 2}}, 2.0)
+    j = joined([a, b], {"g": 3.0, "m": 1.0})
+    assert j.per_item == {"g": {"0": 1.0, "1": 0.0, "2": 1.0, "3": 1.0}, "m": {"0": 1.0, "1": 1.0, "2": 0.0, "3": 1.0}}
+    assert j.tasks == {"g": 0.75, "m": 0.75} and j.n_items == {"g": 4, "m": 4}
+    assert j.overall == pytest.approx((3 * 0.75 + 1 * 0.75) / 4)
+    assert j.generation["g"]["hit_limit"] == pytest.approx(0.25) and j.generation["g"]["n"] == 4
+    assert j.seconds == 3.5 and j.params == {"beta": 0.3}

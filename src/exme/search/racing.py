@@ -142,15 +142,19 @@ def race(
 
 
 def joined(records: Sequence[Record], weights: Mapping[str, float]) -> Record:
-    """One record of a point that stopped early: its chunks' items together (task score: the mean of its items)."""
-    per_item: dict[str, dict[str, float]] = {}
+    """One record of a point that stopped early: its chunks' items together, joined as every partial
+    evaluation is (:func:`exme.search.partial.join`: task score the mean of its items, generation
+    statistics over all of them), so a stopped point's record reads like any other."""
+    from exme.search.partial import join
+
+    window: dict[str, list[str]] = {}
     for r in records:
         for t, items in r.per_item.items():
-            per_item.setdefault(t, {}).update(items)
-    tasks = {t: sum(v.values()) / len(v) for t, v in per_item.items() if v}
-    return Record(params=dict(records[0].params), split="dev", limit=None, overall=weighted_mean(per_item, weights),
-                  tasks=tasks, n_items={t: len(v) for t, v in per_item.items()},
-                  seconds=sum(r.seconds for r in records), number=-1, per_item=per_item)
+            window.setdefault(t, []).extend(i for i in items if i not in window[t])
+    scores = join(window, records, {}, set(window), weights)
+    return Record(params=dict(records[0].params), split="dev", limit=None, overall=scores["overall"],
+                  tasks=scores["tasks"], n_items=scores["n_items"], seconds=sum(r.seconds for r in records),
+                  number=-1, per_item=scores["per_item"], generation=scores["generation"])
 
 
 @dataclass(frozen=True)
