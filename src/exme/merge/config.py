@@ -146,6 +146,7 @@ class MergeConfig(_Strict):
     output_format: Literal["model", "peft"] = "model"
 
     _table: ParameterTable | None = PrivateAttr(default=None)
+    _merged: list[int] | None = PrivateAttr(default=None)  # _merge_indices, resolved once
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -247,10 +248,13 @@ class MergeConfig(_Strict):
     def _merge_indices(self) -> list[int]:
         """Indices in ``models`` of the merged models (the base is not one of them for base-model methods)."""
         assert self.models is not None
-        if self.merge_method in METHODS_WITH_BASE and self.base_model:
-            base = _norm(self.base_model)
-            return [i for i, e in enumerate(self.models) if _norm(e.model) != base]
-        return list(range(len(self.models)))
+        if self._merged is None:  # once: every per-tensor getter asks, and _norm resolves paths on disk
+            if self.merge_method in METHODS_WITH_BASE and self.base_model:
+                base = _norm(self.base_model)
+                self._merged = [i for i, e in enumerate(self.models) if _norm(e.model) != base]
+            else:
+                self._merged = list(range(len(self.models)))
+        return self._merged
 
     @property
     def table(self) -> ParameterTable:
