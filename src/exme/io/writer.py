@@ -350,19 +350,21 @@ class AtomicOutputFolder:
     ) -> None:
         assert self.tmp is not None
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if exc is not None and is_write_fault(exc):
-                raise ExmeError(write_fault_message(write_fault_of(exc), self.target, "writing", exact=True)
-                                + " (nothing was written: the output appears only once complete)") from None
+            self._abandon(exc)
             return
         try:
             self._commit()
         except BaseException as err:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if is_write_fault(err):
-                raise ExmeError(write_fault_message(write_fault_of(err), self.target, "writing", exact=True)
-                                + " (nothing was written: the output appears only once complete)") from None
+            self._abandon(err)
             raise
+
+    def _abandon(self, err: BaseException | None) -> None:
+        """Remove the unfinished output; a disk fault becomes one line (the caller re-raises anything else)."""
+        assert self.tmp is not None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if err is not None and is_write_fault(err):
+            raise ExmeError(write_fault_message(write_fault_of(err), self.target, "writing", exact=True)
+                            + " (nothing was written: the output appears only once complete)") from None
 
     def _commit(self) -> None:
         assert self.tmp is not None
