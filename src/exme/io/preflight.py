@@ -62,16 +62,13 @@ class PreflightReport:
     def cached(self) -> int:
         return sum(i.cached for i in self.inputs)
 
-    def verify_unchanged(self, paths: Sequence[str | os.PathLike] | None = None) -> None:
-        """Raise one line when a file of an input (all, or those at ``paths``) changed or vanished since the check.
+    def verify_unchanged(self) -> None:
+        """Raise one line when a file of an input changed or vanished since the check.
 
         Called before an input is read and after its evaluation is scored, so no score and no final
         model ever mixes the checked file with another one written under the same name.
         """
-        wanted = None if paths is None else {Path(p).expanduser().resolve() for p in paths}
         for check in self.inputs:
-            if wanted is not None and Path(check.path).expanduser().resolve() not in wanted:
-                continue
             for name, size, mtime in check.files:
                 try:
                     st = os.stat(name)
@@ -83,9 +80,9 @@ class PreflightReport:
                     raise ExmeError(_changed(check.path, name, "was modified (its mtime changed)"))
 
 
-def _changed(input_path: Path, file: str, how: str, since: str = "the preflight check of this run") -> str:
+def _changed(input_path: Path, file: str, how: str) -> str:
     return (
-        f"input {input_path}: {file} {how} since {since}; a candidate would mix the checked file with "
+        f"input {input_path}: {file} {how} since the preflight check of this run; a candidate would mix the checked file with "
         "another one: restore the file, or start over in a new output folder once it is complete"
     )
 
