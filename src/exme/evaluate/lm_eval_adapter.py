@@ -184,7 +184,7 @@ def _samples(gen_kwargs: dict[str, Any] | None) -> bool:
     return temperature is not None and float(temperature) > 0.0 and kwargs.get("do_sample") is not False
 
 
-def unservable(task: str, output_type: str, gen_kwargs: dict[str, Any] | None, backend: str) -> str | None:
+def unservable(output_type: str, gen_kwargs: dict[str, Any] | None, backend: str) -> str | None:
     """Why ``backend`` cannot serve this lm-eval task, or ``None`` when it can.
 
     ``hf`` runs lm-eval's own ``HFLM`` (every output type, sampling included). Any other backend
@@ -428,7 +428,7 @@ class LmEvalEvaluator:
         """Every task can be served by ``backend`` (one line naming the first that cannot), before any engine starts."""
         self.split_indices()
         for name, (output_type, gen_kwargs) in self._requests.items():
-            why = unservable(name, output_type, gen_kwargs, backend)
+            why = unservable(output_type, gen_kwargs, backend)
             if why is not None:
                 raise ExmeError(f"lm-eval task {name!r} cannot run on backend {backend}: {why}; use backend hf for it")
 
