@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from exme.errors import ExmeError
+from exme.merge import native
 
 SignMethod = Literal["sum", "count"]
 
@@ -457,6 +458,9 @@ class MagnitudePass:
     def add(self, j: int, start: int, model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Δ = θ − θ_b of model ``j``'s flat chunk at ``start`` (``base`` in the compute dtype); returns it."""
         delta = self.deltas[j][start : start + model.numel()]
+        if native.usable(model, base, delta, compute_dtype=self.dtype):  # the same floats and counts, one loop
+            native.magnitude_pass(model, base, delta, self._hists[j] if self.coarse else None)
+            return delta
         delta.copy_(model)
         delta.sub_(base)
         if self.coarse:
@@ -571,6 +575,12 @@ class MagnitudeSelector:
         k = max(1, int(density * n))  # as mergekit: a positive density keeps at least one entry
         if k >= n:
             return cls(None, 0)
+        if coarse is not None and n > _DIRECT_SELECTION_MAX and native.usable(magnitudes):
+            key, n_greater, n_equal = native.select(magnitudes, coarse, k)
+            selector = cls(torch.tensor(key, dtype=torch.int32).view(torch.float32), k - n_greater, all_ties=k - n_greater == n_equal)
+            if not selector.all_ties:
+                selector.last_tie = native.nth_equal(magnitudes, key, k - n_greater)
+            return selector
         if coarse is not None and n > _DIRECT_SELECTION_MAX:
             lo_b, hi_b = _coarse_band(coarse, k)
             threshold, n_greater, n_equal = _bits_select(magnitudes, k, lo_b, hi_b, bins=1 << _COARSE_SHIFT, signed=True)
@@ -587,25 +597,36 @@ class MagnitudeSelector:
         """Whether :meth:`trim_` applies (it does, unless built by hand with a tie quota)."""
         return self.threshold is None or self.all_ties or self.last_tie is not None
 
+    def cuts(self, dtype: torch.dtype, start: int) -> tuple[float, float, int] | None:
+        """The trim of the flat block at ``offset + start``: (t⁻, t, cut), or None when nothing is dropped.
+
+        Entries of the block before index ``cut`` are kept where |Δ| > t⁻ (t⁻ the next float
+        below t: |Δ| ≥ t, ties included), the others where |Δ| > t; ``cut`` may lie outside the
+        block. One rule for :meth:`trim_` and the fused kernel (:mod:`exme.merge.native`).
+        """
+        if self.threshold is None:
+            return None
+        if self._cuts is None or self._cuts[0] != dtype:  # the two cut points, once per tensor
+            t = self.threshold.to(dtype)
+            self._cuts = (dtype, float(torch.nextafter(t, torch.zeros_like(t))), float(t))
+        _, below, at = self._cuts
+        if self.all_ties and at <= 0:  # every entry is at least 0: all kept
+            return None
+        if self.all_ties:
+            return below, at, 1 << 62
+        return below, at, self.last_tie + 1 - (self.offset + start)
+
     def trim_(self, delta: torch.Tensor, start: int) -> None:
         """Zero, in place, the dropped entries of the flat block of Δ at ``offset + start``.
 
         The same entries as :meth:`mask` drops, with float operations only: keeping |Δ| ≥ t is
         hardshrink's |Δ| > t⁻ (t⁻ the next float below t), keeping |Δ| > t is hardshrink at t.
         """
-        if self.threshold is None:
+        cuts = self.cuts(delta.dtype, start)
+        if cuts is None:
             return
-        if self._cuts is None or self._cuts[0] != delta.dtype:  # the two cut points, once per tensor
-            t = self.threshold.to(delta.dtype)
-            self._cuts = (delta.dtype, float(torch.nextafter(t, torch.zeros_like(t))), float(t))
-        _, below, at = self._cuts
-        if self.all_ties and at <= 0:  # every entry is at least 0: all kept
-            return
-        if self.all_ties:
-            torch.ops.aten.hardshrink.out(delta, below, out=delta)
-            return
-        first = self.offset + start
-        cut = min(max(self.last_tie + 1 - first, 0), delta.numel())  # entries at or before the last kept tie
+        below, at, cut = cuts
+        cut = min(max(cut, 0), delta.numel())  # entries at or before the last kept tie
         if cut:
             torch.ops.aten.hardshrink.out(delta[:cut], below, out=delta[:cut])
         if cut < delta.numel():
@@ -829,6 +850,14 @@ def ties(
             mag = model.abs() if deltas else _task_vector(model, base_c).abs_()
             selectors.append(MagnitudeSelector.from_magnitudes(mag.reshape(-1), d))
     if _fast_disjoint(ws, normalize, compute_dtype) and all(sel.float_only for sel in selectors):
+        if models and native.usable(base, *models, compute_dtype=compute_dtype):
+            trims = [sel.cuts(compute_dtype, 0) for sel in selectors]
+            merged = native.merge(base, list(models), deltas, ws, trims=trims, count_vote=majority_sign_method == "count",
+                                  normalize=normalize, lambda_=lambda_)
+            for sel in selectors:
+                sel.offset += base.numel()
+            return _out(merged, out_dtype, base)
+
         def trim(i: int, wd: torch.Tensor, start: int, stop: int) -> None:
             selectors[i].trim_(wd, start)
 
@@ -968,6 +997,10 @@ def dare_ties(
                 u = workspace.get(f"draws{i}", base.numel(), torch.float32, generator.device)
                 torch.rand(shape, generator=generator, out=u.view(shape))
             draws.append(u.to(base.device).reshape(-1))
+        if models and native.usable(base, *models, compute_dtype=compute_dtype):
+            merged = native.merge(base, list(models), False, ws, draws=draws, densities=ds, rescale=rescale,
+                                  count_vote=majority_sign_method == "count", normalize=normalize, lambda_=lambda_)
+            return _out(merged, out_dtype, base)
         keep = torch.empty(min(base.numel(), _KERNEL_BLOCK), dtype=compute_dtype, device=base.device)
 
         def drop(i: int, wd: torch.Tensor, start: int, stop: int) -> None:

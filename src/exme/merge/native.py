@@ -1,0 +1,327 @@
+"""Fused CPU kernels (numba) for TIES and DARE-TIES in float32: one loop where torch needs ~20 operations.
+
+Why native code: on the CPU, TIES' merge thread spent most of its time in passes over memory
+that each do one small operation (copy, subtract, histogram keys, compare, sign, clamp, add...),
+where task arithmetic needs two or three. A compiled loop does all of an element's work while it
+is in registers. Every kernel computes exactly the floats of the torch path in
+:mod:`exme.merge.methods` (same operations, same order, the final ``b + λ·m`` as one fused
+multiply-add as torch's ``add(..., alpha=)`` does on CPUs with FMA), so the two paths agree bit
+for bit on such CPUs; ``tests/merge`` runs over both.
+
+The kernels are single-threaded (the engine runs one arithmetic thread; its reader and writer
+threads use the other cores) and release the GIL. ``cache=True`` keeps the compiled code next to
+this module (or under ``NUMBA_CACHE_DIR``), so only the first run after an install compiles.
+
+Which path runs is decided in :func:`usable` alone; ``EXME_NATIVE=0`` (read at import) or
+``native.ENABLED = False`` turns the kernels off (the torch path is then used everywhere).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+try:  # numba is a dependency; without it (or on an unsupported platform) torch does the work
+    import numba
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic, overload
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+
+#: The switch between the fused kernels and the torch path (tests flip it to run both).
+ENABLED = os.environ.get("EXME_NATIVE", "1") != "0"
+
+#: Bins of the coarse histogram (top 16 bits of |Δ|: the sign bit is clear, so 2**15 bins).
+COARSE_SHIFT = 16
+COARSE_BINS = 1 << 15
+#: Elements per block of the merge kernel: its per-model scratch stays in L1/L2.
+_BLOCK = 2048
+
+
+def usable(*tensors: torch.Tensor, compute_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the fused kernels can take these tensors: numba present and on, CPU, float32 arithmetic.
+
+    Inputs may be float32 or bfloat16 (converted inside the kernels); anything else (CUDA,
+    float64 arithmetic, float16 inputs) goes the torch way.
+    """
+    return (
+        ENABLED
+        and numba is not None
+        and compute_dtype == torch.float32
+        and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) for t in tensors)
+    )
+
+
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a CPU tensor (bfloat16 as its raw uint16 bits); copies only if not contiguous."""
+    flat = t.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+if numba is not None:
+
+    @intrinsic
+    def _f32_from_bits(typingctx, bits):
+        """The float32 whose bits are the uint32 ``bits`` (a register move)."""
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+
+    @intrinsic
+    def _bits(typingctx, x):
+        """The bits of float32 ``x`` as a uint32."""
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(types.float32), codegen
+
+    @intrinsic
+    def _fma(typingctx, a, b, c):
+        """a·b + c rounded once (llvm.fma), as torch's ``add(c, b, alpha=a)`` computes on FMA CPUs."""
+
+        def codegen(context, builder, signature, args):
+            f32 = ir.FloatType()
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32")
+            return builder.call(fn, args)
+
+        return types.float32(types.float32, types.float32, types.float32), codegen
+
+    def _load(a, i):  # pragma: no cover - replaced by the overload below inside compiled code
+        raise NotImplementedError
+
+    @overload(_load)
+    def _load_impl(a, i):
+        """Element ``i`` of a float32 array, or of a bfloat16 array given as uint16 bits, as float32."""
+        if a.dtype == types.uint16:
+            return lambda a, i: _f32_from_bits(np.uint32(a[i]) << np.uint32(16))
+        return lambda a, i: a[i]
+
+    @numba.njit(cache=True, nogil=True)
+    def _magnitude_pass(model, base, delta, hist, coarse):  # pragma: no cover - compiled
+        """Δ = θ − θ_b into ``delta``; with ``coarse``, count |Δ|'s top 16 bits into ``hist``."""
+        n = delta.shape[0]
+        if not coarse:
+            for i in range(n):
+                delta[i] = _load(model, i) - base[i]
+            return
+        # four interleaved histograms: neighbouring entries often share a bin, and one counter
+        # incremented back to back stalls on its own store
+        h = np.zeros((4, COARSE_BINS), np.int32)
+        stop4 = n - n % 4
+        for i in range(0, stop4, 4):
+            d0 = _load(model, i) - base[i]
+            d1 = _load(model, i + 1) - base[i + 1]
+            d2 = _load(model, i + 2) - base[i + 2]
+            d3 = _load(model, i + 3) - base[i + 3]
+            delta[i], delta[i + 1], delta[i + 2], delta[i + 3] = d0, d1, d2, d3
+            h[0, (_bits(d0) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+            h[1, (_bits(d1) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+            h[2, (_bits(d2) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+            h[3, (_bits(d3) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+        for i in range(stop4, n):
+            d = _load(model, i) - base[i]
+            delta[i] = d
+            h[0, (_bits(d) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+        for b in range(COARSE_BINS):
+            hist[b] += h[0, b] + h[1, b] + h[2, b] + h[3, b]
+
+    @numba.njit(cache=True, nogil=True)
+    def _select(delta, hist, k):  # pragma: no cover - compiled
+        """The k-th largest |Δ| (as its bits), how many |Δ| are larger, how many equal: exact.
+
+        The coarse histogram gives the bin of 2**16 keys that holds the k-th largest; one pass
+        counts the keys of that bin (the fine histogram).
+        """
+        nb = hist.shape[0]
+        above = 0
+        b = nb - 1
+        while b > 0 and above + hist[b] < k:
+            above += hist[b]
+            b -= 1
+        lo = np.uint32(b) << np.uint32(COARSE_SHIFT)
+        fine = np.zeros(1 << COARSE_SHIFT, np.int64)
+        for i in range(delta.shape[0]):
+            off = (_bits(delta[i]) & np.uint32(0x7FFFFFFF)) - lo  # wraps above 2**16 when below lo
+            if off < np.uint32(1 << COARSE_SHIFT):
+                fine[off] += 1
+        j = (1 << COARSE_SHIFT) - 1
+        while j > 0 and above + fine[j] < k:
+            above += fine[j]
+            j -= 1
+        return np.int64(lo) + j, above, fine[j]
+
+    @numba.njit(cache=True, nogil=True)
+    def _nth_equal(delta, key, nth):  # pragma: no cover - compiled
+        """Flat index of the ``nth`` (1-based) entry whose |Δ| has the bits ``key``; −1 if there is none."""
+        k = np.uint32(key)
+        for i in range(delta.shape[0]):
+            if (_bits(delta[i]) & np.uint32(0x7FFFFFFF)) == k:
+                nth -= 1
+                if nth == 0:
+                    return i
+        return -1
+
+    @numba.njit(cache=True, nogil=True)
+    def _merge(base, models, is_delta, trim, below, at, cut, draws, density, rescale, ws, count_vote, normalize,
+               floor, lam, out):  # pragma: no cover - compiled
+        """TIES/DARE-TIES from Δ to θ in one pass per block of elements (see methods._disjoint_kernel).
+
+        Per model i: Δ (``is_delta``: given, else θᵢ − θ_b); TIES trim (``trim[i]``: |Δ| ≥ t for
+        local index < ``cut[i]``, as hardshrink at ``below[i]``, then |Δ| > t, hardshrink at
+        ``at[i]``); DARE drop (``draws[i]`` non-empty: kept where u < d, then / d if ``rescale``);
+        × wᵢ; the vote (Σ wΔ', or Σ sign(wΔ')). Then s = ±1 from the vote's sign bit, the agreeing
+        mass Σ max(s·wΔ', 0)·s, the divisor Σ wᵢ[agree] clamped to ``floor`` (``normalize``), and
+        out = fma(λ, mixed / divisor, θ_b).
+        """
+        n = out.shape[0]
+        nm = len(models)
+        wd = np.empty((nm, _BLOCK), np.float32)
+        bb = np.empty(_BLOCK, np.float32)
+        vote = np.empty(_BLOCK, np.float32)
+        mixed = np.empty(_BLOCK, np.float32)
+        div = np.empty(_BLOCK, np.float32)
+        zero = np.float32(0.0)
+        for s in range(0, n, _BLOCK):
+            e = min(n, s + _BLOCK)
+            m = e - s
+            for t in range(m):
+                bb[t] = _load(base, s + t)
+            for i in range(nm):
+                src = models[i]
+                row = wd[i]
+                if is_delta:
+                    for t in range(m):
+                        row[t] = src[s + t]
+                else:
+                    for t in range(m):
+                        row[t] = _load(src, s + t) - bb[t]
+                if trim[i]:
+                    c = min(max(cut[i] - s, 0), m)
+                    lim = below[i]
+                    for t in range(c):
+                        x = row[t]
+                        row[t] = zero if (x >= -lim and x <= lim) else x
+                    lim = at[i]
+                    for t in range(c, m):
+                        x = row[t]
+                        row[t] = zero if (x >= -lim and x <= lim) else x
+                u = draws[i]
+                if u.shape[0]:
+                    d = density[i]
+                    for t in range(m):
+                        keep = np.float32(1.0) if d - u[s + t] > zero else zero
+                        row[t] = row[t] * keep
+                    if rescale:
+                        for t in range(m):
+                            row[t] = row[t] / d
+                w = ws[i]
+                if count_vote:
+                    for t in range(m):
+                        x = row[t] * w
+                        row[t] = x
+                        sg = np.float32(1.0) if x > zero else (np.float32(-1.0) if x < zero else zero)
+                        vote[t] = sg if i == 0 else vote[t] + sg
+                elif i == 0:
+                    for t in range(m):
+                        x = row[t] * w
+                        row[t] = x
+                        vote[t] = x
+                else:
+                    for t in range(m):
+                        x = row[t] * w
+                        row[t] = x
+                        vote[t] = vote[t] + x
+            for t in range(m):  # the elected sign: +1 where the vote's sign bit is clear
+                vote[t] = _f32_from_bits((_bits(vote[t]) & np.uint32(0x80000000)) | np.uint32(0x3F800000))
+            for i in range(nm):
+                row = wd[i]
+                w = ws[i]
+                for t in range(m):
+                    r = row[t] * vote[t]
+                    r = zero if r < zero else r
+                    if i == 0:
+                        mixed[t] = r
+                        div[t] = w if r > zero else zero
+                    else:
+                        mixed[t] = mixed[t] + r
+                        div[t] = div[t] + (w if r > zero else zero)
+            if normalize:
+                for t in range(m):
+                    out[s + t] = _fma(lam, (mixed[t] * vote[t]) / max(div[t], floor), bb[t])
+            else:
+                for t in range(m):
+                    out[s + t] = _fma(lam, mixed[t] * vote[t], bb[t])
+
+
+# ------------------------------------------------------------------------------------ wrappers
+
+
+def magnitude_pass(model: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, hist: torch.Tensor | None) -> None:
+    """Δ = θ − θ_b into the float32 ``delta`` (flat), and |Δ|'s coarse histogram into ``hist`` (int64) when given."""
+    h = hist.numpy() if hist is not None else np.zeros(0, np.int64)
+    _magnitude_pass(as_array(model), as_array(base), delta.numpy(), h, hist is not None)
+
+
+def select(delta: torch.Tensor, hist: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """(bits of the k-th largest |Δ|, count larger, count equal) of float32 ``delta`` from its coarse histogram."""
+    key, above, equal = _select(delta.numpy(), hist.numpy(), k)
+    return int(key), int(above), int(equal)
+
+
+def nth_equal(delta: torch.Tensor, key: int, nth: int) -> int:
+    """Flat index of the ``nth`` entry of ``delta`` whose |Δ| has the bits ``key``."""
+    index = int(_nth_equal(delta.numpy(), key, nth))
+    if index < 0:
+        raise AssertionError("fewer entries equal the threshold than counted")
+    return index
+
+
+_EMPTY = np.zeros(0, np.float32)
+
+
+def merge(
+    base: torch.Tensor,
+    models: list[torch.Tensor],
+    is_delta: bool,
+    ws: list[float],
+    *,
+    trims: list[tuple[float, float, int] | None] | None = None,
+    draws: list[torch.Tensor | None] | None = None,
+    densities: list[float] | None = None,
+    rescale: bool = True,
+    count_vote: bool = False,
+    normalize: bool = True,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    """The fused disjoint merge; returns θ as a new float32 tensor of ``base``'s shape.
+
+    ``trims[i]``: (below, at, cut) of model i's TIES trim (None: nothing trimmed); ``draws[i]``:
+    model i's uniform draws (flat float32; None: nothing dropped) with ``densities[i]``.
+    Inputs of different dtypes are brought to float32 first (a tuple of arrays must share a type).
+    """
+    nm = len(models)
+    arrays = [as_array(m) for m in models]
+    if len({a.dtype for a in arrays}) > 1:
+        arrays = [a if a.dtype == np.float32 else as_array(m.float()) for a, m in zip(arrays, models)]
+    trims = trims or [None] * nm
+    draws = draws or [None] * nm
+    f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
+    out = torch.empty(base.shape, dtype=torch.float32)
+    _merge(
+        as_array(base), tuple(arrays), is_delta,
+        np.asarray([t is not None for t in trims], dtype=np.bool_),
+        f32([t[0] if t else 0.0 for t in trims]), f32([t[1] if t else 0.0 for t in trims]),
+        np.asarray([t[2] if t else 0 for t in trims], dtype=np.int64),
+        tuple(_EMPTY if u is None else as_array(u) for u in draws),
+        f32(densities or [1.0] * nm), rescale, f32(ws), count_vote, normalize,
+        np.float32(min(ws) if normalize else 0.0), np.float32(lambda_), out.view(-1).numpy(),
+    )
+    return out
