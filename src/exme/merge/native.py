@@ -104,7 +104,7 @@ if numba is not None:
             return lambda a, i: _f32_from_bits(np.uint32(a[i]) << np.uint32(16))
         return lambda a, i: a[i]
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
     def _magnitude_pass(model, base, delta, hist, coarse):  # pragma: no cover - compiled
         """Δ = θ − θ_b into ``delta``; with ``coarse``, count |Δ|'s top 16 bits into ``hist``."""
         n = delta.shape[0]
@@ -133,7 +133,7 @@ if numba is not None:
         for b in range(COARSE_BINS):
             hist[b] += h[0, b] + h[1, b] + h[2, b] + h[3, b]
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
     def _select(delta, hist, k):  # pragma: no cover - compiled
         """The k-th largest |Δ| (as its bits), how many |Δ| are larger, how many equal: exact.
 
@@ -158,7 +158,7 @@ if numba is not None:
             j -= 1
         return np.int64(lo) + j, above, fine[j]
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
     def _nth_equal(delta, key, nth):  # pragma: no cover - compiled
         """Flat index of the ``nth`` (1-based) entry whose |Δ| has the bits ``key``; −1 if there is none."""
         k = np.uint32(key)
@@ -169,7 +169,7 @@ if numba is not None:
                     return i
         return -1
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
     def _merge(base, models, is_delta, trim, below, at, cut, draws, density, rescale, ws, count_vote, normalize,
                floor, lam, out):  # pragma: no cover - compiled
         """TIES/DARE-TIES from Δ to θ in one pass per block of elements (see methods._disjoint_kernel).
@@ -186,79 +186,70 @@ if numba is not None:
         wd = np.empty((nm, _BLOCK), np.float32)
         bb = np.empty(_BLOCK, np.float32)
         vote = np.empty(_BLOCK, np.float32)
-        mixed = np.empty(_BLOCK, np.float32)
-        div = np.empty(_BLOCK, np.float32)
-        zero = np.float32(0.0)
+        # Every loop runs over range(count) of a slice: an index that might be negative (s + t,
+        # or a range not starting at 0) costs a wraparound check per element, which keeps LLVM
+        # from vectorising the loop.
         for s in range(0, n, _BLOCK):
             e = min(n, s + _BLOCK)
             m = e - s
+            b_in = base[s:e]
             for t in range(m):
-                bb[t] = _load(base, s + t)
+                bb[t] = _load(b_in, t)
             for i in range(nm):
-                src = models[i]
-                row = wd[i]
-                if is_delta:
-                    for t in range(m):
-                        row[t] = src[s + t]
-                else:
-                    for t in range(m):
-                        row[t] = _load(src, s + t) - bb[t]
-                if trim[i]:
-                    c = min(max(cut[i] - s, 0), m)
-                    lim = below[i]
-                    for t in range(c):
-                        x = row[t]
-                        row[t] = zero if (x >= -lim and x <= lim) else x
-                    lim = at[i]
-                    for t in range(c, m):
-                        x = row[t]
-                        row[t] = zero if (x >= -lim and x <= lim) else x
-                u = draws[i]
-                if u.shape[0]:
-                    d = density[i]
-                    for t in range(m):
-                        keep = np.float32(1.0) if d - u[s + t] > zero else zero
-                        row[t] = row[t] * keep
-                    if rescale:
-                        for t in range(m):
-                            row[t] = row[t] / d
-                w = ws[i]
-                if count_vote:
-                    for t in range(m):
-                        x = row[t] * w
-                        row[t] = x
-                        sg = np.float32(1.0) if x > zero else (np.float32(-1.0) if x < zero else zero)
-                        vote[t] = sg if i == 0 else vote[t] + sg
-                elif i == 0:
-                    for t in range(m):
-                        x = row[t] * w
-                        row[t] = x
-                        vote[t] = x
-                else:
-                    for t in range(m):
-                        x = row[t] * w
-                        row[t] = x
-                        vote[t] = vote[t] + x
-            for t in range(m):  # the elected sign: +1 where the vote's sign bit is clear
-                vote[t] = _f32_from_bits((_bits(vote[t]) & np.uint32(0x80000000)) | np.uint32(0x3F800000))
-            for i in range(nm):
-                row = wd[i]
-                w = ws[i]
-                for t in range(m):
-                    r = row[t] * vote[t]
-                    r = zero if r < zero else r
-                    if i == 0:
-                        mixed[t] = r
-                        div[t] = w if r > zero else zero
-                    else:
-                        mixed[t] = mixed[t] + r
-                        div[t] = div[t] + (w if r > zero else zero)
-            if normalize:
-                for t in range(m):
-                    out[s + t] = _fma(lam, (mixed[t] * vote[t]) / max(div[t], floor), bb[t])
+                # TIES keeps |Δ| > below[i] before index cut[i] of the tensor and |Δ| > at[i] from
+                # there on; without a trim the limit −1 keeps everything (NaN too, as torch does)
+                c = min(max(cut[i] - s, 0), m) if trim[i] else m
+                no_trim = np.float32(-1.0)
+                _stage(models[i][s:e], bb, wd[i], vote, draws[i], s, 0, c, below[i] if trim[i] else no_trim,
+                       is_delta, density[i], rescale, ws[i], count_vote, i == 0)
+                if c < m:
+                    _stage(models[i][s:e], bb, wd[i], vote, draws[i], s, c, m, at[i], is_delta, density[i], rescale,
+                           ws[i], count_vote, i == 0)
+            if normalize:  # two loops: a test of the flag inside one keeps it from vectorising
+                _finish(out[s:e], bb, vote, wd, ws, floor, lam, True, m)
             else:
-                for t in range(m):
-                    out[s + t] = _fma(lam, mixed[t] * vote[t], bb[t])
+                _finish(out[s:e], bb, vote, wd, ws, floor, lam, False, m)
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+    def _finish(o, bb, vote, wd, ws, floor, lam, normalize, m):  # pragma: no cover - compiled
+        """Elected sign, agreeing mass and divisor over all models, θ_b + λ·mixed/divisor; per element."""
+        zero = np.float32(0.0)
+        for t in range(m):
+            # the elected sign: +1 where the vote's sign bit is clear
+            sg = _f32_from_bits((_bits(vote[t]) & np.uint32(0x80000000)) | np.uint32(0x3F800000))
+            mx = zero
+            dv = zero
+            for i in range(wd.shape[0]):  # the models, in order
+                r = wd[i, t] * sg
+                r = zero if r < zero else r  # clamp_min(0): −0 stays −0, as in torch
+                a = ws[i] if r > zero else zero
+                mx = r if i == 0 else mx + r
+                dv = a if i == 0 else dv + a
+            mx = mx * sg
+            if normalize:
+                mx = mx / max(dv, floor)
+            o[t] = _fma(lam, mx, bb[t])
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+    def _stage(src, bb, row, vote, draws, s, lo, hi, lim, is_delta, d, rescale, w, count_vote, first):  # pragma: no cover
+        """One model over elements [lo, hi) of a block: Δ, trim at ``lim``, DARE drop, × w, the vote."""
+        zero, one = np.float32(0.0), np.float32(1.0)
+        m = hi - lo
+        x_in, r, v, b = src[lo:hi], row[lo:hi], vote[lo:hi], bb[lo:hi]
+        dare = draws.shape[0] > 0
+        u = draws[s + lo : s + hi] if dare else draws
+        for t in range(m):
+            x = x_in[t] if is_delta else _load(x_in, t) - b[t]
+            x = zero if abs(x) <= lim else x
+            if dare:
+                x = x * (one if d - u[t] > zero else zero)
+                if rescale:
+                    x = x / d
+            x = x * w
+            r[t] = x
+            if count_vote:
+                x = one if x > zero else (-one if x < zero else zero)
+            v[t] = x if first else v[t] + x
 
 
 # ------------------------------------------------------------------------------------ wrappers
