@@ -1,0 +1,215 @@
+"""The numba kernels behind :mod:`exme.merge.native` (imported on first use: numba's import costs ~0.3 s).
+
+Every loop runs over ``range(count)`` of a slice: an index that might be negative (``s + t``, or
+a range not starting at 0) costs a wraparound check per element, which keeps LLVM from
+vectorising the loop. ``error_model="numpy"``: IEEE division (x/0 = ±Inf, as torch), without
+Python's zero check in the loop.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, overload
+
+#: Bins of the coarse histogram (top 16 bits of |Δ|: the sign bit is clear, so 2**15 bins).
+COARSE_SHIFT = 16
+COARSE_BINS = 1 << 15
+#: Elements per block of the merge kernel: its per-model scratch stays in L1/L2.
+_BLOCK = 2048
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose bits are the uint32 ``bits`` (a register move)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits(typingctx, x):
+    """The bits of float32 ``x`` as a uint32."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once (llvm.fma), as torch's ``add(c, b, alpha=a)`` computes on FMA CPUs."""
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+def _load(a, i):  # replaced by the overload below in compiled code
+    raise NotImplementedError
+
+
+@overload(_load)
+def _load_impl(a, i):
+    """Element ``i`` of a float32 array, or of a bfloat16 array given as uint16 bits, as float32."""
+    if a.dtype == types.uint16:
+        return lambda a, i: _f32_from_bits(np.uint32(a[i]) << np.uint32(16))
+    return lambda a, i: a[i]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _magnitude_pass(model, base, delta, hist, coarse):
+    """Δ = θ − θ_b into ``delta``; with ``coarse``, count |Δ|'s top 16 bits into ``hist``."""
+    n = delta.shape[0]
+    if not coarse:
+        for i in range(n):
+            delta[i] = _load(model, i) - base[i]
+        return
+    # four interleaved histograms: neighbouring entries often share a bin, and one counter
+    # incremented back to back stalls on its own store
+    h = np.zeros((4, COARSE_BINS), np.int32)
+    stop4 = n - n % 4
+    for i in range(0, stop4, 4):
+        d0 = _load(model, i) - base[i]
+        d1 = _load(model, i + 1) - base[i + 1]
+        d2 = _load(model, i + 2) - base[i + 2]
+        d3 = _load(model, i + 3) - base[i + 3]
+        delta[i], delta[i + 1], delta[i + 2], delta[i + 3] = d0, d1, d2, d3
+        h[0, (_bits(d0) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+        h[1, (_bits(d1) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+        h[2, (_bits(d2) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+        h[3, (_bits(d3) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+    for i in range(stop4, n):
+        d = _load(model, i) - base[i]
+        delta[i] = d
+        h[0, (_bits(d) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+    for b in range(COARSE_BINS):
+        hist[b] += h[0, b] + h[1, b] + h[2, b] + h[3, b]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _select(delta, hist, k):
+    """The k-th largest |Δ| (as its bits), how many |Δ| are larger, how many equal: exact.
+
+    The coarse histogram gives the bin of 2**16 keys that holds the k-th largest; one pass
+    counts the keys of that bin (the fine histogram).
+    """
+    nb = hist.shape[0]
+    above = 0
+    b = nb - 1
+    while b > 0 and above + hist[b] < k:
+        above += hist[b]
+        b -= 1
+    lo = np.uint32(b) << np.uint32(COARSE_SHIFT)
+    fine = np.zeros(1 << COARSE_SHIFT, np.int64)
+    for i in range(delta.shape[0]):
+        off = (_bits(delta[i]) & np.uint32(0x7FFFFFFF)) - lo  # wraps above 2**16 when below lo
+        if off < np.uint32(1 << COARSE_SHIFT):
+            fine[off] += 1
+    j = (1 << COARSE_SHIFT) - 1
+    while j > 0 and above + fine[j] < k:
+        above += fine[j]
+        j -= 1
+    return np.int64(lo) + j, above, fine[j]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _nth_equal(delta, key, nth):
+    """Flat index of the ``nth`` (1-based) entry whose |Δ| has the bits ``key``; −1 if there is none."""
+    k = np.uint32(key)
+    for i in range(delta.shape[0]):
+        if (_bits(delta[i]) & np.uint32(0x7FFFFFFF)) == k:
+            nth -= 1
+            if nth == 0:
+                return i
+    return -1
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _merge(base, models, is_delta, trim, below, at, cut, draws, density, rescale, ws, count_vote, normalize,
+           floor, lam, out):
+    """TIES/DARE-TIES from Δ to θ in one pass per block of elements (see methods._disjoint_kernel).
+
+    Per model i: Δ (``is_delta``: given, else θᵢ − θ_b); TIES trim (``trim[i]``: |Δ| ≥ t for
+    local index < ``cut[i]``, as hardshrink at ``below[i]``, then |Δ| > t, hardshrink at
+    ``at[i]``); DARE drop (``draws[i]`` non-empty: kept where u < d, then / d if ``rescale``);
+    × wᵢ; the vote (Σ wΔ', or Σ sign(wΔ')). Then s = ±1 from the vote's sign bit, the agreeing
+    mass Σ max(s·wΔ', 0)·s, the divisor Σ wᵢ[agree] clamped to ``floor`` (``normalize``), and
+    out = fma(λ, mixed / divisor, θ_b).
+    """
+    n = out.shape[0]
+    nm = len(models)
+    wd = np.empty((nm, _BLOCK), np.float32)
+    bb = np.empty(_BLOCK, np.float32)
+    vote = np.empty(_BLOCK, np.float32)
+    for s in range(0, n, _BLOCK):
+        e = min(n, s + _BLOCK)
+        m = e - s
+        b_in = base[s:e]
+        for t in range(m):
+            bb[t] = _load(b_in, t)
+        for i in range(nm):
+            # TIES keeps |Δ| > below[i] before index cut[i] of the tensor and |Δ| > at[i] from
+            # there on; without a trim the limit −1 keeps everything (NaN too, as torch does)
+            c = min(max(cut[i] - s, 0), m) if trim[i] else m
+            no_trim = np.float32(-1.0)
+            _stage(models[i][s:e], bb, wd[i], vote, draws[i], s, 0, c, below[i] if trim[i] else no_trim,
+                   is_delta, density[i], rescale, ws[i], count_vote, i == 0)
+            if c < m:
+                _stage(models[i][s:e], bb, wd[i], vote, draws[i], s, c, m, at[i], is_delta, density[i], rescale,
+                       ws[i], count_vote, i == 0)
+        if normalize:  # two loops: a test of the flag inside one keeps it from vectorising
+            _finish(out[s:e], bb, vote, wd, ws, floor, lam, True, m)
+        else:
+            _finish(out[s:e], bb, vote, wd, ws, floor, lam, False, m)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _finish(o, bb, vote, wd, ws, floor, lam, normalize, m):
+    """Elected sign, agreeing mass and divisor over all models, θ_b + λ·mixed/divisor; per element."""
+    zero = np.float32(0.0)
+    for t in range(m):
+        # the elected sign: +1 where the vote's sign bit is clear
+        sg = _f32_from_bits((_bits(vote[t]) & np.uint32(0x80000000)) | np.uint32(0x3F800000))
+        mx = zero
+        dv = zero
+        for i in range(wd.shape[0]):  # the models, in order
+            r = wd[i, t] * sg
+            r = zero if r < zero else r  # clamp_min(0): −0 stays −0, as in torch
+            a = ws[i] if r > zero else zero
+            mx = r if i == 0 else mx + r
+            dv = a if i == 0 else dv + a
+        mx = mx * sg
+        if normalize:
+            mx = mx / max(dv, floor)
+        o[t] = _fma(lam, mx, bb[t])
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _stage(src, bb, row, vote, draws, s, lo, hi, lim, is_delta, d, rescale, w, count_vote, first):
+    """One model over elements [lo, hi) of a block: Δ, trim at ``lim``, DARE drop, × w, the vote."""
+    zero, one = np.float32(0.0), np.float32(1.0)
+    m = hi - lo
+    x_in, r, v, b = src[lo:hi], row[lo:hi], vote[lo:hi], bb[lo:hi]
+    dare = draws.shape[0] > 0
+    u = draws[s + lo : s + hi] if dare else draws
+    for t in range(m):
+        x = x_in[t] if is_delta else _load(x_in, t) - b[t]
+        x = zero if abs(x) <= lim else x
+        if dare:
+            x = x * (one if d - u[t] > zero else zero)
+            if rescale:
+                x = x / d
+        x = x * w
+        r[t] = x
+        if count_vote:
+            x = one if x > zero else (-one if x < zero else zero)
+        v[t] = x if first else v[t] + x
