@@ -408,7 +408,7 @@ def _stream(plan: MergePlan, steps: list[_Step], merger: Callable, device: str, 
                     magnitudes.start(_region(task), len(tensors) - 1)
                 base = tensors[0].to(compute)
                 for j, model in enumerate(tensors[1:]):
-                    if not bool(torch.isfinite(magnitudes.add(j, step.start, model, base).sum())):
+                    if not magnitudes.finite(j, magnitudes.add(j, step.start, model, base)):
                         _raise_non_finite(plan, task)
             else:
                 if step.kind == "chunk" and plan.config.method.magnitude_pass:

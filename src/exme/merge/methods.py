@@ -473,6 +473,16 @@ class MagnitudePass:
             self._hists[j].add_(torch.bincount(keys, minlength=_COARSE_BINS)[:_COARSE_BINS])
         return delta
 
+    def finite(self, j: int, delta: torch.Tensor) -> bool:
+        """Whether model ``j``'s Δ is finite so far (``delta``: the chunk :meth:`add` just returned).
+
+        With the coarse histogram, NaN and ±Inf are the keys from 0x7F800000 on, counted in its
+        top bins, so no pass over the chunk is needed.
+        """
+        if self.coarse:
+            return int(self._hists[j][0x7F800000 >> _COARSE_SHIFT :].sum()) == 0
+        return bool(torch.isfinite(delta.sum()))
+
     def chunk(self, j: int, start: int, stop: int) -> torch.Tensor:
         """Model ``j``'s Δ over ``[start, stop)`` (the merge pass consumes it in place)."""
         return self.deltas[j][start:stop]
