@@ -523,3 +523,28 @@ def test_magnitude_pass_sees_a_non_finite_task_vector(bad):
     for s in range(0, n, chunk):
         seen.append(mp.finite(0, mp.add(0, s, model[s : s + chunk], base[s : s + chunk])))
     assert seen == [True, True, True, False, False]
+
+
+@pytest.mark.usefixtures("both_paths")
+@pytest.mark.parametrize("density", [0.5, 0.05])
+def test_magnitude_pass_threshold_is_exact_when_a_sample_would_mislead(density):
+    # Every 8th entry large, the rest small, with many exact ties: a sample of every 8th entry
+    # (the fused pass's) sees only the large ones, so its band misses and the counting must widen.
+    n, chunk = 200_000, 40_000
+    g = torch.Generator().manual_seed(8)
+    delta = torch.randint(1, 50, (n,), generator=g).float() * 2.0**-10 * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    delta[::8] *= 1000.0
+    base = torch.zeros(n)
+    mp = M.MagnitudePass()
+    mp.start(n, 1)
+    for s in range(0, n, chunk):
+        mp.add(0, s, delta[s : s + chunk], base[s : s + chunk])
+    sel = mp.selectors([density])[0]
+    k = max(1, int(density * n))
+    order = torch.sort(-delta.double().abs(), stable=True).indices  # lowest flat index wins ties
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[:k]] = True
+    assert float(sel.threshold) == float(delta.abs()[order[k - 1]])
+    trimmed = delta.clone()
+    sel.trim_(trimmed, 0)
+    assert torch.equal(trimmed != 0, keep)

@@ -17,6 +17,10 @@ from numba.extending import intrinsic, overload
 #: Bins of the coarse histogram (top 16 bits of |Δ|: the sign bit is clear, so 2**15 bins).
 COARSE_SHIFT = 16
 COARSE_BINS = 1 << 15
+#: The magnitude pass counts every this-many-th entry into the coarse histogram (a sample).
+SAMPLE_STRIDE = 8
+#: Most bins of one counting pass of :func:`_select` (int64 counters: 1 MiB, in L2).
+FINE_BINS = 1 << 17
 #: Elements per block of the merge kernel: its per-model scratch stays in L1/L2.
 _BLOCK = 2048
 
@@ -66,59 +70,87 @@ def _load_impl(a, i):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _magnitude_pass(model, base, delta, hist, coarse):
-    """Δ = θ − θ_b into ``delta``; with ``coarse``, count |Δ|'s top 16 bits into ``hist``."""
+def _magnitude_pass(model, base, delta, hist, sample):
+    """Δ = θ − θ_b into ``delta``; returns whether some Δ is NaN or ±Inf.
+
+    With ``sample``: every ``SAMPLE_STRIDE``-th |Δ|'s top 16 bits are counted into ``hist``, the
+    first guess of :func:`_select`. Why a sample: counting every entry (a scattered increment
+    per entry) cost twice the rest of the pass, and the guess needs only a sample.
+    """
     n = delta.shape[0]
-    if not coarse:
-        for i in range(n):
-            delta[i] = _load(model, i) - base[i]
-        return
-    # four interleaved histograms: neighbouring entries often share a bin, and one counter
-    # incremented back to back stalls on its own store
-    h = np.zeros((4, COARSE_BINS), np.int32)
-    stop4 = n - n % 4
-    for i in range(0, stop4, 4):
-        d0 = _load(model, i) - base[i]
-        d1 = _load(model, i + 1) - base[i + 1]
-        d2 = _load(model, i + 2) - base[i + 2]
-        d3 = _load(model, i + 3) - base[i + 3]
-        delta[i], delta[i + 1], delta[i + 2], delta[i + 3] = d0, d1, d2, d3
-        h[0, (_bits(d0) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
-        h[1, (_bits(d1) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
-        h[2, (_bits(d2) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
-        h[3, (_bits(d3) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
-    for i in range(stop4, n):
+    bad = np.uint32(0)
+    for i in range(n):
         d = _load(model, i) - base[i]
         delta[i] = d
-        h[0, (_bits(d) & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
-    for b in range(COARSE_BINS):
-        hist[b] += h[0, b] + h[1, b] + h[2, b] + h[3, b]
+        bad |= np.uint32((_bits(d) & np.uint32(0x7FFFFFFF)) >= np.uint32(0x7F800000))
+    if sample:
+        for i in range(0, n, SAMPLE_STRIDE):
+            hist[(_bits(delta[i]) & np.uint32(0x7FFFFFFF)) >> np.uint32(COARSE_SHIFT)] += 1
+    return bad != 0
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _select(delta, hist, k):
     """The k-th largest |Δ| (as its bits), how many |Δ| are larger, how many equal: exact.
 
-    The coarse histogram gives the bin of 2**16 keys that holds the k-th largest; one pass
-    counts the keys of that bin (the fine histogram).
+    ``hist`` (the sample's coarse histogram) gives a band of coarse bins that holds the k-th
+    largest with overwhelming probability; one pass counts the keys above the band and each key
+    inside it (bins of 2**shift keys when the band is wider than ``FINE_BINS``, then one more pass
+    over the bin that holds it). The counts are exact whatever the sample, so the answer is: a
+    band that misses (an unlucky or adversarial sample) only costs passes over all keys.
     """
-    nb = hist.shape[0]
-    above = 0
-    b = nb - 1
-    while b > 0 and above + hist[b] < k:
-        above += hist[b]
-        b -= 1
-    lo = np.uint32(b) << np.uint32(COARSE_SHIFT)
-    fine = np.zeros(1 << COARSE_SHIFT, np.int64)
-    for i in range(delta.shape[0]):
-        off = (_bits(delta[i]) & np.uint32(0x7FFFFFFF)) - lo  # wraps above 2**16 when below lo
-        if off < np.uint32(1 << COARSE_SHIFT):
-            fine[off] += 1
-    j = (1 << COARSE_SHIFT) - 1
-    while j > 0 and above + fine[j] < k:
-        above += fine[j]
-        j -= 1
-    return np.int64(lo) + j, above, fine[j]
+    n = delta.shape[0]
+    total = 0
+    for b in range(hist.shape[0]):
+        total += hist[b]
+    lo = np.uint32(0)
+    hi = np.uint32(0x7FFFFFFF)
+    if total > 0:
+        rank = k * total / n  # the k-th largest's rank in the sample, from the top
+        spread = 6.0 * np.sqrt(total * (k / n) * (1.0 - k / n)) + 8.0
+        first, last = rank - spread, rank + spread
+        cum = 0
+        top = hist.shape[0] - 1
+        bottom = 0
+        for b in range(hist.shape[0] - 1, -1, -1):
+            if cum <= first:
+                top = b
+            cum += hist[b]
+            if cum >= last:
+                bottom = b
+                break
+        lo = np.uint32(bottom) << np.uint32(COARSE_SHIFT)
+        hi = (np.uint32(top + 1) << np.uint32(COARSE_SHIFT)) - np.uint32(1)
+    guessed = total > 0
+    while True:
+        shift = np.uint32(0)
+        while ((hi - lo) >> shift) >= np.uint32(FINE_BINS):
+            shift += np.uint32(1)
+        width = ((hi - lo) >> shift) + np.uint32(1)
+        fine = np.zeros(FINE_BINS, np.int64)
+        above = 0
+        for i in range(n):
+            key = _bits(delta[i]) & np.uint32(0x7FFFFFFF)
+            above += key > hi
+            off = key - lo  # wraps far above the band when key < lo
+            if off <= hi - lo:
+                fine[off >> shift] += 1
+        inside = 0
+        for j in range(width):
+            inside += fine[j]
+        if not above < k <= above + inside:
+            if not guessed:
+                return np.int64(-1), 0, 0  # cannot happen: the band of all keys holds every entry
+            lo, hi, guessed = np.uint32(0), np.uint32(0x7FFFFFFF), False
+            continue
+        j = np.int64(width) - 1
+        while above + fine[j] < k:
+            above += fine[j]
+            j -= 1
+        if shift == 0:
+            return np.int64(lo) + j, above, fine[j]
+        lo = lo + (np.uint32(j) << shift)
+        hi = lo + (np.uint32(1) << shift) - np.uint32(1)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

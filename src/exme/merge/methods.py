@@ -438,6 +438,10 @@ class MagnitudePass:
         self._hists: list[torch.Tensor] = []
         self._scratch = torch.empty(0, dtype=torch.float32, device=device)
         self.numel = 0
+        #: this tensor's pass runs the fused kernels (exme.merge.native); their histogram counts a
+        #: sample of the keys, and they flag non-finite Δ themselves
+        self._native = False
+        self._bad: list[bool] = []
 
     def start(self, numel: int, n_models: int) -> None:
         """Begin a tensor of ``numel`` elements (per model) merged from ``n_models`` models."""
@@ -449,6 +453,8 @@ class MagnitudePass:
             if self.deltas[j].numel() < numel:
                 self.deltas[j] = torch.empty(numel, dtype=self.dtype, device=self.device)
             self._hists[j].zero_()
+        self._native = native.usable(self.deltas[0], compute_dtype=self.dtype) if n_models else False
+        self._bad = [False] * n_models
 
     @property
     def coarse(self) -> bool:
@@ -458,8 +464,8 @@ class MagnitudePass:
     def add(self, j: int, start: int, model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Δ = θ − θ_b of model ``j``'s flat chunk at ``start`` (``base`` in the compute dtype); returns it."""
         delta = self.deltas[j][start : start + model.numel()]
-        if native.usable(model, base, delta, compute_dtype=self.dtype):  # the same floats and counts, one loop
-            native.magnitude_pass(model, base, delta, self._hists[j] if self.coarse else None)
+        if self._native:  # the same Δ in one loop; the histogram of a sample
+            self._bad[j] |= native.magnitude_pass(model, base, delta, self._hists[j] if self.coarse else None)
             return delta
         delta.copy_(model)
         delta.sub_(base)
@@ -479,6 +485,8 @@ class MagnitudePass:
         With the coarse histogram, NaN and ±Inf are the keys from 0x7F800000 on, counted in its
         top bins, so no pass over the chunk is needed.
         """
+        if self._native:
+            return not self._bad[j]
         if self.coarse:
             return int(self._hists[j][0x7F800000 >> _COARSE_SHIFT :].sum()) == 0
         return bool(torch.isfinite(delta.sum()))
@@ -493,7 +501,7 @@ class MagnitudePass:
         for j, d in enumerate(densities):
             delta = self.deltas[j][: self.numel]
             if self.coarse:
-                out.append(MagnitudeSelector.from_magnitudes(delta, d, coarse=self._hists[j]))
+                out.append(MagnitudeSelector.from_magnitudes(delta, d, coarse=self._hists[j], sampled=self._native))
             else:
                 out.append(MagnitudeSelector.from_magnitudes(delta.abs(), d))
         return out
@@ -573,11 +581,14 @@ class MagnitudeSelector:
         self._cuts: tuple[torch.dtype, float, float] | None = None  # (dtype, t⁻, t) for trim_
 
     @classmethod
-    def from_magnitudes(cls, magnitudes: torch.Tensor, density: float, coarse: torch.Tensor | None = None) -> MagnitudeSelector:
+    def from_magnitudes(
+        cls, magnitudes: torch.Tensor, density: float, coarse: torch.Tensor | None = None, sampled: bool = False
+    ) -> MagnitudeSelector:
         """``magnitudes``: |Δ| of the whole tensor, flat. Keeps max(1, ⌊density·n⌋) (as mergekit).
 
         ``coarse``: the coarse histogram from :class:`MagnitudePass`; then ``magnitudes`` are that
-        pass's signed Δ (float32) and the selection reads |Δ| from their bits.
+        pass's signed Δ (float32) and the selection reads |Δ| from their bits. ``sampled``: the
+        histogram counts a sample of the keys (the fused kernels' pass); the kernels select.
         """
         n = magnitudes.numel()
         if density >= 1.0 or n == 0:
@@ -585,7 +596,7 @@ class MagnitudeSelector:
         k = max(1, int(density * n))  # as mergekit: a positive density keeps at least one entry
         if k >= n:
             return cls(None, 0)
-        if coarse is not None and n > _DIRECT_SELECTION_MAX and native.usable(magnitudes):
+        if coarse is not None and n > _DIRECT_SELECTION_MAX and sampled:
             key, n_greater, n_equal = native.select(magnitudes, coarse, k)
             selector = cls(torch.tensor(key, dtype=torch.int32).view(torch.float32), k - n_greater, all_ties=k - n_greater == n_equal)
             if not selector.all_ties:

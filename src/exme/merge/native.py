@@ -65,15 +65,25 @@ def as_array(t: torch.Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------ wrappers
 
 
-def magnitude_pass(model: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, hist: torch.Tensor | None) -> None:
-    """Δ = θ − θ_b into the float32 ``delta`` (flat), and |Δ|'s coarse histogram into ``hist`` (int64) when given."""
+def magnitude_pass(model: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, hist: torch.Tensor | None) -> bool:
+    """Δ = θ − θ_b into the float32 ``delta`` (flat); with ``hist`` (int64), count a sample of |Δ|'s coarse keys.
+
+    Returns whether some Δ is NaN or ±Inf. Inputs of another dtype than float32/bfloat16 are
+    converted first (the same floats: the torch path converts them by the same cast).
+    """
+    if model.dtype not in (torch.float32, torch.bfloat16):
+        model = model.float()
+    if base.dtype not in (torch.float32, torch.bfloat16):
+        base = base.float()
     h = hist.numpy() if hist is not None else np.zeros(0, np.int64)
-    _k()._magnitude_pass(as_array(model), as_array(base), delta.numpy(), h, hist is not None)
+    return bool(_k()._magnitude_pass(as_array(model), as_array(base), delta.numpy(), h, hist is not None))
 
 
 def select(delta: torch.Tensor, hist: torch.Tensor, k: int) -> tuple[int, int, int]:
-    """(bits of the k-th largest |Δ|, count larger, count equal) of float32 ``delta`` from its coarse histogram."""
+    """(bits of the k-th largest |Δ|, count larger, count equal) of float32 ``delta``; ``hist`` from :func:`magnitude_pass`."""
     key, above, equal = _k()._select(delta.numpy(), hist.numpy(), k)
+    if key < 0:
+        raise AssertionError("the k-th largest magnitude left the range of all keys")
     return int(key), int(above), int(equal)
 
 
