@@ -155,13 +155,26 @@ def _select(delta, hist, k):
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _nth_equal(delta, key, nth):
-    """Flat index of the ``nth`` (1-based) entry whose |Δ| has the bits ``key``; −1 if there is none."""
+    """Flat index of the ``nth`` (1-based) entry whose |Δ| has the bits ``key``; −1 if there is none.
+
+    Blocks are counted by a vectorised loop; only the block that holds the answer is scanned
+    entry by entry (a loop that can stop early does not vectorise).
+    """
     k = np.uint32(key)
-    for i in range(delta.shape[0]):
-        if (_bits(delta[i]) & np.uint32(0x7FFFFFFF)) == k:
-            nth -= 1
-            if nth == 0:
-                return i
+    n = delta.shape[0]
+    for s in range(0, n, _BLOCK):
+        part = delta[s : min(n, s + _BLOCK)]
+        count = 0
+        for t in range(part.shape[0]):
+            count += (_bits(part[t]) & np.uint32(0x7FFFFFFF)) == k
+        if count < nth:
+            nth -= count
+            continue
+        for t in range(part.shape[0]):
+            if (_bits(part[t]) & np.uint32(0x7FFFFFFF)) == k:
+                nth -= 1
+                if nth == 0:
+                    return s + t
     return -1
 
 
