@@ -548,3 +548,23 @@ def test_magnitude_pass_threshold_is_exact_when_a_sample_would_mislead(density):
     trimmed = delta.clone()
     sel.trim_(trimmed, 0)
     assert torch.equal(trimmed != 0, keep)
+
+
+@pytest.mark.usefixtures("both_paths")
+def test_ties_and_dare_ties_round_to_bfloat16_as_torch_casts():
+    # θ_b + λ·0 = θ_b exactly, so the bf16 output must be θ_b's float32 → bf16 cast: values whose
+    # low 16 bits are exactly half a step (ties to even, both parities), subnormals, values near
+    # bf16's largest (some round to Inf), negative values.
+    g = torch.Generator().manual_seed(2)
+    bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=g, dtype=torch.int64)
+    bits[::3] = (bits[::3] & ~0xFFFF) | 0x8000
+    bits[1::7] &= 0x800FFFFF  # subnormals
+    bits[2::11] = 0x7F7F7FFF + torch.arange(len(bits[2::11])) % 3 * 0x4000  # around bf16's max
+    base = bits.to(torch.int32).view(torch.float32)
+    base = torch.where(base.isnan(), torch.zeros(()), base)
+    models = [base.clone(), base.clone()]
+    want = base.to(torch.bfloat16)
+    got = M.ties(base, models, [0.5, 0.5], 0.5, out_dtype=torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    got = M.dare_ties(base, models, [0.5, 0.5], 0.5, M.tensor_generator(1, "w"), out_dtype=torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))

@@ -69,6 +69,30 @@ def _load_impl(a, i):
     return lambda a, i: a[i]
 
 
+def _store(o, t, x):  # replaced by the overload below in compiled code
+    raise NotImplementedError
+
+
+@overload(_store)
+def _store_impl(o, t, x):
+    """o[t] = x: float32 as is, or rounded to bfloat16 (uint16 bits) to nearest even, as torch casts."""
+    if o.dtype == types.uint16:
+
+        def impl(o, t, x):
+            b = _bits(x)
+            if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                o[t] = np.uint16(0x7FC0)  # NaN, as c10::BFloat16 writes it
+            else:
+                o[t] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+        return impl
+
+    def impl(o, t, x):
+        o[t] = x
+
+    return impl
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _magnitude_pass(model, base, delta, hist, sample):
     """Δ = θ − θ_b into ``delta``; returns whether some Δ is NaN or ±Inf.
@@ -219,7 +243,11 @@ def _merge(base, models, is_delta, trim, below, at, cut, draws, density, rescale
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _finish(o, bb, vote, wd, ws, floor, lam, normalize, m):
-    """Elected sign, agreeing mass and divisor over all models, θ_b + λ·mixed/divisor; per element."""
+    """Elected sign, agreeing mass and divisor over all models, θ_b + λ·mixed/divisor; per element.
+
+    ``o``: float32, or bfloat16 bits (the output rounded once, where a separate cast would read
+    the float32 result back).
+    """
     zero = np.float32(0.0)
     for t in range(m):
         # the elected sign: +1 where the vote's sign bit is clear
@@ -235,7 +263,7 @@ def _finish(o, bb, vote, wd, ws, floor, lam, normalize, m):
         mx = mx * sg
         if normalize:
             mx = mx / max(dv, floor)
-        o[t] = _fma(lam, mx, bb[t])
+        _store(o, t, _fma(lam, mx, bb[t]))
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")

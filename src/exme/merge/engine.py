@@ -365,7 +365,11 @@ def _raise_non_finite(plan: MergePlan, task: TensorTask) -> None:
 
 
 def _finished(plan: MergePlan, task: TensorTask, result: torch.Tensor) -> torch.Tensor:
-    """Check a result chunk (computed in the arithmetic dtype) and make its single cast."""
+    """Check a result chunk (computed in the arithmetic dtype) and make its single cast.
+
+    A method that ``casts_output`` returns the chunk rounded to the output dtype already; then the
+    check is that the rounded values are finite.
+    """
     if not bool(torch.isfinite(result.sum())):  # a finite sum means every element is finite
         if not bool(torch.isfinite(result).all()):
             _raise_non_finite(plan, task)
@@ -488,7 +492,9 @@ def run_merge(
     target = check_output_target(Path(out_dir), config.input_paths(), force)
     plan = plan_merge(config)
     # Results come back in the arithmetic dtype; the engine checks them and casts once.
-    merger = tensor_merger(config, plan.compute_dtype, plan.compute_dtype, seed)
+    # results in the arithmetic dtype, cast once by _finished; a method that rounds to the output
+    # dtype itself (a fused kernel) gets it, and _finished checks its rounded result
+    merger = tensor_merger(config, plan.out_dtype if config.method.casts_output else plan.compute_dtype, plan.compute_dtype, seed)
     shards = plan_shards([(t.name, t.out_spec) for t in plan.tasks], shard_bytes)
     steps = _schedule(plan, max(1, int(chunk_elements)))
 

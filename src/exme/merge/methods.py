@@ -874,10 +874,10 @@ def ties(
         if models and native.usable(base, *models, compute_dtype=compute_dtype):
             trims = [sel.cuts(compute_dtype, 0) for sel in selectors]
             merged = native.merge(base, list(models), deltas, ws, trims=trims, count_vote=majority_sign_method == "count",
-                                  normalize=normalize, lambda_=lambda_)
+                                  normalize=normalize, lambda_=lambda_, out_dtype=out_dtype or base.dtype)
             for sel in selectors:
                 sel.offset += base.numel()
-            return _out(merged, out_dtype, base)
+            return merged
 
         def trim(i: int, wd: torch.Tensor, start: int, stop: int) -> None:
             selectors[i].trim_(wd, start)
@@ -1020,8 +1020,9 @@ def dare_ties(
             draws.append(u.to(base.device).reshape(-1))
         if models and native.usable(base, *models, compute_dtype=compute_dtype):
             merged = native.merge(base, list(models), False, ws, draws=draws, densities=ds, rescale=rescale,
-                                  count_vote=majority_sign_method == "count", normalize=normalize, lambda_=lambda_)
-            return _out(merged, out_dtype, base)
+                                  count_vote=majority_sign_method == "count", normalize=normalize, lambda_=lambda_,
+                                  out_dtype=out_dtype or base.dtype)
+            return merged
         keep = torch.empty(min(base.numel(), _KERNEL_BLOCK), dtype=compute_dtype, device=base.device)
 
         def drop(i: int, wd: torch.Tensor, start: int, stop: int) -> None:

@@ -111,8 +111,12 @@ def merge(
     count_vote: bool = False,
     normalize: bool = True,
     lambda_: float = 1.0,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The fused disjoint merge; returns θ as a new float32 tensor of ``base``'s shape.
+    """The fused disjoint merge; returns θ as a new tensor of ``base``'s shape in ``out_dtype``.
+
+    The arithmetic is float32; a bfloat16 ``out_dtype`` is written rounded to nearest even, the
+    floats of ``.to(torch.bfloat16)``; any other is a cast afterwards.
 
     ``trims[i]``: (below, at, cut) of model i's TIES trim (None: nothing trimmed); ``draws[i]``:
     model i's uniform draws (flat float32; None: nothing dropped) with ``densities[i]``.
@@ -125,7 +129,8 @@ def merge(
     trims = trims or [None] * nm
     draws = draws or [None] * nm
     f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
-    out = torch.empty(base.shape, dtype=torch.float32)
+    direct = out_dtype in (torch.float32, torch.bfloat16)
+    out = torch.empty(base.shape, dtype=out_dtype if direct else torch.float32)
     _k()._merge(
         as_array(base), tuple(arrays), is_delta,
         np.asarray([t is not None for t in trims], dtype=np.bool_),
@@ -133,6 +138,6 @@ def merge(
         np.asarray([t[2] if t else 0 for t in trims], dtype=np.int64),
         tuple(_EMPTY if u is None else as_array(u) for u in draws),
         f32(densities or [1.0] * nm), rescale, f32(ws), count_vote, normalize,
-        np.float32(min(ws) if normalize else 0.0), np.float32(lambda_), out.view(-1).numpy(),
+        np.float32(min(ws) if normalize else 0.0), np.float32(lambda_), as_array(out),
     )
-    return out
+    return out if direct else out.to(out_dtype)
