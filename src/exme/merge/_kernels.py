@@ -104,7 +104,7 @@ def _magnitude_pass(model, base, delta, hist, sample):
     n = delta.shape[0]
     bad = np.uint32(0)
     for i in range(n):
-        d = _load(model, i) - base[i]
+        d = _load(model, i) - _load(base, i)
         delta[i] = d
         bad |= np.uint32((_bits(d) & np.uint32(0x7FFFFFFF)) >= np.uint32(0x7F800000))
     if sample:

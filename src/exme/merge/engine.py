@@ -410,7 +410,7 @@ def _stream(plan: MergePlan, steps: list[_Step], merger: Callable, device: str, 
             elif step.kind == "magnitude":
                 if step.start == 0:
                     magnitudes.start(_region(task), len(tensors) - 1)
-                base = tensors[0].to(compute)
+                base = tensors[0] if tensors[0].dtype.itemsize <= compute.itemsize else tensors[0].to(compute)
                 for j, model in enumerate(tensors[1:]):
                     if not magnitudes.finite(j, magnitudes.add(j, step.start, model, base)):
                         _raise_non_finite(plan, task)

@@ -462,7 +462,11 @@ class MagnitudePass:
         return self.dtype == torch.float32 and self.numel > _DIRECT_SELECTION_MAX
 
     def add(self, j: int, start: int, model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Δ = θ − θ_b of model ``j``'s flat chunk at ``start`` (``base`` in the compute dtype); returns it."""
+        """Δ = θ − θ_b of model ``j``'s flat chunk at ``start``; returns it.
+
+        ``base`` in the compute dtype or a narrower one (as stored): the subtraction widens it
+        exactly, so the caller need not convert it first.
+        """
         delta = self.deltas[j][start : start + model.numel()]
         if self._native:  # the same Δ in one loop; the histogram of a sample
             self._bad[j] |= native.magnitude_pass(model, base, delta, self._hists[j] if self.coarse else None)
