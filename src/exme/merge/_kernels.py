@@ -14,9 +14,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
-#: Bins of the coarse histogram (top 16 bits of |Δ|: the sign bit is clear, so 2**15 bins).
-COARSE_SHIFT = 16
-COARSE_BINS = 1 << 15
+from exme.merge.methods import _COARSE_SHIFT as COARSE_SHIFT  # the coarse histogram's key: |Δ|'s top 16 bits
+
 #: The magnitude pass counts every this-many-th entry into the coarse histogram (a sample).
 SAMPLE_STRIDE = 8
 #: Most bins of one counting pass of :func:`_select` (int64 counters: 1 MiB, in L2).
