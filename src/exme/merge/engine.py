@@ -370,7 +370,9 @@ def _finished(plan: MergePlan, task: TensorTask, result: torch.Tensor) -> torch.
     A method that ``casts_output`` returns the chunk rounded to the output dtype already; then the
     check is that the rounded values are finite.
     """
-    if not bool(torch.isfinite(result.sum())):  # a finite sum means every element is finite
+    # a finite sum means every element is finite (summed in float32 at least: a float16 chunk's
+    # own sum would overflow for ordinary values and send every chunk to the elementwise check)
+    if not bool(torch.isfinite(result.sum(dtype=torch.promote_types(result.dtype, torch.float32)))):
         if not bool(torch.isfinite(result).all()):
             _raise_non_finite(plan, task)
     limit = torch.finfo(plan.out_dtype).max
