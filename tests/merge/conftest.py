@@ -47,3 +47,14 @@ def rewrite_model(src: Path, dst: Path, edit) -> Path:
 def model_files():
     return SimpleNamespace(read_all=read_all, snapshot=snapshot, rewrite_model=rewrite_model)
 
+
+
+@pytest.fixture(params=["native", "torch"])
+def both_paths(request, monkeypatch):
+    """Run a TIES/DARE-TIES test over the fused numba kernels and over the torch path (exme.merge.native)."""
+    from exme.merge import native
+
+    if request.param == "native" and not native._HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(native, "ENABLED", request.param == "native")
+    return request.param

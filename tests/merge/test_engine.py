@@ -109,6 +109,7 @@ def test_side_files_and_model_card(tiny_models, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_ties_engine_equals_methods_per_tensor(tiny_models, tmp_path, model_files):
     config = cfg(
         "ties", tiny_models.base,
@@ -124,6 +125,7 @@ def test_ties_engine_equals_methods_per_tensor(tiny_models, tmp_path, model_file
     load_and_run(out)
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_dare_is_reproducible_from_the_seed(tiny_models, tmp_path, model_files):
     config = cfg("dare_ties", tiny_models.base, [(tiny_models.sft1, {"weight": 0.5, "density": 0.5}), (tiny_models.sft2, {"weight": 0.5, "density": 0.5})])
     a = model_files.read_all(run_merge(config, tmp_path / "a", progress=False, seed=11))
@@ -255,6 +257,7 @@ def test_force_replaces_an_existing_output(tiny_models, tmp_path, model_files):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.usefixtures("both_paths")
 @pytest.mark.parametrize(
     "method, params",
     [
@@ -273,6 +276,7 @@ def test_results_do_not_depend_on_the_chunk_size(tiny_models, tmp_path, model_fi
     assert all(torch.equal(small[n], whole[n]) for n in small)
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_ties_top_k_across_chunks_equals_the_whole_tensor_top_k(model_files):
     # Heavy magnitude ties (values on a coarse grid) so the tie quota must carry across chunks.
     g = torch.Generator().manual_seed(5)
@@ -301,6 +305,7 @@ def test_output_folder_gets_the_permissions_of_a_plain_mkdir(tiny_models, tmp_pa
     assert stat.S_IMODE(os.stat(out).st_mode) == expected
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_ties_engine_on_a_tensor_above_the_sampling_size_equals_the_whole_tensor_merge(tiny_models, tmp_path, model_files):
     # One extra 400×400 tensor (above the size at which the threshold is found by histograms): the
     # engine's magnitude pass (coarse histogram, kept task vectors) and merge pass in 30k-element

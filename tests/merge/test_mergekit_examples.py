@@ -57,6 +57,7 @@ def float32_steps(x: torch.Tensor, y: torch.Tensor, operands: list[torch.Tensor]
     return (x.double() - y.double()).abs() / step.double()
 
 
+@pytest.mark.usefixtures("both_paths")
 @pytest.mark.parametrize("name", CONFIGS)
 def test_mergekit_example_gives_mergekits_tensors(name, recorded, inputs, tmp_path):
     text = (FIXTURE / "configs" / f"{name}.yml").read_text()

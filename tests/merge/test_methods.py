@@ -188,6 +188,7 @@ def ties_reference(base, models, weights, density, method="sum", normalize=True,
     return (b + lam * mixed).reshape(base.shape)
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_ties_hand_worked_case():
     # base 0; Δ1 = [3, -1, 0.5, -4], Δ2 = [-2, -2, 1, 1]; density 0.5 → keep 2 per model:
     # Δ1' = [3, 0, 0, -4], Δ2' = [-2, -2, 0, 0] (|−2| ties at index 0 and 1: both kept, k=2).
@@ -203,6 +204,7 @@ def test_ties_hand_worked_case():
     assert out_w.tolist() == [6.0, -2.0, 0.0, -8.0]
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_ties_count_differs_from_sum_where_mass_and_votes_disagree():
     base = torch.zeros(1)
     models = [torch.tensor([-10.0]), torch.tensor([1.0]), torch.tensor([1.0])]
@@ -210,6 +212,7 @@ def test_ties_count_differs_from_sum_where_mass_and_votes_disagree():
     assert M.ties(base, models, [1, 1, 1], 1.0, "count").item() == 1.0
 
 
+@pytest.mark.usefixtures("both_paths")
 @pytest.mark.parametrize("method", ["sum", "count"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_ties_matches_float64_reference(method, normalize):
@@ -221,6 +224,7 @@ def test_ties_matches_float64_reference(method, normalize):
     np.testing.assert_allclose(f64(out), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_ties_large_tensor_uses_sampled_threshold_and_matches_reference():
     shape = (700, 500)  # 350k entries: above the direct-selection size, so the band path runs
     base = rand(shape, 0)
@@ -322,6 +326,7 @@ def test_dare_keeps_about_density_and_preserves_expectation():
     assert values[0] == 0.0 and values[1] == pytest.approx(1 / 0.3) and len(values) == 2
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_dare_ties_equals_ties_merge_of_the_dare_pruned_deltas():
     base = rand((40, 30), 0)
     models = [base + rand((40, 30), s, scale=0.1) for s in (1, 2)]
@@ -333,6 +338,7 @@ def test_dare_ties_equals_ties_merge_of_the_dare_pruned_deltas():
     np.testing.assert_allclose(f64(out), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_dare_ties_with_a_workspace_draws_the_same_masks_tensor_after_tensor():
     # One workspace across tensors of changing size (larger, smaller, larger again, another shape):
     # each result equals the call without one, which the float64 test above checks.
@@ -387,6 +393,7 @@ def test_slerp_endpoints():
 # ------------------------------------------------------------------------------ float-only TIES kernel
 
 
+@pytest.mark.usefixtures("both_paths")
 @pytest.mark.parametrize("sign_method", ["sum", "count"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("n_models", [1, 3])
@@ -409,6 +416,7 @@ def test_float_only_ties_and_dare_ties_equal_the_boolean_disjoint_merge_bitwise(
     assert torch.equal(got, expected)
 
 
+@pytest.mark.usefixtures("both_paths")
 @pytest.mark.parametrize("kind", ["grid", "noise"])
 def test_magnitude_pass_then_chunked_ties_on_its_deltas_is_the_exact_top_k(kind):
     # Above the direct-selection size, so the coarse histogram of the magnitude pass picks the
@@ -446,3 +454,117 @@ def test_magnitude_pass_then_chunked_ties_on_its_deltas_is_the_exact_top_k(kind)
     got = torch.cat(parts)
     assert torch.equal(got, M.ties(base, models, ws, ds, out_dtype=torch.float32))  # the sampled-band path
     np.testing.assert_allclose(f64(got), ties_reference(base, models, ws, ds), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ fused kernels (exme.merge.native)
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in float32 steps between two float32 tensors (±0 count as equal)."""
+    ia, ib = a.view(torch.int32).long(), b.view(torch.int32).long()
+    ia = torch.where(ia < 0, -(ia & 0x7FFFFFFF), ia)  # the bits as a monotone integer line
+    ib = torch.where(ib < 0, -(ib & 0x7FFFFFFF), ib)
+    return int((ia - ib).abs().max())
+
+
+@pytest.mark.skipif(not M.native._HAVE_NUMBA, reason="numba is not installed")
+@pytest.mark.parametrize("sign_method", ["sum", "count"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_native_kernels_give_the_torch_paths_floats(monkeypatch, sign_method, normalize):
+    # Task vectors on a coarse grid (ties at the threshold and votes of exactly 0), bf16 and float32
+    # inputs, one model at density 1, negative weights where normalize is off. The torch path is the
+    # one the float64 tests above check; the kernels must give its floats (the same operations in the
+    # same order; only a CPU without FMA could round the final b + λ·m differently, by one step).
+    g = torch.Generator().manual_seed(4)
+    n = 150_001  # above the direct-selection size: TIES' threshold from the magnitude pass's histogram
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    grid = [(base.float() + torch.randint(-3, 4, (n,), generator=g) * 0.0078125) for _ in range(3)]
+    cases = [
+        ([m.bfloat16() for m in grid], [0.5, 0.3, 1.0]),
+        ([grid[0], grid[1].bfloat16()], [0.4, 0.6]),  # mixed input dtypes
+        ([grid[2]], [0.25]),
+    ]
+    for models, ds in cases:
+        ws = [0.7, 0.5, 0.2][: len(models)] if normalize else [0.7, -0.5, 1.3][: len(models)]
+        outs = {}
+        for on in (True, False):
+            monkeypatch.setattr(M.native, "ENABLED", on)
+            t = M.ties(base, models, ws, ds, sign_method, normalize, 0.8, out_dtype=torch.float32)
+            mp = M.MagnitudePass()  # the engine's way: magnitude pass, then chunks of the kept Δ
+            mp.start(n, len(models))
+            for s in range(0, n, 40_000):
+                for j, m in enumerate(models):
+                    mp.add(j, s, m[s : s + 40_000], base[s : s + 40_000].float())
+            sels = mp.selectors(ds)
+            chunked = torch.cat([
+                M.ties(base[s : s + 40_000], [mp.chunk(j, s, min(n, s + 40_000)) for j in range(len(models))], ws, ds,
+                       sign_method, normalize, 0.8, selectors=sels, deltas=True, out_dtype=torch.float32)
+                for s in range(0, n, 40_000)
+            ])
+            dare = M.dare_ties(base, models, ws, ds, M.tensor_generator(9, "w"), sign_method != "sum", sign_method,
+                               normalize, 0.8, out_dtype=torch.float32)
+            outs[on] = (t, chunked, dare, [(float(s.threshold), s.all_ties, s.last_tie) for s in sels if s.threshold is not None])
+        assert outs[True][3] == outs[False][3]  # the same thresholds and last kept ties
+        for a, b in zip(outs[True][:3], outs[False][:3]):
+            assert _ulps(a, b) <= 1
+        assert torch.equal(outs[True][0], outs[True][1])  # chunked with global selectors = whole tensor
+
+
+@pytest.mark.usefixtures("both_paths")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_magnitude_pass_sees_a_non_finite_task_vector(bad):
+    n, chunk = 300_000, 65_536
+    base = torch.zeros(n)
+    model = torch.full((n,), 0.5)
+    model[200_000] = bad  # in the fourth chunk, after three clean ones
+    mp = M.MagnitudePass()
+    mp.start(n, 1)
+    seen = []
+    for s in range(0, n, chunk):
+        seen.append(mp.finite(0, mp.add(0, s, model[s : s + chunk], base[s : s + chunk])))
+    assert seen == [True, True, True, False, False]
+
+
+@pytest.mark.usefixtures("both_paths")
+@pytest.mark.parametrize("density", [0.5, 0.05])
+def test_magnitude_pass_threshold_is_exact_when_a_sample_would_mislead(density):
+    # Every 8th entry large, the rest small, with many exact ties: a sample of every 8th entry
+    # (the fused pass's) sees only the large ones, so its band misses and the counting must widen.
+    n, chunk = 200_000, 40_000
+    g = torch.Generator().manual_seed(8)
+    delta = torch.randint(1, 50, (n,), generator=g).float() * 2.0**-10 * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    delta[::8] *= 1000.0
+    base = torch.zeros(n)
+    mp = M.MagnitudePass()
+    mp.start(n, 1)
+    for s in range(0, n, chunk):
+        mp.add(0, s, delta[s : s + chunk], base[s : s + chunk])
+    sel = mp.selectors([density])[0]
+    k = max(1, int(density * n))
+    order = torch.sort(-delta.double().abs(), stable=True).indices  # lowest flat index wins ties
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[:k]] = True
+    assert float(sel.threshold) == float(delta.abs()[order[k - 1]])
+    trimmed = delta.clone()
+    sel.trim_(trimmed, 0)
+    assert torch.equal(trimmed != 0, keep)
+
+
+@pytest.mark.usefixtures("both_paths")
+def test_ties_and_dare_ties_round_to_bfloat16_as_torch_casts():
+    # θ_b + λ·0 = θ_b exactly, so the bf16 output must be θ_b's float32 → bf16 cast: values whose
+    # low 16 bits are exactly half a step (ties to even, both parities), subnormals, values near
+    # bf16's largest (some round to Inf), negative values.
+    g = torch.Generator().manual_seed(2)
+    bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=g, dtype=torch.int64)
+    bits[::3] = (bits[::3] & ~0xFFFF) | 0x8000
+    bits[1::7] &= 0x800FFFFF  # subnormals
+    bits[2::11] = 0x7F7F7FFF + torch.arange(len(bits[2::11])) % 3 * 0x4000  # around bf16's max
+    base = bits.to(torch.int32).view(torch.float32)
+    base = torch.where(base.isnan(), torch.zeros(()), base)
+    models = [base.clone(), base.clone()]
+    want = base.to(torch.bfloat16)
+    got = M.ties(base, models, [0.5, 0.5], 0.5, out_dtype=torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    got = M.dare_ties(base, models, [0.5, 0.5], 0.5, M.tensor_generator(1, "w"), out_dtype=torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))

@@ -365,8 +365,14 @@ def _raise_non_finite(plan: MergePlan, task: TensorTask) -> None:
 
 
 def _finished(plan: MergePlan, task: TensorTask, result: torch.Tensor) -> torch.Tensor:
-    """Check a result chunk (computed in the arithmetic dtype) and make its single cast."""
-    if not bool(torch.isfinite(result.sum())):  # a finite sum means every element is finite
+    """Check a result chunk (computed in the arithmetic dtype) and make its single cast.
+
+    A method that ``casts_output`` returns the chunk rounded to the output dtype already; then the
+    check is that the rounded values are finite.
+    """
+    # a finite sum means every element is finite (summed in float32 at least: a float16 chunk's
+    # own sum would overflow for ordinary values and send every chunk to the elementwise check)
+    if not bool(torch.isfinite(result.sum(dtype=torch.promote_types(result.dtype, torch.float32)))):
         if not bool(torch.isfinite(result).all()):
             _raise_non_finite(plan, task)
     limit = torch.finfo(plan.out_dtype).max
@@ -406,9 +412,9 @@ def _stream(plan: MergePlan, steps: list[_Step], merger: Callable, device: str, 
             elif step.kind == "magnitude":
                 if step.start == 0:
                     magnitudes.start(_region(task), len(tensors) - 1)
-                base = tensors[0].to(compute)
+                base = tensors[0] if tensors[0].dtype.itemsize <= compute.itemsize else tensors[0].to(compute)
                 for j, model in enumerate(tensors[1:]):
-                    if not bool(torch.isfinite(magnitudes.add(j, step.start, model, base).sum())):
+                    if not magnitudes.finite(j, magnitudes.add(j, step.start, model, base)):
                         _raise_non_finite(plan, task)
             else:
                 if step.kind == "chunk" and plan.config.method.magnitude_pass:
@@ -488,7 +494,9 @@ def run_merge(
     target = check_output_target(Path(out_dir), config.input_paths(), force)
     plan = plan_merge(config)
     # Results come back in the arithmetic dtype; the engine checks them and casts once.
-    merger = tensor_merger(config, plan.compute_dtype, plan.compute_dtype, seed)
+    # results in the arithmetic dtype, cast once by _finished; a method that rounds to the output
+    # dtype itself (a fused kernel) gets it, and _finished checks its rounded result
+    merger = tensor_merger(config, plan.out_dtype if config.method.casts_output else plan.compute_dtype, plan.compute_dtype, seed)
     shards = plan_shards([(t.name, t.out_spec) for t in plan.tasks], shard_bytes)
     steps = _schedule(plan, max(1, int(chunk_elements)))
 

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from exme.errors import ExmeError
+from exme.merge import native
 
 SignMethod = Literal["sum", "count"]
 
@@ -437,6 +438,10 @@ class MagnitudePass:
         self._hists: list[torch.Tensor] = []
         self._scratch = torch.empty(0, dtype=torch.float32, device=device)
         self.numel = 0
+        #: this tensor's pass runs the fused kernels (exme.merge.native); their histogram counts a
+        #: sample of the keys, and they flag non-finite Δ themselves
+        self._native = False
+        self._bad: list[bool] = []
 
     def start(self, numel: int, n_models: int) -> None:
         """Begin a tensor of ``numel`` elements (per model) merged from ``n_models`` models."""
@@ -448,6 +453,8 @@ class MagnitudePass:
             if self.deltas[j].numel() < numel:
                 self.deltas[j] = torch.empty(numel, dtype=self.dtype, device=self.device)
             self._hists[j].zero_()
+        self._native = native.usable(self.deltas[0], compute_dtype=self.dtype) if n_models else False
+        self._bad = [False] * n_models
 
     @property
     def coarse(self) -> bool:
@@ -455,8 +462,15 @@ class MagnitudePass:
         return self.dtype == torch.float32 and self.numel > _DIRECT_SELECTION_MAX
 
     def add(self, j: int, start: int, model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Δ = θ − θ_b of model ``j``'s flat chunk at ``start`` (``base`` in the compute dtype); returns it."""
+        """Δ = θ − θ_b of model ``j``'s flat chunk at ``start``; returns it.
+
+        ``base`` in the compute dtype or a narrower one (as stored): the subtraction widens it
+        exactly, so the caller need not convert it first.
+        """
         delta = self.deltas[j][start : start + model.numel()]
+        if self._native:  # the same Δ in one loop; the histogram of a sample
+            self._bad[j] |= native.magnitude_pass(model, base, delta, self._hists[j] if self.coarse else None)
+            return delta
         delta.copy_(model)
         delta.sub_(base)
         if self.coarse:
@@ -469,6 +483,18 @@ class MagnitudePass:
             self._hists[j].add_(torch.bincount(keys, minlength=_COARSE_BINS)[:_COARSE_BINS])
         return delta
 
+    def finite(self, j: int, delta: torch.Tensor) -> bool:
+        """Whether model ``j``'s Δ is finite so far (``delta``: the chunk :meth:`add` just returned).
+
+        With the coarse histogram, NaN and ±Inf are the keys from 0x7F800000 on, counted in its
+        top bins, so no pass over the chunk is needed.
+        """
+        if self._native:
+            return not self._bad[j]
+        if self.coarse:
+            return int(self._hists[j][0x7F800000 >> _COARSE_SHIFT :].sum()) == 0
+        return bool(torch.isfinite(delta.sum()))
+
     def chunk(self, j: int, start: int, stop: int) -> torch.Tensor:
         """Model ``j``'s Δ over ``[start, stop)`` (the merge pass consumes it in place)."""
         return self.deltas[j][start:stop]
@@ -479,7 +505,7 @@ class MagnitudePass:
         for j, d in enumerate(densities):
             delta = self.deltas[j][: self.numel]
             if self.coarse:
-                out.append(MagnitudeSelector.from_magnitudes(delta, d, coarse=self._hists[j]))
+                out.append(MagnitudeSelector.from_magnitudes(delta, d, coarse=self._hists[j], sampled=self._native))
             else:
                 out.append(MagnitudeSelector.from_magnitudes(delta.abs(), d))
         return out
@@ -559,11 +585,14 @@ class MagnitudeSelector:
         self._cuts: tuple[torch.dtype, float, float] | None = None  # (dtype, t⁻, t) for trim_
 
     @classmethod
-    def from_magnitudes(cls, magnitudes: torch.Tensor, density: float, coarse: torch.Tensor | None = None) -> MagnitudeSelector:
+    def from_magnitudes(
+        cls, magnitudes: torch.Tensor, density: float, coarse: torch.Tensor | None = None, sampled: bool = False
+    ) -> MagnitudeSelector:
         """``magnitudes``: |Δ| of the whole tensor, flat. Keeps max(1, ⌊density·n⌋) (as mergekit).
 
         ``coarse``: the coarse histogram from :class:`MagnitudePass`; then ``magnitudes`` are that
-        pass's signed Δ (float32) and the selection reads |Δ| from their bits.
+        pass's signed Δ (float32) and the selection reads |Δ| from their bits. ``sampled``: the
+        histogram counts a sample of the keys (the fused kernels' pass); the kernels select.
         """
         n = magnitudes.numel()
         if density >= 1.0 or n == 0:
@@ -571,6 +600,12 @@ class MagnitudeSelector:
         k = max(1, int(density * n))  # as mergekit: a positive density keeps at least one entry
         if k >= n:
             return cls(None, 0)
+        if coarse is not None and n > _DIRECT_SELECTION_MAX and sampled:
+            key, n_greater, n_equal = native.select(magnitudes, coarse, k)
+            selector = cls(torch.tensor(key, dtype=torch.int32).view(torch.float32), k - n_greater, all_ties=k - n_greater == n_equal)
+            if not selector.all_ties:
+                selector.last_tie = native.nth_equal(magnitudes, key, k - n_greater)
+            return selector
         if coarse is not None and n > _DIRECT_SELECTION_MAX:
             lo_b, hi_b = _coarse_band(coarse, k)
             threshold, n_greater, n_equal = _bits_select(magnitudes, k, lo_b, hi_b, bins=1 << _COARSE_SHIFT, signed=True)
@@ -587,25 +622,36 @@ class MagnitudeSelector:
         """Whether :meth:`trim_` applies (it does, unless built by hand with a tie quota)."""
         return self.threshold is None or self.all_ties or self.last_tie is not None
 
+    def cuts(self, dtype: torch.dtype, start: int) -> tuple[float, float, int] | None:
+        """The trim of the flat block at ``offset + start``: (t⁻, t, cut), or None when nothing is dropped.
+
+        Entries of the block before index ``cut`` are kept where |Δ| > t⁻ (t⁻ the next float
+        below t: |Δ| ≥ t, ties included), the others where |Δ| > t; ``cut`` may lie outside the
+        block. One rule for :meth:`trim_` and the fused kernel (:mod:`exme.merge.native`).
+        """
+        if self.threshold is None:
+            return None
+        if self._cuts is None or self._cuts[0] != dtype:  # the two cut points, once per tensor
+            t = self.threshold.to(dtype)
+            self._cuts = (dtype, float(torch.nextafter(t, torch.zeros_like(t))), float(t))
+        _, below, at = self._cuts
+        if self.all_ties and at <= 0:  # every entry is at least 0: all kept
+            return None
+        if self.all_ties:
+            return below, at, 1 << 62
+        return below, at, self.last_tie + 1 - (self.offset + start)
+
     def trim_(self, delta: torch.Tensor, start: int) -> None:
         """Zero, in place, the dropped entries of the flat block of Δ at ``offset + start``.
 
         The same entries as :meth:`mask` drops, with float operations only: keeping |Δ| ≥ t is
         hardshrink's |Δ| > t⁻ (t⁻ the next float below t), keeping |Δ| > t is hardshrink at t.
         """
-        if self.threshold is None:
+        cuts = self.cuts(delta.dtype, start)
+        if cuts is None:
             return
-        if self._cuts is None or self._cuts[0] != delta.dtype:  # the two cut points, once per tensor
-            t = self.threshold.to(delta.dtype)
-            self._cuts = (delta.dtype, float(torch.nextafter(t, torch.zeros_like(t))), float(t))
-        _, below, at = self._cuts
-        if self.all_ties and at <= 0:  # every entry is at least 0: all kept
-            return
-        if self.all_ties:
-            torch.ops.aten.hardshrink.out(delta, below, out=delta)
-            return
-        first = self.offset + start
-        cut = min(max(self.last_tie + 1 - first, 0), delta.numel())  # entries at or before the last kept tie
+        below, at, cut = cuts
+        cut = min(max(cut, 0), delta.numel())  # entries at or before the last kept tie
         if cut:
             torch.ops.aten.hardshrink.out(delta[:cut], below, out=delta[:cut])
         if cut < delta.numel():
@@ -829,6 +875,14 @@ def ties(
             mag = model.abs() if deltas else _task_vector(model, base_c).abs_()
             selectors.append(MagnitudeSelector.from_magnitudes(mag.reshape(-1), d))
     if _fast_disjoint(ws, normalize, compute_dtype) and all(sel.float_only for sel in selectors):
+        if models and native.usable(base, *models, compute_dtype=compute_dtype):
+            trims = [sel.cuts(compute_dtype, 0) for sel in selectors]
+            merged = native.merge(base, list(models), deltas, ws, trims=trims, count_vote=majority_sign_method == "count",
+                                  normalize=normalize, lambda_=lambda_, out_dtype=out_dtype or base.dtype)
+            for sel in selectors:
+                sel.offset += base.numel()
+            return merged
+
         def trim(i: int, wd: torch.Tensor, start: int, stop: int) -> None:
             selectors[i].trim_(wd, start)
 
@@ -968,6 +1022,11 @@ def dare_ties(
                 u = workspace.get(f"draws{i}", base.numel(), torch.float32, generator.device)
                 torch.rand(shape, generator=generator, out=u.view(shape))
             draws.append(u.to(base.device).reshape(-1))
+        if models and native.usable(base, *models, compute_dtype=compute_dtype):
+            merged = native.merge(base, list(models), False, ws, draws=draws, densities=ds, rescale=rescale,
+                                  count_vote=majority_sign_method == "count", normalize=normalize, lambda_=lambda_,
+                                  out_dtype=out_dtype or base.dtype)
+            return merged
         keep = torch.empty(min(base.numel(), _KERNEL_BLOCK), dtype=compute_dtype, device=base.device)
 
         def drop(i: int, wd: torch.Tensor, start: int, stop: int) -> None:

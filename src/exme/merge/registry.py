@@ -93,6 +93,9 @@ class MergeMethod:
     #: takes ``workspace=`` (:class:`~exme.merge.methods.Workspace`): reuses tensor-sized buffers
     #: from one tensor to the next (the engine passes one per merge)
     workspace: ClassVar[bool] = False
+    #: takes ``out_dtype=`` from the engine and rounds its result to it itself (TIES, DARE-TIES:
+    #: their fused kernels write the output dtype, where a separate cast reads the float32 back)
+    casts_output: ClassVar[bool] = False
     #: default of ``normalize`` when the config does not set it (mergekit's defaults)
     normalize_default: ClassVar[bool] = False
 
@@ -225,6 +228,7 @@ class Ties(_Weighted):
     params = ("normalize", "lambda", "weight", "density", "majority_sign_method", "int8_mask")
     normalize_default = True
     magnitude_pass = True
+    casts_output = True
 
     def resolve(self, config: Any, at: TensorPoint | None = None) -> dict[str, Any]:
         return {
@@ -294,6 +298,7 @@ class DareTies(DareLinear):
         return {**super().kwargs(resolved), "majority_sign_method": resolved["majority_sign_method"]}
 
     workspace = True
+    casts_output = True
 
     def merge(self, base, models, *, weights, density, generator, rescale=True, majority_sign_method="sum",
               normalize=False, lambda_=1.0, selectors=None, workspace=None, **common):
