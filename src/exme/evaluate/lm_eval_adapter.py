@@ -389,6 +389,7 @@ class LmEvalEvaluator:
         self._task_manager = None
         self._indices: dict[str, dict[str, list[int]]] | None = None
         self._requests: dict[str, tuple[str, dict[str, Any]]] = {}  # task → (output type, generation kwargs)
+        self._served: set[str] = set()  # backends check_backend found able to serve every task
 
     @classmethod
     def from_spec(cls, names: str, **opts: Any) -> "LmEvalEvaluator":
@@ -425,12 +426,16 @@ class LmEvalEvaluator:
             )
 
     def check_backend(self, backend: str) -> None:
-        """Every task can be served by ``backend`` (one line naming the first that cannot), before any engine starts."""
+        """Every task can be served by ``backend`` (one line naming the first that cannot), before any engine
+        starts; once it passed, later calls (every evaluation asks) return at once."""
+        if backend in self._served:
+            return
         self.split_indices()
         for name, (output_type, gen_kwargs) in self._requests.items():
             why = unservable(output_type, gen_kwargs, backend)
             if why is not None:
                 raise ExmeError(f"lm-eval task {name!r} cannot run on backend {backend}: {why}; use backend hf for it")
+        self._served.add(backend)
 
     # -- tasks and their split (data only: cached across calls) --
 
