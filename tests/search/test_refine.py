@@ -107,7 +107,7 @@ def test_raced_grids_join_their_notes():
     # stops every point but the best after its first chunk (the bound is the mean difference, < 0).
     assert [(a, c) for a, _, c in log[:6]] == [(a, (0, 5)) for a in GRID]
     assert (0.3, None) in [(a, c) for a, _, c in log] and out.best.params == {"alpha": 0.26}
-    assert len(out.notes) == 2 and all("raced on chunks of 5" in n for n in out.notes)
+    assert len(out.notes) == 2 and all("looks after 5, 10, 15 items per task" in n for n in out.notes)
     assert "5 of 6 stopped early" in out.notes[0] and "7 of 8 stopped early" in out.notes[1]
     assert sorted(r.params["alpha"] for r in out.dropped) == pytest.approx(
         sorted([0.0, 0.1, 0.2, 0.4, 0.5, 0.22, 0.24, 0.28, 0.32, 0.34, 0.36, 0.38]))

@@ -67,7 +67,8 @@ class _Bars:
         best_seen = [-math.inf]
 
         def advance(point: Point, rec: Record, reused: bool, step: int = 1) -> None:
-            if rec.limit is None and show_best:
+            # the best over full search-split scores only: a rung's prefix or a race's chunk is a partial score
+            if rec.limit is None and point.chunk is None and show_best:
                 best_seen[0] = max(best_seen[0], rec.overall)
             info = f"best {best_seen[0]:.4f}" if best_seen[0] > -math.inf else ""
             bar.advance(step, info=info + (" (resumed)" if reused else ""))

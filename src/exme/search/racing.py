@@ -9,7 +9,7 @@ best. The top k by mean never stop, so at least k candidates finish.
 The test (:data:`TEST`): a one-sided paired z-test on the task-weighted mean of per-item
 differences, ``d̄ = Σ_t w_t · mean_i(d_ti)`` with ``Var(d̄) = Σ_t w_t² s_t² / n_t``. Its level per
 comparison is ``error_rate / (m(m − 1) · looks)``: a Bonferroni bound over every ordered pair of
-the m candidates and every look, so the chance that any candidate which is not worse stops early
+the m candidates and every look (one after each chunk but the last), so the chance that any candidate which is not worse stops early
 is at most ``error_rate`` (up to the normal approximation of each test), although the k best are
 picked from the same data. A comparison needs at least two scored items in every task.
 
@@ -112,16 +112,20 @@ def race(
     """Race ``n_candidates`` over ``n_chunks`` chunks for the ``k`` best places.
 
     ``score(alive, j)`` returns the per-item scores of each candidate in ``alive`` on chunk ``j``
-    (in ``alive`` order). The race ends when at most k remain or every chunk was scored; the
-    candidates left are the survivors (ascending). Ties in the mean keep the earlier candidate.
+    (in ``alive`` order). The race ends when at most k remain or every chunk but the last was
+    scored; the candidates left are the survivors (ascending), whom the caller scores on every item.
+    There is no look after the last chunk: a candidate stopped there would have been scored in full
+    anyway, so such a look only spends error rate (the looks are ``n_chunks − 1``). Ties in the mean
+    keep the earlier candidate.
     """
     weights = dict(weights or {})
-    z = critical_z(error_rate, n_candidates, n_chunks)
+    looks = max(1, n_chunks - 1)
+    z = critical_z(error_rate, n_candidates, looks)
     seen: list[dict[str, dict[str, float]]] = [{} for _ in range(n_candidates)]
     alive = list(range(n_candidates))
     stopped: dict[int, int] = {}
     scored = {i: 0 for i in alive}
-    for j in range(n_chunks):
+    for j in range(n_chunks - 1):
         if len(alive) <= k:
             break
         for i, items in zip(alive, score(list(alive), j)):
@@ -186,6 +190,7 @@ class Race:
         full = evaluate([Point(params[i]) for i in result.survivors])
         dropped = [joined([by_chunk[j][i] for j in range(last + 1)], self.weights)
                    for i, last in sorted(result.stopped.items())]
-        note = (f"raced on chunks of {self.chunks[0][1] - self.chunks[0][0]} search items per task ({TEST}; error "
+        looks = ", ".join(str(stop) for _, stop in self.chunks[:-1])
+        note = (f"raced on the search items with looks after {looks} items per task ({TEST}; error "
                 f"rate {self.error_rate:g}, z = {result.z:.2f}); {len(result.stopped)} of {len(params)} stopped early")
         return Outcome(full, dropped, [note])
