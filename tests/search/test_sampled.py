@@ -183,3 +183,32 @@ def test_a_worker_that_loses_the_schema_race_retries(tmp_path, monkeypatch):
     monkeypatch.setattr(study_mod.optuna.storages, "RDBStorage", broken)
     with pytest.raises(ExmeError, match="permission denied"):
         StudyStore(f"sqlite:///{tmp_path / 'b.db'}")
+
+
+def test_an_enqueued_trial_handed_to_two_workers_is_evaluated_once_and_read_back(tmp_path):
+    """SQLite has no row locks: two workers asking at the same moment can both be handed the enqueued
+    start trial. The one that finishes it answers for both: the other reads its scores back at tell,
+    and a worker handed a trial that is finished already asks again."""
+    from exme.search.study import Point
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    objective = Objective()
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    with StudyStore(url) as a, StudyStore(url) as b:
+        ta, tb = a.trials("s", objective), b.trials("s", objective)
+        ta.start(START)
+        trial = ta.ask(sampler, DISTS)
+        assert trial.params == START
+        same = optuna.trial.Trial(tb.study, trial._trial_id)  # b's handle on the very same trial
+        first = ta.tell(trial, Point(dict(trial.params)))
+        second = tb.tell(same, Point(dict(trial.params)))
+        assert objective.calls == [START]  # evaluated once, by a
+        assert second.overall == first.overall == score(START)
+        # handed the finished trial again, b draws a new one instead
+        ask = tb.study.ask
+        handed = iter([optuna.trial.Trial(tb.study, trial._trial_id)])
+        tb.study.ask = lambda *args, **kw: next(handed, None) or ask(*args, **kw)
+        fresh = tb.ask(sampler, DISTS)
+        assert fresh.number != trial.number
+        states = [t.state for t in a.study("s").get_trials(deepcopy=False)]
+        assert states[0] == optuna.trial.TrialState.COMPLETE

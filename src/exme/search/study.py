@@ -621,9 +621,13 @@ class StudyTrials:
             distributions: dict[str, optuna.distributions.BaseDistribution]) -> optuna.trial.Trial:
         """A new trial drawn by ``sampler`` (an enqueued point first), marked as this worker's."""
         self.study.sampler = sampler
-        trial = self.study.ask(distributions)
-        self.store.storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, self.store.owner)
-        return trial
+        while True:
+            trial = self.study.ask(distributions)
+            try:
+                self.store.storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, self.store.owner)
+                return trial
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # the enqueued trial was handed to another worker too, which finished it (see tell)
 
     @_storage_faults
     def tell(self, trial: optuna.trial.Trial, point: Point) -> Record:
@@ -650,11 +654,19 @@ class StudyTrials:
             else:
                 scores = scores_dict(self.objective(point))
             seconds = time.perf_counter() - t0
-            trial.set_user_attr(RESULT_ATTR, {
-                "key": point.key, "owner": self.store.owner, "params": point.params, "split": point.split,
-                "limit": None, "seconds": seconds, "reused": earlier is not None, **scores,
-            })
-            self.study.tell(trial, scores["overall"])
+            try:
+                trial.set_user_attr(RESULT_ATTR, {
+                    "key": point.key, "owner": self.store.owner, "params": point.params, "split": point.split,
+                    "limit": None, "seconds": seconds, "reused": earlier is not None, **scores,
+                })
+                self.study.tell(trial, scores["overall"])
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # SQLite has no row locks, so two workers asking at the same moment can both be handed
+                # the one enqueued trial (the start point); the worker that finished it answers for both.
+                done = _record(self.store.storage.get_trial(trial._trial_id))
+                scores = {"overall": done.overall, "tasks": done.tasks, "n_items": done.n_items,
+                          "per_item": done.per_item, "generation": done.generation, "failed": done.failed}
+                earlier = done
         finally:
             if claimed:  # the finished trial answers for the point now (or, after an error, no one holds it)
                 self.store.release(self.study_name, point.key)
