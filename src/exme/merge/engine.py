@@ -493,9 +493,8 @@ def run_merge(
     _check_device(device)
     target = check_output_target(Path(out_dir), config.input_paths(), force)
     plan = plan_merge(config)
-    # Results come back in the arithmetic dtype; the engine checks them and casts once.
-    # results in the arithmetic dtype, cast once by _finished; a method that rounds to the output
-    # dtype itself (a fused kernel) gets it, and _finished checks its rounded result
+    # Results come back in the arithmetic dtype, checked and cast once by _finished; a method that
+    # rounds to the output dtype itself (a fused kernel) gets it, and _finished checks its rounded result.
     merger = tensor_merger(config, plan.out_dtype if config.method.casts_output else plan.compute_dtype, plan.compute_dtype, seed)
     shards = plan_shards([(t.name, t.out_spec) for t in plan.tasks], shard_bytes)
     steps = _schedule(plan, max(1, int(chunk_elements)))

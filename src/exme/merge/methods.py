@@ -879,17 +879,15 @@ def ties(
             trims = [sel.cuts(compute_dtype, 0) for sel in selectors]
             merged = native.merge(base, list(models), deltas, ws, trims=trims, count_vote=majority_sign_method == "count",
                                   normalize=normalize, lambda_=lambda_, out_dtype=out_dtype or base.dtype)
-            for sel in selectors:
-                sel.offset += base.numel()
-            return merged
+        else:
+            def trim(i: int, wd: torch.Tensor, start: int, stop: int) -> None:
+                selectors[i].trim_(wd, start)
 
-        def trim(i: int, wd: torch.Tensor, start: int, stop: int) -> None:
-            selectors[i].trim_(wd, start)
-
-        merged = _disjoint_kernel(base, models, ws, trim, majority_sign_method, normalize, lambda_, compute_dtype, deltas)
+            merged = _out(_disjoint_kernel(base, models, ws, trim, majority_sign_method, normalize, lambda_,
+                                           compute_dtype, deltas), out_dtype, base)
         for sel in selectors:
             sel.offset += base.numel()
-        return _out(merged, out_dtype, base)
+        return merged
     base_c = base.to(compute_dtype)
     task_vectors = []
     for i, (model, d) in enumerate(zip(models, ds)):
@@ -1023,10 +1021,9 @@ def dare_ties(
                 torch.rand(shape, generator=generator, out=u.view(shape))
             draws.append(u.to(base.device).reshape(-1))
         if models and native.usable(base, *models, compute_dtype=compute_dtype):
-            merged = native.merge(base, list(models), False, ws, draws=draws, densities=ds, rescale=rescale,
-                                  count_vote=majority_sign_method == "count", normalize=normalize, lambda_=lambda_,
-                                  out_dtype=out_dtype or base.dtype)
-            return merged
+            return native.merge(base, list(models), False, ws, draws=draws, densities=ds, rescale=rescale,
+                                count_vote=majority_sign_method == "count", normalize=normalize, lambda_=lambda_,
+                                out_dtype=out_dtype or base.dtype)
         keep = torch.empty(min(base.numel(), _KERNEL_BLOCK), dtype=compute_dtype, device=base.device)
 
         def drop(i: int, wd: torch.Tensor, start: int, stop: int) -> None:

@@ -531,18 +531,28 @@ class Runner:
         (:class:`exme.search.refine.Refine`). Its notes go to the run's notes under ``label`` as it runs."""
         return _GridChoice(self, stage, label, prune)
 
+    def _grid_kind(self, n_points: int, prune: bool) -> str:
+        """How a grid of ``n_points`` is scored: ``race`` (for the best place), ``prune`` (successive
+        halving) or ``grid`` (every point on every item). One decision for the run and the bar's label."""
+        if n_points <= 1:
+            return "grid"
+        if self.config.search.grids_race and self.search_item_ids:
+            return "race"
+        return "prune" if prune else "grid"
+
     def _run_grid(self, stage: str, label: str, params: Sequence[dict[str, Any]], evaluate: Any, prune: bool) -> Any:
         from exme.search.strategy import Grid, Halving, Outcome
 
         s = self.config.search
-        chunks = self.race_chunks(s.race_chunk) if s.grids_race and len(params) > 1 else None
-        if chunks is not None:  # race the points for the best place (k = 1)
+        kind = self._grid_kind(len(params), prune)
+        if kind == "race":  # race the points for the best place (k = 1)
             from exme.search.racing import Race
 
+            chunks = self.race_chunks(s.race_chunk) or []
             out = Race(1, chunks, s.race_error_rate, self.task_weights()).run(params, evaluate)
             self.notes += [f"{label}: {n}" for n in out.notes]
             return Outcome(out.records, out.dropped)
-        if not prune or len(params) <= 1:
+        if kind == "grid":
             return Grid().run(params, evaluate)
         items = self.search_item_ids
         strategy = Halving(s.prune_min_items, s.prune_eta, max(len(v) for v in items.values()) if items else None)
@@ -792,9 +802,7 @@ class _GridChoice:
 
     def suffix(self, n_points: int) -> str:
         """What the progress bar adds to the label: how the grid is cut short, if it is."""
-        if n_points > 1 and self.runner.config.search.grids_race and self.runner.search_item_ids:
-            return " (raced)"
-        return " (pruned)" if n_points > 1 and self.prune else ""
+        return {"race": " (raced)", "prune": " (pruned)", "grid": ""}[self.runner._grid_kind(n_points, self.prune)]
 
 
 # ---------------------------------------------------------------------- helpers

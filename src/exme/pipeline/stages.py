@@ -25,7 +25,7 @@ from exme.merge.methods import exme_coefficients
 from exme.merge.registry import baseline_kwargs, baseline_space
 from exme.pipeline.config import PipelineConfig, checkpoint_step
 from exme.report.schema import FinalRow, RankedCheckpoint, SearchResult, SplitScores, Trial
-from exme.search.refine import Refine, refine_grid  # noqa: F401  (refine_grid: imported from here before it moved)
+from exme.search.refine import Refine
 from exme.search.sampled import sampled_strategies
 from exme.search.strategy import Sequential
 from exme.search.study import Point, Record, best
